@@ -13,8 +13,8 @@ Shape alphabet, used in the comments of every tensor line that matters:
     E  rows of an embedding table (one per distinct conversation)
     S  prompts;  R  responses per prompt;  M  reward models (PersonalLLM's 10 scorers)
 
-Sections: data, models, training, evaluation, pipelines, command-line helpers and I/O,
-embedding extraction.
+Sections, in order: models, training, evaluation, pipelines (the method); data, I/O, command-line
+helpers, embedding extraction; then the reference-compatible helpers no script calls.
 """
 import atexit
 import datetime
@@ -71,245 +71,9 @@ def set_seed(seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Pairs:
-    """Preference pairs of N users packed into one matrix, with the user of every row.
-
-    Either the rows are given directly (X), or as two row indices into an embedding table, so that
-    x_p = table[chosen[p]] - table[rejected[p]]. The table form never materializes the [P, F]
-    differences: projections are computed as (table @ V)[chosen] - (table @ V)[rejected], which
-    is how millions of held-out pairs are evaluated on a few GB.
-    `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
-    """
-    user: torch.Tensor                     # [P] long, pairs of a user are contiguous
-    n_users: int
-    X: torch.Tensor = None                 # [P, F] float32
-    table: torch.Tensor = None             # [E, F] any float dtype (bfloat16 on disk)
-    chosen: torch.Tensor = None            # [P] long rows of table
-    rejected: torch.Tensor = None          # [P] long rows of table
-    group: torch.Tensor = None             # [P] long, ids unique within a user
-
-    def __len__(self):
-        return self.user.numel()
-
-    @property
-    def n_features(self):
-        return (self.X if self.X is not None else self.table).shape[1]
-
-    @property
-    def device(self):
-        return self.user.device
-
-    def counts(self):
-        return torch.bincount(self.user, minlength=self.n_users)                  # [N]
-
-    def rows(self):
-        """The [P, F] float32 difference matrix (materialized for the table form)."""
-        if self.X is not None:
-            return self.X
-        return self.table[self.chosen].float() - self.table[self.rejected].float()  # [P, F]
-
-    def project(self, V):
-        """x_p^T V for every pair, without building [P, F] for the table form."""
-        V = V.to(self.device, torch.float32)                                       # [F, K]
-        if self.X is not None:
-            return project_rows(self.X, V)                                         # [P, K]
-        T = torch.cat([project_rows(t.float(), V) for t in self.table.split(1 << 15)])  # [E, K]
-        return T[self.chosen] - T[self.rejected]                                   # [P, K]
-
-    def select(self, idx):
-        """The pairs idx (a bool mask or sorted indices), for the same N users."""
-        pick = lambda t: None if t is None else t[idx]
-        return replace(self, user=self.user[idx], X=pick(self.X), chosen=pick(self.chosen),
-                       rejected=pick(self.rejected), group=pick(self.group))
-
-    def split(self):
-        """The seed's format: a list of N tensors [m_i, F]."""
-        return list(self.rows().split(self.counts().tolist()))
-
-    def to(self, device):
-        move = lambda t: None if t is None else t.to(device)
-        return Pairs(move(self.user), self.n_users, move(self.X), move(self.table),
-                     move(self.chosen), move(self.rejected), move(self.group))
-
-
-def pack(features, name="features", device=None):
-    """A list of N per-user tensors [m_i, F] (the seed's format) -> Pairs in float32 on `device`.
-    Pairs pass through (moved to `device`). Checks the data once, here, with errors that name the
-    user and the shape at fault."""
-    if isinstance(features, Pairs):
-        pairs = features if device is None else features.to(device)
-    else:
-        device = resolve_device(device)
-        features = [torch.as_tensor(x) for x in features]
-        if len(features) == 0:
-            raise InputError(f"{name}: no users (an empty list)")
-        n_features = features[0].shape[-1] if features[0].dim() == 2 else None
-        for i, x in enumerate(features):
-            if x.dim() != 2 or x.shape[1] != n_features:
-                raise InputError(f"{name}[{i}] has shape {tuple(x.shape)}: every user needs "
-                                 f"[pairs, F] with the same F (user 0 has F={n_features})")
-        X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
-        counts = torch.tensor([len(x) for x in features], device=device)
-        user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
-        pairs = Pairs(user, len(features), X=X)
-    if pairs.n_users == 0:
-        raise InputError(f"{name}: no users")
-    if len(pairs) and (pairs.user.min() < 0 or pairs.user.max() >= pairs.n_users
-                       or (pairs.user[1:] < pairs.user[:-1]).any()):
-        raise InputError(f"{name}: user indices must lie in [0, {pairs.n_users}) with each user's pairs contiguous")
-    counts = pairs.counts()
-    if (counts == 0).any():
-        i = int(torch.nonzero(counts == 0)[0])
-        raise InputError(f"{name}: user {i} has no pairs")
-    values = pairs.X if pairs.X is not None else pairs.table
-    # a NaN or inf anywhere in a row makes its sum non-finite; no [P, F] temporary as isfinite makes
-    finite = torch.isfinite(values.sum(dim=1, dtype=torch.float32))                # [P] or [E]
-    if not finite.all():
-        bad = int(torch.nonzero(~finite)[0])
-        where = f"user {int(pairs.user[bad])}" if pairs.X is not None else f"embedding row {bad}"
-        raise InputError(f"{name}: {where} has NaN or inf in its features")
-    return pairs
-
-
-def sample_shots(train_features_unseen, shots):
-    """Per user, `shots` random rows drawn without replacement (all rows when the user has fewer).
-    Pairs with a `group` are sampled by group: `shots` groups per user, each with all its pairs.
-    A list in gives a list out; Pairs in gives Pairs out. Kept rows stay in their original order."""
-    if shots < 1:
-        raise InputError(f"shots must be >= 1, got {shots}")
-    if isinstance(train_features_unseen, Pairs):
-        return train_features_unseen.select(_sample_groups(train_features_unseen, shots))
-    pairs = pack(train_features_unseen, "train_features_unseen",
-                 train_features_unseen[0].device if len(train_features_unseen) else None)
-    return pairs.select(_sample_groups(pairs, shots)).split()
-
-
-def _sample_groups(pairs, shots):
-    """Bool mask [P] keeping `shots` random groups of every user (a group per pair by default)."""
-    P = len(pairs)
-    group = pairs.group if pairs.group is not None else torch.arange(P, device=pairs.device)
-    # one id per (user, group); rank the ids of each user in a random order, keep rank < shots
-    _, gid = torch.unique(torch.stack([pairs.user, group]), dim=1, return_inverse=True)  # [P]
-    G = int(gid.max()) + 1
-    owner = torch.zeros(G, dtype=torch.long, device=pairs.device).scatter_(0, gid, pairs.user)
-    order = torch.argsort(torch.rand(G, device=pairs.device))
-    order = order[torch.argsort(owner[order], stable=True)]                        # [G]
-    counts = torch.bincount(owner, minlength=pairs.n_users)
-    rank = torch.arange(G, device=pairs.device) - (torch.cumsum(counts, 0) - counts)[owner[order]]
-    kept = torch.zeros(G, dtype=torch.bool, device=pairs.device)
-    kept[order[rank < shots]] = True
-    return kept[gid]                                                               # [P]
-
-
-def simulate_user(reward_tensor, features, w):
-    """One simulated user: per prompt, score the R responses with reward_tensor[s] @ w; the best is
-    chosen, the worst rejected. reward_tensor [S, R, M], features [S, R, F] (or nested lists),
-    w [M] -> [S, F] chosen-minus-rejected rows."""
-    return simulate_population(reward_tensor, features, np.asarray(w)[None])[0]
-
-
-def simulate_population(reward_tensor, features, W):
-    """simulate_user for every row of W [N, M] -> dense [N, S, F]. Fine for small data; at
-    PersonalLLM scale use simulate_sparse_population, which never builds this tensor."""
-    features = _as_response_tensor(features)                                       # [S, R, F]
-    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
-    prompt = torch.arange(features.shape[0])
-    return features[prompt, chosen] - features[prompt, rejected]                   # [N, S, F]
-
-
-def generate_popupulation(alpha, N):
-    """N users drawn from Dirichlet(alpha): [N, len(alpha)], rows on the simplex. (The seed's
-    spelling; generate_population is the same function.)"""
-    return np.random.dirichlet(alpha, N)
-
-
-generate_population = generate_popupulation
-
-
-def create_sparse_tensor(dense_tensor, sample_percentage, device=None):
-    """Per user, floor(sample_percentage * S) of the S rows of dense_tensor [N, S, F], drawn without
-    replacement -> list of N float32 tensors on `device`."""
-    N, S, _ = dense_tensor.shape
-    idx = _sample_prompts(N, S, sample_percentage)                                 # [N, m]
-    dense = torch.as_tensor(dense_tensor)
-    return [dense[i, torch.as_tensor(idx[i])].to(resolve_device(device), torch.float32)
-            for i in range(N)]
-
-
-def simulate_sparse_population(reward_tensor, table, W, sample_percentage, device=None):
-    """create_sparse_tensor(simulate_population(...), sample_percentage) without the dense tensor:
-    the prompts of each user are sampled first (the same draws, in the same order), and the pairs
-    are returned in table form. table [S*R, F] holds response r of prompt s at row s*R + r."""
-    S, R, _ = np.shape(reward_tensor)
-    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage))          # [N, m]
-    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
-    user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
-    prompt = idx.reshape(-1)                                                       # [P]
-    pairs = Pairs(user, len(W), table=table, chosen=prompt * R + chosen[user, prompt],
-                  rejected=prompt * R + rejected[user, prompt])
-    return pairs.to(resolve_device(device))
-
-
-def create_dataset_prism(embeddings, device=None):
-    """{user: {dialog: {"chosen": [e...], "rejected": [e...]}}} -> list of N tensors [m_i, F] of
-    chosen[j] - rejected[j], users and dialogs in the dict's order."""
-    return _prism_pairs(embeddings, device).split()
-
-
-def create_dataset_prism_shots(embeddings, shots, device=None):
-    """create_dataset_prism with `shots` random dialogs per user (all of them when a user has
-    fewer); a dialog brings all of its pairs."""
-    return sample_shots(_prism_pairs(embeddings, device), shots).split()
-
-
-def _prism_pairs(embeddings, device):
-    rows, user, group = [], [], []
-    for i, dialogs in enumerate(embeddings.values()):
-        for j, d in enumerate(dialogs.values()):
-            chosen = torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in d["chosen"]])
-            rejected = torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in d["rejected"]])
-            rows.append(chosen - rejected)                                         # [pairs, F]
-            user += [i] * len(chosen)
-            group += [j] * len(chosen)
-    if not rows:
-        raise InputError("embeddings: no users with dialogs")
-    pairs = Pairs(torch.tensor(user), len(embeddings), X=torch.cat(rows), group=torch.tensor(group))
-    return pack(pairs, "embeddings", device)
-
-
-def _as_response_tensor(features):
-    if isinstance(features, torch.Tensor):
-        return features.float()
-    return torch.stack([torch.stack([torch.as_tensor(f) for f in fs]) for fs in features]).float()
-
-
-def _simulate_choices(reward_tensor, W):
-    """Best and worst response of every prompt for every user: two [N, S] index tensors.
-    Scores in float64 with the first index on ties (numpy's argmax/argmin convention); users in
-    chunks so that [N, S, R] scores never exist at once."""
-    rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
-    best, worst = [], []
-    for w in torch.as_tensor(np.asarray(W), dtype=torch.float64).split(64):        # [n, M]
-        scores = torch.einsum("srm,nm->nsr", rewards, w)                           # [n, S, R]
-        best.append(scores.argmax(-1))
-        worst.append(scores.argmin(-1))
-    return torch.cat(best), torch.cat(worst)
-
-
-def _sample_prompts(N, S, sample_percentage):
-    m = int(sample_percentage * S)
-    if m < 1:
-        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user")
-    return np.stack([np.random.choice(S, m, replace=False) for _ in range(N)])     # [N, m]
-
-
-# ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
+
 
 def simplex(W):
     """User logits -> user weights on the simplex. The only place the softmax is taken."""
@@ -578,11 +342,6 @@ def _per_pair_mean(pairs):
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def solve(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
-    """LoRe without regularization -> (W [N, K], V [F, K])."""
-    return solve_regularized(None, 0, train_features, num_basis_vectors, num_iterations,
-                             learning_rate, device)
-
 
 def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
                       learning_rate=0.01, device=None):
@@ -622,11 +381,6 @@ def _pack_basis_input(train_features, K, device):
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-def evaluate_model(X, V, w):
-    """Accuracy of one user: the fraction of rows with x^T V w > 0 (ties count as wrong)."""
-    X = torch.as_tensor(X, dtype=torch.float32)
-    return ((X @ V.to(X.device, torch.float32) @ w.to(X.device, torch.float32)) > 0).float().mean().item()
-
 
 def per_user_accuracy(pairs, V, W):
     """Accuracy of every user at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N]."""
@@ -658,6 +412,7 @@ def eval_multiple(W_list, V_list, test_features):
 # ----------------------------------------------------------------------------------------------
 # Pipelines
 # ----------------------------------------------------------------------------------------------
+
 
 METRICS = ("train", "seen_unseen_prompts", "fewshot_train", "unseen_unseen_prompts")
 
@@ -799,8 +554,211 @@ def _projected(pairs, V):
 
 
 # ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """Preference pairs of N users packed into one matrix, with the user of every row.
+
+    Either the rows are given directly (X), or as two row indices into an embedding table, so that
+    x_p = table[chosen[p]] - table[rejected[p]]. The table form never materializes the [P, F]
+    differences: projections are computed as (table @ V)[chosen] - (table @ V)[rejected], which
+    is how millions of held-out pairs are evaluated on a few GB.
+    `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
+    """
+    user: torch.Tensor                     # [P] long, pairs of a user are contiguous
+    n_users: int
+    X: torch.Tensor = None                 # [P, F] float32
+    table: torch.Tensor = None             # [E, F] any float dtype (bfloat16 on disk)
+    chosen: torch.Tensor = None            # [P] long rows of table
+    rejected: torch.Tensor = None          # [P] long rows of table
+    group: torch.Tensor = None             # [P] long, ids unique within a user
+
+    def __len__(self):
+        return self.user.numel()
+
+    @property
+    def n_features(self):
+        return (self.X if self.X is not None else self.table).shape[1]
+
+    @property
+    def device(self):
+        return self.user.device
+
+    def counts(self):
+        return torch.bincount(self.user, minlength=self.n_users)                  # [N]
+
+    def rows(self):
+        """The [P, F] float32 difference matrix (materialized for the table form)."""
+        if self.X is not None:
+            return self.X
+        return self.table[self.chosen].float() - self.table[self.rejected].float()  # [P, F]
+
+    def project(self, V):
+        """x_p^T V for every pair, without building [P, F] for the table form."""
+        V = V.to(self.device, torch.float32)                                       # [F, K]
+        if self.X is not None:
+            return project_rows(self.X, V)                                         # [P, K]
+        T = torch.cat([project_rows(t.float(), V) for t in self.table.split(1 << 15)])  # [E, K]
+        return T[self.chosen] - T[self.rejected]                                   # [P, K]
+
+    def select(self, idx):
+        """The pairs idx (a bool mask or sorted indices), for the same N users."""
+        pick = lambda t: None if t is None else t[idx]
+        return replace(self, user=self.user[idx], X=pick(self.X), chosen=pick(self.chosen),
+                       rejected=pick(self.rejected), group=pick(self.group))
+
+    def split(self):
+        """The seed's format: a list of N tensors [m_i, F]."""
+        return list(self.rows().split(self.counts().tolist()))
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)
+        return Pairs(move(self.user), self.n_users, move(self.X), move(self.table),
+                     move(self.chosen), move(self.rejected), move(self.group))
+
+
+def pack(features, name="features", device=None):
+    """A list of N per-user tensors [m_i, F] (the seed's format) -> Pairs in float32 on `device`.
+    Pairs pass through (moved to `device`). Checks the data once, here, with errors that name the
+    user and the shape at fault."""
+    if isinstance(features, Pairs):
+        pairs = features if device is None else features.to(device)
+    else:
+        device = resolve_device(device)
+        features = [torch.as_tensor(x) for x in features]
+        if len(features) == 0:
+            raise InputError(f"{name}: no users (an empty list)")
+        n_features = features[0].shape[-1] if features[0].dim() == 2 else None
+        for i, x in enumerate(features):
+            if x.dim() != 2 or x.shape[1] != n_features:
+                raise InputError(f"{name}[{i}] has shape {tuple(x.shape)}: every user needs "
+                                 f"[pairs, F] with the same F (user 0 has F={n_features})")
+        X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
+        counts = torch.tensor([len(x) for x in features], device=device)
+        user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
+        pairs = Pairs(user, len(features), X=X)
+    if pairs.n_users == 0:
+        raise InputError(f"{name}: no users")
+    if len(pairs) and (pairs.user.min() < 0 or pairs.user.max() >= pairs.n_users
+                       or (pairs.user[1:] < pairs.user[:-1]).any()):
+        raise InputError(f"{name}: user indices must lie in [0, {pairs.n_users}) with each user's pairs contiguous")
+    counts = pairs.counts()
+    if (counts == 0).any():
+        i = int(torch.nonzero(counts == 0)[0])
+        raise InputError(f"{name}: user {i} has no pairs")
+    values = pairs.X if pairs.X is not None else pairs.table
+    # a NaN or inf anywhere in a row makes its sum non-finite; no [P, F] temporary as isfinite makes
+    finite = torch.isfinite(values.sum(dim=1, dtype=torch.float32))                # [P] or [E]
+    if not finite.all():
+        bad = int(torch.nonzero(~finite)[0])
+        where = f"user {int(pairs.user[bad])}" if pairs.X is not None else f"embedding row {bad}"
+        raise InputError(f"{name}: {where} has NaN or inf in its features")
+    return pairs
+
+
+def sample_shots(train_features_unseen, shots):
+    """Per user, `shots` random rows drawn without replacement (all rows when the user has fewer).
+    Pairs with a `group` are sampled by group: `shots` groups per user, each with all its pairs.
+    A list in gives a list out; Pairs in gives Pairs out. Kept rows stay in their original order."""
+    if shots < 1:
+        raise InputError(f"shots must be >= 1, got {shots}")
+    if isinstance(train_features_unseen, Pairs):
+        return train_features_unseen.select(_sample_groups(train_features_unseen, shots))
+    pairs = pack(train_features_unseen, "train_features_unseen",
+                 train_features_unseen[0].device if len(train_features_unseen) else None)
+    return pairs.select(_sample_groups(pairs, shots)).split()
+
+
+def _sample_groups(pairs, shots):
+    """Bool mask [P] keeping `shots` random groups of every user (a group per pair by default)."""
+    P = len(pairs)
+    group = pairs.group if pairs.group is not None else torch.arange(P, device=pairs.device)
+    # one id per (user, group); rank the ids of each user in a random order, keep rank < shots
+    _, gid = torch.unique(torch.stack([pairs.user, group]), dim=1, return_inverse=True)  # [P]
+    G = int(gid.max()) + 1
+    owner = torch.zeros(G, dtype=torch.long, device=pairs.device).scatter_(0, gid, pairs.user)
+    order = torch.argsort(torch.rand(G, device=pairs.device))
+    order = order[torch.argsort(owner[order], stable=True)]                        # [G]
+    counts = torch.bincount(owner, minlength=pairs.n_users)
+    rank = torch.arange(G, device=pairs.device) - (torch.cumsum(counts, 0) - counts)[owner[order]]
+    kept = torch.zeros(G, dtype=torch.bool, device=pairs.device)
+    kept[order[rank < shots]] = True
+    return kept[gid]                                                               # [P]
+
+
+def simulate_sparse_population(reward_tensor, table, W, sample_percentage, device=None):
+    """create_sparse_tensor(simulate_population(...), sample_percentage) without the dense tensor:
+    the prompts of each user are sampled first (the same draws, in the same order), and the pairs
+    are returned in table form. table [S*R, F] holds response r of prompt s at row s*R + r."""
+    S, R, _ = np.shape(reward_tensor)
+    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage))          # [N, m]
+    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
+    user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
+    prompt = idx.reshape(-1)                                                       # [P]
+    pairs = Pairs(user, len(W), table=table, chosen=prompt * R + chosen[user, prompt],
+                  rejected=prompt * R + rejected[user, prompt])
+    return pairs.to(resolve_device(device))
+
+
+def _simulate_choices(reward_tensor, W):
+    """Best and worst response of every prompt for every user: two [N, S] index tensors.
+    Scores in float64 with the first index on ties (numpy's argmax/argmin convention); users in
+    chunks so that [N, S, R] scores never exist at once."""
+    rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
+    best, worst = [], []
+    for w in torch.as_tensor(np.asarray(W), dtype=torch.float64).split(64):        # [n, M]
+        scores = torch.einsum("srm,nm->nsr", rewards, w)                           # [n, S, R]
+        best.append(scores.argmax(-1))
+        worst.append(scores.argmin(-1))
+    return torch.cat(best), torch.cat(worst)
+
+
+def _sample_prompts(N, S, sample_percentage):
+    m = int(sample_percentage * S)
+    if m < 1:
+        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user")
+    return np.stack([np.random.choice(S, m, replace=False) for _ in range(N)])     # [N, m]
+
+
+def generate_popupulation(alpha, N):
+    """N users drawn from Dirichlet(alpha): [N, len(alpha)], rows on the simplex. (The seed's
+    spelling; generate_population is the same function.)"""
+    return np.random.dirichlet(alpha, N)
+
+
+def table_pairs(df, table, users, name="pairs", group=None):
+    """Pairs of `users` (user index = position in that list) from a table df with columns user,
+    chosen, rejected (rows of the embedding table [E, F]); `group`: a column of df whose pairs are
+    sampled together (PRISM's dialogs). Every listed user must have at least one pair."""
+    index = {u: i for i, u in enumerate(users)}
+    df = df[df["user"].isin(index)]
+    missing = sorted(set(index) - set(df["user"]), key=str)
+    if missing:
+        raise InputError(f"{name}: user {missing[0]!r} has no pairs ({len(missing)} users without pairs)")
+    df = df.assign(_u=df["user"].map(index)).sort_values("_u", kind="stable")
+    ids = lambda col: torch.tensor(df[col].to_numpy(), dtype=torch.long)
+    groups = None if group is None else torch.tensor(
+        df.groupby(["_u", group], sort=False).ngroup().to_numpy(), dtype=torch.long)
+    return Pairs(ids("_u"), len(users), table=table, chosen=ids("chosen"), rejected=ids("rejected"),
+                 group=groups)
+
+
+def load_embeddings(data_dir):
+    """What prepare.py wrote: the embedding table [E, F] (bfloat16) and v_ref [F, 1] (float32)."""
+    table = load_tensors(os.path.join(data_dir, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+    v_ref = load_tensors(os.path.join(data_dir, "v_ref.safetensors"), ["v_ref"])["v_ref"]
+    if v_ref.shape != (table.shape[1], 1):
+        raise InputError(f"{data_dir}: v_ref has shape {tuple(v_ref.shape)}, the embeddings F={table.shape[1]}")
+    return table, v_ref
+
+
+# ----------------------------------------------------------------------------------------------
 # I/O
 # ----------------------------------------------------------------------------------------------
+
 
 def save_tensors(path, tensors, metadata=None):
     """safetensors, written under a temporary name and renamed: a crash never leaves half a file. The
@@ -875,32 +833,6 @@ def read_table(path, columns=()):
     return df
 
 
-def load_embeddings(data_dir):
-    """What prepare.py wrote: the embedding table [E, F] (bfloat16) and v_ref [F, 1] (float32)."""
-    table = load_tensors(os.path.join(data_dir, "embeddings.safetensors"), ["embeddings"])["embeddings"]
-    v_ref = load_tensors(os.path.join(data_dir, "v_ref.safetensors"), ["v_ref"])["v_ref"]
-    if v_ref.shape != (table.shape[1], 1):
-        raise InputError(f"{data_dir}: v_ref has shape {tuple(v_ref.shape)}, the embeddings F={table.shape[1]}")
-    return table, v_ref
-
-
-def table_pairs(df, table, users, name="pairs", group=None):
-    """Pairs of `users` (user index = position in that list) from a table df with columns user,
-    chosen, rejected (rows of the embedding table [E, F]); `group`: a column of df whose pairs are
-    sampled together (PRISM's dialogs). Every listed user must have at least one pair."""
-    index = {u: i for i, u in enumerate(users)}
-    df = df[df["user"].isin(index)]
-    missing = sorted(set(index) - set(df["user"]), key=str)
-    if missing:
-        raise InputError(f"{name}: user {missing[0]!r} has no pairs ({len(missing)} users without pairs)")
-    df = df.assign(_u=df["user"].map(index)).sort_values("_u", kind="stable")
-    ids = lambda col: torch.tensor(df[col].to_numpy(), dtype=torch.long)
-    groups = None if group is None else torch.tensor(
-        df.groupby(["_u", group], sort=False).ngroup().to_numpy(), dtype=torch.long)
-    return Pairs(ids("_u"), len(users), table=table, chosen=ids("chosen"), rejected=ids("rejected"),
-                 group=groups)
-
-
 def load_splits(hub_id, splits, data_files=None, config=None):
     """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet})
     or else from the Hugging Face hub. Errors name the split or file at fault."""
@@ -935,6 +867,7 @@ def load_splits(hub_id, splits, data_files=None, config=None):
 # ----------------------------------------------------------------------------------------------
 # Command-line helpers: the flags, outputs and exit codes every dataset script shares
 # ----------------------------------------------------------------------------------------------
+
 
 def command_line(main):
     """Wrap a script's main(args): bad input ends with a one-line message and exit code 2."""
@@ -1142,7 +1075,6 @@ def _save_figure(fig, path):
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1511,3 +1443,81 @@ def _merge(parts, n_shards, n_distinct, inverse, out_path, metadata):
                  {**metadata, "F": str(distinct.shape[1])})
     shutil.rmtree(parts)
 
+
+# ----------------------------------------------------------------------------------------------
+# Reference-compatible helpers that no script calls: the original API, kept for users of it
+# ----------------------------------------------------------------------------------------------
+
+
+generate_population = generate_popupulation
+
+
+def simulate_user(reward_tensor, features, w):
+    """One simulated user: per prompt, score the R responses with reward_tensor[s] @ w; the best is
+    chosen, the worst rejected. reward_tensor [S, R, M], features [S, R, F] (or nested lists),
+    w [M] -> [S, F] chosen-minus-rejected rows."""
+    return simulate_population(reward_tensor, features, np.asarray(w)[None])[0]
+
+
+def simulate_population(reward_tensor, features, W):
+    """simulate_user for every row of W [N, M] -> dense [N, S, F]. Fine for small data; at
+    PersonalLLM scale use simulate_sparse_population, which never builds this tensor."""
+    features = _as_response_tensor(features)                                       # [S, R, F]
+    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
+    prompt = torch.arange(features.shape[0])
+    return features[prompt, chosen] - features[prompt, rejected]                   # [N, S, F]
+
+
+def create_sparse_tensor(dense_tensor, sample_percentage, device=None):
+    """Per user, floor(sample_percentage * S) of the S rows of dense_tensor [N, S, F], drawn without
+    replacement -> list of N float32 tensors on `device`."""
+    N, S, _ = dense_tensor.shape
+    idx = _sample_prompts(N, S, sample_percentage)                                 # [N, m]
+    dense = torch.as_tensor(dense_tensor)
+    return [dense[i, torch.as_tensor(idx[i])].to(resolve_device(device), torch.float32)
+            for i in range(N)]
+
+
+def create_dataset_prism(embeddings, device=None):
+    """{user: {dialog: {"chosen": [e...], "rejected": [e...]}}} -> list of N tensors [m_i, F] of
+    chosen[j] - rejected[j], users and dialogs in the dict's order."""
+    return _prism_pairs(embeddings, device).split()
+
+
+def create_dataset_prism_shots(embeddings, shots, device=None):
+    """create_dataset_prism with `shots` random dialogs per user (all of them when a user has
+    fewer); a dialog brings all of its pairs."""
+    return sample_shots(_prism_pairs(embeddings, device), shots).split()
+
+
+def _prism_pairs(embeddings, device):
+    rows, user, group = [], [], []
+    for i, dialogs in enumerate(embeddings.values()):
+        for j, d in enumerate(dialogs.values()):
+            chosen = torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in d["chosen"]])
+            rejected = torch.stack([torch.as_tensor(e, dtype=torch.float32) for e in d["rejected"]])
+            rows.append(chosen - rejected)                                         # [pairs, F]
+            user += [i] * len(chosen)
+            group += [j] * len(chosen)
+    if not rows:
+        raise InputError("embeddings: no users with dialogs")
+    pairs = Pairs(torch.tensor(user), len(embeddings), X=torch.cat(rows), group=torch.tensor(group))
+    return pack(pairs, "embeddings", device)
+
+
+def _as_response_tensor(features):
+    if isinstance(features, torch.Tensor):
+        return features.float()
+    return torch.stack([torch.stack([torch.as_tensor(f) for f in fs]) for fs in features]).float()
+
+
+def solve(train_features, num_basis_vectors, num_iterations=1000, learning_rate=0.01, device=None):
+    """LoRe without regularization -> (W [N, K], V [F, K])."""
+    return solve_regularized(None, 0, train_features, num_basis_vectors, num_iterations,
+                             learning_rate, device)
+
+
+def evaluate_model(X, V, w):
+    """Accuracy of one user: the fraction of rows with x^T V w > 0 (ties count as wrong)."""
+    X = torch.as_tensor(X, dtype=torch.float32)
+    return ((X @ V.to(X.device, torch.float32) @ w.to(X.device, torch.float32)) > 0).float().mean().item()
