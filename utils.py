@@ -1680,6 +1680,52 @@ def _recover_folder(parent, base):
                 os.rename(path, out)
 
 
+def train_basis_main(args, script, title):
+    """What every train_basis.py does with its recipe's flags: load the data, sweep the methods, and
+    write results.json/.csv, accuracy_vs_rank.png, every fit's checkpoint and (synthetic data)
+    oracle.json into --out, as a whole. -> the records."""
+    device = start_run(args)
+    data = load_data(args.data, device, fewshot_pairs=getattr(args, "fewshot_pairs", None))
+    with run_folder(args, script, device=str(device)) as out:
+        records = sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list, v_ref=data.v_ref,
+                        hparams=method_hparams(args), out_dir=out, seed=args.seed, **data.sets)
+        save_results(records, out)
+        oracle = _save_oracle(data, out)
+        plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), title, hlines=oracle)
+    return records
+
+
+def vary_fewshot_main(args, script, title):
+    """What every vary_fewshot.py does with its recipe's flags: load the data, sweep the methods over
+    the shot counts, and write results.json/.csv, accuracy_vs_shots.png and (synthetic data)
+    oracle.json into --out, as a whole. -> the records."""
+    device = start_run(args)
+    data = load_data(args.data, device)
+    pool = data.sets["unseen_fewshot"]
+    largest = int(pool.counts().max()) if pool.group is None else None
+    if largest is not None and max(args.shots) > largest:
+        raise InputError(f"--shots {max(args.shots)} is more than any unseen user's pool of few-shot pairs "
+                         f"(at most {largest}); draw a larger pool with prepare.py")
+    with run_folder(args, script, device=str(device)) as out:
+        records = sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list, shots=args.shots,
+                              trials=args.trials, v_ref=data.v_ref, hparams=method_hparams(args), seed=args.seed,
+                              seen_train=data.sets["seen_train"], unseen_fewshot=pool,
+                              unseen_test=data.sets["unseen_test"])
+        save_results(records, out)
+        oracle = _save_oracle(data, out)
+        plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), title,
+                               hline=oracle and oracle["unseen_test"])
+    return records
+
+
+def _save_oracle(data, out):
+    oracle = oracle_accuracies(data)
+    if oracle:
+        write_json(os.path.join(out, "oracle.json"), oracle)
+        print("oracle (each user's true linear reward): " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()))
+    return oracle
+
+
 def save_results(records, out_dir, name="results"):
     """{name}.json and {name}.csv in out_dir, and a readable table on stdout."""
     import pandas as pd

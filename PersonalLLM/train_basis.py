@@ -38,18 +38,7 @@ def parse_args(argv=None):
 
 @utils.command_line
 def main(args):
-    device = utils.start_run(args)
-    data = utils.load_data(args.data, device, fewshot_pairs=args.fewshot_pairs)
-    with utils.run_folder(args, "PersonalLLM/train_basis.py", device=str(device)) as out:
-        records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list, v_ref=data.v_ref,
-                              hparams=utils.method_hparams(args), out_dir=out, seed=args.seed, **data.sets)
-        utils.save_results(records, out)
-        oracle = utils.oracle_accuracies(data)
-        if oracle:
-            utils.write_json(os.path.join(out, "oracle.json"), oracle)
-            print("oracle (each user's true linear reward): " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()))
-        utils.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"),
-                                    "PersonalLLM" + (" (synthetic)" if oracle else ""), hlines=oracle)
+    return utils.train_basis_main(args, "PersonalLLM/train_basis.py", "PersonalLLM")
 
 
 if __name__ == "__main__":

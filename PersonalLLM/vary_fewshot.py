@@ -36,25 +36,7 @@ def parse_args(argv=None):
 
 @utils.command_line
 def main(args):
-    device = utils.start_run(args)
-    data = utils.load_data(args.data, device)
-    pool = int(data.sets["unseen_fewshot"].counts().min())
-    if max(args.shots) > pool:
-        raise utils.InputError(f"--shots {max(args.shots)} is more than the pool of {pool} few-shot pairs per unseen "
-                               f"user; rerun prepare.py with a larger --pool-frac")
-    with utils.run_folder(args, "PersonalLLM/vary_fewshot.py", device=str(device)) as out:
-        records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
-                                    shots=args.shots, trials=args.trials, v_ref=data.v_ref,
-                                    hparams=utils.method_hparams(args), seed=args.seed,
-                                    seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
-                                    unseen_test=data.sets["unseen_test"])
-        utils.save_results(records, out)
-        oracle = utils.oracle_accuracies(data)
-        if oracle:
-            utils.write_json(os.path.join(out, "oracle.json"), oracle)
-            print(f"oracle (each user's true linear reward), unseen users, held-out: {oracle['unseen_test']:.4f}")
-        utils.plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), "PersonalLLM: unseen users",
-                                     hline=oracle and oracle["unseen_test"])
+    return utils.vary_fewshot_main(args, "PersonalLLM/vary_fewshot.py", "PersonalLLM: unseen users")
 
 
 if __name__ == "__main__":
