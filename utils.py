@@ -17,10 +17,12 @@ Sections, in order: models, training, evaluation, pipelines (the method); data, 
 helpers, embedding extraction; then the reference-compatible helpers no script calls.
 """
 import atexit
+import contextlib
 import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -141,6 +143,8 @@ class LoRe(nn.Module):
         self.num_classes, self.num_features = num_classes, num_features
         self.num_basis_vectors = num_basis_vectors
         self.V_sft = None if V_sft is None else _as_column(V_sft, num_features).to(self.device)
+        if self.V_sft is None and _check_alpha(alpha, "LoRe"):
+            raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
         # drawn on the CPU generator, then moved: the same seed gives the same start on any device
         self.W = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))
         self.V = nn.Parameter(torch.randn(num_features, num_basis_vectors).to(self.device))
@@ -296,7 +300,8 @@ def _loop(num_iterations, step, device, desc=None, before=None):
     eagerly on a side stream, as graph capture requires."""
     graphed = device.type == "cuda" and num_iterations > _GRAPH_WARMUP
     side, graph = (torch.cuda.Stream(device), None) if graphed else (None, None)
-    for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=desc is None):
+    # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
+    for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
         if before is not None:
             before(i)
         if graph is not None:
@@ -316,7 +321,7 @@ def _loop(num_iterations, step, device, desc=None, before=None):
 
 
 def _as_column(v, num_features):
-    v = torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1)                     # [F, 1]
+    v = _check_v_ref(v)                                                            # [F, 1]
     if v.shape[0] != num_features:
         raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={num_features}")
     return v
@@ -336,6 +341,196 @@ def _per_user_mean(pairs):
 
 def _per_pair_mean(pairs):
     return torch.full((len(pairs),), 1.0 / len(pairs), device=pairs.device)        # [P]
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: one registry for LoRe and the baselines
+# ----------------------------------------------------------------------------------------------
+
+class Method:
+    """A way to personalize a reward, the value of an entry of METHODS. User i's reward of a
+    response with embedding phi is reward(item_features(phi), u_i): a shared part (this object,
+    fitted on the seen users) and per-user parameters u_i (a row of U [N, U]), which a new user
+    fits from a few pairs with the shared part fixed. A new method is one subclass and one entry;
+    the sweeps, the scripts, the checkpoints and the evaluation then work for it unchanged.
+
+    Class attributes:
+        name        its key in METHODS
+        defaults    hyperparameter -> default (ints and floats). Each one is a flag --{name}-{hp}
+                    of every script (hyphens for underscores), except those in recipe_hparams
+        recipe_hparams  those read from the dataset recipe's --iters --lr --fewshot-iters
+                    --fewshot-lr (the LoRe entries' step counts and rates)
+        min_K       the smallest K it takes; sweeps skip smaller K (K = 0, the reference reward
+                    model, is LoRe's convention)
+        uses_alpha  whether alpha means something for it; if not, a sweep fits it once per K and
+                    its records carry alpha None
+        linear      reward(item_features(phi), u) is linear in phi without offset, so difference
+                    rows x = phi(chosen) - phi(rejected) (the seed's list format) suffice; other
+                    methods need the table form of Pairs (both embeddings of every pair)
+
+    Methods to implement; Pairs reach them checked (pack / load_data), on self.device:
+        fit(pairs) -> U [N, U]        fit the shared part and the seen users' parameters
+        fit_users(pairs) -> U [N, U]  new users' parameters, shared part fixed; pairs may be
+                                      featurized (see featurize): use pair_features(self, pairs)
+        item_features(rows) -> [n, D] user-independent features of embeddings rows [n, F]
+        reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, U]
+        state() -> {name: tensor}     the shared part, saved in checkpoints; load_state(tensors)
+    Randomness comes from torch's global generator: seed it (set_seed) for repeatable fits.
+    """
+    name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
+    recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
+
+    def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
+        unknown = sorted(set(hparams) - set(self.defaults))
+        if unknown:
+            raise InputError(f"method {self.name}: unknown hyperparameter(s) {unknown}; it has {sorted(self.defaults)}")
+        if not _is_int(K) or K < self.min_K:
+            raise InputError(f"method {self.name}: K must be an integer >= {self.min_K}, got {K!r}")
+        self.K, self.device = int(K), resolve_device(device)
+        self.alpha = _check_alpha(alpha, self.name) if self.uses_alpha else None
+        self.hparams = {**self.defaults, **hparams}
+        self.v_ref = None if v_ref is None else _check_v_ref(v_ref).to(self.device)   # [F, 1]
+
+    def __repr__(self):
+        alpha = f", alpha={self.alpha:g}" if self.uses_alpha else ""
+        return f"{self.name}(K={self.K}{alpha})"
+
+    def setting(self):
+        """What names a fit: the method, K and alpha (None when it does not use alpha)."""
+        return {"method": self.name, "K": self.K, "alpha": self.alpha}
+
+
+class LoReMethod(Method):
+    """LoRe as run() fits it: the LoRe model (joint Adam on V and W, users weighed equally, alpha
+    times the L2 pull of every column towards v_ref), new users by PersonalizeBatch. U = the users'
+    simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1] for everyone);
+    K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
+    name, min_K, uses_alpha, linear = "lore", 0, True, True
+    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1}
+    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
+    model = LoRe
+
+    def fit(self, pairs):
+        if self.K == 0:
+            if self.v_ref is None:
+                raise InputError(f"{self.name} with K = 0 is the reference reward model: it needs v_ref")
+            self.V = self.v_ref                                                    # [F, 1]
+            return torch.ones(pairs.n_users, 1, device=self.device)
+        if self.v_ref is None and self.alpha:
+            raise InputError(f"{self.name} with alpha = {self.alpha:g} pulls V towards v_ref: it needs v_ref")
+        model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
+                           self.hparams["iters"], self.hparams["lr"], self.device)
+        W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
+        return W
+
+    def fit_users(self, pairs):
+        Z = pair_features(self, pairs)[0]                                          # [P, K]: x^T V
+        if self.V.shape[1] <= 1:
+            return torch.ones(pairs.n_users, self.V.shape[1], device=self.device)
+        eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
+        fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
+                                self.hparams["fewshot_lr"], self.device)
+        return torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+
+    def item_features(self, rows):
+        return project_rows(rows.float(), self.V)                                  # [n, K]
+
+    def reward(self, Z, U):
+        return (Z * U).sum(-1)                                                     # [n]
+
+    def state(self):
+        return {"V": self.V}
+
+    def load_state(self, tensors):
+        self.V = tensors["V"].to(self.device, torch.float32)
+
+
+class LoReRegularizedMethod(LoReMethod):
+    """LoRe as run_regularized() fits it: the LoRe_regularized model (alternating Adam, pairs
+    weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
+    weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
+    name = "lore_regularized"
+    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5}
+    model = LoRe_regularized
+
+    def fit(self, pairs):
+        if self.K > 0 and self.v_ref is None:
+            raise InputError(f"{self.name} measures V against v_ref (the cosine pull): it needs v_ref")
+        return super().fit(pairs)
+
+
+METHODS = {
+    "lore": LoReMethod,
+    "lore_regularized": LoReRegularizedMethod,
+}
+
+
+def get_method(name):
+    """The class registered as `name`; InputError listing the registered names otherwise."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; registered: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_alpha(alpha, what):
+    if alpha is None:
+        return 0.0
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
+            or not math.isfinite(alpha) or alpha < 0:
+        raise InputError(f"{what}: alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_v_ref(v_ref):
+    """v_ref as float32 [F, 1]: a [F] vector or an [F, 1] / [1, F] matrix, finite; nothing else is
+    reshaped (a [F/2, 2] matrix is an error, not a column)."""
+    v = torch.as_tensor(v_ref)
+    if not v.is_floating_point():
+        raise InputError(f"v_ref must be a float tensor, got {v.dtype}")
+    if v.dim() == 2 and v.shape[0] == 1:
+        v = v.T
+    if v.dim() == 1:
+        v = v[:, None]
+    if v.dim() != 2 or v.shape[1] != 1:
+        raise InputError(f"v_ref has shape {tuple(torch.as_tensor(v_ref).shape)}: expected [F], [F, 1] or [1, F]")
+    if not torch.isfinite(v).all():
+        raise InputError(f"v_ref has NaN or inf (row {int(torch.nonzero(~torch.isfinite(v))[0, 0])})")
+    return v.float()
+
+
+def checkpoint_name(method):
+    """The file a fit is saved as: {method}_K{K}[_alpha{a}].safetensors."""
+    alpha = f"_alpha{method.alpha:g}" if method.uses_alpha else ""
+    return f"{method.name}_K{method.K}{alpha}.safetensors"
+
+
+def save_method(path, method, **users):
+    """A fitted method's shared part and the users' parameters (e.g. W=..., W_unseen=...) in one
+    safetensors file; the metadata names the method, K, alpha and the hyperparameters."""
+    save_tensors(path, {**method.state(), **users},
+                 {"method": method.name, "K": str(method.K), "alpha": json.dumps(method.alpha),
+                  "hparams": json.dumps(method.hparams)})
+
+
+def load_method(path, device=None):
+    """-> (method, tensors): the Method saved by save_method, ready to fit new users and score, and
+    every tensor of the file (the users' parameters among them)."""
+    meta = read_metadata(path)
+    missing = [k for k in ("method", "K", "alpha", "hparams") if k not in meta]
+    if missing:
+        raise InputError(f"{path}: not a checkpoint of a method (its metadata lacks {missing})")
+    cls = get_method(meta["method"])
+    try:
+        method = cls(int(meta["K"]), json.loads(meta["alpha"]), None, device, **json.loads(meta["hparams"]))
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    tensors = load_tensors(path)
+    method.load_state({k: v.to(method.device) for k, v in tensors.items()})
+    return method, tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,13 +566,16 @@ def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, n
 def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
     """Weights of new users on a fixed basis V [F, K] -> list of N simplex weights [K]."""
     pairs = pack(train_features, "train_features", device)
+    V = _check_matrix(V, "V")                                                      # [F, K]
+    if V.shape[0] != pairs.n_features:
+        raise InputError(f"V has shape {tuple(V.shape)} but the pairs have F={pairs.n_features}: V must be [F, K]")
     fitw = PersonalizeBatch(pairs.n_users, pairs.n_features, V.shape[1], num_iterations,
                             learning_rate, pairs.device)
     return fitw.train(pairs, V.to(pairs.device))
 
 
 def _pack_basis_input(train_features, K, device):
-    if K < 1:
+    if not _is_int(K) or K < 1:
         raise InputError(f"a basis needs K >= 1 directions, got K={K}")
     return pack(train_features, "train_features", device)
 
@@ -386,13 +584,10 @@ def _pack_basis_input(train_features, K, device):
 # Evaluation
 # ----------------------------------------------------------------------------------------------
 
-
 def per_user_accuracy(pairs, V, W):
-    """Accuracy of every user at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N]."""
+    """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N]."""
     Z = pairs.project(V)                                                           # [P, K]
-    correct = mix(Z, W.to(Z.device, torch.float32), pairs.user) > 0                # [P]
-    hits = torch.bincount(pairs.user[correct], minlength=pairs.n_users)            # [N]
-    return (hits.double() / pairs.counts().double()).cpu().numpy()
+    return _user_fraction(mix(Z, W.to(Z.device, torch.float32), pairs.user) > 0, pairs)
 
 
 def eval_multiple(W_list, V_list, test_features):
@@ -400,18 +595,91 @@ def eval_multiple(W_list, V_list, test_features):
     V_list: the basis [F, K] (or the seed's list of N references to it); test_features: a list of
     N tensors [m_i, F] or Pairs. Prints the mean and std; returns numpy [N]."""
     if isinstance(V_list, (list, tuple)):
-        if any(v is not V_list[0] and not torch.equal(v, V_list[0]) for v in V_list):
-            raise InputError("eval_multiple evaluates users that share one basis V")
+        if len(V_list) == 0 or any(v is not V_list[0] and not torch.equal(v, V_list[0]) for v in V_list):
+            raise InputError("eval_multiple evaluates users that share one basis V (V_list holds different ones)")
         V_list = V_list[0]
-    W = torch.stack(list(W_list)) if isinstance(W_list, (list, tuple)) else W_list  # [N, K]
-    pairs = pack(test_features, "test_features", V_list.device)
-    if W.shape != (pairs.n_users, V_list.shape[1]):
-        raise InputError(f"weights of shape {tuple(W.shape)} do not fit {pairs.n_users} users "
-                         f"and a basis of shape {tuple(V_list.shape)}")
-    accuracies = per_user_accuracy(pairs, V_list, W)
+    V = _check_matrix(V_list, "V")                                                 # [F, K]
+    W = _check_matrix(torch.stack([torch.as_tensor(w) for w in W_list])
+                      if isinstance(W_list, (list, tuple)) else W_list, "W")       # [N, K]
+    pairs = pack(test_features, "test_features", V.device)
+    if W.shape != (pairs.n_users, V.shape[1]) or V.shape[0] != pairs.n_features:
+        raise InputError(f"weights {tuple(W.shape)} and basis {tuple(V.shape)} do not fit {pairs.n_users} "
+                         f"users with F={pairs.n_features}: need W [N, K] and V [F, K]")
+    accuracies = per_user_accuracy(pairs, V, W)
     print(f"Average accuracy: {accuracies.mean():.4f}")
     print(f"Standard deviation of accuracy: {accuracies.std():.4f}")
     return accuracies
+
+
+def featurize(method, pairs):
+    """The pairs with their rows replaced by the method's item features, computed once (project
+    once where the shared part is fixed): the table form keeps the rows its pairs use, as [E', D]
+    with the indices remapped; the difference form (linear methods only) becomes [P, D]. Fitting
+    new users and evaluating then run in the method's small feature space."""
+    if pairs.featurized is method:
+        return pairs
+    if pairs.featurized is not None:
+        raise InputError(f"these pairs hold the item features of {pairs.featurized}, not of {method}")
+    with torch.no_grad():
+        if pairs.X is not None:
+            if not method.linear:
+                raise InputError(f"method {method.name} needs both embeddings of every pair (the table form of Pairs)")
+            return replace(pairs, X=_chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
+        used, inverse = torch.unique(torch.cat([pairs.chosen, pairs.rejected]), return_inverse=True)
+        Z = _chunked(method.item_features, pairs.table, used)                      # [E', D]
+        return replace(pairs, table=Z, chosen=inverse[:len(pairs)], rejected=inverse[len(pairs):],
+                       featurized=method)
+
+
+def pair_features(method, pairs):
+    """-> (Zc, Zr): the item features [P, D] of every pair's chosen and rejected response; for the
+    difference form (linear methods) Zc are the features of x and Zr is None."""
+    pairs = featurize(method, pairs)
+    if pairs.X is not None:
+        return pairs.X, None
+    return pairs.table[pairs.chosen], pairs.table[pairs.rejected]
+
+
+def pair_margins(method, pairs, U):
+    """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, U] -> [P]."""
+    pairs = featurize(method, pairs)
+    U = U.to(pairs.device, torch.float32)
+    out = []
+    with torch.no_grad():
+        for idx in torch.arange(len(pairs), device=pairs.device).split(1 << 16):  # bounded [chunk, D] temporaries
+            Zc, Zr = pair_features(method, pairs.select(idx))
+            Uu = U.index_select(0, pairs.user[idx])                                # [chunk, U]
+            m = method.reward(Zc, Uu)
+            out.append(m if Zr is None else m - method.reward(Zr, Uu))
+    return torch.cat(out)                                                          # [P]
+
+
+def accuracy(method, pairs, U):
+    """Every user's accuracy: the fraction of its pairs with a positive margin (ties count as
+    wrong) -> numpy [N]."""
+    return _user_fraction(pair_margins(method, pairs, U) > 0, pairs)
+
+
+def _user_fraction(correct, pairs):
+    hits = torch.bincount(pairs.user[correct], minlength=pairs.n_users)            # [N]
+    return (hits.double() / pairs.counts().double()).cpu().numpy()
+
+
+def _chunked(fn, rows, index=None, chunk=1 << 15):
+    """fn over [n, F] rows (or rows[index]) in chunks, so no [n, F] float32 copy of a bf16 table exists."""
+    n = len(rows) if index is None else len(index)
+    parts = [fn(rows[i:i + chunk] if index is None else rows[index[i:i + chunk]]) for i in range(0, n, chunk)]
+    return torch.cat(parts)
+
+
+def _check_matrix(M, name):
+    """A 2-D finite float tensor (NumPy arrays are taken as they are), else InputError naming it."""
+    M = torch.as_tensor(M)
+    if M.dim() != 2 or not M.is_floating_point():
+        raise InputError(f"{name} must be a 2-D float matrix, got shape {tuple(M.shape)} of {M.dtype}")
+    if not torch.isfinite(M).all():
+        raise InputError(f"{name} has NaN or inf")
+    return M.float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,145 +1012,236 @@ def plot_basis_reports(reports, path, title=""):
 # ----------------------------------------------------------------------------------------------
 # Pipelines
 # ----------------------------------------------------------------------------------------------
+# The four pair sets, one vocabulary everywhere (records, CSV columns, data files, figures):
+#   seen_train      seen users' training pairs: the shared part and their weights are fitted here
+#   seen_test       seen users' held-out pairs (unseen prompts)
+#   unseen_fewshot  unseen users' few pairs: only their weights are fitted here, the shared part fixed
+#   unseen_test     unseen users' held-out pairs
+SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
 
 
-METRICS = ("train", "seen_unseen_prompts", "fewshot_train", "unseen_unseen_prompts")
+def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods=("lore",),
+          alpha_list=(0.0,), v_ref=None, hparams=None, device=None, out_dir=None, seed=None):
+    """Fit every method for every (alpha, K) (alpha outer, K inner; a method that does not use
+    alpha once per K) on the seen users, fit the unseen users' parameters on their few-shot pairs
+    with the shared part fixed, and measure every user's accuracy on the four pair sets.
+
+    The pair sets are Pairs or the seed's lists of per-user [m_i, F] tensors. hparams: {method:
+    {hyperparameter: value}} overriding the method's defaults. out_dir: every fit is saved there as
+    checkpoint_name(method) (the shared part, W of the seen users, W_unseen). seed: each setting
+    starts from a generator seeded by (seed, method, K, alpha), so a setting's numbers do not
+    depend on which other settings ran; None continues the global generator (the reference's way).
+    -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
+    `{set}_std`, the std across users times 0.25 (the reference's convention)."""
+    sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
+                            unseen_test=unseen_test), device)
+    records = []
+    for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
+        _seed_setting(seed, method)
+        U = method.fit(sets["seen_train"])                                         # [N, U]
+        U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
+        record = method.setting()
+        for name in SETS:
+            acc = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
+            record.update({name: float(acc.mean()), f"{name}_std": STD_FACTOR * float(acc.std())})
+        print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
+        if out_dir is not None:
+            save_method(os.path.join(out_dir, checkpoint_name(method)), method, W=U, W_unseen=U_new)
+        records.append(record)
+    return records
+
+
+def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_test, methods=("lore",),
+                alpha_list=(0.0,), v_ref=None, hparams=None, device=None, seed=None):
+    """Accuracy of unseen users against the number of shots. For every method and (alpha, K): fit
+    on the seen users; then for every shot count, `trials` times, draw `shots` of each unseen
+    user's few-shot pairs (sample_shots: pairs, or whole groups such as PRISM's dialogs), fit the
+    users' parameters on them with the shared part fixed, and measure the accuracy on the drawn
+    shots and on the held-out pairs. Item features are computed once per fit (featurize), so a
+    trial costs a fit in the method's small feature space.
+    -> one record per (method, alpha, K, shots): unseen_fewshot and unseen_test, the mean over
+    trials of the users' mean accuracy, and their `_std` over trials."""
+    _check_trials(trials)
+    shots = _int_list(shots, "shots", least=1)
+    sets = _check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device)
+    records = []
+    for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
+        _seed_setting(seed, method)
+        method.fit(sets["seen_train"])
+        pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
+        for n_shots in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
+            acc = np.zeros((2, trials))
+            for t in range(trials):
+                drawn = sample_shots(pool, n_shots)
+                U_new = method.fit_users(drawn)                                    # [N', U]
+                acc[:, t] = accuracy(method, drawn, U_new).mean(), accuracy(method, test, U_new).mean()
+            records.append({**method.setting(), "shots": n_shots,
+                            "unseen_fewshot": acc[0].mean(), "unseen_fewshot_std": acc[0].std(),
+                            "unseen_test": acc[1].mean(), "unseen_test_std": acc[1].std()})
+            print(f"{method} shots {n_shots:>4}: unseen_fewshot {acc[0].mean():.4f} +- {acc[0].std():.4f}"
+                  f"  unseen_test {acc[1].mean():.4f} +- {acc[1].std():.4f}")
+    return [{k: float(v) if isinstance(v, np.floating) else v for k, v in r.items()} for r in records]
 
 
 def run(K_list, alpha_list, V_final, train_features, test_features_sparse, train_features_unseen,
         test_features_sparse_unseen, N, N_unseen, device=None, *, num_iterations=1000,
         learning_rate=0.5, fewshot_iterations=500, fewshot_learning_rate=0.1, out_dir=None):
-    """For each alpha (outer) and K (inner): fit the basis on seen users with LoRe
-    (solve_regularized), evaluate them on their training and held-out pairs, fit the unseen users'
-    weights on their few-shot pairs with V fixed, evaluate those on the few-shot and held-out pairs.
-    K = 0 is the reference reward model (V = v_ref, w = [1]); K = 1 a single learned direction
-    (unseen users get w = [1]). Returns 8 numpy arrays of length len(alpha_list) * len(K_list):
-    the mean accuracies of METRICS, then their std across users times 0.25.
-    With out_dir, V and the weights of every (K, alpha) are saved there (basis_K{K}_alpha{a}.safetensors)."""
-    return _sweep(solve_regularized, **locals())
+    """The reference pipeline with method lore (sweep's arguments by the reference's positions).
+    Returns 8 numpy arrays of length len(alpha_list) * len(K_list) (alpha outer, K inner): the mean
+    accuracies of seen_train, seen_test, unseen_fewshot, unseen_test, then their std across users
+    times 0.25. With out_dir, every fit is saved there as lore_K{K}_alpha{a}.safetensors."""
+    return _run_adapter("lore", **locals())
 
 
 def run_regularized(K_list, alpha_list, V_final, train_features, test_features_sparse,
                     train_features_unseen, test_features_sparse_unseen, N, N_unseen, device=None, *,
                     num_iterations=20000, learning_rate=0.5, fewshot_iterations=500,
                     fewshot_learning_rate=0.5, out_dir=None):
-    """run() with LoRe_regularized (solve_regularized_simplex: cosine pull, warm-up, pruning) for the
-    basis. With out_dir (the caller's choice, never a fixed path), V and W of every (K, alpha) are
-    saved there as safetensors."""
-    return _sweep(solve_regularized_simplex, **locals())
+    """run() with method lore_regularized (cosine pull, warm-up, pruning); fits are saved as
+    lore_regularized_K{K}_alpha{a}.safetensors in out_dir (the caller's choice, never a fixed path)."""
+    return _run_adapter("lore_regularized", **locals())
 
 
 def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_features,
                             train_features_unseen, test_features_sparse_unseen, V_final, N, N_unseen,
                             device=None, *, num_iterations=500, learning_rate=0.5,
                             fewshot_iterations=500, fewshot_learning_rate=0.1):
-    """For each alpha (outer) and K (inner): fit the basis with LoRe (500 steps, lr 0.5); then for
-    every shot count, `trials` times: sample_shots of the unseen users, fit their weights, evaluate
-    on the sampled shots and on their held-out pairs. Returns 4 numpy arrays
-    [len(alpha_list) * len(K_list), len(num_shots)]: mean few-shot train accuracy, its std over
-    trials, mean held-out accuracy, its std over trials."""
-    _check_sweep(K_list, alpha_list)
-    if len(num_shots) == 0 or min(num_shots) < 1:
-        raise InputError(f"num_shots must be a non-empty list of counts >= 1, got {list(num_shots)}")
-    device = resolve_device(device)
-    train, fewshot, test = _pack_sweep_data(train_features, train_features_unseen,
-                                            test_features_sparse_unseen, N, N_unseen, device)
-    v_ref = _as_column(V_final, train.n_features).to(device)
-    out = np.zeros((4, len(alpha_list) * len(K_list), len(num_shots)))
-    for a, alpha in enumerate(alpha_list):
-        for k, K in enumerate(K_list):
-            print(f"alpha : {alpha}  K : {K}")
-            W, V = _fit_basis(solve_regularized, K, alpha, v_ref, train, num_iterations, learning_rate)
-            # V is fixed from here on: project the unseen users' pairs once and run every trial in
-            # K dimensions (the basis of the projected rows is the identity)
-            fewshot_z, test_z = _projected(fewshot, V), _projected(test, V)
-            eye = torch.eye(V.shape[1], device=device)
-            for s, shots in enumerate(tqdm(num_shots, desc="shots", leave=False)):
-                acc = np.zeros((2, trials))
-                for t in range(trials):
-                    sampled = sample_shots(fewshot_z, shots)
-                    W_new = _fit_weights(K, sampled, eye, fewshot_iterations, fewshot_learning_rate)
-                    acc[0, t] = per_user_accuracy(sampled, eye, W_new).mean()
-                    acc[1, t] = per_user_accuracy(test_z, eye, W_new).mean()
-                row = a * len(K_list) + k
-                out[:, row, s] = acc[0].mean(), acc[0].std(), acc[1].mean(), acc[1].std()
-                print(f"  shots {shots:>4}: few-shot train {out[0, row, s]:.4f} +- {out[1, row, s]:.4f}"
-                      f"  unseen users, unseen prompts {out[2, row, s]:.4f} +- {out[3, row, s]:.4f}")
-    return out[0], out[1], out[2], out[3]
+    """sweep_shots with method lore, by the reference's positions. Returns 4 numpy arrays
+    [len(alpha_list) * len(K_list), len(num_shots)] (alpha outer, K inner): mean few-shot accuracy,
+    its std over trials, mean held-out accuracy, its std over trials."""
+    _check_trials(trials)
+    _check_grid(K_list, alpha_list)
+    _int_list(num_shots, "num_shots", least=1)
+    data = _check_reference_data(dict(train_features=train_features, train_features_unseen=train_features_unseen,
+                                      test_features_sparse_unseen=test_features_sparse_unseen), N, N_unseen, device)
+    records = sweep_shots(K_list=K_list, alpha_list=alpha_list, shots=num_shots, trials=trials, v_ref=V_final,
+                          seen_train=data["train_features"], unseen_fewshot=data["train_features_unseen"],
+                          unseen_test=data["test_features_sparse_unseen"], device=device,
+                          hparams={"lore": _reference_hparams(num_iterations, learning_rate, fewshot_iterations,
+                                                              fewshot_learning_rate)})
+    shape = (len(alpha_list) * len(K_list), len(num_shots))
+    return tuple(np.array([r[key] for r in records]).reshape(shape)
+                 for key in ("unseen_fewshot", "unseen_fewshot_std", "unseen_test", "unseen_test_std"))
 
 
-def _sweep(solver, K_list, alpha_list, V_final, train_features, test_features_sparse,
-           train_features_unseen, test_features_sparse_unseen, N, N_unseen, device, num_iterations,
-           learning_rate, fewshot_iterations, fewshot_learning_rate, out_dir):
-    _check_sweep(K_list, alpha_list)
-    device = resolve_device(device)
-    train, fewshot, test_unseen = _pack_sweep_data(train_features, train_features_unseen,
-                                                   test_features_sparse_unseen, N, N_unseen, device)
-    test = pack(test_features_sparse, "test_features_sparse", device)
-    if test.n_users != train.n_users or test.n_features != train.n_features:
-        raise InputError(f"test_features_sparse has {test.n_users} users x F={test.n_features}, "
-                         f"train_features {train.n_users} x F={train.n_features}")
-    v_ref = _as_column(V_final, train.n_features).to(device)
-    means, stds = [], []
+def _run_adapter(name, K_list, alpha_list, V_final, train_features, test_features_sparse,
+                 train_features_unseen, test_features_sparse_unseen, N, N_unseen, device, num_iterations,
+                 learning_rate, fewshot_iterations, fewshot_learning_rate, out_dir):
+    _check_grid(K_list, alpha_list)
+    data = _check_reference_data(dict(train_features=train_features, test_features_sparse=test_features_sparse,
+                                      train_features_unseen=train_features_unseen,
+                                      test_features_sparse_unseen=test_features_sparse_unseen), N, N_unseen, device)
+    records = sweep(methods=[name], K_list=K_list, alpha_list=alpha_list, v_ref=V_final, device=device,
+                    seen_train=data["train_features"], seen_test=data["test_features_sparse"],
+                    unseen_fewshot=data["train_features_unseen"], unseen_test=data["test_features_sparse_unseen"],
+                    hparams={name: _reference_hparams(num_iterations, learning_rate, fewshot_iterations,
+                                                      fewshot_learning_rate)}, out_dir=out_dir)
+    return (*(np.array([r[s] for r in records]) for s in SETS),
+            *(np.array([r[f"{s}_std"] for r in records]) for s in SETS))
+
+
+def _reference_hparams(num_iterations, learning_rate, fewshot_iterations, fewshot_learning_rate):
+    return {"iters": num_iterations, "lr": learning_rate, "fewshot_iters": fewshot_iterations,
+            "fewshot_lr": fewshot_learning_rate}
+
+
+def _check_grid(K_list, alpha_list):
+    """The reference pipelines' grids: a list of integer K and a list of alpha (a swapped argument,
+    such as run()'s order given to run_few_shot_vary_shots, fails here with the name at fault)."""
+    _int_list(K_list, "K_list", least=0)
+    if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
+        raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {_short(alpha_list)}")
     for alpha in alpha_list:
-        for K in K_list:
-            print(f"alpha : {alpha}  K : {K}")
-            W, V = _fit_basis(solver, K, alpha, v_ref, train, num_iterations, learning_rate)
-            W_new = _fit_weights(K, fewshot, V, fewshot_iterations, fewshot_learning_rate)
-            accuracies = []
-            for title, weights, pairs in (("Train Performance", W, train),
-                                          ("Seen User Unseen Prompts", W, test),
-                                          ("Few Shot Train Performance", W_new, fewshot),
-                                          ("Unseen User Unseen Prompts", W_new, test_unseen)):
-                print(title)
-                accuracies.append(eval_multiple(weights, V, pairs))
-            means.append([a.mean() for a in accuracies])
-            stds.append([a.std() for a in accuracies])
-            if out_dir is not None:
-                save_tensors(os.path.join(out_dir, f"basis_K{K}_alpha{alpha:g}.safetensors"),
-                             {"V": V, "W": W, "W_unseen": W_new},
-                             {"K": str(K), "alpha": repr(alpha), "solver": solver.__name__})
-    means, stds = np.array(means).T, STD_FACTOR * np.array(stds).T                 # [4, settings]
-    return (*means, *stds)
+        _check_alpha(alpha, "alpha_list")
 
 
-def _check_sweep(K_list, alpha_list):
-    if len(K_list) == 0 or len(alpha_list) == 0:
-        raise InputError(f"K_list and alpha_list must be non-empty, got {list(K_list)} and {list(alpha_list)}")
-    if min(K_list) < 0:
-        raise InputError(f"K must be >= 0, got K_list={list(K_list)}")
+def _check_reference_data(data, N, N_unseen, device):
+    """Pack the reference pipelines' per-user lists (checking them once) and check the user counts."""
+    for name, n in (("N", N), ("N_unseen", N_unseen)):
+        if not _is_int(n):
+            raise InputError(f"{name} must be an integer (a user count), got {n!r}")
+    packed = {name: pack(x, name, device) for name, x in data.items()}
+    for name, pairs in packed.items():
+        n = N_unseen if "unseen" in name else N
+        if pairs.n_users != n:
+            raise InputError(f"N={N}, N_unseen={N_unseen} but {name} has {pairs.n_users} users")
+        if pairs.n_features != packed["train_features"].n_features:
+            raise InputError(f"{name} has F={pairs.n_features}, train_features F={packed['train_features'].n_features}")
+    return packed
 
 
-def _pack_sweep_data(train_features, train_features_unseen, test_features_sparse_unseen, N,
-                     N_unseen, device):
-    train = pack(train_features, "train_features", device)
-    fewshot = pack(train_features_unseen, "train_features_unseen", device)
-    test = pack(test_features_sparse_unseen, "test_features_sparse_unseen", device)
-    if (train.n_users, fewshot.n_users, test.n_users) != (N, N_unseen, N_unseen):
-        raise InputError(f"N={N}, N_unseen={N_unseen} but the data has {train.n_users} seen users and "
-                         f"{fewshot.n_users} / {test.n_users} unseen users (few-shot / held-out)")
-    for name, pairs in (("train_features_unseen", fewshot), ("test_features_sparse_unseen", test)):
-        if pairs.n_features != train.n_features:
-            raise InputError(f"{name} has F={pairs.n_features}, train_features F={train.n_features}")
-    return train, fewshot, test
+def _check_trials(trials):
+    if not _is_int(trials) or trials < 1:
+        raise InputError(f"trials must be an integer >= 1, got {_short(trials)}")
 
 
-def _fit_basis(solver, K, alpha, v_ref, train, num_iterations, learning_rate):
-    """K = 0: the reference reward model, V = v_ref and w = [1] for every user."""
-    if K == 0:
-        return torch.ones(train.n_users, 1, device=train.device), v_ref
-    return solver(v_ref, alpha, train, K, num_iterations, learning_rate)
+def _short(value):
+    """repr for messages: a tensor or a long list is named by its type and shape, not printed."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__} of length {len(value)}"
 
 
-def _fit_weights(K, pairs, V, iterations, learning_rate):
-    """Unseen users' weights with V fixed; K <= 1 has nothing to adapt: w = [1]."""
-    if K <= 1:
-        return torch.ones(pairs.n_users, V.shape[1], device=pairs.device)
-    return torch.stack(learn_multiple_few_shot(pairs, V, iterations, learning_rate))   # [N, K]
+def _int_list(values, what, least):
+    """[int] from a non-empty list of integers >= least; what: 'K_list' or 'shots'."""
+    item = what.removesuffix("_list")
+    if not isinstance(values, (list, tuple, np.ndarray)) or len(values) == 0:
+        raise InputError(f"{what} must be a non-empty list of integers, got {_short(values)}")
+    for v in values:
+        if not _is_int(v):
+            raise InputError(f"{what} must be a list of integers, got {list(values)!r} ({v!r} is not an integer)")
+        if v < least:
+            raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
+    return [int(v) for v in values]
 
 
-def _projected(pairs, V):
-    return Pairs(pairs.user, pairs.n_users, X=pairs.project(V), group=pairs.group)  # rows [P, K]
+def _check_sets(sets, device):
+    """The pair sets as checked Pairs on one device, with one F, the seen sets with the same users
+    and the unseen sets with the same users."""
+    device = resolve_device(device)
+    sets = {name: pack(pairs, name, device) for name, pairs in sets.items()}
+    F = {pairs.n_features for pairs in sets.values()}
+    if len(F) > 1:
+        raise InputError("the pair sets have different F: " + ", ".join(f"{n} F={p.n_features}" for n, p in sets.items()))
+    for group in ("seen", "unseen"):
+        users = {name: p.n_users for name, p in sets.items() if name.startswith(group)}
+        if len(set(users.values())) > 1:
+            raise InputError(f"the {group} users' pair sets have different user counts: {users}")
+    return sets
+
+
+def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
+    """The Method objects of a sweep, in order: method, then alpha, then K; checked before any fit."""
+    if isinstance(methods, str) or not methods:
+        raise InputError(f"methods must be a non-empty list of names, got {methods!r}")
+    K_list = _int_list(K_list, "K_list", least=0)
+    if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
+        raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {alpha_list!r}")
+    hparams = hparams or {}
+    unknown = sorted(set(hparams) - set(methods))
+    if unknown:
+        raise InputError(f"hparams for method(s) {unknown} that do not run (methods: {list(methods)})")
+    if v_ref is not None and _check_v_ref(v_ref).shape[0] != seen_train.n_features:
+        raise InputError(f"v_ref has {_check_v_ref(v_ref).shape[0]} features but the pairs have F={seen_train.n_features}")
+    settings = []
+    for name in methods:
+        cls = get_method(name)
+        if not cls.linear and seen_train.X is not None:
+            raise InputError(f"method {name} needs both embeddings of every pair (the table form of Pairs); "
+                             f"difference rows suffice only for linear methods ({', '.join(n for n, c in METHODS.items() if c.linear)})")
+        for alpha in (alpha_list if cls.uses_alpha else [None]):
+            settings += [cls(K, alpha, v_ref, seen_train.device, **hparams.get(name, {}))
+                         for K in K_list if K >= cls.min_K]
+    if not settings:
+        raise InputError(f"no setting to fit: K_list {K_list} is below every method's smallest K")
+    return settings
+
+
+def _seed_setting(seed, method):
+    if seed is not None:
+        key = json.dumps([seed, method.name, method.K, method.alpha]).encode()
+        torch.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -899,6 +1258,8 @@ class Pairs:
     differences: projections are computed as (table @ V)[chosen] - (table @ V)[rejected], which
     is how millions of held-out pairs are evaluated on a few GB.
     `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
+    `featurized`: the Method whose item features the rows hold instead of embeddings (featurize).
+    `checked`: the data passed pack's checks; pack does not scan checked Pairs again.
     """
     user: torch.Tensor                     # [P] long, pairs of a user are contiguous
     n_users: int
@@ -907,6 +1268,8 @@ class Pairs:
     chosen: torch.Tensor = None            # [P] long rows of table
     rejected: torch.Tensor = None          # [P] long rows of table
     group: torch.Tensor = None             # [P] long, ids unique within a user
+    featurized: object = None
+    checked: bool = False
 
     def __len__(self):
         return self.user.numel()
@@ -948,30 +1311,40 @@ class Pairs:
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device)
-        return Pairs(move(self.user), self.n_users, move(self.X), move(self.table),
-                     move(self.chosen), move(self.rejected), move(self.group))
+        return replace(self, user=move(self.user), X=move(self.X), table=move(self.table),
+                       chosen=move(self.chosen), rejected=move(self.rejected), group=move(self.group))
 
 
 def pack(features, name="features", device=None):
     """A list of N per-user tensors [m_i, F] (the seed's format) -> Pairs in float32 on `device`.
-    Pairs pass through (moved to `device`). Checks the data once, here, with errors that name the
-    user and the shape at fault."""
+    Pairs pass through (moved to `device`). The data is checked here, once: the errors name the
+    user, the row and the shape at fault, and checked Pairs are not scanned again."""
     if isinstance(features, Pairs):
         pairs = features if device is None else features.to(device)
+        if pairs.checked:
+            return pairs
     else:
+        if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+            raise InputError(f"{name}: expected a list of per-user [pairs, F] tensors or Pairs, got "
+                             f"{type(features).__name__}")
         device = resolve_device(device)
         features = [torch.as_tensor(x) for x in features]
         if len(features) == 0:
             raise InputError(f"{name}: no users (an empty list)")
         n_features = features[0].shape[-1] if features[0].dim() == 2 else None
         for i, x in enumerate(features):
-            if x.dim() != 2 or x.shape[1] != n_features:
-                raise InputError(f"{name}[{i}] has shape {tuple(x.shape)}: every user needs "
-                                 f"[pairs, F] with the same F (user 0 has F={n_features})")
+            if x.dim() != 2 or x.shape[1] != n_features or not (x.is_floating_point() or len(x) == 0):
+                raise InputError(f"{name}[{i}] has shape {tuple(x.shape)} ({x.dtype}): every user needs "
+                                 f"float [pairs, F] with the same F (user 0 has F={n_features})")
         X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
         counts = torch.tensor([len(x) for x in features], device=device)
         user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
         pairs = Pairs(user, len(features), X=X)
+    _check_pairs(pairs, name)
+    return replace(pairs, checked=True)
+
+
+def _check_pairs(pairs, name):
     if pairs.n_users == 0:
         raise InputError(f"{name}: no users")
     if len(pairs) and (pairs.user.min() < 0 or pairs.user.max() >= pairs.n_users
@@ -979,16 +1352,39 @@ def pack(features, name="features", device=None):
         raise InputError(f"{name}: user indices must lie in [0, {pairs.n_users}) with each user's pairs contiguous")
     counts = pairs.counts()
     if (counts == 0).any():
-        i = int(torch.nonzero(counts == 0)[0])
-        raise InputError(f"{name}: user {i} has no pairs")
+        raise InputError(f"{name}: user {int(torch.nonzero(counts == 0)[0])} has no pairs")
+    if pairs.X is None:
+        E = len(pairs.table)
+        for side in ("chosen", "rejected"):
+            rows = getattr(pairs, side)
+            if rows.dtype != torch.long or rows.shape != pairs.user.shape:
+                raise InputError(f"{name}: {side} must be [P] row indices (long), got {tuple(rows.shape)} {rows.dtype}")
+            bad = (rows < 0) | (rows >= E)
+            if bad.any():
+                p = int(torch.nonzero(bad)[0])
+                raise InputError(f"{name}: pair {p} (user {int(pairs.user[p])}) has {side} row {int(rows[p])}, "
+                                 f"outside the {E} rows of the embedding table")
     values = pairs.X if pairs.X is not None else pairs.table
-    # a NaN or inf anywhere in a row makes its sum non-finite; no [P, F] temporary as isfinite makes
-    finite = torch.isfinite(values.sum(dim=1, dtype=torch.float32))                # [P] or [E]
-    if not finite.all():
-        bad = int(torch.nonzero(~finite)[0])
-        where = f"user {int(pairs.user[bad])}" if pairs.X is not None else f"embedding row {bad}"
-        raise InputError(f"{name}: {where} has NaN or inf in its features")
-    return pairs
+    if values.dim() != 2 or not values.is_floating_point():
+        raise InputError(f"{name}: the rows must be a float [rows, F] matrix, got {tuple(values.shape)} {values.dtype}")
+    bad = _first_nonfinite_row(values)
+    if bad is not None:
+        if pairs.X is not None:
+            u = int(pairs.user[bad])
+            where = f"user {u} has NaN or inf in its features (its pair {bad - int(pairs.counts()[:u].sum())})"
+        else:
+            where = f"embedding row {bad} has NaN or inf"
+        raise InputError(f"{name}: {where}")
+
+
+def _first_nonfinite_row(values, chunk=1 << 14):
+    """Index of the first row of [n, F] with a NaN or inf, or None. Chunked isfinite: a row sum
+    could overflow on finite values near the float32 maximum."""
+    for start in range(0, len(values), chunk):
+        finite = torch.isfinite(values[start:start + chunk]).all(dim=1)            # [chunk]
+        if not finite.all():
+            return start + int(torch.nonzero(~finite)[0])
+    return None
 
 
 def sample_shots(train_features_unseen, shots):
@@ -1025,14 +1421,24 @@ def simulate_sparse_population(reward_tensor, table, W, sample_percentage, devic
     """create_sparse_tensor(simulate_population(...), sample_percentage) without the dense tensor:
     the prompts of each user are sampled first (the same draws, in the same order), and the pairs
     are returned in table form. table [S*R, F] holds response r of prompt s at row s*R + r."""
+    sim = simulate_pairs(reward_tensor, W, sample_percentage)
+    pairs = Pairs(sim["user"], len(W), table=table, chosen=sim["chosen"], rejected=sim["rejected"])
+    return pairs.to(resolve_device(device))
+
+
+def simulate_pairs(reward_tensor, W, sample_percentage):
+    """The pairs of simulated users as indices: per user, floor(sample_percentage * S) prompts drawn
+    without replacement (NumPy's generator), and on each the best minus the worst of its R
+    responses under the user's mixture W [N, M] of the reward models' scores reward_tensor
+    [S, R, M]. -> dict of [P] long tensors: user, prompt, chosen and rejected (response r of
+    prompt s is row s * R + r), draw (the pair's rank in its user's random draw)."""
     S, R, _ = np.shape(reward_tensor)
     idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage))          # [N, m]
     chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
     user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
     prompt = idx.reshape(-1)                                                       # [P]
-    pairs = Pairs(user, len(W), table=table, chosen=prompt * R + chosen[user, prompt],
-                  rejected=prompt * R + rejected[user, prompt])
-    return pairs.to(resolve_device(device))
+    return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen[user, prompt],
+            "rejected": prompt * R + rejected[user, prompt], "draw": torch.arange(idx.shape[1]).repeat(len(W))}
 
 
 def _simulate_choices(reward_tensor, W):
@@ -1078,13 +1484,167 @@ def table_pairs(df, table, users, name="pairs", group=None):
                  group=groups)
 
 
-def load_embeddings(data_dir):
-    """What prepare.py wrote: the embedding table [E, F] (bfloat16) and v_ref [F, 1] (float32)."""
-    table = load_tensors(os.path.join(data_dir, "embeddings.safetensors"), ["embeddings"])["embeddings"]
-    v_ref = load_tensors(os.path.join(data_dir, "v_ref.safetensors"), ["v_ref"])["v_ref"]
-    if v_ref.shape != (table.shape[1], 1):
-        raise InputError(f"{data_dir}: v_ref has shape {tuple(v_ref.shape)}, the embeddings F={table.shape[1]}")
-    return table, v_ref
+# A prepared data folder, the same for every dataset (write_data_folder writes it, load_data reads it):
+#   embeddings.safetensors  {"embeddings": [E, F]}: one row per distinct conversation
+#   conversations.parquet   row (of the table), messages (JSON list of {"role", "content"})
+#   pairs.parquet           set (one of SETS), user, chosen, rejected (rows of the table), and where
+#                           they apply group (pairs drawn together: a PRISM dialog) and draw (the
+#                           rank of a few-shot pair in its user's random draw: the first n of them
+#                           are a uniform sample of n), plus the dataset's own columns
+#   v_ref.safetensors       {"v_ref": [F, 1]}: the reward model's head
+#   data.json               dataset, users {"seen": [...], "unseen": [...]} (the rows of W and
+#                           W_unseen), the pair counts, the prepare config, and the identity of the
+#                           embeddings and the hashes of the other files: written last, it is what
+#                           makes the folder complete, and load_data refuses files of another run
+DATA_FILES = ("pairs.parquet", "conversations.parquet", "v_ref.safetensors")
+
+
+@dataclass
+class Data:
+    """A prepared dataset, as load_data returns it."""
+    table: torch.Tensor    # [E, F] the embedding table (dtype as stored), on the device
+    v_ref: torch.Tensor    # [F, 1] float32
+    sets: dict             # name in SETS -> checked Pairs (table form)
+    users: dict            # {"seen": [ids], "unseen": [ids]}: the users of the sets, in order
+    info: dict             # data.json
+    folder: str
+
+
+def load_data(folder, device=None, fewshot_pairs=None):
+    """The four pair sets of a prepared data folder (see DATA_FILES), checked once, here: the files
+    belong together, the table is finite, every pair points into it, every user has pairs.
+    fewshot_pairs: keep only the first n drawn few-shot pairs of each unseen user (the recipe's
+    few-shot size, where prepare.py drew a larger pool for vary_fewshot.py). -> Data."""
+    device = resolve_device(device)
+    info_path = os.path.join(folder, "data.json")
+    if not os.path.isfile(info_path):
+        raise InputError(f"{folder}: no data.json, so not a prepared data folder (or its prepare.py did not "
+                         f"finish): run prepare.py")
+    info = read_json(info_path)
+    for key in ("dataset", "users", "embeddings", "files"):
+        if key not in info:
+            raise InputError(f"{info_path}: no {key!r}: not written by prepare.py (rerun it)")
+    for name, digest in info["files"].items():
+        if _file_digest(os.path.join(folder, name)) != digest:
+            raise InputError(f"{os.path.join(folder, name)} is not the file data.json was written with (changed "
+                             f"or left by another run): rerun prepare.py")
+    path = os.path.join(folder, "embeddings.safetensors")
+    if _embeddings_identity(path) != info["embeddings"]:
+        raise InputError(f"{path} is not the table data.json was written with (replaced since, e.g. by another "
+                         f"model or run): rerun prepare.py")
+    table = load_tensors(path, ["embeddings"])["embeddings"]
+    if table.dim() != 2 or not table.is_floating_point():
+        raise InputError(f"{path}: embeddings has shape {tuple(table.shape)} ({table.dtype}), expected float [rows, F]")
+    bad = _first_nonfinite_row(table)
+    if bad is not None:
+        raise InputError(f"{path}: row {bad} has NaN or inf")
+    v_ref_path = os.path.join(folder, "v_ref.safetensors")
+    try:
+        v_ref = _check_v_ref(load_tensors(v_ref_path, ["v_ref"])["v_ref"])
+    except InputError as e:
+        raise InputError(f"{v_ref_path}: {e}") from None
+    if v_ref.shape[0] != table.shape[1]:
+        raise InputError(f"{v_ref_path}: v_ref has {v_ref.shape[0]} features, the embeddings F={table.shape[1]}")
+    df = _read_pairs(os.path.join(folder, "pairs.parquet"), len(table))
+    users = info["users"]
+    table = table.to(device)
+    sets = {}
+    for name in SETS:
+        part = df[df["set"] == name]
+        if name == "unseen_fewshot" and fewshot_pairs is not None:
+            if "draw" not in part.columns:
+                raise InputError(f"{folder}: pairs.parquet has no draw column, so no first {fewshot_pairs} few-shot pairs")
+            part = part[part["draw"] < fewshot_pairs]
+        group = "group" if "group" in part.columns and part["group"].notna().all() else None
+        pairs = table_pairs(part, table, users["unseen" if name.startswith("unseen") else "seen"],
+                            f"{folder}: {name}", group).to(device)
+        sets[name] = replace(pairs, checked=True)   # the table and the indices were checked above
+    print(f"{folder}: {info['dataset']}, {len(users['seen'])} seen and {len(users['unseen'])} unseen users; "
+          + ", ".join(f"{name} {len(p)} pairs" for name, p in sets.items()))
+    return Data(table, v_ref, sets, users, info, folder)
+
+
+def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, config, files=(), **extra):
+    """Write a prepared data folder (see DATA_FILES) beside its embeddings.safetensors, data.json
+    last. pairs: a DataFrame with the columns set, user, chosen, rejected (+ group, draw, ...);
+    conversations: a DataFrame with row and messages; files: the dataset's own files already
+    written in the folder, hashed like DATA_FILES; extra: more items for data.json."""
+    import pandas as pd
+    bad = ~pairs["set"].isin(SETS)
+    if bad.any():
+        raise InputError(f"{folder}: pair set {pairs['set'][bad].iloc[0]!r} is not one of {SETS}")
+    for name in SETS:
+        group = "unseen" if name.startswith("unseen") else "seen"
+        if not set(pairs.loc[pairs["set"] == name, "user"]) <= set(users[group]):
+            raise InputError(f"{folder}: {name} has pairs of users that are not {group} users")
+    save_tensors(os.path.join(folder, "v_ref.safetensors"), {"v_ref": _check_v_ref(v_ref)})
+    write_table(os.path.join(folder, "pairs.parquet"), pairs)
+    write_table(os.path.join(folder, "conversations.parquet"), pd.DataFrame(conversations))
+    write_json(os.path.join(folder, "data.json"), {
+        "dataset": dataset, "users": users,
+        "pairs": {name: int((pairs["set"] == name).sum()) for name in SETS},
+        "embeddings": _embeddings_identity(os.path.join(folder, "embeddings.safetensors")),
+        "files": {name: _file_digest(os.path.join(folder, name)) for name in (*DATA_FILES, *files)},
+        "config": config, **extra})
+    print(f"{folder}: " + ", ".join(f"{name} {int((pairs['set'] == name).sum())} pairs" for name in SETS)
+          + f" of {len(users['seen'])} seen and {len(users['unseen'])} unseen users")
+
+
+def oracle_accuracies(data):
+    """Where the data holds the users' true rewards (PersonalLLM's synthetic population:
+    synthetic_truth.safetensors with the reward models' directions U [F, M], users.safetensors with
+    the users' mixtures W_seen, W_unseen [N, M]), each set's mean accuracy of the true linear
+    rewards U w_i: the ceiling of any linear method. -> {set: accuracy}, or None."""
+    truth_path = os.path.join(data.folder, "synthetic_truth.safetensors")
+    if not os.path.exists(truth_path):
+        return None
+    U = load_tensors(truth_path, ["reward_models"])["reward_models"]              # [F, M]
+    W = load_tensors(os.path.join(data.folder, "users.safetensors"), ["W_seen", "W_unseen"])
+    return {name: float(per_user_accuracy(pairs, U, W["W_unseen" if name.startswith("unseen") else "W_seen"]
+                                          .float()).mean()) for name, pairs in data.sets.items()}
+
+
+def _read_pairs(path, n_rows):
+    """pairs.parquet, checked: known sets, integer rows inside the table; errors name the row."""
+    df = read_table(path, ["set", "user", "chosen", "rejected"])
+    bad = ~df["set"].isin(SETS)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{path}: row {i}: set {df['set'].iloc[i]!r} is not one of {', '.join(SETS)}")
+    for column in ("chosen", "rejected"):
+        values = df[column]
+        if not _is_integer_column(values):
+            i = int(np.flatnonzero(values.isna().to_numpy())[0]) if values.isna().any() else 0
+            raise InputError(f"{path}: row {i}: {column} must hold integer rows of the embedding table, got "
+                             f"{values.iloc[i]!r} ({values.dtype})")
+        outside = ((values < 0) | (values >= n_rows)).to_numpy()
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise InputError(f"{path}: row {i}: {column} {values.iloc[i]} is outside the {n_rows} rows of "
+                             f"embeddings.safetensors")
+    return df
+
+
+def _is_integer_column(series):
+    import pandas as pd
+    return pd.api.types.is_integer_dtype(series) and not series.isna().any()
+
+
+def _file_digest(path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file (rerun prepare.py)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _embeddings_identity(path):
+    """What tells one embeddings file from another without reading it: its size and its header
+    metadata (the extraction's fingerprint of inputs, model and settings; or the synthetic config)."""
+    meta = read_metadata(path)
+    return {"bytes": os.path.getsize(path), "metadata": meta}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1144,11 +1704,11 @@ def read_json(path):
 
 
 def write_table(path, records):
-    """A list of dicts as CSV (or Parquet for a .parquet path), atomically."""
+    """A list of dicts (or a DataFrame) as CSV (or Parquet for a .parquet path), atomically."""
     import pandas as pd
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    df = pd.DataFrame(records)
+    df = records if isinstance(records, pd.DataFrame) else pd.DataFrame(records)
     df.to_parquet(tmp, index=False) if path.endswith(".parquet") else df.to_csv(tmp, index=False)
     os.replace(tmp, path)
 
@@ -1202,27 +1762,55 @@ def load_splits(hub_id, splits, data_files=None, config=None):
 
 
 def command_line(main):
-    """Wrap a script's main(args): bad input ends with a one-line message and exit code 2."""
+    """Wrap a script's main(args): bad input ends with a one-line message and exit code 2; Ctrl-C
+    with one line and exit code 130 (run_folder has removed the run's unfinished outputs)."""
     def wrapped(args):
         try:
             return main(args)
         except InputError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
+        except KeyboardInterrupt:
+            print("interrupted: nothing of this run was written to its output folder", file=sys.stderr)
+            raise SystemExit(130)
     wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
     return wrapped
 
 
-def rank_list(text, least=0, what="ranks"):
-    """argparse type for '0,1,2' -> [0, 1, 2]; every value >= least."""
+def _argtype(convert, check, expected):
+    """An argparse type: convert(text), then check(value), else 'expected ..., got TEXT'."""
     import argparse
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not values or min(values) < least:
-        raise argparse.ArgumentTypeError(f"expected {what} >= {least}, got {text!r}")
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except (ValueError, TypeError):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    parse.__name__ = expected  # argparse names the type in its messages
+    return parse
+
+
+def _ints(text):
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(text)
     return values
+
+
+def _floats(text):
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values:
+        raise ValueError(text)
+    return values
+
+
+def rank_list(text, least=0, what="ranks"):
+    """argparse type for '0,1,2' -> [0, 1, 2]; every value >= least, none twice."""
+    return _argtype(_ints, lambda v: min(v) >= least and len(set(v)) == len(v),
+                    f"comma-separated distinct {what} >= {least}")(text)
 
 
 def shot_list(text):
@@ -1230,54 +1818,65 @@ def shot_list(text):
     return rank_list(text, 1, "shots")
 
 
-def positive_int(text):
-    """argparse type for an integer >= 1."""
+positive_int = _argtype(int, lambda v: v >= 1, "an integer >= 1")
+nonnegative_int = _argtype(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _argtype(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+nonnegative_float = _argtype(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+fraction = _argtype(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+float_list = _argtype(_floats, lambda v: all(math.isfinite(a) and a >= 0 for a in v) and len(set(v)) == len(v),
+                      "comma-separated distinct finite numbers >= 0")
+
+
+def method_list(text):
+    """argparse type for 'lore,pal' -> ['lore', 'pal'], registered names only."""
     import argparse
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct registered methods ({', '.join(METHODS)}), got {text!r}")
+    return names
 
 
-def float_list(text):
-    """argparse type for '0,1e4' -> [0.0, 10000.0]."""
-    import argparse
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
-
-
-def add_sweep_args(parser, folder, *, k_list, alpha_list, iters, lr, fewshot_iters, fewshot_lr,
-                   out="results"):
-    """The flags train_basis.py and vary_fewshot.py share; the defaults are the dataset's recipe."""
+def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters, lr, fewshot_iters, fewshot_lr):
+    """The flags train_basis.py and vary_fewshot.py share; the defaults are the dataset's recipe.
+    Every registered method's own hyperparameters become flags --{name}-{hp} (method_hparams)."""
     parser.add_argument("--data", default=os.path.join(folder, "data"),
                         help="what prepare.py wrote (default: %(default)s)")
-    parser.add_argument("--out", default=os.path.join(folder, out),
-                        help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=os.path.join(folder, "results", script),
+                        help="output folder, written as a whole when the run ends (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--k-list", type=rank_list, default=k_list, help="ranks K, e.g. 0,1,2")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--method", type=method_list, default=[method],
+                        help=f"methods to fit, comma-separated, of: {', '.join(METHODS)} (default: %(default)s)")
+    parser.add_argument("--k-list", type=rank_list, default=k_list,
+                        help="ranks K, e.g. 0,1,2 (methods skip K below their smallest)")
     parser.add_argument("--alpha-list", type=float_list, default=alpha_list,
-                        help="regularization strengths, e.g. 0,1e4")
-    parser.add_argument("--iters", type=int, default=iters, help="basis training steps")
-    parser.add_argument("--lr", type=float, default=lr, help="basis learning rate")
-    parser.add_argument("--fewshot-iters", type=int, default=fewshot_iters,
+                        help="regularization strengths of the methods that use one, e.g. 0,1e4")
+    recipe = parser.add_argument_group("the LoRe entries' steps and rates (the dataset recipe)")
+    recipe.add_argument("--iters", type=positive_int, default=iters, help="basis training steps")
+    recipe.add_argument("--lr", type=positive_float, default=lr, help="basis learning rate")
+    recipe.add_argument("--fewshot-iters", type=positive_int, default=fewshot_iters,
                         help="steps fitting unseen users' weights")
-    parser.add_argument("--fewshot-lr", type=float, default=fewshot_lr)
+    recipe.add_argument("--fewshot-lr", type=positive_float, default=fewshot_lr)
+    for name, cls in METHODS.items():
+        own = [hp for hp in cls.defaults if hp not in cls.recipe_hparams]
+        group = parser.add_argument_group(f"method {name}") if own else None
+        for hp in own:
+            default = cls.defaults[hp]
+            kind = positive_int if isinstance(default, int) else positive_float
+            group.add_argument(f"--{name}-{hp}".replace("_", "-"), type=kind, default=default,
+                               dest=f"{name}__{hp}", help=f"(default: %(default)s)")
     return parser
 
 
-def load_script(path, name):
-    """A script imported by path under a name of its own (every dataset folder has a train_basis.py:
-    a plain `import train_basis` would find whichever folder came first on sys.path)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def method_hparams(args):
+    """{method: {hyperparameter: value}} for the methods in args.method, from the flags."""
+    hparams = {}
+    for name in args.method:
+        cls = METHODS[name]
+        hparams[name] = {hp: getattr(args, hp) if hp in cls.recipe_hparams else getattr(args, f"{name}__{hp}")
+                         for hp in cls.defaults}
+    return hparams
 
 
 def add_shots_args(parser, *, trials, shots, unit="pairs"):
@@ -1303,93 +1902,208 @@ def add_prepare_args(parser, folder):
     parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH",
                         help="local .json/.jsonl/.parquet files in the hub's schema instead of the hub")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    parser.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
     return parser
 
 
-def save_config(args, name="config.json", **extra):
-    """The resolved command-line config (and the command itself) as JSON in args.out."""
-    write_json(os.path.join(args.out, name), {**vars(args), **extra, "command": " ".join(sys.argv)})
+def config_of(args, **extra):
+    """The resolved command-line config and the command itself, as saved beside a run's outputs."""
+    return {**{k: v for k, v in vars(args).items()}, **extra, "command": " ".join(sys.argv)}
 
 
-def start_run(args, name="config.json"):
-    """Seed everything, create --out, save the resolved config beside the outputs, print it.
-    -> the torch device."""
+def start_run(args):
+    """Seed everything and resolve the device; print both. -> the torch device."""
     set_seed(args.seed)
     device = resolve_device(args.device)
-    save_config(args, name, device=str(device))
-    print(f"seed {args.seed}, device {device}, writing to {args.out}")
+    print(f"seed {args.seed}, device {device}")
     return device
 
 
-def sweep_records(K_list, alpha_list, results):
-    """The 8 arrays of run()/run_regularized() -> one record per (alpha, K), in their order."""
-    settings = [(alpha, K) for alpha in alpha_list for K in K_list]
-    return [{"alpha": alpha, "K": K,
-             **{m: float(results[j][s]) for j, m in enumerate(METRICS)},
-             **{f"{m}_std": float(results[4 + j][s]) for j, m in enumerate(METRICS)}}
-            for s, (alpha, K) in enumerate(settings)]
+@contextlib.contextmanager
+def run_folder(args, script, **extra):
+    """The output folder of a run (args.out), written as a whole when the run succeeds, or not at all.
+
+    Yields a staging folder beside --out to write every output into. When the block ends without
+    error, config.json (config_of(args), the script's name and the time) is added and the staging
+    folder replaces --out in one rename: the previous run's files go with it, so no file of an
+    older run is left looking current. On an error or Ctrl-C the staging folder is removed and
+    --out is untouched; a kill -9 leaves it to the next run, which removes it. While the run lasts
+    it holds a lock on `.{out}.lock` beside --out: a second run into the same --out is refused
+    (the OS drops the lock of a dead process, so a crash never leaves it stuck). A --out holding
+    anything but an earlier run of the same script is refused: nothing else is ever replaced."""
+    out = os.path.abspath(args.out)
+    parent, base = os.path.split(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file, not a folder")
+    with folder_lock(os.path.join(parent, f".{base}.lock"), f"--out {out}"):
+        _recover_folder(parent, base)
+        if os.path.isdir(out) and os.listdir(out):
+            config = os.path.join(out, "config.json")
+            owner = None
+            try:
+                owner = read_json(config).get("script") if os.path.isfile(config) else None
+            except (InputError, AttributeError):
+                pass
+            if owner != script:
+                raise InputError(f"--out {out} holds " + (f"the results of {owner}" if owner else
+                                 "files that no run of this script wrote") +
+                                 f"; {script} would replace them: pick another --out")
+        staging = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+        os.makedirs(staging)
+        try:
+            yield staging
+            write_json(os.path.join(staging, "config.json"),
+                       {**config_of(args, **extra), "script": script,
+                        "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+            if os.path.exists(out):
+                os.rename(out, old)
+            os.rename(staging, out)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    print(f"wrote {out}")
 
 
-def shots_records(K_list, alpha_list, num_shots, results):
-    """The 4 arrays of run_few_shot_vary_shots() -> one record per (alpha, K, shots)."""
-    settings = [(alpha, K) for alpha in alpha_list for K in K_list]
-    return [{"alpha": alpha, "K": K, "shots": shots,
-             "fewshot_train": float(results[0][s, j]), "fewshot_train_std": float(results[1][s, j]),
-             "unseen_unseen_prompts": float(results[2][s, j]),
-             "unseen_unseen_prompts_std": float(results[3][s, j])}
-            for s, (alpha, K) in enumerate(settings) for j, shots in enumerate(num_shots)]
+@contextlib.contextmanager
+def folder_lock(path, what):
+    """An exclusive lock on the file `path` for the duration of the block; InputError naming `what`
+    if another process holds it. flock: released by the OS when its process ends, however it ends."""
+    import fcntl
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise InputError(f"{what}: cannot write in {os.path.dirname(path)} ({e.strerror})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{what} is in use by another run (it holds {path}); wait for it to end "
+                             f"or pick another folder") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _recover_folder(parent, base):
+    """Leftovers of a run killed inside run_folder (we hold the lock, so none is in use): unfinished
+    staging folders go; a previous run moved aside but not replaced is put back."""
+    out = os.path.join(parent, base)
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith(f".{base}.partial-"):
+            shutil.rmtree(path, ignore_errors=True)
+        elif name.startswith(f".{base}.old-"):
+            if os.path.exists(out):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.rename(path, out)
+
+
+def train_basis_main(args, script, title):
+    """What every train_basis.py does with its recipe's flags: load the data, sweep the methods, and
+    write results.json/.csv, accuracy_vs_rank.png, every fit's checkpoint and (synthetic data)
+    oracle.json into --out, as a whole. -> the records."""
+    device = start_run(args)
+    data = load_data(args.data, device, fewshot_pairs=getattr(args, "fewshot_pairs", None))
+    with run_folder(args, script, device=str(device)) as out:
+        records = sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list, v_ref=data.v_ref,
+                        hparams=method_hparams(args), out_dir=out, seed=args.seed, **data.sets)
+        save_results(records, out)
+        oracle = _save_oracle(data, out)
+        plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), title, hlines=oracle)
+    return records
+
+
+def vary_fewshot_main(args, script, title):
+    """What every vary_fewshot.py does with its recipe's flags: load the data, sweep the methods over
+    the shot counts, and write results.json/.csv, accuracy_vs_shots.png and (synthetic data)
+    oracle.json into --out, as a whole. -> the records."""
+    device = start_run(args)
+    data = load_data(args.data, device)
+    pool = data.sets["unseen_fewshot"]
+    largest = int(pool.counts().max()) if pool.group is None else None
+    if largest is not None and max(args.shots) > largest:
+        raise InputError(f"--shots {max(args.shots)} is more than any unseen user's pool of few-shot pairs "
+                         f"(at most {largest}); draw a larger pool with prepare.py")
+    with run_folder(args, script, device=str(device)) as out:
+        records = sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list, shots=args.shots,
+                              trials=args.trials, v_ref=data.v_ref, hparams=method_hparams(args), seed=args.seed,
+                              seen_train=data.sets["seen_train"], unseen_fewshot=pool,
+                              unseen_test=data.sets["unseen_test"])
+        save_results(records, out)
+        oracle = _save_oracle(data, out)
+        plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), title,
+                               hline=oracle and oracle["unseen_test"])
+    return records
+
+
+def _save_oracle(data, out):
+    oracle = oracle_accuracies(data)
+    if oracle:
+        write_json(os.path.join(out, "oracle.json"), oracle)
+        print("oracle (each user's true linear reward): " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()))
+    return oracle
 
 
 def save_results(records, out_dir, name="results"):
-    """results.json and results.csv in out_dir, and a readable table on stdout."""
+    """{name}.json and {name}.csv in out_dir, and a readable table on stdout."""
     import pandas as pd
     write_json(os.path.join(out_dir, f"{name}.json"), records)
     write_table(os.path.join(out_dir, f"{name}.csv"), records)
     print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
+_SET_LABELS = {"seen_train": "seen users, train pairs", "seen_test": "seen users, held-out pairs",
+               "unseen_fewshot": "unseen users, few-shot pairs", "unseen_test": "unseen users, held-out pairs"}
+
+
+def _curve_label(record):
+    alpha = "" if record.get("alpha") is None else f", alpha={record['alpha']:g}"
+    return f"{record['method']}{alpha}"
+
+
 def plot_accuracy_vs_rank(records, path, title="", hlines=None):
-    """One panel per alpha: the four accuracies against K, with the reported std as error bars.
-    hlines: {metric: accuracy} drawn as dotted lines of the metric's color (e.g. an oracle's)."""
+    """One panel per pair set: accuracy against K, a curve per (method, alpha) with the reported
+    std as error bars. hlines: {set: accuracy} drawn dotted (e.g. an oracle's)."""
     plt = _pyplot()
-    alphas = sorted({r["alpha"] for r in records})
-    fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4), squeeze=False)
-    labels = {"train": "seen users, train pairs", "seen_unseen_prompts": "seen users, held-out",
-              "fewshot_train": "unseen users, few-shot pairs", "unseen_unseen_prompts": "unseen users, held-out"}
-    for ax, alpha in zip(axes[0], alphas):
-        rows = sorted((r for r in records if r["alpha"] == alpha), key=lambda r: r["K"])
-        for i, (metric, label) in enumerate(labels.items()):
-            ax.errorbar([r["K"] for r in rows], [r[metric] for r in rows], color=f"C{i}",
-                        yerr=[r[f"{metric}_std"] for r in rows], marker="o", capsize=3, label=label)
-            if metric in (hlines or {}):
-                ax.axhline(hlines[metric], color=f"C{i}", ls=":", label=f"oracle: {label}")
-        ax.set(xlabel="rank K (0 = reference reward model)", ylabel="accuracy",
-               title=f"{title}  alpha={alpha:g}".strip())
+    fig, axes = plt.subplots(1, len(SETS), figsize=(4.2 * len(SETS), 3.8), squeeze=False)
+    curves = list(dict.fromkeys(_curve_label(r) for r in records))
+    for ax, name in zip(axes[0], SETS):
+        for i, label in enumerate(curves):
+            rows = sorted((r for r in records if _curve_label(r) == label), key=lambda r: r["K"])
+            ax.errorbar([r["K"] for r in rows], [r[name] for r in rows], yerr=[r[f"{name}_std"] for r in rows],
+                        color=f"C{i}", marker="o", capsize=3, label=label)
+        if name in (hlines or {}):
+            ax.axhline(hlines[name], color="k", ls=":", label="oracle")
+        ax.set(xlabel="K (lore K=0: the reference reward model)", ylabel="accuracy", title=_SET_LABELS[name])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
     _save_figure(fig, path)
 
 
 def plot_accuracy_vs_shots(records, path, title="", hline=None):
-    """Unseen users' held-out accuracy against shots, a band of +- one std across trials; the
-    accuracy on the shots themselves dashed; `hline` (e.g. an oracle's held-out accuracy) dotted."""
+    """Unseen users' held-out accuracy against shots, a curve per (method, alpha, K) with a band of
+    +- one std over trials; the accuracy on the shots themselves dashed; `hline` (e.g. an oracle's
+    held-out accuracy) dotted."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for alpha, K in sorted({(r["alpha"], r["K"]) for r in records}):
-        rows = sorted((r for r in records if (r["alpha"], r["K"]) == (alpha, K)), key=lambda r: r["shots"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(f"{_curve_label(r)}, K={r['K']}" for r in records):
+        rows = sorted((r for r in records if f"{_curve_label(r)}, K={r['K']}" == label), key=lambda r: r["shots"])
         x = np.array([r["shots"] for r in rows])
-        y = np.array([r["unseen_unseen_prompts"] for r in rows])
-        s = np.array([r["unseen_unseen_prompts_std"] for r in rows])
-        line, = ax.plot(x, y, marker="o", label=f"K={K}, alpha={alpha:g}: held-out")
+        y = np.array([r["unseen_test"] for r in rows])
+        s = np.array([r["unseen_test_std"] for r in rows])
+        line, = ax.plot(x, y, marker="o", label=f"{label}: held-out")
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
-        ax.plot(x, [r["fewshot_train"] for r in rows], ls="--", color=line.get_color(),
-                label=f"K={K}, alpha={alpha:g}: few-shot pairs")
+        ax.plot(x, [r["unseen_fewshot"] for r in rows], ls="--", color=line.get_color(), label=f"{label}: the shots")
     if hline is not None:
         ax.axhline(hline, color="k", ls=":", label="oracle: held-out")
     ax.set(xlabel="shots per unseen user", ylabel="accuracy", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     _save_figure(fig, path)
 
 

@@ -10,13 +10,16 @@ conversations of one turn share their history, which the extraction encodes once
 embed_conversations: the final hidden state at the last token of the chat-templated conversation).
 An interrupted run resumes where it stopped.
 
-Writes to --out (default: the --data folder):
+Writes to --out (default: the --data folder) the common data layout (utils.DATA_FILES):
     embeddings.safetensors    {"embeddings": [E, F]} one row per distinct conversation
-    pairs.parquet             one row per example: split, user, user_group, dialog, turn,
-                              rejected_index, and chosen / rejected (rows of the embedding table)
+    conversations.parquet     row (of the table), messages
+    pairs.parquet             one row per example: set (seen_train, seen_test: the seen users' train
+                              and test dialogs; unseen_fewshot, unseen_test: the unseen users'),
+                              user, chosen and rejected (rows of the table), group (the dialog:
+                              shots are drawn by dialog), dialog, turn, rejected_index
     v_ref.safetensors         {"v_ref": [F, 1]}: the reward model's head (score.weight)
+    data.json                 the users in split.json's order, the resolved flags
     split.json                a copy of prepare.py's split, when --out is not --data
-    embeddings_config.json    the resolved flags
 Next: train_basis.py, vary_fewshot.py.
 """
 import argparse
@@ -24,6 +27,8 @@ import json
 import os
 import shutil
 import sys
+
+import pandas as pd
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
@@ -61,13 +66,22 @@ def main(args):
                                       device=args.device, batch_tokens=args.batch_tokens)   # [E, F]
     if not utils.is_main_process():
         return
-    utils.write_json(os.path.join(out, "embeddings_config.json"), {**vars(args), "command": " ".join(sys.argv)})
-    utils.save_tensors(os.path.join(out, "v_ref.safetensors"), {"v_ref": v_ref})
-    pairs = examples[IDS].assign(chosen=examples["chosen"].map(row), rejected=examples["rejected"].map(row))
-    utils.write_table(os.path.join(out, "pairs.parquet"), pairs)
+    sets = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test",
+            ("unseen", "train"): "unseen_fewshot", ("unseen", "test"): "unseen_test"}
+    pairs = examples[IDS].assign(
+        set=[sets[key] for key in zip(examples["user_group"], examples["split"])],
+        chosen=examples["chosen"].map(row), rejected=examples["rejected"].map(row), group=examples["dialog"])
+    users = {g: examples.loc[examples["user_group"] == g, "user"].unique().tolist() for g in ("seen", "unseen")}
+    for g, ids in users.items():
+        if not ids:
+            raise utils.InputError(f"{os.path.join(args.data, 'examples.parquet')}: no {g} users")
     split = os.path.join(args.data, "split.json")
     if os.path.abspath(out) != os.path.abspath(args.data) and os.path.exists(split):
         shutil.copyfile(split, os.path.join(out, "split.json"))
+    utils.write_data_folder(
+        out, dataset="PRISM", users=users, v_ref=v_ref, config=utils.config_of(args),
+        pairs=pairs[["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]],
+        conversations=pd.DataFrame({"row": range(len(row)), "messages": list(row)}))
     print(f"{out}: {len(pairs)} pairs over {table.shape[0]} embeddings of F={table.shape[1]}")
 
 

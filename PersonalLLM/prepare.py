@@ -1,4 +1,5 @@
-"""PersonalLLM, step 1: embed every response of both splits, and keep the 10 reward models' scores.
+"""PersonalLLM, step 1: embed every response of both splits, keep the 10 reward models' scores, and
+draw the simulated users and their pairs.
 
     python PersonalLLM/prepare.py                              # namkoong-lab/PersonalLLM from the hub
     python PersonalLLM/prepare.py --data-files train=train.parquet test=test.parquet   # local copies
@@ -7,28 +8,32 @@
 The hub dataset has a row per prompt: `prompt`, `response_1` ... `response_8`, and the score of
 response i by reward model m in `response_{i}_{m}` for the 10 models of REWARD_MODELS. Each response
 is embedded as the conversation [user: prompt, assistant: response_i] (the 8 share their prompt, so
-the extraction encodes it once). Simulated users (train_basis.py) are mixtures of the 10 models.
+the extraction encodes it once).
+
+Simulated users (the paper's recipe): 1000 seen and 500 unseen users, each a Dirichlet(0.1) mixture
+of the 10 reward models. A user scores the 8 responses of a prompt with its mixture of the models'
+scores; its preference pair is the best minus the worst response. Seen users get 0.5% of the train
+prompts (seen_train, 47 of 9402) and every test prompt (seen_test); unseen users a pool of 1% of the
+train prompts in random order (unseen_fewshot: train_basis.py fits on the first 9 = 0.1%,
+vary_fewshot.py draws its shots from all 94) and every test prompt (unseen_test). Pairs are rows of
+the embedding table: the dense [users, prompts, F] tensor (77 GB) is never built.
 
 --synthetic writes the same files without a model or a download (with the defaults, prepare,
 train_basis and vary_fewshot take about 75 s on 2 CPU cores): Gaussian response embeddings, and 10
 "reward models" that score a response phi as phi . u_m plus noise, every u_m a mixture of --rank
 planted directions that point partly against each other (users disagree). A user mixing the 10
 models then has a linear reward in a --rank-dimensional subspace: LoRe should climb with K up to
---rank and then come close to the oracle (each user's true direction), which train_basis.py and
-vary_fewshot.py compute from synthetic_truth.safetensors. v_ref is the models' mean direction plus
-noise: a generic reward, decent for everyone and personal to no one.
+--rank and then come close to the oracle (each user's true direction). v_ref is the models' mean
+direction plus noise: a generic reward, decent for everyone and personal to no one.
 
-Writes to --out (default PersonalLLM/data/):
-    embeddings.safetensors   {"embeddings": [8 * (S_train + S_test), F] bf16}: the train responses,
-                             then the test responses; response r of prompt s of a split is row
-                             offset(split) + 8 s + r, offsets in scores.safetensors' metadata
+Writes to --out (default PersonalLLM/data/) the common data layout (utils.DATA_FILES: embeddings,
+conversations.parquet, pairs.parquet, v_ref.safetensors, data.json) and:
     scores.safetensors       {"train": [S_train, 8, 10], "test": [S_test, 8, 10]} float32, the
-                             reward models in the order of REWARD_MODELS
-    prompts.parquet          split, prompt (index in its split), first_row (of the table), text
-    v_ref.safetensors        {"v_ref": [F, 1]}: the reward model's head
+                             reward models in the order of REWARD_MODELS; response r of prompt s of
+                             a split is row offset(split) + 8 s + r (offsets in its metadata)
+    users.safetensors        the simulated users' true mixtures W_seen [1000, 10], W_unseen [500, 10]
     synthetic_truth.safetensors   (--synthetic only) {"reward_models": [F, 10] the u_m,
                              "directions": [F, rank], "mixing": [10, rank]}
-    config.json              the resolved flags
 """
 import argparse
 import json
@@ -54,53 +59,69 @@ REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_prepare_args(p, FOLDER)
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--seed", type=utils.nonnegative_int, default=0,
+                   help="seed of the simulated users (and of the synthetic data)")
+    u = p.add_argument_group("the simulated users")
+    u.add_argument("--n-users", type=utils.positive_int, default=1000, help="seen users")
+    u.add_argument("--n-unseen", type=utils.positive_int, default=500, help="unseen users")
+    u.add_argument("--dirichlet", type=utils.positive_float, default=0.1, help="users ~ Dirichlet(this * ones(10))")
+    u.add_argument("--train-frac", type=utils.fraction, default=0.005,
+                   help="fraction of the train prompts per seen user (seen_train)")
+    u.add_argument("--pool-frac", type=utils.fraction, default=0.01,
+                   help="fraction of the train prompts in each unseen user's few-shot pool (unseen_fewshot)")
+    u.add_argument("--test-frac", type=utils.fraction, default=1.0,
+                   help="fraction of the test prompts per user (seen_test, unseen_test)")
     s = p.add_argument_group("synthetic data (--synthetic)")
     s.add_argument("--synthetic", action="store_true", help="write a planted population instead")
-    s.add_argument("--prompts-train", type=int, default=9402, help="prompts of the train split")
-    s.add_argument("--prompts-test", type=int, default=1000, help="prompts of the test split")
-    s.add_argument("--features", type=int, default=64, help="embedding size F")
-    s.add_argument("--rank", type=int, default=3, help="planted directions the 10 models mix")
+    s.add_argument("--prompts-train", type=utils.positive_int, default=9402, help="prompts of the train split")
+    s.add_argument("--prompts-test", type=utils.positive_int, default=1000, help="prompts of the test split")
+    s.add_argument("--features", type=utils.positive_int, default=64, help="embedding size F")
+    s.add_argument("--rank", type=utils.positive_int, default=3, help="planted directions the 10 models mix")
     s.add_argument("--cosine", type=float, default=-0.4,
                    help="pairwise cosine of the planted directions (negative: users disagree)")
-    s.add_argument("--norm", type=float, default=30.0, help="typical norm of a response embedding")
-    s.add_argument("--noise", type=float, default=1.0,
+    s.add_argument("--norm", type=utils.positive_float, default=30.0, help="typical norm of a response embedding")
+    s.add_argument("--noise", type=utils.nonnegative_float, default=1.0,
                    help="score noise, relative to the spread of a model's noiseless scores")
-    s.add_argument("--direction-noise", type=float, default=0.1,
+    s.add_argument("--direction-noise", type=utils.nonnegative_float, default=0.1,
                    help="each u_m's component outside the planted subspace, relative to its norm")
-    s.add_argument("--ref-noise", type=float, default=0.5,
+    s.add_argument("--ref-noise", type=utils.nonnegative_float, default=0.5,
                    help="v_ref = mean of the u_m plus noise of this relative norm")
     return p.parse_args(argv)
 
 
 @utils.command_line
 def main(args):
-    if args.synthetic:
-        keep_real_embeddings(args.out)
-    device = utils.start_run(args)
-    if args.synthetic:
-        table, scores, texts, v_ref, truth = synthetic(args)
-    else:
-        table, scores, texts, v_ref, truth = from_dataset(args, device)
-    write(args.out, table, scores, texts, v_ref, truth)
+    utils.set_seed(args.seed)
+    with utils.folder_lock(os.path.join(args.out, ".prepare.lock"), f"--out {args.out}"):
+        if args.synthetic:
+            keep_real_embeddings(args.out)
+            table, scores, conversations, v_ref, truth = synthetic(args)
+            utils.save_tensors(os.path.join(args.out, "embeddings.safetensors"), {"embeddings": table},
+                               {"model": "synthetic", "n": str(len(table)), "dtype": "bfloat16",
+                                "config": json.dumps(utils.config_of(args))})
+        else:
+            # the head first: a model without one fails before anything in --out is touched
+            v_ref = utils.read_reward_head(args.model)                             # [F, 1]
+            table, scores, conversations = from_dataset(args)
+            truth = None
+        users, W, pairs = population(args, scores)
+        write(args, table, scores, conversations, v_ref, truth, users, W, pairs)
 
 
-def from_dataset(args, device):
-    """The hub dataset (or local files in its schema) -> embeddings, scores, prompt texts, v_ref."""
+def from_dataset(args):
+    """The hub dataset (or local files in its schema) -> embeddings, scores, conversations."""
     data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None)
-    scores, texts, conversations = {}, {}, []
+    scores, conversations = {}, []
     for split in SPLITS:
         df = data[split].to_pandas()
         scores[split] = score_tensor(df, split)                                    # [S, 8, 10]
-        texts[split] = [text(df, s, "prompt", split) for s in range(len(df))]
-        for s, prompt in enumerate(texts[split]):
+        for s, prompt in enumerate(text(df, s, "prompt", split) for s in range(len(df))):
             conversations += [[{"role": "user", "content": prompt},
                                {"role": "assistant", "content": text(df, s, f"response_{r + 1}", split)}]
                               for r in range(RESPONSES)]
     table = utils.embed_conversations(conversations, os.path.join(args.out, "embeddings.safetensors"),
-                                      args.model, device=device, batch_tokens=args.batch_tokens)
-    v_ref = utils.read_reward_head(args.model)                                     # [F, 1]
-    return table, scores, texts, v_ref, None
+                                      args.model, device=args.device, batch_tokens=args.batch_tokens)
+    return table, scores, conversations
 
 
 def score_tensor(df, split):
@@ -152,8 +173,10 @@ def synthetic(args):
     clean = torch.cat([t.float() @ U for t in table.split(1 << 15)])               # [E, 10]
     noisy = clean + args.noise * clean.std(0) * torch.randn_like(clean)
     scores = dict(zip(SPLITS, noisy.reshape(-1, RESPONSES, M).split(list(S.values()))))
-    texts = {split: [""] * n for split, n in S.items()}
-    return table, scores, texts, v_ref, {"reward_models": U, "directions": D, "mixing": A}
+    conversations = [[{"role": "user", "content": f"synthetic {split} prompt {s}"},
+                      {"role": "assistant", "content": f"response {r + 1}"}]
+                     for split in SPLITS for s in range(S[split]) for r in range(RESPONSES)]
+    return table, scores, conversations, v_ref, {"reward_models": U, "directions": D, "mixing": A}
 
 
 def keep_real_embeddings(out):
@@ -166,28 +189,63 @@ def keep_real_embeddings(out):
                                    f"them; pick another --out")
 
 
-def write(out, table, scores, texts, v_ref, truth):
-    counts = {split: len(scores[split]) for split in SPLITS}
+def population(args, scores):
+    """The simulated users (seen first, then unseen, from NumPy's seeded generator) and their pairs.
+    -> (users {"seen": ids, "unseen": ids}, W {"W_seen": [N, 10], "W_unseen": [N', 10]}, pairs DataFrame)."""
+    import pandas as pd
+    M = len(REWARD_MODELS)
+    W = {"W_seen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_users),
+         "W_unseen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_unseen)}
+    users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
+    offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
+    frames = []
+    for name, split, frac in (("seen_train", "train", args.train_frac), ("seen_test", "test", args.test_frac),
+                              ("unseen_fewshot", "train", args.pool_frac), ("unseen_test", "test", args.test_frac)):
+        group = "unseen" if name.startswith("unseen") else "seen"
+        try:
+            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], frac)
+        except utils.InputError as e:
+            raise utils.InputError(f"{name} ({split} split): {e}") from None
+        frames.append(pd.DataFrame({
+            "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
+            "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
+            "rejected": offsets[split] + sim["rejected"].numpy(), "draw": sim["draw"].numpy()}))
+    return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
+
+
+def keep_real_embeddings(out):
+    """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
+    path = os.path.join(out, "embeddings.safetensors")
+    if os.path.exists(path):
+        model = utils.read_metadata(path).get("model")
+        if model != "synthetic":
+            raise utils.InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
+                                   f"them; pick another --out")
+
+
+def write(args, table, scores, conversations, v_ref, truth, users, W, pairs):
+    import pandas as pd
+    out, counts = args.out, {split: len(scores[split]) for split in SPLITS}
     offsets = {"train": 0, "test": RESPONSES * counts["train"]}
     if table.shape[0] != RESPONSES * sum(counts.values()) or v_ref.shape != (table.shape[1], 1):
         raise utils.InputError(f"{out}: {table.shape[0]} embeddings of F={table.shape[1]} and v_ref "
                                f"{tuple(v_ref.shape)} do not fit {counts} prompts x {RESPONSES} responses")
     truth_path = os.path.join(out, "synthetic_truth.safetensors")
-    if truth is not None:  # the real path's file is written by embed_conversations
-        utils.save_tensors(os.path.join(out, "embeddings.safetensors"), {"embeddings": table},
-                           {"model": "synthetic", "n": str(len(table)), "dtype": "bfloat16"})
+    files = ["scores.safetensors", "users.safetensors"]
+    if truth is not None:
         utils.save_tensors(truth_path, truth)
+        files.append("synthetic_truth.safetensors")
     elif os.path.exists(truth_path):  # left by a synthetic run into the same folder: not true here
         os.remove(truth_path)
-    utils.save_tensors(os.path.join(out, "v_ref.safetensors"), {"v_ref": v_ref.float()})
     utils.save_tensors(os.path.join(out, "scores.safetensors"), {k: v.float() for k, v in scores.items()},
                        {"reward_models": json.dumps(REWARD_MODELS), "responses": str(RESPONSES),
                         "prompts": json.dumps(counts), "offsets": json.dumps(offsets)})
-    utils.write_table(os.path.join(out, "prompts.parquet"), [
-        {"split": split, "prompt": s, "first_row": offsets[split] + RESPONSES * s, "text": t}
-        for split in SPLITS for s, t in enumerate(texts[split])])
-    print(f"{out}: {counts['train']} train + {counts['test']} test prompts x {RESPONSES} responses, "
-          f"F={table.shape[1]}, {len(REWARD_MODELS)} reward models")
+    utils.save_tensors(os.path.join(out, "users.safetensors"), W, {"reward_models": json.dumps(REWARD_MODELS)})
+    utils.write_data_folder(
+        out, dataset="PersonalLLM", users=users, pairs=pairs, v_ref=v_ref, config=utils.config_of(args),
+        conversations=pd.DataFrame({"row": np.arange(len(conversations)),
+                                    "messages": [json.dumps(c, ensure_ascii=False) for c in conversations]}),
+        files=files, reward_models=list(REWARD_MODELS), responses=RESPONSES, offsets=offsets, prompts=counts)
 
 
 if __name__ == "__main__":

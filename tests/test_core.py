@@ -371,7 +371,7 @@ def test_k1_unseen_users_get_unit_weight(small, tmp_path):
     d = small
     utils.set_seed(0)
     res = sweep(d, K_list=[1], alpha_list=[0.0], out_dir=str(tmp_path))
-    saved = utils.load_tensors(str(tmp_path / "basis_K1_alpha0.safetensors"), ["V", "W", "W_unseen"])
+    saved = utils.load_tensors(str(tmp_path / "lore_K1_alpha0.safetensors"), ["V", "W", "W_unseen"])
     assert torch.equal(saved["W_unseen"], torch.ones(5, 1)) and torch.equal(saved["W"], torch.ones(8, 1))
     V = saved["V"]
     assert res[3][0] == pytest.approx(np.mean([ref_accuracy(x, V, torch.ones(1)) for x in d["test_unseen"]]))
@@ -383,11 +383,11 @@ def test_run_regularized_saves_every_setting(small, tmp_path):
     res = sweep(d, utils.run_regularized, K_list=[0, 1, 3], alpha_list=[0.0, 10.0], out_dir=str(tmp_path))
     assert len(res) == 8 and all(r.shape == (6,) for r in res)
     names = sorted(os.listdir(tmp_path))
-    assert names == sorted(f"basis_K{K}_alpha{a}.safetensors" for a in ("0", "10") for K in (0, 1, 3))
-    t = utils.load_tensors(str(tmp_path / "basis_K3_alpha10.safetensors"))
+    assert names == sorted(f"lore_regularized_K{K}_alpha{a}.safetensors" for a in ("0", "10") for K in (0, 1, 3))
+    t = utils.load_tensors(str(tmp_path / "lore_regularized_K3_alpha10.safetensors"))
     K_kept = t["V"].shape[1]
     assert 1 <= K_kept <= 3 and t["W"].shape == (8, K_kept) and t["W_unseen"].shape == (5, K_kept)
-    torch.testing.assert_close(utils.load_tensors(str(tmp_path / "basis_K0_alpha0.safetensors"))["V"], d["v_ref"])
+    torch.testing.assert_close(utils.load_tensors(str(tmp_path / "lore_regularized_K0_alpha0.safetensors"))["V"], d["v_ref"])
 
 
 def test_vary_shots_shapes(small):
@@ -465,7 +465,7 @@ def test_command_line_helpers(tmp_path, capsys):
     import argparse
     assert utils.rank_list("0,1,5") == [0, 1, 5]
     assert utils.float_list("0,1e4") == [0.0, 1e4]
-    for bad in ("-1,2", "a", ""):
+    for bad in ("-1,2", "a", "", "2,2", "1.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             utils.rank_list(bad)
     assert utils.shot_list("1,5") == [1, 5] and utils.positive_int("20") == 20
@@ -481,9 +481,8 @@ def test_command_line_helpers(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == "error: data/x.safetensors: no such file"
 
-    records = utils.sweep_records([0, 2], [0.0], [np.array([0.1, 0.2])] * 8)
-    assert [(r["alpha"], r["K"]) for r in records] == [(0.0, 0), (0.0, 2)]
-    assert set(records[0]) == {"alpha", "K", *utils.METRICS, *(f"{m}_std" for m in utils.METRICS)}
+    records = [{"method": "lore", "K": K, "alpha": 0.0, **{m: 0.1 * K for m in utils.SETS},
+                **{f"{m}_std": 0.01 for m in utils.SETS}} for K in (0, 2)]
     utils.save_results(records, str(tmp_path))
     utils.plot_accuracy_vs_rank(records, str(tmp_path / "accuracy_vs_rank.png"))
     assert utils.read_json(str(tmp_path / "results.json")) == records
@@ -502,3 +501,25 @@ def test_load_splits_errors(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no test=PATH"):
         utils.load_splits("some/dataset", ["train", "test"], {"train": str(path)})
     assert utils.load_splits("some/dataset", ["train"], {"train": str(path)})["train"]["a"] == [1, 2]
+
+
+def test_reference_pipelines_reject_float_K_and_swapped_arguments(small):
+    d = small
+    with pytest.raises(InputError, match=r"K_list must be a list of integers, got \[0.0\]"):
+        utils.run_few_shot_vary_shots(2, [0.0], [0.0], [1], d["train"], d["fewshot"], d["test_unseen"],
+                                      d["v_ref"], 8, 5, CPU)
+    # run()'s order given to run_few_shot_vary_shots: K_list lands on `trials`, v_ref on `num_shots`
+    with pytest.raises(InputError, match=r"trials must be an integer >= 1, got \[0, 2\]"):
+        utils.run_few_shot_vary_shots([0, 2], [0.0], d["v_ref"], d["train"], d["test"], d["fewshot"],
+                                      d["test_unseen"], 8, 5, CPU)
+    with pytest.raises(InputError, match=r"K_list must be a list of integers, got \[2.0\]"):
+        utils.run([2.0], [0.0], d["v_ref"], d["train"], d["test"], d["fewshot"], d["test_unseen"], 8, 5, CPU)
+    # run_few_shot_vary_shots' order given to run(): trials lands on K_list
+    with pytest.raises(InputError, match="K_list must be a non-empty list of integers, got 2"):
+        utils.run(2, [0.0], [0, 2], [1, 3], d["train"], d["fewshot"], d["test_unseen"], d["v_ref"], 8, 5)
+    with pytest.raises(InputError, match=r"trials must be an integer >= 1, got \[0, 2\]"):
+        utils.sweep_shots(K_list=[2], shots=[1], trials=[0, 2], seen_train=d["train"], unseen_fewshot=d["fewshot"],
+                          unseen_test=d["test_unseen"], v_ref=d["v_ref"])
+    with pytest.raises(InputError, match=r"unknown method 'nope'; registered: lore, lore_regularized"):
+        utils.sweep(methods=["nope"], K_list=[2], seen_train=d["train"], seen_test=d["test"],
+                    unseen_fewshot=d["fewshot"], unseen_test=d["test_unseen"], v_ref=d["v_ref"])
