@@ -899,7 +899,7 @@ def format_basis_report(report):
     against the reference, and a loud WARNING line when the basis has collapsed."""
     K, lines = report["K"], []
     setting = ", ".join(f"{k}={v}" for k, v in report.get("setting", {}).items())
-    lines.append(f"Basis report: K={K}, F={report['F']}" + (f", N={report['N']}" if report["N"] else "")
+    lines.append(f"Basis report: V [{report['F']} x {K}]" + (f", {report['N']} users" if report["N"] else "")
                  + (f"  ({setting})" if setting else ""))
     if report["collapsed"]:
         lines.append("!" * 100)
@@ -907,10 +907,10 @@ def format_basis_report(report):
         lines.append("!" * 100)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     lines.append(f"effective rank of V      {report['effective_rank']:.3f} of {K}   (exp entropy of the "
-                 f"singular values of V with unit columns; {report['rank_95']} hold 95% of the energy)")
+                 f"singular values of V with unit columns; 95% of the energy in {report['rank_95']})")
     if report["user_effective_rank"] is not None:
         lines.append(f"effective rank of users  {report['user_effective_rank']:.3f}   (of the reward vectors "
-                     f"V w_i; {report['user_rank_95']} directions hold 95% of their energy)")
+                     f"V w_i; 95% of their energy in {report['user_rank_95']})")
         lines.append(f"columns in use           {report['columns_in_use']} of {K}   "
                      f"(the largest weight of >= {IN_USE_SHARE:.0%} of the users)")
     lines.append(f"max |cos| between columns {report['max_abs_cos']:.4f}")
@@ -1007,6 +1007,197 @@ def plot_basis_reports(reports, path, title=""):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save_figure(fig, path)
+
+
+# Interpretation: what a column rewards, read off the dataset's own conversations. A column's sign
+# is meaningful (users mix columns with non-negative weights), so "highest" is what it promotes.
+
+TEXT_CHARS = 240   # characters of a message kept in an interpretation row (the rest is cut with "...")
+
+
+def interpret_basis(V, table, conversations, v_ref=None, pairs=None, top=5, max_chars=TEXT_CHARS):
+    """For every column j of V [F, K]: the `top` conversations of the embedding table [E, F] it
+    scores highest and lowest, and (with v_ref [F, 1] and pairs) the `top` pairs on which it most
+    disagrees with v_ref. conversations: {row: messages} or a DataFrame with columns row, messages
+    (a list of {"role", "content"} or its JSON); pairs: a DataFrame with columns chosen, rejected
+    (rows of the table; duplicates counted once).
+
+    A disagreement is a pair whose margins phi(chosen)-phi(rejected) under column j and under v_ref
+    have opposite signs; they are ranked by min(|m_j| / sd_j, |m_ref| / sd_ref), sd the margins'
+    standard deviation over all pairs: both must be confident, in their own units.
+    -> list of flat records: column, kind (highest / lowest / disagrees_with_ref), rank, row(s),
+    score or margins (and score_ref / margin_ref), and the text cut to max_chars per message:
+    context (the messages before the last) and reply (the last), or chosen / rejected replies."""
+    V = torch.as_tensor(V, dtype=torch.float32)                                    # [F, K]
+    if V.dim() != 2 or V.shape[0] != table.shape[1]:
+        raise InputError(f"V has shape {tuple(V.shape)}, the embeddings F={table.shape[1]}")
+    cols = V if v_ref is None else torch.cat([V, torch.as_tensor(v_ref, dtype=torch.float32).reshape(-1, 1)], 1)
+    scores = _table_scores(table, cols)                                            # [E, K (+1)]
+    texts = _conversation_lookup(conversations)
+    K, top = V.shape[1], min(top, len(table))
+    records = []
+    for j in range(K):
+        for kind, descending in (("highest", True), ("lowest", False)):
+            order = torch.argsort(scores[:, j], descending=descending)[:top]
+            for rank, row in enumerate(order.tolist()):
+                rec = {"column": j, "kind": kind, "rank": rank, "row": row, "score": float(scores[row, j])}
+                if v_ref is not None:
+                    rec["score_ref"] = float(scores[row, K])
+                records.append({**rec, **_message_text(texts, row, max_chars)})
+    if v_ref is not None and pairs is not None and len(pairs):
+        unique = pairs[["chosen", "rejected"]].drop_duplicates()
+        chosen = torch.tensor(unique["chosen"].to_numpy(), dtype=torch.long)       # [P]
+        rejected = torch.tensor(unique["rejected"].to_numpy(), dtype=torch.long)   # [P]
+        margins = scores[chosen] - scores[rejected]                                # [P, K + 1]
+        sd = margins.std(0).clamp_min(1e-12) if len(margins) > 1 else torch.ones(K + 1)
+        confident = (margins / sd).abs()                                           # [P, K + 1]
+        for j in range(K):
+            disagree = torch.sign(margins[:, j]) * torch.sign(margins[:, K]) < 0   # [P]
+            strength = torch.minimum(confident[:, j], confident[:, K]).masked_fill(~disagree, -1.0)
+            order = torch.argsort(strength, descending=True)[:min(top, int(disagree.sum()))]
+            for rank, p in enumerate(order.tolist()):
+                c, r = int(chosen[p]), int(rejected[p])
+                chosen_text, rejected_text = _message_text(texts, c, max_chars), _message_text(texts, r, max_chars)
+                records.append({"column": j, "kind": "disagrees_with_ref", "rank": rank, "chosen_row": c,
+                                "rejected_row": r, "margin": float(margins[p, j]),
+                                "margin_ref": float(margins[p, K]), "context": chosen_text["context"],
+                                "chosen": chosen_text["reply"], "rejected": rejected_text["reply"]})
+    return records
+
+
+def format_interpretation(records, width=100):
+    """interpret_basis' records as a readable text, column by column."""
+    lines = []
+    for j in sorted({r["column"] for r in records}):
+        lines.append("=" * width)
+        lines.append(f"column {j}")
+        for kind, title in (("highest", "scores highest"), ("lowest", "scores lowest"),
+                            ("disagrees_with_ref", "disagrees most with v_ref (chosen vs rejected)")):
+            rows = [r for r in records if r["column"] == j and r["kind"] == kind]
+            if not rows:
+                continue
+            lines.append(f"-- {title}")
+            for r in rows:
+                if kind == "disagrees_with_ref":
+                    lines.append(f"  [{r['rank']}] margin {r['margin']:+.3g} (v_ref {r['margin_ref']:+.3g})  "
+                                 f"rows {r['chosen_row']} > {r['rejected_row']}")
+                    lines.append(f"      context:  {_one_line(r['context'], width - 16)}")
+                    lines.append(f"      chosen:   {_one_line(r['chosen'], width - 16)}")
+                    lines.append(f"      rejected: {_one_line(r['rejected'], width - 16)}")
+                else:
+                    ref = f" (v_ref {r['score_ref']:+.3g})" if "score_ref" in r else ""
+                    lines.append(f"  [{r['rank']}] score {r['score']:+.3g}{ref}  row {r['row']}")
+                    lines.append(f"      context: {_one_line(r['context'], width - 15)}")
+                    lines.append(f"      reply:   {_one_line(r['reply'], width - 15)}")
+    return "\n".join(lines)
+
+
+def _table_scores(table, V):
+    """table [E, F] (any float dtype) @ V [F, K] in float32, in slices: no float32 copy of the table."""
+    V = V.to(table.device, torch.float32)
+    return torch.cat([t.float() @ V for t in table.split(1 << 15)]).cpu()          # [E, K]
+
+
+def _conversation_lookup(conversations):
+    """{row: messages} from a dict or a DataFrame with columns row, messages (lists or JSON)."""
+    if isinstance(conversations, dict):
+        return conversations
+    if "row" not in conversations.columns or "messages" not in conversations.columns:
+        raise InputError(f"conversations need columns row and messages, got {list(conversations.columns)}")
+    return dict(zip(conversations["row"].tolist(), conversations["messages"].tolist()))
+
+
+def _message_text(texts, row, max_chars):
+    """-> {"context": the messages before the last as 'role: text | ...', "reply": the last message},
+    each cut to max_chars."""
+    messages = texts.get(row)
+    if messages is None:
+        return {"context": "", "reply": f"<row {row}: no conversation>"}
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    context = " | ".join(f"{m['role']}: {_cut(m['content'], max_chars)}" for m in messages[:-1])
+    return {"context": _cut(context, 2 * max_chars), "reply": _cut(messages[-1]["content"], max_chars)}
+
+
+def _cut(text, n):
+    text = " ".join(str(text).split())  # one line: newlines and runs of spaces become one space
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _one_line(text, n):
+    return _cut(text, max(n, 10))
+
+
+# Personalized scoring: new users' weights from a handful of their (chosen, rejected) pairs, with
+# a saved method's shared part fixed, and their rewards of any candidate responses.
+
+
+def fit_new_users(method, chosen, rejected, user=None, n_users=None):
+    """Fit new users' parameters (LoRe: simplex weights w [K]) from their preference pairs with the
+    method's shared part fixed (a method from load_method, or just fitted), all users at once
+    through the method's own fit_users (lore: PersonalizeBatch, the few-shot recipe of the
+    checkpoint's hyperparameters). Seed the global generator (set_seed) for repeatable weights.
+
+    chosen, rejected [P, F]: embeddings of pair p's chosen and rejected response; user [P]: its
+    user in 0..N-1 (default: all one user), n_users N (default max(user) + 1; every user needs a
+    pair). -> U [N, U] float32 on the method's device."""
+    chosen, rejected = _check_matrix(chosen, "chosen"), _check_matrix(rejected, "rejected")  # [P, F]
+    if chosen.shape != rejected.shape or len(chosen) == 0:
+        raise InputError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must both be "
+                         f"[P, F] with P >= 1")
+    P = len(chosen)
+    user = torch.zeros(P, dtype=torch.long) if user is None else torch.as_tensor(user, dtype=torch.long).cpu()
+    if user.shape != (P,) or user.min() < 0:
+        raise InputError(f"user must hold one index >= 0 per pair ({P}), got shape {tuple(user.shape)}")
+    n_users = int(user.max()) + 1 if n_users is None else int(n_users)
+    order = torch.argsort(user, stable=True)    # Pairs wants each user's pairs contiguous
+    table = torch.cat([chosen[order], rejected[order]])                            # [2P, F]
+    pairs = pack(Pairs(user[order], n_users, table=table, chosen=torch.arange(P), rejected=torch.arange(P, 2 * P)),
+                 "new users' pairs", method.device)
+    return method.fit_users(pairs).float()                                         # [N, U]
+
+
+def score_items(method, embeddings, U):
+    """Every user's reward of every item: embeddings [C, F] (any float dtype), U [N, U] the users'
+    parameters -> [N, C] float32 on the CPU. For LoRe, score[i, c] = phi_c^T V w_i."""
+    U = _check_matrix(U, "U").to(method.device)                                    # [N, U]
+    with torch.no_grad():
+        Z = _chunked(method.item_features, torch.as_tensor(embeddings).to(method.device))   # [C, D]
+        N, C = len(U), len(Z)
+        out = torch.empty(N, C)
+        step = max(1, (1 << 20) // max(C, 1))  # users per block: [block * C, D] temporaries stay small
+        for i in range(0, N, step):
+            n = min(step, N - i)
+            rewards = method.reward(Z.repeat(n, 1), U[i:i + n].repeat_interleave(C, 0))     # [n * C]
+            out[i:i + n] = rewards.reshape(n, C).float().cpu()
+    return out
+
+
+def score_conversations(method, U, conversations, model_name_or_path, out_path, **embed_kwargs):
+    """Embed conversations (lists of {"role", "content"}) with the reward model the method was
+    fitted on (utils.embed_conversations, cached in out_path) and score them for every user.
+    -> (scores [N, C], embeddings [C, F])."""
+    embeddings = embed_conversations(conversations, out_path, model_name_or_path, **embed_kwargs)   # [C, F]
+    F_method = method_features(method)
+    if F_method is not None and embeddings.shape[1] != F_method:
+        raise InputError(f"the reward model {model_name_or_path} gives F={embeddings.shape[1]} but the "
+                         f"checkpoint was fitted on F={F_method}: use the model its data was embedded with")
+    return score_items(method, embeddings, U), embeddings
+
+
+def method_features(method):
+    """F of a fitted method's shared part, when it exposes one (LoRe: V [F, K])."""
+    V = getattr(method, "V", None)
+    return None if V is None else V.shape[0]
+
+
+def method_basis(method):
+    """The basis V [F, K] of a fitted linear method (LoRe's entries; K = 0 gives V = v_ref, one
+    column); InputError for a method without one."""
+    V = getattr(method, "V", None)
+    if V is None:
+        raise InputError(f"method {method.name} has no basis V to read (the basis tools read LoRe's V)")
+    return V
 
 
 # ----------------------------------------------------------------------------------------------

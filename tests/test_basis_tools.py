@@ -178,3 +178,214 @@ def test_records_and_figure(tmp_path):
     utils.write_table(str(tmp_path / "basis.csv"), records)
     utils.plot_basis_reports(reports, str(tmp_path / "basis.png"))
     assert os.path.getsize(tmp_path / "basis.png") > 1000
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpretation, personalized scoring, the commands
+# ----------------------------------------------------------------------------------------------
+
+def load_script(path, name):
+    """A script imported by path under a name of its own (several folders have a train_basis.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+basis_report_cli = load_script(os.path.join(REPO, "tools", "basis_report.py"), "tools_basis_report")
+interpret_cli = load_script(os.path.join(REPO, "tools", "interpret.py"), "tools_interpret")
+personalize_cli = load_script(os.path.join(REPO, "tools", "personalize.py"), "tools_personalize")
+prepare = load_script(os.path.join(REPO, "PersonalLLM", "prepare.py"), "personalllm_prepare")
+train_basis = load_script(os.path.join(REPO, "PersonalLLM", "train_basis.py"), "personalllm_train_basis")
+best_of_n = load_script(os.path.join(REPO, "PersonalLLM", "best_of_n.py"), "personalllm_best_of_n")
+
+
+def test_interpret_basis_equals_loops():
+    g = torch.Generator().manual_seed(2)
+    E, F = 40, 6
+    table = torch.randn(E, F, generator=g).bfloat16()
+    V, v_ref = torch.randn(F, 2, generator=g), torch.randn(F, 1, generator=g)
+    conversations = {e: [{"role": "user", "content": f"prompt {e // 4}"},
+                         {"role": "assistant", "content": f"reply {e} " + "x" * 500}] for e in range(E)}
+    import pandas as pd
+    pairs = pd.DataFrame({"chosen": [0, 1, 2, 3, 4, 5, 6, 7, 0] * 3, "rejected": [8, 9, 10, 11, 12, 13, 14, 15, 8] * 3})
+    records = utils.interpret_basis(V, table, conversations, v_ref, pairs, top=3, max_chars=50)
+    phi = table.float()
+    for j in range(2):
+        s = [float(phi[e] @ V[:, j]) for e in range(E)]
+        highest = sorted(range(E), key=lambda e: -s[e])[:3]
+        lowest = sorted(range(E), key=lambda e: s[e])[:3]
+        rows = lambda kind: [r["row"] for r in records if r["column"] == j and r["kind"] == kind]  # noqa: E731
+        assert rows("highest") == highest and rows("lowest") == lowest
+        # disagreements: distinct pairs with opposite signs, the strongest first
+        distinct = sorted(set(zip(pairs["chosen"], pairs["rejected"])))
+        m = {p: float((phi[p[0]] - phi[p[1]]) @ V[:, j]) for p in distinct}
+        m_ref = {p: float((phi[p[0]] - phi[p[1]]) @ v_ref[:, 0]) for p in distinct}
+        sd, sd_ref = np.std(list(m.values()), ddof=1), np.std(list(m_ref.values()), ddof=1)
+        opposite = [p for p in distinct if m[p] * m_ref[p] < 0]
+        expected = sorted(opposite, key=lambda p: -min(abs(m[p]) / sd, abs(m_ref[p]) / sd_ref))[:3]
+        got = [r for r in records if r["column"] == j and r["kind"] == "disagrees_with_ref"]
+        assert [(r["chosen_row"], r["rejected_row"]) for r in got] == expected
+        for r in got:
+            assert r["margin"] * r["margin_ref"] < 0
+    top = next(r for r in records if r["kind"] == "highest")
+    assert top["context"] == f"user: prompt {top['row'] // 4}" and len(top["reply"]) == 50 and top["reply"].endswith("...")
+    assert "column 1" in utils.format_interpretation(records)
+
+
+def lore_method(V, **hparams):
+    method = utils.METHODS["lore"](V.shape[1], 0.0, None, CPU, **hparams)
+    method.V = V.float()
+    return method
+
+
+def test_fit_new_users_recovers_planted_users_in_any_order():
+    g = torch.Generator().manual_seed(3)
+    F, K, N, m = 16, 3, 8, 40
+    V = torch.randn(F, K, generator=g)
+    W_true = torch.eye(K)[torch.arange(N) % K] * 0.9 + 0.1 / K                     # each user leans on one column
+    a, b = 10 * torch.randn(N * m, F, generator=g), 10 * torch.randn(N * m, F, generator=g)
+    user = torch.arange(N).repeat(m)                                               # interleaved: 0, 1, ..., 0, 1, ...
+    better = ((a - b) @ V * W_true[user]).sum(1) > 0
+    chosen, rejected = torch.where(better[:, None], a, b), torch.where(better[:, None], b, a)
+    method = lore_method(V, fewshot_iters=200, fewshot_lr=0.1)
+    utils.set_seed(0)
+    W = utils.fit_new_users(method, chosen, rejected, user, N)
+    assert W.shape == (N, K) and torch.allclose(W.sum(1), torch.ones(N))
+    assert (W.argmax(1) == torch.arange(N) % K).all()
+    # the same pairs sorted by user give the same weights: the order of the lines does not matter
+    order = torch.argsort(user, stable=True)
+    utils.set_seed(0)
+    assert torch.equal(utils.fit_new_users(method, chosen[order], rejected[order], user[order], N), W)
+    # every user's score of an item is phi^T V w
+    items = torch.randn(5, F, generator=g).bfloat16()
+    scores = utils.score_items(method, items, W)
+    assert scores.shape == (N, 5)
+    for i in range(N):
+        for c in range(5):
+            assert float(scores[i, c]) == pytest.approx(float(items[c].float() @ V @ W[i]), rel=1e-5, abs=1e-4)
+    with pytest.raises(utils.InputError, match="has no pairs"):
+        utils.fit_new_users(method, chosen[:3], rejected[:3], torch.tensor([0, 2, 2]), 3)
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def test_personalize_command_scores_are_phi_V_w(tiny_model_dir, tmp_path, capsys):
+    F, K = 64, 3
+    method = lore_method(torch.randn(F, K, generator=torch.Generator().manual_seed(4)), fewshot_iters=50)
+    ckpt = str(tmp_path / "lore_K3_alpha0.safetensors")
+    utils.save_method(ckpt, method, W=torch.full((4, K), 1 / K), W_unseen=torch.full((2, K), 1 / K))
+    conv = lambda prompt, reply: [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]  # noqa: E731
+    prefs = [{"user": u, "chosen": conv(f"w{i} w7", f"w{i + 10} w{u == 'bob'}"), "rejected": conv(f"w{i} w7", f"w{i + 40}")}
+             for u in ("bob", "alice") for i in range(3)]
+    prefs.append({"user": "bob", "chosen": conv("w1", "w2 w3"), "rejected": conv("w1", "w4")})
+    candidates = [{"id": f"c{j}", "messages": conv("w5 w6", f"w{20 + j} w{30 + j}")} for j in range(4)]
+    write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    write_jsonl(tmp_path / "cands.jsonl", candidates)
+    out = str(tmp_path / "personal")
+    personalize_cli.main(personalize_cli.parse_args([
+        "--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs", str(tmp_path / "prefs.jsonl"),
+        "--candidates", str(tmp_path / "cands.jsonl"), "--out", out, "--device", "cpu"]))
+    saved = utils.load_tensors(os.path.join(out, "weights.safetensors"), ["W"])["W"]   # [2, K]
+    users = json.loads(utils.read_metadata(os.path.join(out, "weights.safetensors"))["users"])
+    assert users == ["bob", "alice"] and saved.shape == (2, K)
+    phi = utils.embed_conversations([c["messages"] for c in candidates], str(tmp_path / "phi.safetensors"),
+                                    tiny_model_dir, device="cpu")                   # [4, F]
+    import pandas as pd
+    scores = pd.read_csv(os.path.join(out, "scores.csv"))
+    assert len(scores) == 2 * 4 and set(scores["rank"]) == {1, 2, 3, 4}
+    for row in scores.itertuples():
+        w = saved[users.index(row.user)]
+        by_hand = float(phi[int(row.candidate[1:])].float() @ method.V @ w)
+        assert row.score == pytest.approx(by_hand, rel=1e-4, abs=1e-4)
+    assert os.path.isfile(os.path.join(out, "config.json"))
+    # bad input: one line, exit code 2, the file and line named
+    write_jsonl(tmp_path / "bad.jsonl", [prefs[0], {"user": "carol", "chosen": prefs[0]["chosen"]}])
+    with pytest.raises(SystemExit) as e:
+        personalize_cli.main(personalize_cli.parse_args(["--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs",
+                                                         str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o2")]))
+    assert e.value.code == 2 and "bad.jsonl:2: 'rejected'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny synthetic PersonalLLM folder (400 + 100 prompts, F = 16, 60 seen and 40 unseen users
+    with pools of 20 few-shot pairs) and lore K = 0 and 3 fitted on it."""
+    root = tmp_path_factory.mktemp("basis_tools")
+    data, results = str(root / "data"), str(root / "results")
+    prepare.main(prepare.parse_args(["--synthetic", "--out", data, "--prompts-train", "400", "--prompts-test", "100",
+                                     "--features", "16", "--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1",
+                                     "--pool-frac", "0.05"]))
+    train_basis.main(train_basis.parse_args(["--data", data, "--out", os.path.join(results, "train_basis"),
+                                             "--k-list", "0,3", "--iters", "200", "--fewshot-iters", "200",
+                                             "--fewshot-pairs", "5", "--device", "cpu"]))
+    return data, os.path.join(results, "train_basis")
+
+
+def test_basis_report_and_interpret_commands(fitted, tmp_path, capsys):
+    data, ckpts = fitted
+    paths = [os.path.join(ckpts, f"lore_K{K}_alpha0.safetensors") for K in (0, 3)]
+    reports = basis_report_cli.main(basis_report_cli.parse_args([*paths, "--v-ref-from", data,
+                                                                 "--out", str(tmp_path / "report")]))
+    assert [r["setting"]["K"] for r in reports] == [0, 3]
+    assert reports[0]["cos_ref"] == pytest.approx([1.0]) and reports[0]["accuracy"]["mean_change"] == 0.0
+    assert reports[1]["user_rank_95"] == 3 and not reports[1]["collapsed"]
+    assert reports[1]["accuracy"]["mean_change"] > 0.1          # K = 3 beats the reference on seen_test
+    assert json.load(open(tmp_path / "report" / "basis_report.json")) == json.loads(json.dumps(reports))
+    assert "effective rank of users" in capsys.readouterr().out
+    # the default --out is basis_report/ beside the checkpoints' folder
+    assert basis_report_cli.parse_args(paths).out == os.path.join(os.path.dirname(ckpts), "basis_report")
+
+    records = interpret_cli.main(interpret_cli.parse_args([paths[1], "--data", data, "--top", "2",
+                                                          "--out", str(tmp_path / "interpret")]))
+    kinds = {(r["column"], r["kind"]) for r in records}
+    assert kinds == {(j, k) for j in range(3) for k in ("highest", "lowest", "disagrees_with_ref")}
+    import pandas as pd
+    assert len(pd.read_csv(tmp_path / "interpret" / "interpretation.csv")) == len(records) == 3 * 3 * 2
+    assert "synthetic" in records[0]["context"]
+
+    code = pytest.raises(SystemExit, basis_report_cli.main,
+                         basis_report_cli.parse_args([str(tmp_path / "missing.safetensors")])).value.code
+    assert code == 2 and "missing.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_best_of_n_personal_beats_v_ref_and_improves_with_shots(fitted, tmp_path, capsys):
+    data, ckpts = fitted
+    out = str(tmp_path / "bon")
+    records = best_of_n.main(best_of_n.parse_args(["--data", data, "--checkpoint",
+                                                   os.path.join(ckpts, "lore_K3_alpha0.safetensors"), "--out", out,
+                                                   "--shots", "1,20", "--trials", "2", "--device", "cpu"]))
+    rule = {(r["rule"], r["shots"]): r for r in records}
+    assert rule["oracle", 0]["win_rate"] == 1.0 and rule["oracle", 0]["regret"] == 0.0
+    assert rule["random", 0]["win_rate"] == 0.5
+    assert rule["personal", 20]["win_rate"] > rule["v_ref", 0]["win_rate"] + 0.05
+    assert rule["personal", 20]["win_rate"] > rule["personal", 1]["win_rate"] + 0.03
+    assert rule["personal", 20]["regret"] < rule["personal", 1]["regret"] < rule["random", 0]["regret"]
+    assert json.load(open(os.path.join(out, "best_of_n.json"))) == records
+    assert os.path.isfile(os.path.join(out, "best_of_n.png"))
+    code = pytest.raises(SystemExit, best_of_n.main, best_of_n.parse_args(
+        ["--data", data, "--checkpoint", os.path.join(ckpts, "lore_K3_alpha0.safetensors"), "--out", out,
+         "--shots", "21", "--device", "cpu"])).value.code
+    assert code == 2 and "pool of 20 few-shot pairs" in capsys.readouterr().err
+
+
+def test_pick_quality_equals_loops():
+    g = torch.Generator().manual_seed(5)
+    true = torch.randint(0, 4, (3, 5, 6), generator=g).double()                    # many ties
+    picks = torch.randn(3, 5, 6, generator=g).double()
+    win, regret = best_of_n.pick_quality(true, picks)
+    for i in range(3):
+        for s in range(5):
+            p = int(picks[i, s].argmax())
+            others = [r for r in range(6) if r != p]
+            expected = sum(1.0 if true[i, s, p] > true[i, s, r] else 0.5 if true[i, s, p] == true[i, s, r] else 0.0
+                           for r in others) / len(others)
+            assert float(win[i, s]) == pytest.approx(expected)
+            assert float(regret[i, s]) == pytest.approx(float(true[i, s].max() - true[i, s, p]))
+    shared, _ = best_of_n.pick_quality(true, picks[:1])                              # one reward for everyone
+    assert shared.shape == (3, 5)

@@ -1,0 +1,91 @@
+"""Health report of saved bases: is a "K = 10" basis really 10 rewards, or one in disguise?
+
+    python tools/basis_report.py PersonalLLM/results/train_basis/lore_K5_alpha0.safetensors --data PersonalLLM/data
+    python tools/basis_report.py PersonalLLM/results/train_basis/*.safetensors --v-ref-from PersonalLLM/data
+
+For every checkpoint written by a train_basis.py ({method}_K{K}[_alpha{a}].safetensors: the basis V,
+the seen users' weights W, W_unseen) it prints utils.format_basis_report: the effective rank of V
+and of the users' rewards V w_i, the columns' cosines with each other and with v_ref, how many
+users each column leads, the spread of the users' rewards, and a loud WARNING line when the basis
+has collapsed (one direction, two identical columns, or one column leading 95% of the users).
+
+--data DIR (alias --v-ref-from): the data folder the checkpoints were fitted on. It adds v_ref (the
+cosines with the reference model) and every user's held-out accuracy against the reference model's
+(seen users on seen_test; with --users unseen, unseen users on unseen_test).
+
+Writes to --out (default: basis_report/ beside the checkpoints' folder, e.g.
+PersonalLLM/results/basis_report/), as a whole when the run ends:
+    basis_report.json   one utils.basis_report per checkpoint, in the order given
+    basis_report.csv    one flat row per checkpoint (utils.basis_report_records)
+    basis_report.txt    the printed report
+    basis_report.png    effective ranks, columns in use and max |cos| against K
+    config.json         the resolved flags
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import utils  # noqa: E402
+
+SCRIPT = "tools/basis_report.py"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="{method}_K{K}[_alpha{a}].safetensors files")
+    p.add_argument("--data", "--v-ref-from", dest="data", default=None,
+                   help="the data folder the checkpoints were fitted on: v_ref and per-user accuracies")
+    p.add_argument("--users", choices=("seen", "unseen"), default="seen",
+                   help="whose weights to read: W (seen users, default) or W_unseen")
+    p.add_argument("--out", default=None, help="output folder (default: basis_report/ beside the checkpoints' folder)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
+    p.add_argument("--seed", type=utils.nonnegative_int, default=0, help="seed of the sampled user pairs (large N)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        results = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoints[0])))
+        args.out = os.path.join(results, "basis_report")
+    return args
+
+
+@utils.command_line
+def main(args):
+    device = utils.start_run(args)
+    data = utils.load_data(args.data, device) if args.data else None
+    reports = [report(path, data, args.users, device, args.seed) for path in args.checkpoints]
+    text = "\n\n".join(utils.format_basis_report(r) for r in reports)
+    print(text)
+    with utils.run_folder(args, SCRIPT, device=str(device)) as out:
+        utils.write_json(os.path.join(out, "basis_report.json"), reports)
+        utils.write_table(os.path.join(out, "basis_report.csv"), utils.basis_report_records(reports))
+        with open(os.path.join(out, "basis_report.txt"), "w") as f:
+            f.write(text + "\n")
+        utils.plot_basis_reports(reports, os.path.join(out, "basis_report.png"))
+    return reports
+
+
+def report(path, data, users, device, seed):
+    """utils.basis_report of one checkpoint; with data, v_ref and the users' held-out accuracy
+    against the reference model (V = v_ref, w = [1])."""
+    method, tensors = utils.load_method(path, device)
+    V = utils.method_basis(method)                                                 # [F, K]
+    key = "W" if users == "seen" else "W_unseen"
+    if key not in tensors:
+        raise utils.InputError(f"{path}: no {key} (the {users} users' weights) in the checkpoint")
+    W = tensors[key]                                                               # [N, K]
+    setting = {**method.setting(), "users": users, "checkpoint": os.path.basename(path)}
+    if data is None:
+        return utils.basis_report(V, W, setting=setting, seed=seed)
+    pairs = data.sets[f"{users}_test"]
+    if V.shape[0] != data.table.shape[1] or len(W) != pairs.n_users:
+        raise utils.InputError(f"{path}: V {tuple(V.shape)} and {key} {tuple(W.shape)} do not fit {data.folder} "
+                               f"(F={data.table.shape[1]}, {pairs.n_users} {users} users): another data folder?")
+    acc = utils.accuracy(method, pairs, W)                                         # [N]
+    acc_ref = utils.per_user_accuracy(pairs, data.v_ref, torch.ones(pairs.n_users, 1))   # [N]
+    return utils.basis_report(V, W, data.v_ref, acc, acc_ref, setting=setting, seed=seed)
+
+
+if __name__ == "__main__":
+    main(parse_args())
