@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -421,7 +422,7 @@ class LoReMethod(Method):
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
                            self.hparams["iters"], self.hparams["lr"], self.device)
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
-        return W
+        return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
         Z = pair_features(self, pairs)[0]                                          # [P, K]: x^T V
@@ -430,7 +431,8 @@ class LoReMethod(Method):
         eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
         fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
                                 self.hparams["fewshot_lr"], self.device)
-        return torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        W = torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        return _check_fitted(self, W)
 
     def item_features(self, rows):
         return project_rows(rows.float(), self.V)                                  # [n, K]
@@ -463,6 +465,16 @@ METHODS = {
     "lore": LoReMethod,
     "lore_regularized": LoReRegularizedMethod,
 }
+
+
+def _check_fitted(method, *tensors):
+    """A fit that diverged (a learning rate too large) gives NaN; say so rather than report it."""
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise InputError(f"{method}: the fit diverged (NaN or inf in the fitted parameters); lower the "
+                         f"learning rate (hyperparameters {method.hparams})")
+    if any(t.shape[-1] == 0 for t in tensors):
+        raise InputError(f"{method}: every direction was pruned (no user weighs any at least {PRUNE_THRESHOLD})")
+    return tensors[0]
 
 
 def get_method(name):
@@ -1518,6 +1530,9 @@ def method_list(text):
 def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters, lr, fewshot_iters, fewshot_lr):
     """The flags train_basis.py and vary_fewshot.py share; the defaults are the dataset's recipe.
     Every registered method's own hyperparameters become flags --{name}-{hp} (method_hparams)."""
+    # argparse takes '-1e4' for an option (only -1 and -1.5 look like numbers to it); a value that
+    # reads as a number is a value, so --alpha-list -1e4 fails with the range error naming alpha
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.I)
     parser.add_argument("--data", default=os.path.join(folder, "data"),
                         help="what prepare.py wrote (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(folder, "results", script),
@@ -1729,6 +1744,10 @@ def _save_oracle(data, out):
 def save_results(records, out_dir, name="results"):
     """{name}.json and {name}.csv in out_dir, and a readable table on stdout."""
     import pandas as pd
+    for record in records:
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise InputError(f"{_curve_label(record)}, K={record.get('K')}: {bad} is not a finite number")
     write_json(os.path.join(out_dir, f"{name}.json"), records)
     write_table(os.path.join(out_dir, f"{name}.csv"), records)
     print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -1806,7 +1825,7 @@ def _save_figure(fig, path):
 # ----------------------------------------------------------------------------------------------
 # phi(conversation) is the reward model's final hidden state (after the final norm) at the last token
 # of the chat-templated conversation, and v_ref is its scoring head, so phi @ v_ref is the model's own
-# reward logit (SPEC §1). Most conversations come in groups that differ only in their last message
+# reward logit. Most conversations come in groups that differ only in their last message
 # (a prompt with a chosen and a rejected reply, PersonalLLM's 8 responses, a PRISM history with several
 # replies): a group is packed into one row, its shared token prefix once and then every reply, and a
 # block mask lets each reply see the prefix and itself only, with positions restarting after the
