@@ -213,16 +213,6 @@ def population(args, scores):
     return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
 
 
-def keep_real_embeddings(out):
-    """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
-    path = os.path.join(out, "embeddings.safetensors")
-    if os.path.exists(path):
-        model = utils.read_metadata(path).get("model")
-        if model != "synthetic":
-            raise utils.InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
-                                   f"them; pick another --out")
-
-
 def write(args, table, scores, conversations, v_ref, truth, users, W, pairs):
     import pandas as pd
     out, counts = args.out, {split: len(scores[split]) for split in SPLITS}
