@@ -16,6 +16,7 @@ Shape alphabet, used in the comments of every tensor line that matters:
 Sections, in order: models, training, evaluation, pipelines (the method); data, I/O, command-line
 helpers, embedding extraction; then the reference-compatible helpers no script calls.
 """
+import argparse
 import atexit
 import contextlib
 import datetime
@@ -1467,9 +1468,19 @@ def command_line(main):
     return wrapped
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every script uses it: its module docstring (the exact commands, what it reads
+    and writes) as the description, kept as written; a bad flag is one line and exit code 2."""
+
+    def __init__(self, doc, **kwargs):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def _argtype(convert, check, expected):
     """An argparse type: convert(text), then check(value), else 'expected ..., got TEXT'."""
-    import argparse
 
     def parse(text):
         try:
@@ -1519,7 +1530,6 @@ float_list = _argtype(_floats, lambda v: all(math.isfinite(a) and a >= 0 for a i
 
 def method_list(text):
     """argparse type for 'lore,pal' -> ['lore', 'pal'], registered names only."""
-    import argparse
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if not names or unknown or len(set(names)) != len(names):
@@ -1581,7 +1591,6 @@ def add_shots_args(parser, *, trials, shots, unit="pairs"):
 
 def data_files_arg(text):
     """argparse type for 'split=PATH'."""
-    import argparse
     split, sep, path = text.partition("=")
     if not sep or not split or not path:
         raise argparse.ArgumentTypeError(f"expected split=PATH, got {text!r}")

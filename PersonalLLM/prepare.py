@@ -35,7 +35,6 @@ conversations.parquet, pairs.parquet, v_ref.safetensors, data.json) and:
     synthetic_truth.safetensors   (--synthetic only) {"reward_models": [F, 10] the u_m,
                              "directions": [F, rank], "mixing": [10, rank]}
 """
-import argparse
 import json
 import math
 import os
@@ -57,7 +56,7 @@ REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_prepare_args(p, FOLDER)
     p.add_argument("--seed", type=utils.nonnegative_int, default=0,
                    help="seed of the simulated users (and of the synthetic data)")
