@@ -699,6 +699,328 @@ def _check_matrix(M, name):
 # Understanding and using a basis: health report, interpretation, personalized scoring
 # ----------------------------------------------------------------------------------------------
 
+# A basis can look fine by its accuracy and still be one reward in disguise: the original LoRe code
+# on PRISM ended with singular values [4490, 14, 0.9, ...], every column pointing the same way and
+# 1025 of 1029 users on one column. basis_report measures exactly those symptoms from V, the users'
+# weights and (optionally) v_ref and per-user accuracies, with no data needed.
+
+COLLAPSE_RANK = 1.5          # effective rank below this: one direction in all but name
+COLLAPSE_COS = 0.99          # two columns with |cos| above this are the same direction
+COLLAPSE_SHARE = 0.95        # one column the largest for this share of users: one reward for all
+IN_USE_SHARE = 0.01          # a column is in use when it is the largest for at least 1% of users
+DIVERSITY_MAX_PAIRS = 200_000  # pairwise user cosines: all pairs up to this many, else a seeded sample
+
+
+def energy_rank(s, share=0.95):
+    """The fewest singular directions holding `share` of the energy sum_j s_j^2 (0 for all zeros):
+    an integer companion of effective_rank that ignores a long tail of small singular values."""
+    e = np.asarray(s, dtype=np.float64) ** 2
+    if e.sum() <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(e) / e.sum(), share - 1e-12) + 1)
+
+
+def effective_rank(M):
+    """exp(entropy of p), p_j = s_j / sum_k s_k, s the singular values of M with its columns scaled
+    to unit norm (columns of zero norm stay zero). 1 for any number of copies of one direction, K
+    for K orthogonal columns, in between otherwise (Roy & Vetterli, 2007).
+    M [F, K] -> (effective rank, singular values [min(F, K)]), numpy float64."""
+    M = np.asarray(M, dtype=np.float64)
+    norms = np.linalg.norm(M, axis=0)                                              # [K]
+    unit = M / np.where(norms > 0, norms, 1.0)                                     # [F, K]
+    s = np.linalg.svd(unit, compute_uv=False)                                      # [min(F, K)]
+    if s.sum() <= 0:
+        return 0.0, s
+    p = s / s.sum()
+    p = p[p > 0]                                                                   # 0 log 0 = 0
+    return float(np.exp(-(p * np.log(p)).sum())), s
+
+
+def basis_report(V, W=None, v_ref=None, acc=None, acc_ref=None, setting=None, seed=0):
+    """The health of a learned basis, as a JSON-serializable dict (floats, ints, bools, lists, None).
+
+    V [F, K] the basis; W [N, K] the users' simplex weights (softmax(W_i), what the trainers return);
+    v_ref [F, 1] the reward model's own head; acc, acc_ref [N] each user's held-out accuracy with its
+    personal reward and with v_ref; setting: a dict (method, K, alpha, ...) copied into the result.
+    Tensors or arrays. Every part that needs a missing input is None. seed: the pair sample of
+    `diversity` when N is large (the same seed gives the same report).
+
+    Definitions (every number below is computed in float64):
+      effective_rank       exp(-sum_j p_j log p_j), p_j = s_j / sum_k s_k, s the singular values of V
+                           with its columns scaled to unit norm (so a column's length cannot hide a
+                           copy): 1 = all columns one direction, K = orthogonal columns.
+      user_effective_rank  the same for the users' reward vectors V w_i ([F, N], each scaled to unit
+                           norm): how many directions the users' rewards really span, which shows a
+                           planted rank when K is larger than it.
+      rank_95, user_rank_95  the fewest singular directions (of the same unit-column matrices)
+                           holding 95% of the energy sum_j s_j^2: integers, blind to a small tail.
+      cos_ref              [K] cosine of each column with v_ref.  cos_columns [K, K] the columns'
+                           cosines; max_abs_cos the largest |off-diagonal| one (0 when K = 1).
+      usage                per column: weight_max and weight_mean over users, top_users = users for
+                           whom it is the largest weight (a user tied between t columns counts 1/t
+                           to each; ties within 1e-9), top_share = top_users / N.
+      columns_in_use       columns with top_share >= IN_USE_SHARE (1%): the largest weight of at
+                           least 1% of the users. A column that is nobody's largest is unused even
+                           if it is mixed in.
+      diversity            quantiles 5/25/50/75/95 and mean of the cosines between two users' reward
+                           vectors V w_i, V w_j (i < j): all pairs when there are at most
+                           DIVERSITY_MAX_PAIRS, else that many pairs drawn with `seed`.
+      accuracy             with acc and acc_ref: their means, mean_change = mean(acc - acc_ref), and
+                           the users who gained (change > 1e-9), lost (< -1e-9) or are unchanged.
+      collapsed            K > 1 and (effective_rank < 1.5 or max_abs_cos > 0.99 or one column is
+                           the largest for >= 95% of the users); `collapse_reasons` says which, in
+                           words, and `warnings` holds them and softer notes (unused columns, users
+                           losing to the reference).
+    """
+    V = _as_matrix(V, "V")                                                         # [F, K]
+    n_features, K = V.shape
+    if K < 1:
+        raise InputError(f"V has shape {tuple(V.shape)}: a basis needs at least one column")
+    report = {"setting": dict(setting) if setting else {}, "K": K, "F": n_features}
+    warnings, reasons = [], []
+
+    # Directions: the columns' lengths, the raw spectrum, and the spectrum of the unit columns.
+    norms = np.linalg.norm(V, axis=0)                                              # [K]
+    report["column_norms"] = norms.tolist()
+    report["singular_values"] = np.linalg.svd(V, compute_uv=False).tolist()
+    erank, s_unit = effective_rank(V)
+    report["effective_rank"] = erank
+    report["rank_95"] = energy_rank(s_unit)
+    report["singular_values_normalized"] = s_unit.tolist()
+    for j in np.flatnonzero(norms == 0):
+        warnings.append(f"column {j} is all zeros")
+
+    unit = V / np.where(norms > 0, norms, 1.0)                                     # [F, K]
+    cos = unit.T @ unit                                                            # [K, K]
+    off = np.abs(cos - np.diag(np.diag(cos)))                                      # [K, K], diagonal 0
+    report["cos_columns"] = cos.tolist()
+    report["max_abs_cos"] = float(off.max()) if K > 1 else 0.0
+    report["cos_ref"] = None
+    if v_ref is not None:
+        v = _as_matrix(v_ref, "v_ref").reshape(-1)                                 # [F]
+        if v.shape[0] != n_features:
+            raise InputError(f"v_ref has {v.shape[0]} features, V has F={n_features}")
+        report["cos_ref"] = (unit.T @ v / max(np.linalg.norm(v), 1e-300)).tolist()  # [K]
+
+    if K > 1 and erank < COLLAPSE_RANK:
+        reasons.append(f"effective rank {erank:.3f} < {COLLAPSE_RANK}: the {K} columns span about "
+                       f"one direction")
+    if K > 1 and report["max_abs_cos"] > COLLAPSE_COS:
+        i, j = sorted(np.unravel_index(np.argmax(off), off.shape))
+        reasons.append(f"columns {i} and {j} have |cos| = {off[i, j]:.4f} (> {COLLAPSE_COS}): the "
+                       f"same direction")
+
+    # Users: how the weights spread over the columns, and what their rewards V w_i span.
+    report.update(N=None, user_effective_rank=None, user_rank_95=None, user_singular_values=None,
+                  usage=None, columns_in_use=None, diversity=None, user_cos_ref=None)
+    if W is not None:
+        W = _as_matrix(W, "W")                                                     # [N, K]
+        if W.shape[1] != K or W.shape[0] < 1:
+            raise InputError(f"W has shape {tuple(W.shape)}, expected [users, K={K}]")
+        N = W.shape[0]
+        report["N"] = N
+        R = V @ W.T                                                                # [F, N]
+        report["user_effective_rank"], s_users = effective_rank(R)
+        report["user_rank_95"] = energy_rank(s_users)
+        report["user_singular_values"] = s_users[:K].tolist()  # R = V W^T has rank <= K
+        usage = _column_usage(W)
+        report["usage"] = usage
+        report["columns_in_use"] = int(sum(share >= IN_USE_SHARE for share in usage["top_share"]))
+        r_norms = np.linalg.norm(R, axis=0)                                        # [N]
+        R_unit = R / np.where(r_norms > 0, r_norms, 1.0)                           # [F, N]
+        report["diversity"] = _pairwise_cosines(R_unit, seed)
+        if v_ref is not None:
+            c = R_unit.T @ v / max(np.linalg.norm(v), 1e-300)                      # [N]
+            report["user_cos_ref"] = _quantiles(c)
+        top = int(np.argmax(usage["top_share"]))
+        if K > 1 and usage["top_share"][top] >= COLLAPSE_SHARE:
+            reasons.append(f"column {top} is the largest weight of {usage['top_share'][top]:.1%} of "
+                           f"the users (>= {COLLAPSE_SHARE:.0%}): everyone gets the same reward")
+        unused = K - report["columns_in_use"]
+        if unused > 0:
+            warnings.append(f"{unused} of {K} columns are the largest weight of fewer than "
+                            f"{IN_USE_SHARE:.0%} of the users")
+
+    # Accuracy against the reference model, user by user.
+    report["accuracy"] = None
+    if acc is not None and acc_ref is not None:
+        acc, acc_ref = np.asarray(acc, np.float64).reshape(-1), np.asarray(acc_ref, np.float64).reshape(-1)
+        if acc.shape != acc_ref.shape or (report["N"] is not None and len(acc) != report["N"]):
+            raise InputError(f"acc has {len(acc)} users, acc_ref {len(acc_ref)}, W {report['N']}")
+        change = acc - acc_ref                                                     # [N]
+        report["accuracy"] = {"mean": float(acc.mean()), "mean_ref": float(acc_ref.mean()),
+                              "mean_change": float(change.mean()),
+                              "gained": int((change > 1e-9).sum()), "lost": int((change < -1e-9).sum()),
+                              "unchanged": int((np.abs(change) <= 1e-9).sum())}
+        if change.mean() < 0:
+            warnings.append(f"the personal rewards are less accurate than the reference model on "
+                            f"average ({change.mean():+.4f}; {report['accuracy']['lost']} users lost)")
+
+    report["collapsed"] = bool(reasons)
+    report["collapse_reasons"] = reasons
+    report["warnings"] = reasons + warnings
+    return report
+
+
+def _as_matrix(x, name):
+    """Tensor or array -> float64 numpy matrix; InputError on NaN/inf or the wrong number of dims."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim == 1 and name == "v_ref":
+        x = x[:, None]
+    if x.ndim != 2:
+        raise InputError(f"{name} has shape {x.shape}, expected a matrix")
+    if not np.isfinite(x).all():
+        raise InputError(f"{name} has NaN or inf entries")
+    return x
+
+
+def _column_usage(W):
+    """Per column of W [N, K]: weight_max, weight_mean, top_users (ties split evenly), top_share."""
+    N = W.shape[0]
+    is_top = W >= W.max(axis=1, keepdims=True) - 1e-9                              # [N, K]
+    top_users = np.round((is_top / is_top.sum(axis=1, keepdims=True)).sum(axis=0), 9)  # [K]
+    return {"weight_max": W.max(axis=0).tolist(), "weight_mean": W.mean(axis=0).tolist(),
+            "top_users": top_users.tolist(), "top_share": (top_users / N).tolist()}
+
+
+def _pairwise_cosines(R_unit, seed):
+    """Quantiles of the cosines between distinct columns of R_unit [F, N] (unit columns)."""
+    N = R_unit.shape[1]
+    if N < 2:
+        return None
+    n_pairs = N * (N - 1) // 2
+    if n_pairs <= DIVERSITY_MAX_PAIRS:
+        i, j = np.triu_indices(N, k=1)                                             # every pair i < j
+    else:
+        rng = np.random.default_rng(seed)
+        i = rng.integers(0, N, DIVERSITY_MAX_PAIRS)
+        j = (i + rng.integers(1, N, DIVERSITY_MAX_PAIRS)) % N                      # j != i, uniform
+    c = np.einsum("fp,fp->p", R_unit[:, i], R_unit[:, j])                          # [pairs]
+    return {**_quantiles(c), "pairs": int(len(c)), "sampled": bool(n_pairs > DIVERSITY_MAX_PAIRS)}
+
+
+def _quantiles(x):
+    q = np.quantile(x, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {"q05": float(q[0]), "q25": float(q[1]), "q50": float(q[2]), "q75": float(q[3]),
+            "q95": float(q[4]), "mean": float(np.mean(x))}
+
+
+def format_basis_report(report):
+    """A basis_report as readable lines: a summary, one row per column, the users, the accuracy
+    against the reference, and a loud WARNING line when the basis has collapsed."""
+    K, lines = report["K"], []
+    setting = ", ".join(f"{k}={v}" for k, v in report.get("setting", {}).items())
+    lines.append(f"Basis report: K={K}, F={report['F']}" + (f", N={report['N']}" if report["N"] else "")
+                 + (f"  ({setting})" if setting else ""))
+    if report["collapsed"]:
+        lines.append("!" * 100)
+        lines.append("WARNING: the basis has collapsed: " + "; ".join(report["collapse_reasons"]))
+        lines.append("!" * 100)
+    fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
+    lines.append(f"effective rank of V      {report['effective_rank']:.3f} of {K}   (exp entropy of the "
+                 f"singular values of V with unit columns; {report['rank_95']} hold 95% of the energy)")
+    if report["user_effective_rank"] is not None:
+        lines.append(f"effective rank of users  {report['user_effective_rank']:.3f}   (of the reward vectors "
+                     f"V w_i; {report['user_rank_95']} directions hold 95% of their energy)")
+        lines.append(f"columns in use           {report['columns_in_use']} of {K}   "
+                     f"(the largest weight of >= {IN_USE_SHARE:.0%} of the users)")
+    lines.append(f"max |cos| between columns {report['max_abs_cos']:.4f}")
+    lines.append("singular values of V     " + " ".join(f"{s:.4g}" for s in report["singular_values"][:12])
+                 + (" ..." if K > 12 else ""))
+    lines.append("")
+    usage = report["usage"] or {}
+    cos = np.abs(np.asarray(report["cos_columns"]) - np.eye(K))                    # [K, K]
+    lines.append(f"{'col':>4} {'norm':>10} {'cos v_ref':>10} {'max|cos|':>9} {'w max':>7} {'w mean':>7} "
+                 f"{'top users':>10} {'share':>7}")
+    for j in range(K):
+        row = [f"{j:>4}", f"{report['column_norms'][j]:>10.4g}",
+               f"{fmt(report['cos_ref'][j] if report['cos_ref'] else None):>10}",
+               f"{fmt(cos[j].max() if K > 1 else None, '.4f'):>9}"]
+        if usage:
+            row += [f"{usage['weight_max'][j]:>7.3f}", f"{usage['weight_mean'][j]:>7.3f}",
+                    f"{usage['top_users'][j]:>10.4g}", f"{usage['top_share'][j]:>7.1%}"]
+        lines.append(" ".join(row))
+    if report["diversity"]:
+        d = report["diversity"]
+        lines.append("")
+        lines.append(f"cos between users' rewards  q05 {d['q05']:+.3f}  q25 {d['q25']:+.3f}  median "
+                     f"{d['q50']:+.3f}  q75 {d['q75']:+.3f}  q95 {d['q95']:+.3f}  mean {d['mean']:+.3f}"
+                     f"  ({d['pairs']} pairs{', sampled' if d['sampled'] else ''})")
+    if report["user_cos_ref"]:
+        c = report["user_cos_ref"]
+        lines.append(f"cos of users' rewards with v_ref  q05 {c['q05']:+.3f}  median {c['q50']:+.3f}  "
+                     f"q95 {c['q95']:+.3f}  mean {c['mean']:+.3f}")
+    if report["accuracy"]:
+        a = report["accuracy"]
+        lines.append(f"held-out accuracy        {a['mean']:.4f} vs reference {a['mean_ref']:.4f} "
+                     f"({a['mean_change']:+.4f}); users gained {a['gained']}, lost {a['lost']}, "
+                     f"unchanged {a['unchanged']}")
+    if report["warnings"]:
+        lines.append("")
+        lines += [f"warning: {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def basis_report_records(reports):
+    """One flat row per report: the setting's entries (method, K, alpha, ...), then the headline
+    numbers. K is the setting's K when it has one (K = 0, the reference model, has a 1-column V)."""
+    records = []
+    for r in reports:
+        usage, div, acc = r.get("usage") or {}, r.get("diversity") or {}, r.get("accuracy") or {}
+        row = {"method": None, "K": r["K"], "alpha": None}
+        row.update({k: v for k, v in r.get("setting", {}).items() if isinstance(v, (int, float, str, bool))})
+        row.update({"columns": r["K"], "effective_rank": r["effective_rank"],
+                    "user_effective_rank": r["user_effective_rank"], "rank_95": r["rank_95"],
+                    "user_rank_95": r["user_rank_95"], "columns_in_use": r["columns_in_use"],
+                    "max_abs_cos": r["max_abs_cos"],
+                    "top_share_max": max(usage["top_share"]) if usage else None,
+                    "user_cos_median": div.get("q50"), "accuracy": acc.get("mean"),
+                    "accuracy_change": acc.get("mean_change"), "users_gained": acc.get("gained"),
+                    "users_lost": acc.get("lost"), "collapsed": r["collapsed"],
+                    "warnings": " | ".join(r["warnings"])})
+        records.append(row)
+    return records
+
+
+def plot_basis_reports(reports, path, title=""):
+    """One figure across K, a line per (method, alpha): effective rank of V and of the users'
+    rewards (with y = K dotted), columns in use, max |cos| between columns; collapsed bases marked
+    with a red x."""
+    plt = _pyplot()
+    records = basis_report_records(reports)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    series = sorted({(str(r["method"]), str(r["alpha"])) for r in records})
+    for n, (method, alpha) in enumerate(series):
+        rows = sorted((r for r in records if (str(r["method"]), str(r["alpha"])) == (method, alpha)),
+                      key=lambda r: r["K"])
+        label = ", ".join(([method] if method != "None" else []) + ([f"alpha={alpha}"] if alpha != "None" else []))
+        K = [r["K"] for r in rows]
+        color = f"C{n}"
+        panels = ((axes[0], "effective_rank", "-", "V"), (axes[0], "user_effective_rank", "--", "users V w"),
+                  (axes[1], "columns_in_use", "-", ""), (axes[2], "max_abs_cos", "-", ""))
+        for ax, key, ls, what in panels:
+            pts = [(k, r[key]) for k, r in zip(K, rows) if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), ls=ls, marker="o", color=color,
+                        label=": ".join(x for x in (label, what) if x) or None)
+            bad = [(k, r[key]) for k, r in zip(K, rows) if r[key] is not None and r["collapsed"]]
+            if bad:
+                ax.plot(*zip(*bad), ls="none", marker="x", ms=10, color="red")
+    Ks = sorted({r["K"] for r in records})
+    for ax in axes[:2]:
+        ax.plot(Ks, Ks, ls=":", color="gray", label="y = K")
+    axes[2].axhline(COLLAPSE_COS, ls=":", color="red", label=f"collapse: |cos| > {COLLAPSE_COS}")
+    axes[0].axhline(COLLAPSE_RANK, ls=":", color="red", label=f"collapse: rank < {COLLAPSE_RANK}")
+    axes[0].set(xlabel="K", ylabel="effective rank", title=f"{title} effective rank".strip())
+    axes[1].set(xlabel="K", ylabel="columns", title="columns in use (largest weight of >= 1% of users)")
+    axes[2].set(xlabel="K", ylabel="max |cos|", title="max |cos| between two columns (x: collapsed)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
 
 # ----------------------------------------------------------------------------------------------
 # Pipelines
