@@ -1044,22 +1044,31 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     checkpoint_name(method) (the shared part, W of the seen users, W_unseen). seed: each setting
     starts from a generator seeded by (seed, method, K, alpha), so a setting's numbers do not
     depend on which other settings ran; None continues the global generator (the reference's way).
+    With out_dir, a method with a linear basis V also gets its basis_report (against v_ref, with
+    the seen users' held-out accuracy against the reference model's) beside its checkpoint, as
+    {checkpoint}.report.json.
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention)."""
     sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
                             unseen_test=unseen_test), device)
-    records = []
+    records, acc_ref = [], None
+    if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
+        acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
         U = method.fit(sets["seen_train"])                                         # [N, U]
         U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
-        record = method.setting()
+        record, acc = method.setting(), {}
         for name in SETS:
-            acc = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
-            record.update({name: float(acc.mean()), f"{name}_std": STD_FACTOR * float(acc.std())})
+            acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
+            record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
         if out_dir is not None:
-            save_method(os.path.join(out_dir, checkpoint_name(method)), method, W=U, W_unseen=U_new)
+            path = os.path.join(out_dir, checkpoint_name(method))
+            save_method(path, method, W=U, W_unseen=U_new)
+            if method.linear:
+                write_json(path.removesuffix(".safetensors") + ".report.json",
+                           basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
 
@@ -2038,6 +2047,7 @@ def train_basis_main(args, script, title):
         save_results(records, out)
         oracle = _save_oracle(data, out)
         plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), title, hlines=oracle)
+        _save_basis_reports(records, out, title)
     return records
 
 
@@ -2062,6 +2072,25 @@ def vary_fewshot_main(args, script, title):
         plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), title,
                                hline=oracle and oracle["unseen_test"])
     return records
+
+
+def _save_basis_reports(records, out, title):
+    """The health reports sweep wrote beside the checkpoints, across K: basis_reports.csv, a figure,
+    and each printed (with its loud warning when a basis has collapsed)."""
+    paths = [os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
+                          + ".report.json") for r in records]
+    reports = [read_json(p) for p in paths if os.path.exists(p)]
+    if not reports:
+        return
+    import pandas as pd
+    table = basis_report_records(reports)
+    print("basis health (each fit's full report: its .report.json; utils.format_basis_report prints one):")
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for report in reports:
+        if report["collapsed"]:
+            print(format_basis_report(report))   # the whole report, with its WARNING line
+    write_table(os.path.join(out, "basis_reports.csv"), table)
+    plot_basis_reports(reports, os.path.join(out, "basis_health.png"), title)
 
 
 def _save_oracle(data, out):
