@@ -198,13 +198,13 @@ def population(args, scores):
     users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
     offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
     frames = []
-    for name, split, frac in (("seen_train", "train", args.train_frac), ("seen_test", "test", args.test_frac),
-                              ("unseen_fewshot", "train", args.pool_frac), ("unseen_test", "test", args.test_frac)):
+    for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
+                              ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
         group = "unseen" if name.startswith("unseen") else "seen"
         try:
-            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], frac)
+            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag))
         except utils.InputError as e:
-            raise utils.InputError(f"{name} ({split} split): {e}") from None
+            raise utils.InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
         frames.append(pd.DataFrame({
             "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
             "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
