@@ -50,12 +50,3 @@ def tiny_sharded_model_dir(tmp_path_factory):
     tiny_reward_model(tokenizer).save_pretrained(path, max_shard_size="20KB")
     tokenizer.save_pretrained(path)
     return str(path)
-
-
-def load_script(path, name):
-    """A script imported by path under a name of its own (every dataset folder has a train_basis.py)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
