@@ -16,6 +16,7 @@ Shape alphabet, used in the comments of every tensor line that matters:
 Sections, in order: models, training, evaluation, pipelines (the method); data, I/O, command-line
 helpers, embedding extraction; then the reference-compatible helpers no script calls.
 """
+import argparse
 import atexit
 import contextlib
 import datetime
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -421,7 +423,7 @@ class LoReMethod(Method):
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
                            self.hparams["iters"], self.hparams["lr"], self.device)
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
-        return W
+        return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
         Z = pair_features(self, pairs)[0]                                          # [P, K]: x^T V
@@ -430,7 +432,8 @@ class LoReMethod(Method):
         eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
         fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
                                 self.hparams["fewshot_lr"], self.device)
-        return torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        W = torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        return _check_fitted(self, W)
 
     def item_features(self, rows):
         return project_rows(rows.float(), self.V)                                  # [n, K]
@@ -463,6 +466,16 @@ METHODS = {
     "lore": LoReMethod,
     "lore_regularized": LoReRegularizedMethod,
 }
+
+
+def _check_fitted(method, *tensors):
+    """A fit that diverged (a learning rate too large) gives NaN; say so rather than report it."""
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise InputError(f"{method}: the fit diverged (NaN or inf in the fitted parameters); lower the "
+                         f"learning rate (hyperparameters {method.hparams})")
+    if any(t.shape[-1] == 0 for t in tensors):
+        raise InputError(f"{method}: every direction was pruned (no user weighs any at least {PRUNE_THRESHOLD})")
+    return tensors[0]
 
 
 def get_method(name):
@@ -1222,22 +1235,31 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     checkpoint_name(method) (the shared part, W of the seen users, W_unseen). seed: each setting
     starts from a generator seeded by (seed, method, K, alpha), so a setting's numbers do not
     depend on which other settings ran; None continues the global generator (the reference's way).
+    With out_dir, a method with a linear basis V also gets its basis_report (against v_ref, with
+    the seen users' held-out accuracy against the reference model's) beside its checkpoint, as
+    {checkpoint}.report.json.
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention)."""
     sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
                             unseen_test=unseen_test), device)
-    records = []
+    records, acc_ref = [], None
+    if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
+        acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
         U = method.fit(sets["seen_train"])                                         # [N, U]
         U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
-        record = method.setting()
+        record, acc = method.setting(), {}
         for name in SETS:
-            acc = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
-            record.update({name: float(acc.mean()), f"{name}_std": STD_FACTOR * float(acc.std())})
+            acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
+            record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
         if out_dir is not None:
-            save_method(os.path.join(out_dir, checkpoint_name(method)), method, W=U, W_unseen=U_new)
+            path = os.path.join(out_dir, checkpoint_name(method))
+            save_method(path, method, W=U, W_unseen=U_new)
+            if method.linear:
+                write_json(path.removesuffix(".safetensors") + ".report.json",
+                           basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
 
@@ -1968,9 +1990,19 @@ def command_line(main):
     return wrapped
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse as every script uses it: its module docstring (the exact commands, what it reads
+    and writes) as the description, kept as written; a bad flag is one line and exit code 2."""
+
+    def __init__(self, doc, **kwargs):
+        super().__init__(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def _argtype(convert, check, expected):
     """An argparse type: convert(text), then check(value), else 'expected ..., got TEXT'."""
-    import argparse
 
     def parse(text):
         try:
@@ -2020,7 +2052,6 @@ float_list = _argtype(_floats, lambda v: all(math.isfinite(a) and a >= 0 for a i
 
 def method_list(text):
     """argparse type for 'lore,pal' -> ['lore', 'pal'], registered names only."""
-    import argparse
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if not names or unknown or len(set(names)) != len(names):
@@ -2031,6 +2062,9 @@ def method_list(text):
 def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters, lr, fewshot_iters, fewshot_lr):
     """The flags train_basis.py and vary_fewshot.py share; the defaults are the dataset's recipe.
     Every registered method's own hyperparameters become flags --{name}-{hp} (method_hparams)."""
+    # argparse takes '-1e4' for an option (only -1 and -1.5 look like numbers to it); a value that
+    # reads as a number is a value, so --alpha-list -1e4 fails with the range error naming alpha
+    parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.I)
     parser.add_argument("--data", default=os.path.join(folder, "data"),
                         help="what prepare.py wrote (default: %(default)s)")
     parser.add_argument("--out", default=os.path.join(folder, "results", script),
@@ -2079,7 +2113,6 @@ def add_shots_args(parser, *, trials, shots, unit="pairs"):
 
 def data_files_arg(text):
     """argparse type for 'split=PATH'."""
-    import argparse
     split, sep, path = text.partition("=")
     if not sep or not split or not path:
         raise argparse.ArgumentTypeError(f"expected split=PATH, got {text!r}")
@@ -2100,6 +2133,12 @@ def add_prepare_args(parser, folder):
 def config_of(args, **extra):
     """The resolved command-line config and the command itself, as saved beside a run's outputs."""
     return {**{k: v for k, v in vars(args).items()}, **extra, "command": " ".join(sys.argv)}
+
+
+def save_config(args, name="config.json", **extra):
+    """config_of(args) as JSON in args.out, for the scripts that write no run_folder (PRISM/prepare.py,
+    PRISM/eval_rb2.py)."""
+    write_json(os.path.join(args.out, name), config_of(args, **extra))
 
 
 def start_run(args):
@@ -2205,6 +2244,7 @@ def train_basis_main(args, script, title):
         save_results(records, out)
         oracle = _save_oracle(data, out)
         plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), title, hlines=oracle)
+        _save_basis_reports(records, out, title)
     return records
 
 
@@ -2231,6 +2271,25 @@ def vary_fewshot_main(args, script, title):
     return records
 
 
+def _save_basis_reports(records, out, title):
+    """The health reports sweep wrote beside the checkpoints, across K: basis_reports.csv, a figure,
+    and each printed (with its loud warning when a basis has collapsed)."""
+    paths = [os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
+                          + ".report.json") for r in records]
+    reports = [read_json(p) for p in paths if os.path.exists(p)]
+    if not reports:
+        return
+    import pandas as pd
+    table = basis_report_records(reports)
+    print("basis health (each fit's full report: its .report.json; utils.format_basis_report prints one):")
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for report in reports:
+        if report["collapsed"]:
+            print(format_basis_report(report))   # the whole report, with its WARNING line
+    write_table(os.path.join(out, "basis_reports.csv"), table)
+    plot_basis_reports(reports, os.path.join(out, "basis_health.png"), title)
+
+
 def _save_oracle(data, out):
     oracle = oracle_accuracies(data)
     if oracle:
@@ -2242,6 +2301,10 @@ def _save_oracle(data, out):
 def save_results(records, out_dir, name="results"):
     """{name}.json and {name}.csv in out_dir, and a readable table on stdout."""
     import pandas as pd
+    for record in records:
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise InputError(f"{_curve_label(record)}, K={record.get('K')}: {bad} is not a finite number")
     write_json(os.path.join(out_dir, f"{name}.json"), records)
     write_table(os.path.join(out_dir, f"{name}.csv"), records)
     print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -2319,7 +2382,7 @@ def _save_figure(fig, path):
 # ----------------------------------------------------------------------------------------------
 # phi(conversation) is the reward model's final hidden state (after the final norm) at the last token
 # of the chat-templated conversation, and v_ref is its scoring head, so phi @ v_ref is the model's own
-# reward logit (SPEC §1). Most conversations come in groups that differ only in their last message
+# reward logit. Most conversations come in groups that differ only in their last message
 # (a prompt with a chosen and a rejected reply, PersonalLLM's 8 responses, a PRISM history with several
 # replies): a group is packed into one row, its shared token prefix once and then every reply, and a
 # block mask lets each reply see the prefix and itself only, with positions restarting after the

@@ -21,7 +21,6 @@ PRISM/results/train_basis/), as a whole when the run ends:
     config.json                        the resolved flags
 Next: eval_rb2.py --rm-head results/train_basis/lore_regularized_K{K}_alpha10000.safetensors.
 """
-import argparse
 import os
 import sys
 
@@ -33,7 +32,7 @@ K_LIST = [0, 1, 5, 10, 15, 20, 25, 50]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_sweep_args(p, FOLDER, "train_basis", method="lore_regularized", k_list=K_LIST, alpha_list=[1e4],
                          iters=20000, lr=0.5, fewshot_iters=500, fewshot_lr=0.5)
     return p.parse_args(argv)

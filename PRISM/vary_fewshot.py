@@ -16,7 +16,6 @@ PRISM/results/vary_fewshot/), as a whole when the run ends:
     accuracy_vs_shots.png       test-dialog accuracy of unseen users against shots, a curve per method
     config.json                 the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -26,7 +25,7 @@ import utils  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[50], alpha_list=[0.0], iters=500,
                          lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
     utils.add_shots_args(p, trials=1, shots=[1, 2, 3], unit="dialogs")

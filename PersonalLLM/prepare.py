@@ -35,7 +35,6 @@ conversations.parquet, pairs.parquet, v_ref.safetensors, data.json) and:
     synthetic_truth.safetensors   (--synthetic only) {"reward_models": [F, 10] the u_m,
                              "directions": [F, rank], "mixing": [10, rank]}
 """
-import argparse
 import json
 import math
 import os
@@ -57,7 +56,7 @@ REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_prepare_args(p, FOLDER)
     p.add_argument("--seed", type=utils.nonnegative_int, default=0,
                    help="seed of the simulated users (and of the synthetic data)")
@@ -199,28 +198,18 @@ def population(args, scores):
     users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
     offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
     frames = []
-    for name, split, frac in (("seen_train", "train", args.train_frac), ("seen_test", "test", args.test_frac),
-                              ("unseen_fewshot", "train", args.pool_frac), ("unseen_test", "test", args.test_frac)):
+    for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
+                              ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
         group = "unseen" if name.startswith("unseen") else "seen"
         try:
-            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], frac)
+            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag))
         except utils.InputError as e:
-            raise utils.InputError(f"{name} ({split} split): {e}") from None
+            raise utils.InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
         frames.append(pd.DataFrame({
             "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
             "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
             "rejected": offsets[split] + sim["rejected"].numpy(), "draw": sim["draw"].numpy()}))
     return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
-
-
-def keep_real_embeddings(out):
-    """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
-    path = os.path.join(out, "embeddings.safetensors")
-    if os.path.exists(path):
-        model = utils.read_metadata(path).get("model")
-        if model != "synthetic":
-            raise utils.InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
-                                   f"them; pick another --out")
 
 
 def write(args, table, scores, conversations, v_ref, truth, users, W, pairs):

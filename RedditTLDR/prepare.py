@@ -34,7 +34,6 @@ Writes to --out (default RedditTLDR/data/) the common data layout (utils.DATA_FI
     data.json                the users (seen and unseen in the order of the rows of W), the dropped
                              workers with their train counts, the resolved flags
 """
-import argparse
 import json
 import os
 import random
@@ -53,7 +52,7 @@ COLUMNS = ("info", "summaries", "choice", "worker")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_prepare_args(p, FOLDER)
     s = p.add_argument_group("the worker split and the draws")
     s.add_argument("--drop-smallest", type=utils.nonnegative_int, default=2,

@@ -17,7 +17,6 @@ a whole when the run ends:
     {method}_K{K}[_alpha{a}].safetensors   every fit: the shared part, W (seen), W_unseen
     config.json                   the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -27,7 +26,7 @@ import utils  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5, 6], alpha_list=[0.0],
                          iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
     p.add_argument("--fewshot-pairs", type=utils.positive_int, default=50,

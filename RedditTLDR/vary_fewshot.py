@@ -15,7 +15,6 @@ a whole when the run ends:
     accuracy_vs_shots.png       held-out accuracy against shots, a curve per method
     config.json                 the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -25,7 +24,7 @@ import utils  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     utils.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0], iters=500,
                          lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
     utils.add_shots_args(p, trials=20, shots=list(range(5, 51, 5)))

@@ -1,15 +1,17 @@
-"""Peak memory and wall time of PersonalLLM/train_basis.py at the paper's full scale.
+"""Peak memory, wall time and where the time goes in PersonalLLM/train_basis.py at the paper's full scale.
 
     python benchmarks/bench_personalllm.py                       # the full recipe (1000 steps per K)
     python benchmarks/bench_personalllm.py --iters 20            # flags it does not know go to train_basis.py
     python benchmarks/bench_personalllm.py --device cuda
 
 Writes synthetic data of PersonalLLM's real size with `prepare.py --synthetic` (9402 train + 1000
-test prompts x 8 responses, F = 4096, bf16: 680 MB; reused when --data already holds it), then runs
-train_basis.py on it as a subprocess (1000 seen + 500 unseen users: 47 000 training pairs, 1.5 M
-held-out pairs) and reports that process's peak resident memory, its wall time, the size of the
-embeddings file, and what the dense [users, prompts, F] tensors of the reference code would take.
-Prints a table; writes it as JSON to --json (default: bench_personalllm.json in --out).
+test prompts x 8 responses, F = 4096, bf16: 680 MB, with 1000 seen + 500 unseen users: 47 000
+training pairs, 1.5 M held-out pairs; reused when --data already holds it), then runs train_basis.py
+on it in a child process and reports that process's peak resident memory and wall time, the seconds
+spent in training loops (utils._loop), in input checks (the check functions of utils, outermost
+calls only) and elsewhere, the size of the embeddings file, and what the dense [users, prompts, F]
+tensors of the reference code would take.
+Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out).
 """
 import argparse
 import json
@@ -22,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREPARE = os.path.join(ROOT, "PersonalLLM", "prepare.py")
 TRAIN = os.path.join(ROOT, "PersonalLLM", "train_basis.py")
 GB = 1e9
+# the functions that check inputs: their time, outermost calls only, is "checks"
+CHECKS = ("_check_pairs", "_first_nonfinite_row", "_read_pairs", "_file_digest", "_embeddings_identity",
+          "_check_v_ref", "_check_matrix", "_check_sets")
 
 
 def parse_args():
@@ -34,8 +39,42 @@ def parse_args():
     p.add_argument("--features", type=int, default=4096)
     p.add_argument("--n-users", type=int, default=1000)
     p.add_argument("--n-unseen", type=int, default=500)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)   # the timed train_basis.py run
     args, train_flags = p.parse_known_args()
     return args, train_flags
+
+
+def child(timings_path, train_flags):
+    """Run train_basis.py's main in this process with the check functions and the training loop
+    timed, and write {total, training_loops, checks} seconds to timings_path."""
+    sys.path.insert(0, ROOT)
+    import importlib.util
+    import utils
+    spent = {"training_loops": 0.0, "checks": 0.0}
+    depth = {"checks": 0}
+
+    def timed(fn, key):
+        def wrapper(*a, **k):
+            outer = key != "checks" or depth["checks"] == 0
+            depth["checks"] += key == "checks"
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                depth["checks"] -= key == "checks"
+                if outer:
+                    spent[key] += time.perf_counter() - start
+        return wrapper
+    utils._loop = timed(utils._loop, "training_loops")
+    for name in CHECKS:
+        setattr(utils, name, timed(getattr(utils, name), "checks"))
+    spec = importlib.util.spec_from_file_location("bench_train_basis", TRAIN)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    start = time.perf_counter()
+    script.main(script.parse_args(train_flags))
+    with open(timings_path, "w") as f:
+        json.dump({"total": time.perf_counter() - start, **spent}, f)
 
 
 def measured(cmd):
@@ -49,18 +88,24 @@ def measured(cmd):
 
 
 def main(args, train_flags):
-    size = {"prompts_train": args.prompts_train, "prompts_test": args.prompts_test, "features": args.features}
-    config = os.path.join(args.data, "config.json")
-    existing = json.load(open(config)) if os.path.isfile(config) else {}
+    if args.child:
+        return child(args.child, ["--data", args.data, "--out", args.out, *train_flags])
+    size = {"prompts_train": args.prompts_train, "prompts_test": args.prompts_test, "features": args.features,
+            "n_users": args.n_users, "n_unseen": args.n_unseen}
+    info = os.path.join(args.data, "data.json")
+    existing = json.load(open(info)).get("config", {}) if os.path.isfile(info) else {}
     if not existing.get("synthetic") or any(existing.get(k) != v for k, v in size.items()):
         subprocess.run([sys.executable, PREPARE, "--synthetic", "--out", args.data,
                         *[f"--{k.replace('_', '-')}={v}" for k, v in size.items()]], check=True)
-    cmd = [sys.executable, TRAIN, "--data", args.data, "--out", args.out, "--n-users", str(args.n_users),
-           "--n-unseen", str(args.n_unseen), *train_flags]
+    timings_path = os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_timings.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", timings_path, "--data", args.data,
+           "--out", args.out, *train_flags]
     print(" ".join(cmd))
     code, wall, peak = measured(cmd)
     if code != 0:
         raise SystemExit(f"train_basis.py exited with {code}")
+    with open(timings_path) as f:
+        timings = json.load(f)
 
     embeddings = os.path.getsize(os.path.join(args.data, "embeddings.safetensors"))
     F, S, T = args.features, args.prompts_train, args.prompts_test
@@ -72,6 +117,11 @@ def main(args, train_flags):
         "peak RSS (GB)": peak / GB,
         "peak RSS beyond the embeddings file (GB)": (peak - embeddings) / GB,
         "wall time (s)": wall,
+        "train_basis main (s)": timings["total"],
+        "  in training loops (s)": timings["training_loops"],
+        "  outside training loops (s)": timings["total"] - timings["training_loops"],
+        "  of which input checks (s)": timings["checks"],
+        "input checks, share of the run (%)": 100 * timings["checks"] / timings["total"],
         "embeddings file (GB)": embeddings / GB,
         f"dense [{args.n_users}, {S}, {F}] bf16 (GB)": 2 * dense / GB,
         f"dense [{args.n_users}, {S}, {F}] fp32 (GB)": 4 * dense / GB,
@@ -79,7 +129,7 @@ def main(args, train_flags):
     }
     for name, value in rows.items():
         print(f"{name:<52} {value:.2f}" if isinstance(value, float) else f"{name:<52} {value}")
-    path = args.json or os.path.join(args.out, "bench_personalllm.json")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_personalllm.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"command": cmd, "cpus": os.cpu_count(), **rows}, f, indent=2)

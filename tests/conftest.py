@@ -13,6 +13,16 @@ sys.path.insert(0, REPO)  # `import utils` from any working directory
 from benchmarks.bench_embed import tiny_chat_tokenizer  # noqa: E402
 
 
+def load_script(path, name):
+    """A script imported by path under a name of its own (every dataset folder has a train_basis.py:
+    a plain `import train_basis` would find whichever folder came first on sys.path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_reward_model(tokenizer, seed=0):
     """A 2-layer LlamaForSequenceClassification with one reward logit and random weights."""
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

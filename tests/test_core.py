@@ -22,7 +22,7 @@ def random_users(n_users=6, n_features=12, lo=2, hi=9, seed=0, scale=3.0):
             for _ in range(n_users)]
 
 
-# ---- loop-form references: SPEC.md's formulas, one user and one column at a time ---------------
+# ---- loop-form references: the method's formulas (README), one user and one column at a time ---------
 
 def ref_lore_loss(X, V, W_logits, v_ref, alpha):
     X, nll = [x.double() for x in X], 0.0
@@ -383,7 +383,8 @@ def test_run_regularized_saves_every_setting(small, tmp_path):
     res = sweep(d, utils.run_regularized, K_list=[0, 1, 3], alpha_list=[0.0, 10.0], out_dir=str(tmp_path))
     assert len(res) == 8 and all(r.shape == (6,) for r in res)
     names = sorted(os.listdir(tmp_path))
-    assert names == sorted(f"lore_regularized_K{K}_alpha{a}.safetensors" for a in ("0", "10") for K in (0, 1, 3))
+    assert names == sorted(f"lore_regularized_K{K}_alpha{a}{ext}" for a in ("0", "10") for K in (0, 1, 3)
+                           for ext in (".safetensors", ".report.json"))
     t = utils.load_tensors(str(tmp_path / "lore_regularized_K3_alpha10.safetensors"))
     K_kept = t["V"].shape[1]
     assert 1 <= K_kept <= 3 and t["W"].shape == (8, K_kept) and t["W_unseen"].shape == (5, K_kept)
@@ -523,3 +524,53 @@ def test_reference_pipelines_reject_float_K_and_swapped_arguments(small):
     with pytest.raises(InputError, match=r"unknown method 'nope'; registered: lore, lore_regularized"):
         utils.sweep(methods=["nope"], K_list=[2], seen_train=d["train"], seen_test=d["test"],
                     unseen_fewshot=d["fewshot"], unseen_test=d["test_unseen"], v_ref=d["v_ref"])
+
+
+def test_api_values_are_checked_where_they_enter(small):
+    d = small
+    F = 10
+    # a v_ref that is not a column is an error, never reshaped
+    with pytest.raises(InputError, match=r"v_ref has shape \(5, 2\)"):
+        utils.solve_regularized(torch.randn(5, 2), 1.0, d["train"], 2, num_iterations=2)
+    with pytest.raises(InputError, match="v_ref has NaN"):
+        utils.solve_regularized(torch.full((F, 1), float("nan")), 1.0, d["train"], 2, num_iterations=2)
+    with pytest.raises(InputError, match="alpha = 1 pulls V towards V_sft"):
+        utils.solve_regularized(None, 1.0, d["train"], 2, num_iterations=2)
+    with pytest.raises(InputError, match="K >= 1"):
+        utils.solve_regularized(d["v_ref"], 0.0, d["train"], 2.0, num_iterations=2)
+    # V and W: shapes, dimensions, NaN; NumPy is taken as it is
+    V = torch.randn(F, 2)
+    with pytest.raises(InputError, match=r"V has shape \(2, 10\)"):
+        utils.learn_multiple_few_shot(d["fewshot"], V.T, num_iterations=2)
+    with pytest.raises(InputError, match="V must be a 2-D float matrix"):
+        utils.learn_multiple_few_shot(d["fewshot"], V[:, 0], num_iterations=2)
+    with pytest.raises(InputError, match="V has NaN or inf"):
+        utils.learn_multiple_few_shot(d["fewshot"], V * float("nan"), num_iterations=2)
+    W = torch.full((5, 2), 0.5)
+    np.testing.assert_array_equal(utils.eval_multiple(W.numpy(), V.numpy(), d["test_unseen"]),
+                                  utils.eval_multiple(W, V, d["test_unseen"]))
+    with pytest.raises(InputError, match="W has NaN or inf"):
+        utils.eval_multiple(W * float("nan"), V, d["test_unseen"])
+    with pytest.raises(InputError, match=r"weights \(5, 3\) and basis \(10, 2\) do not fit"):
+        utils.eval_multiple(torch.ones(5, 3), V, d["test_unseen"])
+    # table indices: negative or past the end is an error naming the pair, not a wrapped row
+    table = torch.randn(6, F)
+    for bad in (-1, 6):
+        pairs = utils.Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([0, bad, 2]),
+                            rejected=torch.tensor([1, 2, 3]))
+        with pytest.raises(InputError, match=f"pair 1 \\(user 0\\) has chosen row {bad}, outside the 6 rows"):
+            utils.pack(pairs)
+    # finite rows near the float32 maximum are finite (no overflowing row sum)
+    big = [torch.full((3, F), 3e38)] * 2
+    assert utils.pack(big).checked
+
+
+def test_a_diverged_fit_is_an_error_not_a_result(small):
+    d = small
+    method = utils.LoReMethod(2, 0.0, d["v_ref"])
+    with pytest.raises(InputError, match=r"lore\(K=2, alpha=0\): the fit diverged .* lower the learning rate"):
+        utils._check_fitted(method, torch.tensor([[0.5, float("nan")]]))
+    with pytest.raises(InputError, match="every direction was pruned"):
+        utils._check_fitted(method, torch.zeros(3, 0), torch.zeros(10, 0))
+    with pytest.raises(InputError, match=r"lore, alpha=0, K=2: \['seen_test'\] is not a finite number"):
+        utils.save_results([{"method": "lore", "K": 2, "alpha": 0.0, "seen_test": float("nan")}], "/nonexistent")

@@ -1,8 +1,12 @@
-"""PersonalLLM: prepare (synthetic and the hub schema), train_basis, vary_fewshot, bad inputs.
+"""PersonalLLM: prepare (synthetic and the hub schema, the simulated population, the data layout),
+load_data, train_basis, vary_fewshot, the output folder rules, bad inputs.
 
-Tiny synthetic sizes: 400 train + 100 test prompts, F = 16, 60 seen + 40 unseen users."""
+Tiny synthetic sizes: 400 train + 100 test prompts, F = 16, 60 seen + 40 unseen users (40 train pairs
+each, a few-shot pool of 20)."""
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,37 +16,59 @@ import pytest
 import torch
 from safetensors import safe_open
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-TRAIN_BASIS = os.path.join(ROOT, "PersonalLLM", "train_basis.py")
-sys.path.insert(0, ROOT)
+from conftest import REPO, load_script
+
+sys.path.insert(0, REPO)
 import utils  # noqa: E402
 
-FOLDER = os.path.join(ROOT, "PersonalLLM")
-prepare = utils.load_script(os.path.join(FOLDER, "prepare.py"), "personalllm_prepare")
-train_basis = utils.load_script(os.path.join(FOLDER, "train_basis.py"), "personalllm_train_basis")
-vary_fewshot = utils.load_script(os.path.join(FOLDER, "vary_fewshot.py"), "personalllm_vary_fewshot")
+FOLDER = os.path.join(REPO, "PersonalLLM")
+TRAIN_BASIS = os.path.join(FOLDER, "train_basis.py")
+prepare = load_script(os.path.join(FOLDER, "prepare.py"), "personalllm_prepare")
+train_basis = load_script(TRAIN_BASIS, "personalllm_train_basis")
+vary_fewshot = load_script(os.path.join(FOLDER, "vary_fewshot.py"), "personalllm_vary_fewshot")
 
 TINY = ["--prompts-train", "400", "--prompts-test", "100", "--features", "16"]
-USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1"]
+USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-frac", "0.05"]
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
+QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("personalllm") / "data")
-    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *TINY]))
+    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *TINY, *USERS]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+    """Another run of prepare with the same sizes (another seed): its files must not mix with data's."""
+    out = str(tmp_path_factory.mktemp("personalllm_other") / "data")
+    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *TINY, *USERS, "--seed", "1"]))
     return out
 
 
 def exit_code_and_message(capsys, main, args):
     """-> (exit code, the last line on stderr: the error; progress bars may come before it)."""
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main(args)
     return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def snapshot(folder):
+    """{file name: bytes} of a folder."""
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def embeddings(folder):
+    return utils.load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+
+
 def test_synthetic_files(data):
-    table, v_ref = utils.load_embeddings(data)
+    table = embeddings(data)
+    v_ref = utils.load_tensors(os.path.join(data, "v_ref.safetensors"), ["v_ref"])["v_ref"]
     assert table.dtype == torch.bfloat16 and table.shape == (8 * 500, 16) and v_ref.shape == (16, 1)
     scores = utils.load_tensors(os.path.join(data, "scores.safetensors"), ["train", "test"])
     assert scores["train"].shape == (400, 8, 10) and scores["test"].shape == (100, 8, 10)
@@ -52,24 +78,97 @@ def test_synthetic_files(data):
     assert json.loads(meta["offsets"]) == {"train": 0, "test": 3200}
     assert json.loads(meta["prompts"]) == {"train": 400, "test": 100}
     assert json.loads(meta["reward_models"]) == list(prepare.REWARD_MODELS)
-    prompts = utils.read_table(os.path.join(data, "prompts.parquet"))
-    assert list(prompts.columns) == ["split", "prompt", "first_row", "text"]
-    assert prompts["split"].tolist() == ["train"] * 400 + ["test"] * 100
-    assert prompts["first_row"].tolist() == list(range(0, 4000, 8))
-    assert prompts["prompt"].tolist() == list(range(400)) + list(range(100))
     truth = utils.load_tensors(os.path.join(data, "synthetic_truth.safetensors"))
     assert truth["reward_models"].shape == (16, 10) and truth["directions"].shape == (16, 3)
     assert torch.allclose(truth["mixing"].sum(1), torch.ones(10))
     # the planted directions are unit vectors with pairwise cosine -0.4
     D = truth["directions"]
     assert torch.allclose(D.T @ D, torch.full((3, 3), -0.4).fill_diagonal_(1.0), atol=1e-5)
+    # the simulated users: Dirichlet mixtures of the 10 reward models
+    users = utils.load_tensors(os.path.join(data, "users.safetensors"), ["W_seen", "W_unseen"])
+    assert users["W_seen"].shape == (60, 10) and users["W_unseen"].shape == (40, 10)
+    assert torch.allclose(users["W_seen"].sum(1), torch.ones(60)) and (users["W_unseen"] >= 0).all()
+
+
+def test_layout(data):
+    info = utils.read_json(os.path.join(data, "data.json"))
+    assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config", "reward_models",
+                         "responses", "offsets", "prompts"}
+    assert info["dataset"] == "PersonalLLM"
+    assert info["users"] == {"seen": [f"seen_{i}" for i in range(60)], "unseen": [f"unseen_{i}" for i in range(40)]}
+    assert (info["offsets"], info["prompts"], info["responses"]) == ({"train": 0, "test": 3200},
+                                                                     {"train": 400, "test": 100}, 8)
+    assert info["reward_models"] == list(prepare.REWARD_MODELS)
+    assert (info["config"]["n_users"], info["config"]["pool_frac"], info["config"]["synthetic"]) == (60, 0.05, True)
+    # every file is hashed, the embeddings named by their size and header
+    assert sorted(info["files"]) == sorted([*utils.DATA_FILES, "scores.safetensors", "users.safetensors",
+                                            "synthetic_truth.safetensors"])
+    for name, digest in info["files"].items():
+        assert hashlib.sha256(open(os.path.join(data, name), "rb").read()).hexdigest() == digest, name
+    path = os.path.join(data, "embeddings.safetensors")
+    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path)}
+
+    # conversations.parquet: one row per row of the table; row offset(split) + 8 s + r is response r of prompt s
+    conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
+    assert list(conversations.columns) == ["row", "messages"]
+    assert conversations["row"].tolist() == list(range(len(embeddings(data))))
+    for row, split, s, r in ((0, "train", 0, 0), (8 * 7 + 3, "train", 7, 3), (3200 + 8 * 99 + 7, "test", 99, 7)):
+        assert json.loads(conversations["messages"][row]) == [
+            {"role": "user", "content": f"synthetic {split} prompt {s}"},
+            {"role": "assistant", "content": f"response {r + 1}"}]
+
+    # pairs.parquet: the four sets; seen users 10% of the train prompts and every test prompt, unseen
+    # users a pool of 5% in draw order and every test prompt
+    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    assert list(pairs.columns) == ["set", "user", "split", "prompt", "chosen", "rejected", "draw"]
+    assert pairs["set"].unique().tolist() == list(utils.SETS)
+    per_user = {"seen_train": 40, "seen_test": 100, "unseen_fewshot": 20, "unseen_test": 100}
+    for name, n in per_user.items():
+        part = pairs[pairs["set"] == name]
+        group = "unseen" if name.startswith("unseen") else "seen"
+        assert part["user"].unique().tolist() == info["users"][group]       # contiguous, in data.json's order
+        assert (part.groupby("user").size() == n).all() and info["pairs"][name] == len(part)
+        assert (part.groupby("user")["prompt"].nunique() == n).all()        # drawn without replacement
+        assert (part["split"] == ("test" if name.endswith("test") else "train")).all()
+        assert part.groupby("user", sort=False)["draw"].apply(list).tolist() == [list(range(n))] * len(part["user"].unique())
+    # a user's pair is the best and the worst of the prompt's 8 responses under the user's mixture
+    scores = utils.load_tensors(os.path.join(data, "scores.safetensors"))
+    W = utils.load_tensors(os.path.join(data, "users.safetensors"))
+    for split, group in (("train", "seen"), ("test", "unseen")):
+        part = pairs[(pairs["split"] == split) & pairs["user"].str.startswith(f"{group}_")]
+        w = W[f"W_{group}"].double()[[int(u.split("_")[1]) for u in part["user"]]]        # [P, 10]
+        rewards = torch.einsum("prm,pm->pr", scores[split].double()[part["prompt"].tolist()], w)  # [P, 8]
+        base = info["offsets"][split] + 8 * part["prompt"].to_numpy()
+        assert (part["chosen"].to_numpy() == base + rewards.argmax(1).numpy()).all()
+        assert (part["rejected"].to_numpy() == base + rewards.argmin(1).numpy()).all()
+
+
+def test_load_data(data):
+    loaded = utils.load_data(data, "cpu")
+    info = utils.read_json(os.path.join(data, "data.json"))
+    assert loaded.users == info["users"] and loaded.info == info and loaded.folder == data
+    assert torch.equal(loaded.table, embeddings(data)) and loaded.v_ref.shape == (16, 1)
+    assert list(loaded.sets) == list(utils.SETS)
+    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    for name, p in loaded.sets.items():
+        users = loaded.users["unseen" if name.startswith("unseen") else "seen"]
+        part = pairs[pairs["set"] == name]
+        assert p.n_users == len(users) and p.table is loaded.table and p.group is None
+        # row i of W is users[i]: pair p of the set belongs to users[user[p]]
+        assert [users[u] for u in p.user.tolist()] == part["user"].tolist()
+        assert p.chosen.tolist() == part["chosen"].tolist() and p.rejected.tolist() == part["rejected"].tolist()
+    # the recipe's few-shot size: the first n pairs of each user's drawn pool
+    few = utils.load_data(data, "cpu", fewshot_pairs=5).sets["unseen_fewshot"]
+    pool = pairs[(pairs["set"] == "unseen_fewshot") & (pairs["draw"] < 5)]
+    assert few.counts().tolist() == [5] * 40 and few.chosen.tolist() == pool["chosen"].tolist()
 
 
 def test_synthetic_scores_are_linear_in_the_embeddings(tmp_path):
     out = str(tmp_path / "clean")
     prepare.main(prepare.parse_args(["--synthetic", "--out", out, "--noise", "0", "--direction-noise", "0",
-                                     "--prompts-train", "20", "--prompts-test", "5", "--features", "8"]))
-    table, _ = utils.load_embeddings(out)
+                                     "--prompts-train", "20", "--prompts-test", "5", "--features", "8",
+                                     "--n-users", "3", "--n-unseen", "2", "--train-frac", "0.5", "--pool-frac", "0.5"]))
+    table = embeddings(out)
     scores = utils.load_tensors(os.path.join(out, "scores.safetensors"))
     truth = utils.load_tensors(os.path.join(out, "synthetic_truth.safetensors"))
     expected = (table.float() @ truth["reward_models"]).reshape(25, 8, 10)
@@ -81,55 +180,87 @@ def test_synthetic_scores_are_linear_in_the_embeddings(tmp_path):
 
 def test_train_basis_end_to_end_from_another_directory(data, tmp_path):
     out = str(tmp_path / "results")
-    proc = subprocess.run([sys.executable, TRAIN_BASIS, "--data", data, "--out", out, *USERS,
-                           "--fewshot-frac", "0.05", "--k-list", "0,1,3", *FAST],
-                          cwd=str(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, TRAIN_BASIS, "--data", data, "--out", out, "--fewshot-pairs", "20",
+                           "--k-list", "0,1,3", *FAST], cwd=str(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == sorted(
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "oracle.json",
-         "users.safetensors", "basis_K0_alpha0.safetensors", "basis_K1_alpha0.safetensors",
-         "basis_K3_alpha0.safetensors"])
+         "lore_K0_alpha0.safetensors", "lore_K1_alpha0.safetensors", "lore_K3_alpha0.safetensors"])
     records = utils.read_json(os.path.join(out, "results.json"))
-    assert [(r["alpha"], r["K"]) for r in records] == [(0.0, 0), (0.0, 1), (0.0, 3)]
-    assert set(records[0]) == {"alpha", "K", *utils.METRICS, *(f"{m}_std" for m in utils.METRICS)}
+    assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 3)]
+    assert set(records[0]) == RECORD_KEYS
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 3
-    acc = {r["K"]: r["unseen_unseen_prompts"] for r in records}
+    config = utils.read_json(os.path.join(out, "config.json"))
+    assert config["script"] == "PersonalLLM/train_basis.py" and config["fewshot_pairs"] == 20
+    acc = {r["K"]: r["unseen_test"] for r in records}
     assert acc[3] > acc[1] + 0.1                     # the planted rank beats a single direction
     oracle = utils.read_json(os.path.join(out, "oracle.json"))
-    assert acc[3] > oracle["unseen_unseen_prompts"] - 0.05
-    users = utils.load_tensors(os.path.join(out, "users.safetensors"), ["W_seen", "W_unseen"])
-    assert users["W_seen"].shape == (60, 10) and users["W_unseen"].shape == (40, 10)
-    assert torch.allclose(users["W_seen"].sum(1), torch.ones(60, dtype=torch.float64))
-    basis = utils.load_tensors(os.path.join(out, "basis_K3_alpha0.safetensors"), ["V", "W", "W_unseen"])
+    assert set(oracle) == set(utils.SETS) and acc[3] > oracle["unseen_test"] - 0.05
+    basis = utils.load_tensors(os.path.join(out, "lore_K3_alpha0.safetensors"), ["V", "W", "W_unseen"])
     assert basis["V"].shape == (16, 3) and basis["W"].shape == (60, 3) and basis["W_unseen"].shape == (40, 3)
+    assert utils.read_metadata(os.path.join(out, "lore_K3_alpha0.safetensors"))["method"] == "lore"
+    # the defaults: the recipe, results under PersonalLLM/results/
+    defaults = train_basis.parse_args([])
+    assert defaults.out == os.path.join(FOLDER, "results", "train_basis") and defaults.fewshot_pairs == 9
+    assert vary_fewshot.parse_args([]).out == os.path.join(FOLDER, "results", "vary_fewshot")
 
 
-def test_train_basis_is_deterministic_and_never_builds_the_dense_tensor(data, tmp_path, monkeypatch):
+def test_train_basis_fits_unseen_users_on_the_first_fewshot_pairs(data, tmp_path):
+    out = str(tmp_path / "r")
+    train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--fewshot-pairs", "3",
+                                             "--k-list", "0", *QUICK]))
+    # K = 0 is v_ref: unseen_fewshot is its accuracy on each unseen user's first 3 drawn pairs
+    table = embeddings(data).float()
+    v_ref = utils.load_tensors(os.path.join(data, "v_ref.safetensors"))["v_ref"]
+    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    first = pairs[(pairs["set"] == "unseen_fewshot") & (pairs["draw"] < 3)]
+    reward = (table @ v_ref)[:, 0].numpy()
+    right = pd.Series(reward[first["chosen"]] > reward[first["rejected"]]).groupby(first["user"].to_numpy()).mean()
+    record = utils.read_json(os.path.join(out, "results.json"))[0]
+    assert record["unseen_fewshot"] == pytest.approx(right.mean())
+    assert record["unseen_fewshot_std"] == pytest.approx(0.25 * right.std(ddof=0))
+
+
+def test_prepare_and_train_basis_are_deterministic_and_never_build_the_dense_tensor(data, tmp_path, monkeypatch):
     def dense(*args, **kwargs):
         raise AssertionError("the dense [users, prompts, F] tensor was built")
     monkeypatch.setattr(utils, "simulate_population", dense)
     monkeypatch.setattr(utils, "create_sparse_tensor", dense)
+    folders = {}
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        folders[name] = str(tmp_path / name)
+        prepare.main(prepare.parse_args(["--synthetic", "--out", folders[name], *TINY, *USERS, "--seed", seed]))
+    read = lambda name, file: utils.read_table(os.path.join(folders[name], file))
+    users = lambda name: utils.load_tensors(os.path.join(folders[name], "users.safetensors"))["W_seen"]
+    assert read("a", "pairs.parquet").equals(read("b", "pairs.parquet")) and torch.equal(users("a"), users("b"))
+    assert torch.equal(embeddings(folders["a"]), embeddings(folders["b"]))
+    assert not read("a", "pairs.parquet").equals(read("c", "pairs.parquet")) and not torch.equal(users("a"), users("c"))
     runs = []
-    for name in ("a", "b"):
+    for name in ("r1", "r2"):
         out = str(tmp_path / name)
-        train_basis.main(train_basis.parse_args(["--data", data, "--out", out, *USERS, "--fewshot-frac",
-                                                 "0.05", "--k-list", "0,2", "--iters", "30",
-                                                 "--fewshot-iters", "30", "--device", "cpu", "--seed", "3"]))
-        runs.append(utils.read_json(os.path.join(out, "results.json")))
-    assert runs[0] == runs[1]
+        train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--fewshot-pairs", "20",
+                                                 "--k-list", "0,2", "--iters", "30", "--fewshot-iters", "30",
+                                                 "--device", "cpu", "--seed", "3"]))
+        runs.append((utils.read_json(os.path.join(out, "results.json")),
+                     utils.load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"))))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in ("V", "W", "W_unseen"))
 
 
 def test_vary_fewshot(data, tmp_path):
     out = str(tmp_path / "fewshot")
-    vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, *USERS, "--pool-frac", "0.05",
-                                               "--k-list", "3", "--trials", "3", "--shots", "1,5,20", *FAST]))
+    vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "3", "--trials", "3",
+                                               "--shots", "1,5,20", *FAST]))
     assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "oracle.json",
                                        "results.csv", "results.json"]
     records = utils.read_json(os.path.join(out, "results.json"))
-    assert [(r["K"], r["shots"]) for r in records] == [(3, 1), (3, 5), (3, 20)]
-    held_out = [r["unseen_unseen_prompts"] for r in records]
+    assert [(r["method"], r["K"], r["shots"]) for r in records] == [("lore", 3, 1), ("lore", 3, 5), ("lore", 3, 20)]
+    assert set(records[0]) == {"method", "K", "alpha", "shots", "unseen_fewshot", "unseen_fewshot_std",
+                               "unseen_test", "unseen_test_std"}
+    held_out = [r["unseen_test"] for r in records]
     assert held_out[2] > held_out[0] + 0.02          # more shots, better held-out accuracy
-    assert all(0 <= r["unseen_unseen_prompts_std"] < 0.1 for r in records)
+    assert all(0 <= r["unseen_test_std"] < 0.1 for r in records)
+    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "PersonalLLM/vary_fewshot.py"
 
 
 def hub_frame(n_prompts, first_word):
@@ -155,25 +286,39 @@ def write_hub_files(tmp_path, train, test):
     return [f"{split}={path}" for split, path in paths.items()]
 
 
+HUB_USERS = ["--n-users", "4", "--n-unseen", "3", "--train-frac", "1", "--pool-frac", "1"]
+
+
 def test_prepare_hub_schema_with_the_tiny_model(tmp_path, tiny_model_dir):
     train, test = hub_frame(3, 0), hub_frame(2, 50)
     out = str(tmp_path / "data")
-    prepare.main(prepare.parse_args(["--out", out, "--model", tiny_model_dir, "--device", "cpu",
+    prepare.main(prepare.parse_args(["--out", out, "--model", tiny_model_dir, "--device", "cpu", *HUB_USERS,
                                      "--data-files", *write_hub_files(tmp_path, train, test)]))
-    table, v_ref = utils.load_embeddings(out)
+    loaded = utils.load_data(out, "cpu")
+    table, v_ref = loaded.table, loaded.v_ref
     assert table.shape[0] == 8 * 5 and v_ref.shape == (table.shape[1], 1)
     assert torch.equal(v_ref, utils.read_reward_head(tiny_model_dir))
+    assert not os.path.exists(os.path.join(out, "synthetic_truth.safetensors"))
     scores = utils.load_tensors(os.path.join(out, "scores.safetensors"), ["train", "test"])
     s, r, m = np.meshgrid(np.arange(2), np.arange(8), np.arange(10), indexing="ij")
     assert torch.equal(scores["test"], torch.tensor(100.0 * s + 10 * r + m, dtype=torch.float32))
     assert scores["train"].shape == (3, 8, 10)
-    prompts = utils.read_table(os.path.join(out, "prompts.parquet"))
-    assert prompts["text"].tolist() == train["prompt"].tolist() + test["prompt"].tolist()
-    # row offset(split) + 8 s + r is [user: prompt s, assistant: response r] of that split: embed
-    # the 40 conversations in reverse order, one call, and compare row by row
+    info = utils.read_json(os.path.join(out, "data.json"))
+    assert info["prompts"] == {"train": 3, "test": 2} and info["offsets"] == {"train": 0, "test": 24}
+    # row offset(split) + 8 s + r is [user: prompt s, assistant: response r] of that split
     conversations = [[{"role": "user", "content": df["prompt"][s]},
                       {"role": "assistant", "content": df[f"response_{r + 1}"][s]}]
                      for df in (train, test) for s in range(len(df)) for r in range(8)]
+    stored = utils.read_table(os.path.join(out, "conversations.parquet"))
+    assert stored["row"].tolist() == list(range(40))
+    assert [json.loads(m) for m in stored["messages"]] == conversations
+    # every user prefers the response with the highest scores (r = 7) to the lowest (r = 0)
+    pairs = utils.read_table(os.path.join(out, "pairs.parquet"))
+    base = pairs["split"].map(info["offsets"]) + 8 * pairs["prompt"]
+    assert ((pairs["chosen"] - base) == 7).all() and ((pairs["rejected"] - base) == 0).all()
+    assert pairs.groupby("set")["user"].nunique().to_dict() == {"seen_train": 4, "seen_test": 4,
+                                                                "unseen_fewshot": 3, "unseen_test": 3}
+    # embed the 40 conversations in reverse order, one call, and compare row by row
     reverse = utils.embed_conversations(conversations[::-1], str(tmp_path / "reverse.safetensors"),
                                         tiny_model_dir, device="cpu")
     assert torch.allclose(table.float(), reverse.flip(0).float(), atol=1e-4)
@@ -181,16 +326,16 @@ def test_prepare_hub_schema_with_the_tiny_model(tmp_path, tiny_model_dir):
     assert distance.min() > 1e-3                     # 40 different rows: a wrong order cannot pass
 
 
-def test_bad_scores_are_clear_errors(tmp_path, capsys):
+def test_bad_scores_are_clear_errors(tmp_path, tiny_model_dir, capsys):
     train, test = hub_frame(3, 0), hub_frame(2, 50)
     files = write_hub_files(tmp_path, train.drop(columns="response_4_beaver_7b"), test)
     code, err = exit_code_and_message(capsys, prepare.main, prepare.parse_args(
-        ["--out", str(tmp_path / "a"), "--data-files", *files]))
+        ["--out", str(tmp_path / "a"), "--model", tiny_model_dir, "--device", "cpu", "--data-files", *files]))
     assert code == 2 and "train split" in err and "'response_4_beaver_7b'" in err
     train.loc[2, "response_7_gemma_7b"] = None
     files = write_hub_files(tmp_path, train, test)
     code, err = exit_code_and_message(capsys, prepare.main, prepare.parse_args(
-        ["--out", str(tmp_path / "b"), "--data-files", *files]))
+        ["--out", str(tmp_path / "b"), "--model", tiny_model_dir, "--device", "cpu", "--data-files", *files]))
     assert code == 2 and "train split, prompt 2" in err and "'response_7_gemma_7b'" in err
 
 
@@ -201,16 +346,77 @@ def test_bad_inputs_exit_with_2(data, tmp_path, capsys):
     code, err = exit_code_and_message(capsys, prepare.main,
                                       prepare.parse_args(["--synthetic", "--out", str(real)]))
     assert code == 2 and "holds the embeddings of rm" in err
-    assert os.listdir(real) == ["embeddings.safetensors"]            # nothing written over
+    assert sorted(os.listdir(real)) == [".prepare.lock", "embeddings.safetensors"]     # nothing written over
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]))
-    assert code == 2 and "embeddings.safetensors: no such file" in err
-    code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
-        ["--data", data, "--out", str(tmp_path / "r"), *USERS, "--fewshot-frac", "0.001"]))
-    assert code == 2 and "--fewshot-frac" in err and "0 prompts per user" in err
+    assert code == 2 and "nothing: no data.json" in err and "prepare.py" in err
+    code, err = exit_code_and_message(capsys, prepare.main, prepare.parse_args(
+        ["--synthetic", "--out", str(tmp_path / "tiny_pool"), *TINY, *USERS, "--pool-frac", "0.001"]))
+    assert code == 2 and "unseen_fewshot" in err and "--pool-frac" in err and "0 prompts per user" in err
     code, err = exit_code_and_message(capsys, vary_fewshot.main, vary_fewshot.parse_args(
-        ["--data", data, "--out", str(tmp_path / "f"), *USERS, "--pool-frac", "0.05", "--shots", "1,50"]))
-    assert code == 2 and "--shots 50" in err and "pool of 20 pairs" in err
+        ["--data", data, "--out", str(tmp_path / "f"), "--shots", "1,50", *QUICK]))
+    assert code == 2 and "--shots 50" in err and "(at most 20)" in err
+    assert not os.path.exists(tmp_path / "f") and not os.path.exists(tmp_path / "r")
     proc = subprocess.run([sys.executable, TRAIN_BASIS, "--data", data, "--k-list", "0,-1,2"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--k-list" in proc.stderr and "ranks >= 0" in proc.stderr
+    for script in (train_basis, vary_fewshot):
+        with pytest.raises(SystemExit) as e:
+            script.parse_args(["--data", data, "--method", "nope"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--method" in err and "lore, lore_regularized" in err and "'nope'" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The output folder: never another script's, replaced as a whole
+# ------------------------------------------------------------------------------------------------
+
+def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
+    out = str(tmp_path / "results")
+    run = lambda script, *flags: script.main(script.parse_args(["--data", data, "--out", out, *QUICK, *flags]))
+    run(train_basis, "--k-list", "0,1,2")
+    first = snapshot(out)
+    assert "lore_K2_alpha0.safetensors" in first
+    # another script into the same --out: refused, naming the script whose results are there
+    code, err = exit_code_and_message(capsys, vary_fewshot.main, vary_fewshot.parse_args(
+        ["--data", data, "--out", out, "--k-list", "2", "--shots", "1", "--trials", "1", *QUICK]))
+    assert code == 2 and "PersonalLLM/train_basis.py" in err and "PersonalLLM/vary_fewshot.py" in err
+    assert snapshot(out) == first
+    # the same script again: its outputs replace the earlier run's, and nothing of that run stays
+    run(train_basis, "--k-list", "0,1")
+    second = snapshot(out)
+    assert sorted(second) == sorted(set(first) - {"lore_K2_alpha0.safetensors"})
+    assert utils.read_json(os.path.join(out, "config.json"))["k_list"] == [0, 1]
+    assert [r["K"] for r in utils.read_json(os.path.join(out, "results.json"))] == [0, 1]
+    # no staging folder is left beside --out, only the lock
+    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
+    # a file as --out, or a folder of files no run of this script wrote: refused, left as they are
+    (tmp_path / "file").write_text("mine")
+    code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
+        ["--data", data, "--out", str(tmp_path / "file"), "--k-list", "0", *QUICK]))
+    assert code == 2 and "file is a file, not a folder" in err and (tmp_path / "file").read_text() == "mine"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
+        ["--data", data, "--out", str(tmp_path / "mine"), "--k-list", "0", *QUICK]))
+    assert code == 2 and "files that no run of this script wrote" in err
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# data.json: the files of a data folder belong to one run of prepare
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["pairs.parquet", "embeddings.safetensors", "users.safetensors"])
+def test_a_file_of_another_run_is_refused(data, other_data, tmp_path, capsys, name):
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(data, mixed)
+    utils.load_data(mixed, "cpu")                                # a copy is fine
+    shutil.copyfile(os.path.join(other_data, name), os.path.join(mixed, name))
+    with pytest.raises(utils.InputError, match="rerun prepare.py") as e:
+        utils.load_data(mixed, "cpu")
+    assert os.path.join(mixed, name) in str(e.value)
+    code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
+        ["--data", mixed, "--out", str(tmp_path / "r"), "--k-list", "0", *QUICK]))
+    assert code == 2 and os.path.join(mixed, name) in err
+    assert not os.path.exists(tmp_path / "r")

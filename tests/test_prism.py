@@ -11,27 +11,34 @@ dropped), a survey user without dialogs (u19, stays in the shuffle), a user with
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-FOLDER = os.path.join(ROOT, "PRISM")
-sys.path.insert(0, ROOT)
+from conftest import REPO, load_script
+
+sys.path.insert(0, REPO)
 import utils  # noqa: E402
 
-prepare = utils.load_script(os.path.join(FOLDER, "prepare.py"), "prism_prepare")
-embed = utils.load_script(os.path.join(FOLDER, "generate-prism-embeddings.py"), "prism_embed")
-train_basis = utils.load_script(os.path.join(FOLDER, "train_basis.py"), "prism_train_basis")
-vary_fewshot = utils.load_script(os.path.join(FOLDER, "vary_fewshot.py"), "prism_vary_fewshot")
-eval_rb2 = utils.load_script(os.path.join(FOLDER, "eval_rb2.py"), "prism_eval_rb2")
+FOLDER = os.path.join(REPO, "PRISM")
+prepare = load_script(os.path.join(FOLDER, "prepare.py"), "prism_prepare")
+embed = load_script(os.path.join(FOLDER, "generate-prism-embeddings.py"), "prism_embed")
+train_basis = load_script(os.path.join(FOLDER, "train_basis.py"), "prism_train_basis")
+vary_fewshot = load_script(os.path.join(FOLDER, "vary_fewshot.py"), "prism_vary_fewshot")
+eval_rb2 = load_script(os.path.join(FOLDER, "eval_rb2.py"), "prism_eval_rb2")
 
 FAST = ["--iters", "30", "--fewshot-iters", "20", "--device", "cpu"]
 COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "chosen", "rejected"]
+PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
+SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
+          ("unseen", "test"): "unseen_test"}
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
 TURN = {"user": True, "chosen": True}
 
 
@@ -222,21 +229,35 @@ def test_split_is_reused_and_deterministic(raw, data, tmp_path, capsys):
     assert code == 2 and "c99_0" in message and user in message
 
 
+def table_of(folder):
+    return utils.load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+
+
+def v_ref_of(folder):
+    return utils.load_tensors(os.path.join(folder, "v_ref.safetensors"), ["v_ref"])["v_ref"]
+
+
 def test_embeddings_and_pairs(data, tiny_model_dir):
     examples = utils.read_table(os.path.join(data, "examples.parquet"))
     pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
-    table, v_ref = utils.load_embeddings(data)
+    table, v_ref = table_of(data), v_ref_of(data)
     distinct = set(examples["chosen"]) | set(examples["rejected"])
     assert table.shape == (len(distinct), 64) and torch.isfinite(table.float()).all()
     assert torch.equal(v_ref, utils.read_reward_head(tiny_model_dir))
-    assert list(pairs.columns) == COLUMNS
-    assert pairs.drop(columns=["chosen", "rejected"]).equals(examples.drop(columns=["chosen", "rejected"]))
-    # one row per distinct conversation, the same row wherever the conversation appears
-    text = {}
+    # one pair per example, in its order: the set from (user group, split), the dialog as the group
+    assert list(pairs.columns) == PAIR_COLUMNS
+    assert pairs["set"].tolist() == [SET_OF[k] for k in zip(examples["user_group"], examples["split"])]
+    assert pairs["group"].tolist() == examples["dialog"].tolist()
+    ids = ["user", "dialog", "turn", "rejected_index"]
+    assert pairs[ids].equals(examples[ids])
+    # conversations.parquet: one row per row of the table, holding the conversation embedded there;
+    # the same row wherever the conversation appears
+    conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
+    assert list(conversations.columns) == ["row", "messages"]
+    assert conversations["row"].tolist() == list(range(len(table)))
+    assert set(conversations["messages"]) == distinct
     for column in ("chosen", "rejected"):
-        for row, conversation in zip(pairs[column], examples[column]):
-            assert text.setdefault(row, conversation) == conversation
-    assert len(text) == len(distinct)
+        assert conversations["messages"][pairs[column]].tolist() == examples[column].tolist()
     # rows hold phi(conversation): phi . v_ref is the reward model's own score of that conversation
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -249,6 +270,43 @@ def test_embeddings_and_pairs(data, tiny_model_dir):
             assert torch.allclose(table[pairs[column][i]].float() @ v_ref[:, 0], score, atol=1e-4)
 
 
+def test_layout_and_load_data(data):
+    split = utils.read_json(os.path.join(data, "split.json"))
+    info = utils.read_json(os.path.join(data, "data.json"))
+    assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config"}
+    assert info["dataset"] == "PRISM" and sorted(info["files"]) == sorted(utils.DATA_FILES)
+    assert info["users"] == {"seen": split["seen_users"], "unseen": split["unseen_users"]}
+    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    assert info["pairs"] == {name: int((pairs["set"] == name).sum()) for name in utils.SETS}
+    assert all(info["pairs"].values())
+    loaded = utils.load_data(data, "cpu")
+    assert loaded.users == info["users"] and list(loaded.sets) == list(utils.SETS)
+    assert torch.equal(loaded.table, table_of(data))
+    for name, p in loaded.sets.items():
+        users = info["users"]["unseen" if name.startswith("unseen") else "seen"]
+        part = pairs[pairs["set"] == name]
+        assert p.n_users == len(users) and p.counts().tolist() == [int((part["user"] == u).sum()) for u in users]
+        # the users in data.json's order (= the split's), each with its pairs in pairs.parquet's order
+        order = part.assign(i=part["user"].map(users.index)).sort_values("i", kind="stable")
+        assert p.user.tolist() == order["i"].tolist() and p.chosen.tolist() == order["chosen"].tolist()
+        # the dialogs are the groups the shots are drawn by: one group id per (user, dialog)
+        assert len(set(zip(p.user.tolist(), p.group.tolist()))) == len(set(zip(order["user"], order["dialog"])))
+        assert (pd.Series(p.group.tolist()).groupby(order["dialog"].to_numpy()).nunique() == 1).all()
+
+
+def test_a_changed_file_is_refused(data, tmp_path, capsys):
+    mixed = str(tmp_path / "mixed")
+    shutil.copytree(data, mixed)
+    conversations = utils.read_table(os.path.join(mixed, "conversations.parquet"))
+    conversations.loc[0, "messages"] = "[]"
+    utils.write_table(os.path.join(mixed, "conversations.parquet"), conversations)
+    with pytest.raises(utils.InputError, match="conversations.parquet is not the file data.json was written with"):
+        utils.load_data(mixed, "cpu")
+    code, message = exit_code_and_message(capsys, vary_fewshot.main, vary_fewshot.parse_args(
+        ["--data", mixed, "--out", str(tmp_path / "r"), *FAST]))
+    assert code == 2 and os.path.join(mixed, "conversations.parquet") in message
+
+
 @pytest.fixture(scope="module")
 def results(data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prism_results"))
@@ -256,29 +314,34 @@ def results(data, tmp_path_factory):
     return out
 
 
-def test_train_basis(data, results):
+def test_train_basis(data, results, tmp_path, capsys):
     records = utils.read_json(os.path.join(results, "results.json"))
-    assert [(r["alpha"], r["K"]) for r in records] == [(1e4, 0), (1e4, 1), (1e4, 2)]
-    assert set(records[0]) == {"alpha", "K", *utils.METRICS, *(f"{m}_std" for m in utils.METRICS)}
-    for name in ["results.csv", "accuracy_vs_rank.png", "config.json", "users.json",
-                 *(f"basis_K{k}_alpha10000.safetensors" for k in (0, 1, 2))]:
-        assert os.path.isfile(os.path.join(results, name)), name
+    assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore_regularized", 1e4, k) for k in (0, 1, 2)]
+    assert set(records[0]) == RECORD_KEYS
+    assert sorted(os.listdir(results)) == sorted(["results.json", "results.csv", "accuracy_vs_rank.png", "config.json",
+                                                  *(f"lore_regularized_K{k}_alpha10000.safetensors" for k in (0, 1, 2))])
+    assert utils.read_json(os.path.join(results, "config.json"))["script"] == "PRISM/train_basis.py"
     split = utils.read_json(os.path.join(data, "split.json"))
-    users = utils.read_json(os.path.join(results, "users.json"))
-    assert users == {"seen": split["seen_users"], "unseen": split["unseen_users"]}
-    basis = utils.load_tensors(os.path.join(results, "basis_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])
-    assert basis["W"].shape[0] == len(users["seen"]) and basis["W_unseen"].shape[0] == len(users["unseen"])
+    basis = utils.load_tensors(os.path.join(results, "lore_regularized_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])
+    assert basis["W"].shape[0] == len(split["seen_users"]) and basis["W_unseen"].shape[0] == len(split["unseen_users"])
     # K = 0 is the reward model: per user, the fraction of its pairs that v_ref orders right
-    table, v_ref = utils.load_embeddings(data)
+    table, v_ref = table_of(data), v_ref_of(data)
     pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
     reward = (table.float() @ v_ref)[:, 0].numpy()
     pairs["right"] = reward[pairs["chosen"]] > reward[pairs["rejected"]]
-    for metric, side, group in (("train", "train", "seen"), ("seen_unseen_prompts", "test", "seen"),
-                                ("fewshot_train", "train", "unseen"), ("unseen_unseen_prompts", "test", "unseen")):
-        mine = pairs[(pairs["split"] == side) & (pairs["user_group"] == group)]
-        per_user = mine.groupby("user")["right"].mean()
-        assert records[0][metric] == pytest.approx(per_user.mean(), abs=1e-6)
-        assert records[0][f"{metric}_std"] == pytest.approx(0.25 * per_user.std(ddof=0), abs=1e-6)
+    for name in utils.SETS:
+        per_user = pairs[pairs["set"] == name].groupby("user")["right"].mean()
+        assert records[0][name] == pytest.approx(per_user.mean(), abs=1e-6)
+        assert records[0][f"{name}_std"] == pytest.approx(0.25 * per_user.std(ddof=0), abs=1e-6)
+    # vary_fewshot into train_basis's --out: refused, and nothing there changes
+    before = {n: open(os.path.join(results, n), "rb").read() for n in os.listdir(results)}
+    code, message = exit_code_and_message(capsys, vary_fewshot.main, vary_fewshot.parse_args(
+        ["--data", data, "--out", results, "--k-list", "0", "--shots", "1", *FAST]))
+    assert code == 2 and "PRISM/train_basis.py" in message
+    assert {n: open(os.path.join(results, n), "rb").read() for n in os.listdir(results)} == before
+    defaults = train_basis.parse_args([])
+    assert (defaults.method, defaults.k_list, defaults.alpha_list) == (["lore_regularized"], train_basis.K_LIST, [1e4])
+    assert defaults.out == os.path.join(FOLDER, "results", "train_basis")
 
 
 def test_train_basis_is_deterministic(data, results, tmp_path):
@@ -286,8 +349,8 @@ def test_train_basis_is_deterministic(data, results, tmp_path):
     train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--k-list", "0,1,2", *FAST]))
     read = lambda folder: utils.read_json(os.path.join(folder, "results.json"))
     assert read(out) == read(results)
-    assert (utils.load_tensors(os.path.join(out, "basis_K2_alpha10000.safetensors"))["V"]
-            == utils.load_tensors(os.path.join(results, "basis_K2_alpha10000.safetensors"))["V"]).all()
+    name = "lore_regularized_K2_alpha10000.safetensors"
+    assert (utils.load_tensors(os.path.join(out, name))["V"] == utils.load_tensors(os.path.join(results, name))["V"]).all()
 
 
 def test_prepare_from_another_directory(raw, data, tmp_path):
@@ -302,8 +365,7 @@ def test_prepare_from_another_directory(raw, data, tmp_path):
 
 
 def test_shots_are_dialogs(data):
-    pairs = train_basis.load_pairs(data, "cpu")
-    pool = pairs["unseen_train"]
+    pool = utils.load_data(data, "cpu").sets["unseen_fewshot"]
     for shots in (1, 2):
         sampled = utils.sample_shots(pool, shots)
         for user in range(pool.n_users):
@@ -319,11 +381,11 @@ def test_vary_fewshot(data, tmp_path):
                                                "--trials", "2", *FAST]))
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["K"], r["shots"]) for r in records] == [(0, 1), (0, 3), (2, 1), (2, 3)]
-    assert all(0 <= r["unseen_unseen_prompts"] <= 1 for r in records)
+    assert all(0 <= r["unseen_test"] <= 1 and 0 <= r["unseen_fewshot"] <= 1 for r in records)
     # K = 0 has nothing to fit: its held-out accuracy does not depend on the shots
-    assert records[0]["unseen_unseen_prompts"] == records[1]["unseen_unseen_prompts"]
-    for name in ("results.csv", "accuracy_vs_shots.png", "config.json"):
-        assert os.path.isfile(os.path.join(out, name))
+    assert records[0]["unseen_test"] == records[1]["unseen_test"]
+    assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "results.csv", "results.json"]
+    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "PRISM/vary_fewshot.py"
     defaults = vary_fewshot.parse_args([])
     assert (defaults.k_list, defaults.alpha_list, defaults.shots, defaults.trials) == ([50], [0.0], [1, 2, 3], 1)
 
@@ -488,7 +550,7 @@ def test_bad_folders_and_rb2_files(data, rb2, tiny_model_dir, tmp_path, capsys):
     for script in (train_basis, vary_fewshot):
         code, message = exit_code_and_message(capsys, script.main, script.parse_args(
             ["--data", empty, "--out", str(tmp_path / "r"), *FAST]))
-        assert code == 2 and "embeddings.safetensors" in message
+        assert code == 2 and f"{empty}: no data.json" in message
     rb2_args = ["--model", tiny_model_dir, "--out", str(tmp_path / "rb2"), "--device", "cpu"]
     code, message = exit_code_and_message(capsys, eval_rb2.main, eval_rb2.parse_args(
         ["--data-files", f"test={tmp_path / 'nope.jsonl'}", *rb2_args]))
