@@ -30,7 +30,6 @@ as a whole when the run ends:
     best_of_n.png                   win rate and regret against shots; the other rules as lines
     config.json                     the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -45,7 +44,7 @@ SCRIPT = "PersonalLLM/best_of_n.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--data", default=os.path.join(FOLDER, "data"), help="what prepare.py wrote (default: %(default)s)")
     p.add_argument("--checkpoint", default=os.path.join(FOLDER, "results", "train_basis", "lore_K5_alpha0.safetensors"),
                    help="a fit of train_basis.py on --data (default: %(default)s)")

@@ -1,5 +1,5 @@
-"""The tools that read a learned basis: the health report (collapse, effective ranks, usage,
-diversity), and their numbers checked against plain loops and planted populations."""
+"""The tools that read and use a learned basis: the health report (collapse, effective ranks, usage,
+diversity), interpretation, personalized scoring, best-of-N; numbers checked against loops and planted populations."""
 import json
 import os
 import sys
@@ -11,6 +11,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from conftest import load_script  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -183,15 +184,6 @@ def test_records_and_figure(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Interpretation, personalized scoring, the commands
 # ----------------------------------------------------------------------------------------------
-
-def load_script(path, name):
-    """A script imported by path under a name of its own (several folders have a train_basis.py)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 basis_report_cli = load_script(os.path.join(REPO, "tools", "basis_report.py"), "tools_basis_report")
 interpret_cli = load_script(os.path.join(REPO, "tools", "interpret.py"), "tools_interpret")

@@ -21,7 +21,6 @@ PersonalLLM/results/basis_report/), as a whole when the run ends:
     basis_report.png    effective ranks, columns in use and max |cos| against K
     config.json         the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -34,7 +33,7 @@ SCRIPT = "tools/basis_report.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="{method}_K{K}[_alpha{a}].safetensors files")
     p.add_argument("--data", "--v-ref-from", dest="data", default=None,
                    help="the data folder the checkpoints were fitted on: v_ref and per-user accuracies")

@@ -20,7 +20,6 @@ PersonalLLM/results/interpret/lore_K5_alpha0/), as a whole when the run ends:
     interpretation.txt    the printed tables
     config.json           the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -31,7 +30,7 @@ SCRIPT = "tools/interpret.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="{method}_K{K}[_alpha{a}].safetensors")
     p.add_argument("--data", required=True, help="the data folder the checkpoint was fitted on")
     p.add_argument("--top", type=utils.positive_int, default=5, help="conversations and pairs per column and kind")

@@ -27,7 +27,6 @@ Writes to --out, as a whole when the run ends:
                              candidate conversations, in file order
     config.json              the resolved flags
 """
-import argparse
 import json
 import os
 import sys
@@ -41,7 +40,7 @@ SCRIPT = "tools/personalize.py"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--checkpoint", required=True, help="{method}_K{K}[_alpha{a}].safetensors of a train_basis.py")
     p.add_argument("--model", default=utils.DEFAULT_MODEL, help="the reward model: hub id or local folder")
     p.add_argument("--prefs", required=True, help="JSONL: {user, chosen, rejected} per line")
