@@ -986,8 +986,8 @@ def basis_report_records(reports):
 
 def plot_basis_reports(reports, path, title=""):
     """One figure across K, a line per (method, alpha): effective rank of V and of the users'
-    rewards (with y = K dotted), columns in use, max |cos| between columns; collapsed bases marked
-    with a red x."""
+    rewards and the users' rank_95 (with y = K dotted), columns in use, max |cos| between columns;
+    collapsed bases marked with a red x."""
     plt = _pyplot()
     records = basis_report_records(reports)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -999,6 +999,7 @@ def plot_basis_reports(reports, path, title=""):
         K = [r["K"] for r in rows]
         color = f"C{n}"
         panels = ((axes[0], "effective_rank", "-", "V"), (axes[0], "user_effective_rank", "--", "users V w"),
+                  (axes[0], "user_rank_95", ":", "users: directions of 95% energy"),
                   (axes[1], "columns_in_use", "-", ""), (axes[2], "max_abs_cos", "-", ""))
         for ax, key, ls, what in panels:
             pts = [(k, r[key]) for k, r in zip(K, rows) if r[key] is not None]
