@@ -14,6 +14,9 @@ The pick rules, each scoring the 8 responses of a prompt and taking the best (th
     v_ref        the reference reward model (shots 0)
     random       a uniformly random response: expected values, computed exactly (shots 0)
     oracle       the user's true reward (shots 0): the best response
+    true_linear  (synthetic data) the user's true linear reward phi^T U w_true, U the planted reward
+                 models of synthetic_truth.safetensors: the true reward without its score noise, the
+                 best any reward of the embeddings can do (shots 0)
 A user's true reward of response r of prompt s is scores[s, r] . w_true (the 10 reward models'
 scores mixed by the user's weights of users.safetensors). Per rule and shots:
     win_rate   the probability that the picked response's true reward beats a uniformly drawn other
@@ -91,6 +94,11 @@ def main(args):
                         **setting})
 
     add("oracle", 0, [pick_quality(true, true)])
+    truth_path = os.path.join(args.data, "synthetic_truth.safetensors")
+    if os.path.exists(truth_path):   # the ceiling of any linear reward: the true scores without their noise
+        U_true = utils.load_tensors(truth_path, ["reward_models"])["reward_models"].to(test_rows.device)  # [F, M]
+        linear = torch.cat([t.float() @ U_true for t in test_rows.split(1 << 15)]) @ W_true.T.to(U_true.device)
+        add("true_linear", 0, [pick_quality(true, linear.T.reshape(-1, S, R).double().cpu())])   # [N, S, R]
     v_ref = (torch.cat([t.float() @ data.v_ref.to(t.device) for t in test_rows.split(1 << 15)])   # [S*R, 1]
              .reshape(1, S, R).double().cpu())
     add("v_ref", 0, [pick_quality(true, v_ref)])
@@ -152,7 +160,7 @@ def plot(records, path, title):
     for ax, key in zip(axes, ("win_rate", "regret")):
         ax.errorbar([r["shots"] for r in personal], [r[key] for r in personal], yerr=[r[f"{key}_std"] for r in personal],
                     marker="o", capsize=3, color="C0", label="personal (fitted w)")
-        for i, rule in enumerate(("oracle", "basis_mean", "v_ref", "random"), 1):
+        for i, rule in enumerate(("oracle", "true_linear", "basis_mean", "v_ref", "random"), 1):
             for r in (r for r in records if r["rule"] == rule):
                 ax.axhline(r[key], ls="--" if rule != "oracle" else ":", color=f"C{i}", label=rule)
         ax.set(xscale="log", xlabel="shots (pairs per unseen user)", ylabel=key.replace("_", " "), title=title)

@@ -355,6 +355,7 @@ def test_best_of_n_personal_beats_v_ref_and_improves_with_shots(fitted, tmp_path
     rule = {(r["rule"], r["shots"]): r for r in records}
     assert rule["oracle", 0]["win_rate"] == 1.0 and rule["oracle", 0]["regret"] == 0.0
     assert rule["random", 0]["win_rate"] == 0.5
+    assert rule["true_linear", 0]["win_rate"] > rule["personal", 1]["win_rate"] > rule["random", 0]["win_rate"]
     assert rule["personal", 20]["win_rate"] > rule["v_ref", 0]["win_rate"] + 0.05
     assert rule["personal", 20]["win_rate"] > rule["personal", 1]["win_rate"] + 0.03
     assert rule["personal", 20]["regret"] < rule["personal", 1]["regret"] < rule["random", 0]["regret"]
