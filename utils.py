@@ -54,10 +54,26 @@ class InputError(ValueError):
 
 
 def resolve_device(device=None):
-    """None means CUDA when available, else CPU."""
+    """None means CUDA when available, else CPU. A device this machine does not have is an InputError
+    (torch would only fail at the first tensor moved there, after files were read or written)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {device}: not a device (expected cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise InputError(f"--device {device}: not supported (expected cpu, cuda or cuda:N)")
+    return resolved
 
 
 def set_seed(seed):
