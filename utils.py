@@ -794,10 +794,10 @@ def save_tensors(path, tensors, metadata=None):
 
 
 def load_tensors(path, keys=()):
-    """-> dict of tensors; InputError naming the file when it or one of `keys` is missing."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    tensors = load_file(path)
+    """-> dict of tensors; InputError naming the file when it is missing or unreadable (truncated,
+    corrupt, not safetensors), or when one of `keys` is missing."""
+    with _open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise InputError(f"{path}: missing tensor(s) {missing}")
@@ -805,11 +805,27 @@ def load_tensors(path, keys=()):
 
 
 def read_metadata(path):
-    """The string metadata in a safetensors file's header."""
+    """The string metadata in a safetensors file's header; InputError naming a missing or unreadable file."""
+    with _open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+def _open_safetensors(path):
+    """safe_open(path), which checks the header and that the file is as long as the header says: a
+    missing, truncated or corrupt file is an InputError naming it."""
+    from safetensors import SafetensorError
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def write_json(path, obj):
@@ -821,10 +837,11 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path) as f:
-        return json.load(f)
+    """-> the parsed JSON file; InputError naming the file and line when it is missing, not UTF-8 or not JSON."""
+    try:
+        return json.loads("".join(line for _, line in _utf8_lines(path)))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def write_table(path, records):
@@ -838,11 +855,16 @@ def write_table(path, records):
 
 
 def read_table(path, columns=()):
-    """Parquet -> pandas DataFrame; InputError naming the file when it or a column is missing."""
+    """Parquet -> pandas DataFrame; InputError naming the file when it is missing or unreadable, or a
+    column is missing. A file of zero rows is read: whether that is an error is the caller's to say."""
     import pandas as pd
+    import pyarrow as pa
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}")
@@ -851,7 +873,8 @@ def read_table(path, columns=()):
 
 def load_splits(hub_id, splits, data_files=None, config=None):
     """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet})
-    or else from the Hugging Face hub. Errors name the split or file at fault."""
+    or else from the Hugging Face hub. Errors name the split or file at fault, and the line of a
+    local JSON / JSON-lines file."""
     import datasets
     data_files = data_files or {}
     out = {}
@@ -863,10 +886,12 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             if not os.path.isfile(path):
                 raise InputError(f"{path}: no such file (the {split} split)")
             kind = "parquet" if path.endswith(".parquet") else "json"
+            if path.endswith((".json", ".jsonl")):
+                _check_json_rows(path)
             try:
                 out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
             except Exception as e:  # datasets raises many types for unreadable files
-                raise InputError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {e})".splitlines()[0])
+                raise InputError(f"{path}: cannot read it as {kind} ({_first_line(e)})")
         else:
             if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # else: retries for half a minute
                 raise InputError(f"the Hugging Face hub is unreachable, so {hub_id} cannot be downloaded; "
@@ -878,6 +903,57 @@ def load_splits(hub_id, splits, data_files=None, config=None):
                 raise InputError(f"could not load {hub_id} ({split}) from the hub ({type(e).__name__}); "
                                  f"offline? pass local files with --data-files {split}=PATH")
     return out
+
+
+def _check_json_rows(path):
+    """A local .json / .jsonl data file is read here first, because the datasets library reports a bad
+    line without its number, an empty file as a bare StopIteration and bad bytes with a traceback.
+    A .json file is one JSON document (a list of row objects) or, as datasets also accepts, JSON lines."""
+    lines = list(_utf8_lines(path))
+    rows = [(n, line) for n, line in lines if line.strip()]
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    if path.endswith(".json"):
+        try:
+            document = json.loads("".join(line for _, line in lines))
+        except json.JSONDecodeError as e:
+            if not isinstance(_json_or_none(rows[0][1]), dict):  # not JSON lines either: report the document's error
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        else:
+            if isinstance(document, list):
+                if not document:
+                    raise InputError(f"{path}: no rows")
+                bad = next((i for i, row in enumerate(document) if not isinstance(row, dict)), None)
+                if bad is not None:
+                    raise InputError(f"{path}: row {bad} is {type(document[bad]).__name__}, expected a JSON object")
+            return
+    for n, line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: {type(row).__name__}, expected a JSON object per line")
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _utf8_lines(path):
+    """Yields (line number, text) of a file, decoded line by line so that bytes that are not UTF-8 are
+    reported with their line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------------------
