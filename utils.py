@@ -888,6 +888,9 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             kind = "parquet" if path.endswith(".parquet") else "json"
             if path.endswith((".json", ".jsonl")):
                 _check_json_rows(path)
+            if kind == "parquet" and _parquet_rows(path) == 0:  # datasets cannot build a split of no rows
+                out[split] = datasets.Dataset.from_pandas(read_table(path), preserve_index=False)
+                continue
             try:
                 out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
             except Exception as e:  # datasets raises many types for unreadable files
@@ -934,6 +937,15 @@ def _check_json_rows(path):
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{n}: {type(row).__name__}, expected a JSON object per line")
+
+
+def _parquet_rows(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it as parquet ({_first_line(e)})") from None
 
 
 def _json_or_none(text):
@@ -1708,11 +1720,11 @@ def _shard_done(path, rows):
             shape = f.get_slice("embeddings").get_shape() if "embeddings" in f.keys() else []
             done = "rows" in f.keys() and f.get_tensor("rows").tolist() == rows and len(shape) == 2 \
                 and shape[0] == len(rows)
-        reason = "not the embeddings of its rows"
+        reason = f"{path}: not the embeddings of its rows"
     except InputError as e:
         done, reason = False, str(e)
     if not done:
-        print(f"{path}: {reason}; computing it again")
+        print(f"{reason}; computing it again")
         os.remove(path)
     return done
 
