@@ -51,7 +51,8 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     out = args.out or args.data
-    v_ref = utils.read_reward_head(args.model)        # [F, 1]; a model without a reward head fails here, not later
+    utils.resolve_device(args.device)                 # a bad --device fails before any work
+    v_ref = utils.read_reward_head(args.model)        # [F, 1]; a model without a valid reward head fails here, not later
     examples = utils.read_table(os.path.join(args.data, "examples.parquet"), IDS + ["chosen", "rejected"])
     if len(examples) == 0:
         raise utils.InputError(f"{os.path.join(args.data, 'examples.parquet')}: no examples")
@@ -66,6 +67,9 @@ def main(args):
                                       device=args.device, batch_tokens=args.batch_tokens)   # [E, F]
     if not utils.is_main_process():
         return
+    if v_ref.shape != (table.shape[1], 1):  # checked before any other file is written
+        raise utils.InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
+                               f"F={table.shape[1]}")
     sets = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test",
             ("unseen", "train"): "unseen_fewshot", ("unseen", "test"): "unseen_test"}
     pairs = examples[IDS].assign(

@@ -98,8 +98,12 @@ def locate(data_dir):
 
 def read_jsonl(path):
     """Yields (line number, object) of a JSON-lines file; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are reported with their line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise utils.InputError(f"{path}:{n}: not UTF-8") from None
             if not line.strip():
                 continue
             try:
