@@ -2048,12 +2048,6 @@ def config_of(args, **extra):
     return {**{k: v for k, v in vars(args).items()}, **extra, "command": " ".join(sys.argv)}
 
 
-def save_config(args, name="config.json", **extra):
-    """config_of(args) as JSON in args.out, for the scripts that write no run_folder (PRISM/prepare.py,
-    PRISM/eval_rb2.py)."""
-    write_json(os.path.join(args.out, name), config_of(args, **extra))
-
-
 def start_run(args):
     """Seed everything and resolve the device; print both. -> the torch device."""
     set_seed(args.seed)

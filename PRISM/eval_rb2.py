@@ -28,7 +28,6 @@ Writes to --out (default PRISM/results/rb2/):
                                  overall_rb2
     config.json                  the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -45,7 +44,7 @@ CONTENTS = "RewardBench 2 replies"   # what the embeddings file holds, in its me
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--model", default=utils.DEFAULT_MODEL, help="reward model: hub id or local folder")
     p.add_argument("--data-files", type=utils.data_files_arg, nargs="+", default=None, metavar="test=PATH",
                    help="a local .json/.jsonl/.parquet file of the test split instead of the hub")
@@ -92,7 +91,7 @@ def main(args):
     scores = phi.float() @ H                                                        # [replies, B]
     stats = prompt_stats(scores, torch.tensor(prompt), torch.tensor(chosen), len(rows))
     utils.save_results(summarize(names, rows, stats), args.out, name="rb2_results")
-    utils.save_config(args)
+    utils.write_json(os.path.join(args.out, "config.json"), utils.config_of(args))
 
 
 def read_prompts(data, source):

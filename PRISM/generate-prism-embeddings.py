@@ -22,7 +22,6 @@ Writes to --out (default: the --data folder) the common data layout (utils.DATA_
     split.json                a copy of prepare.py's split, when --out is not --data
 Next: train_basis.py, vary_fewshot.py.
 """
-import argparse
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ IDS = ["split", "user", "user_group", "dialog", "turn", "rejected_index"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--data", default=os.path.join(FOLDER, "data"),
                    help="what prepare.py wrote (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: --data)")
