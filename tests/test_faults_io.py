@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import utils
-from conftest import REPO, tiny_reward_model
+from conftest import REPO, load_script, tiny_reward_model
 from benchmarks.bench_embed import tiny_chat_tokenizer
 
 FOLDER = os.path.join(REPO, "PRISM")
-prepare = utils.load_script(os.path.join(FOLDER, "prepare.py"), "faults_prism_prepare")
-embed_script = utils.load_script(os.path.join(FOLDER, "generate-prism-embeddings.py"), "faults_prism_embed")
-eval_rb2 = utils.load_script(os.path.join(FOLDER, "eval_rb2.py"), "faults_prism_eval_rb2")
+prepare = load_script(os.path.join(FOLDER, "prepare.py"), "faults_prism_prepare")
+embed_script = load_script(os.path.join(FOLDER, "generate-prism-embeddings.py"), "faults_prism_embed")
+eval_rb2 = load_script(os.path.join(FOLDER, "eval_rb2.py"), "faults_prism_eval_rb2")
 
 SETTINGS = dict(device="cpu", batch_tokens=200, shard_size=5)
 
