@@ -58,10 +58,26 @@ class InputError(ValueError):
 
 
 def resolve_device(device=None):
-    """None means CUDA when available, else CPU."""
+    """None means CUDA when available, else CPU. A device this machine does not have is an InputError
+    (torch would only fail at the first tensor moved there, after files were read or written)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {device}: not a device (expected cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise InputError(f"--device {device}: not supported (expected cpu, cuda or cuda:N)")
+    return resolved
 
 
 def set_seed(seed):
@@ -1884,10 +1900,10 @@ def save_tensors(path, tensors, metadata=None):
 
 
 def load_tensors(path, keys=()):
-    """-> dict of tensors; InputError naming the file when it or one of `keys` is missing."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    tensors = load_file(path)
+    """-> dict of tensors; InputError naming the file when it is missing or unreadable (truncated,
+    corrupt, not safetensors), or when one of `keys` is missing."""
+    with _open_safetensors(path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     missing = [k for k in keys if k not in tensors]
     if missing:
         raise InputError(f"{path}: missing tensor(s) {missing}")
@@ -1895,11 +1911,27 @@ def load_tensors(path, keys=()):
 
 
 def read_metadata(path):
-    """The string metadata in a safetensors file's header."""
+    """The string metadata in a safetensors file's header; InputError naming a missing or unreadable file."""
+    with _open_safetensors(path) as f:
+        return f.metadata() or {}
+
+
+def _open_safetensors(path):
+    """safe_open(path), which checks the header and that the file is as long as the header says: a
+    missing, truncated or corrupt file is an InputError naming it."""
+    from safetensors import SafetensorError
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e):
+    """An exception as one line: its type and the first line of its message."""
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def write_json(path, obj):
@@ -1911,10 +1943,11 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path) as f:
-        return json.load(f)
+    """-> the parsed JSON file; InputError naming the file and line when it is missing, not UTF-8 or not JSON."""
+    try:
+        return json.loads("".join(line for _, line in _utf8_lines(path)))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
 
 def write_table(path, records):
@@ -1928,11 +1961,16 @@ def write_table(path, records):
 
 
 def read_table(path, columns=()):
-    """Parquet -> pandas DataFrame; InputError naming the file when it or a column is missing."""
+    """Parquet -> pandas DataFrame; InputError naming the file when it is missing or unreadable, or a
+    column is missing. A file of zero rows is read: whether that is an error is the caller's to say."""
     import pandas as pd
+    import pyarrow as pa
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}")
@@ -1941,7 +1979,8 @@ def read_table(path, columns=()):
 
 def load_splits(hub_id, splits, data_files=None, config=None):
     """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet})
-    or else from the Hugging Face hub. Errors name the split or file at fault."""
+    or else from the Hugging Face hub. Errors name the split or file at fault, and the line of a
+    local JSON / JSON-lines file."""
     import datasets
     data_files = data_files or {}
     out = {}
@@ -1953,10 +1992,15 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             if not os.path.isfile(path):
                 raise InputError(f"{path}: no such file (the {split} split)")
             kind = "parquet" if path.endswith(".parquet") else "json"
+            if path.endswith((".json", ".jsonl")):
+                _check_json_rows(path)
+            if kind == "parquet" and _parquet_rows(path) == 0:  # datasets cannot build a split of no rows
+                out[split] = datasets.Dataset.from_pandas(read_table(path), preserve_index=False)
+                continue
             try:
                 out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
             except Exception as e:  # datasets raises many types for unreadable files
-                raise InputError(f"{path}: cannot read it as {kind} ({type(e).__name__}: {e})".splitlines()[0])
+                raise InputError(f"{path}: cannot read it as {kind} ({_first_line(e)})")
         else:
             if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # else: retries for half a minute
                 raise InputError(f"the Hugging Face hub is unreachable, so {hub_id} cannot be downloaded; "
@@ -1968,6 +2012,66 @@ def load_splits(hub_id, splits, data_files=None, config=None):
                 raise InputError(f"could not load {hub_id} ({split}) from the hub ({type(e).__name__}); "
                                  f"offline? pass local files with --data-files {split}=PATH")
     return out
+
+
+def _check_json_rows(path):
+    """A local .json / .jsonl data file is read here first, because the datasets library reports a bad
+    line without its number, an empty file as a bare StopIteration and bad bytes with a traceback.
+    A .json file is one JSON document (a list of row objects) or, as datasets also accepts, JSON lines."""
+    lines = list(_utf8_lines(path))
+    rows = [(n, line) for n, line in lines if line.strip()]
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    if path.endswith(".json"):
+        try:
+            document = json.loads("".join(line for _, line in lines))
+        except json.JSONDecodeError as e:
+            if not isinstance(_json_or_none(rows[0][1]), dict):  # not JSON lines either: report the document's error
+                raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        else:
+            if isinstance(document, list):
+                if not document:
+                    raise InputError(f"{path}: no rows")
+                bad = next((i for i, row in enumerate(document) if not isinstance(row, dict)), None)
+                if bad is not None:
+                    raise InputError(f"{path}: row {bad} is {type(document[bad]).__name__}, expected a JSON object")
+            return
+    for n, line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{n}: {type(row).__name__}, expected a JSON object per line")
+
+
+def _parquet_rows(path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read it as parquet ({_first_line(e)})") from None
+
+
+def _json_or_none(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _utf8_lines(path):
+    """Yields (line number, text) of a file, decoded line by line so that bytes that are not UTF-8 are
+    reported with their line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                yield n, line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{n}: not UTF-8") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2134,12 +2238,6 @@ def add_prepare_args(parser, folder):
 def config_of(args, **extra):
     """The resolved command-line config and the command itself, as saved beside a run's outputs."""
     return {**{k: v for k, v in vars(args).items()}, **extra, "command": " ".join(sys.argv)}
-
-
-def save_config(args, name="config.json", **extra):
-    """config_of(args) as JSON in args.out, for the scripts that write no run_folder (PRISM/prepare.py,
-    PRISM/eval_rb2.py)."""
-    write_json(os.path.join(args.out, name), config_of(args, **extra))
 
 
 def start_run(args):
@@ -2401,7 +2499,7 @@ def load_reward_model(model_name_or_path=DEFAULT_MODEL, device=None, dtype=None,
     (flash_attention_2 takes none: flash-attn is not needed; SDPA runs cuDNN's flash kernel with them)."""
     if attn_implementation not in ("sdpa", "eager"):
         raise InputError(f"attn_implementation {attn_implementation!r}: prefix sharing needs 'sdpa' or 'eager'")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = _resolve_dtype(dtype, device)
     from transformers import AutoModel  # here, not at the top: training needs no transformers
     source, offline = _locate(model_name_or_path)
@@ -2410,20 +2508,24 @@ def load_reward_model(model_name_or_path=DEFAULT_MODEL, device=None, dtype=None,
         # The load report lists score.weight as unexpected: the base model has no head, as intended.
         model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                           local_files_only=offline)
-    except OSError as e:
-        raise InputError(f"could not load reward model {source}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # transformers and safetensors raise many types for a config or weights they cannot read
+        raise InputError(f"could not load reward model {source}: {_first_line(e)}") from e
     return model.to(device).eval(), tokenizer
 
 
 def read_reward_head(model_name_or_path=DEFAULT_MODEL):
     """-> v_ref, float32 [F, 1]: the checkpoint's `score.weight` ([1, F]) transposed, read from its
     safetensors file without building the model. Of a sharded checkpoint only the index and the shard
-    that holds score.weight are opened (for a hub id: downloaded)."""
+    that holds score.weight are opened (for a hub id: downloaded). An unreadable index or weights file,
+    or a head with NaN or inf values, is an InputError naming it."""
     source, offline = _locate(model_name_or_path)
     index = _checkpoint_file(source, "model.safetensors.index.json", offline)
     if index is not None:
-        with open(index) as f:
-            shard = json.load(f)["weight_map"].get("score.weight")
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise InputError(f"{index}: no weight_map (not a safetensors index)")
+        shard = weight_map.get("score.weight")
         if shard is None:
             raise InputError(f"checkpoint {source} has no score.weight: not a sequence-classification reward model")
         path = _checkpoint_file(source, shard, offline)
@@ -2433,37 +2535,47 @@ def read_reward_head(model_name_or_path=DEFAULT_MODEL):
         path = _checkpoint_file(source, "model.safetensors", offline)
         if path is None:
             raise InputError(f"checkpoint {source} has no model.safetensors or model.safetensors.index.json")
-    with safe_open(path, framework="pt") as f:
+    with _open_safetensors(path) as f:
         if "score.weight" not in f.keys():
             raise InputError(f"checkpoint {source} has no score.weight: not a sequence-classification reward model")
         weight = f.get_tensor("score.weight")  # [1, F]
     if weight.ndim != 2 or weight.shape[0] != 1:
         raise InputError(f"score.weight of {source} has shape {list(weight.shape)}, expected [1, F] (one reward)")
+    if not torch.isfinite(weight).all():
+        raise InputError(f"score.weight of {source} has {int((~torch.isfinite(weight)).sum())} NaN or inf values")
     return weight.float().T.contiguous()  # [F, 1]
 
 
 def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODEL, *, device=None,
-                        dtype=None, batch_tokens=16384, shard_size=4096, model=None, tokenizer=None):
+                        dtype=None, batch_tokens=16384, shard_size=4096, model=None, tokenizer=None,
+                        contents=None):
     """Embeds n conversations (each a list of {"role": "user"|"assistant", "content": str}): the final
     hidden state at the last token of the conversation rendered with the tokenizer's chat template.
     Writes `out_path` (safetensors) holding {"embeddings": [n, F]} in input order, in the model's dtype
-    (bfloat16 for the default GPU load), with model, n, F, dtype and an input fingerprint in the header
-    metadata, and returns the [n, F] tensor on CPU. If `out_path` already holds the embeddings of the
-    same inputs and settings it is returned without recomputing.
+    (bfloat16 for the default GPU load), with model, n, F, dtype and a fingerprint of the inputs,
+    the model's weights and the settings in the header metadata, and returns the [n, F] tensor on CPU.
+    If `out_path` already holds the embeddings of the same fingerprint it is returned without
+    recomputing; if it holds another fingerprint's, or is unreadable, it is recomputed.
+
+    An existing file at out_path that embed_conversations did not write, or whose `contents` differ, is
+    never replaced (InputError), nor is a path another run is extracting into (a lock, `<out_path>.lock`).
 
     batch_tokens: each forward holds at most this many padded token positions (rows x padded length);
     a longer sequence runs alone.
     shard_size: sequences per shard, the unit of resumption and of work spread over torchrun processes.
     model/tokenizer: already loaded ones; otherwise load_reward_model(model_name_or_path, device, dtype)
-    is called, and only if some shard is left to compute."""
+    is called, and only if some shard is left to compute.
+    contents: what is embedded, in a few words (e.g. "RewardBench 2 replies"), kept in the metadata."""
     if len(conversations) == 0:
         raise InputError(f"no conversations to embed into {out_path}")
+    if batch_tokens < 1 or shard_size < 1:
+        raise InputError(f"batch_tokens ({batch_tokens}) and shard_size ({shard_size}) must be >= 1")
     out_path = str(out_path)
     rank, world, local_rank = _distributed()
     if model is not None:
         device, dtype, name = model.device, model.dtype, model.name_or_path
     else:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)  # one GPU per torchrun process
         dtype, name = _resolve_dtype(dtype, device), str(model_name_or_path)
@@ -2472,45 +2584,59 @@ def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODE
 
     ids = _chat_token_ids(tokenizer, conversations)
     fingerprint = _fingerprint(ids, name, dtype, batch_tokens, shard_size)
-    if os.path.exists(out_path) and read_metadata(out_path).get("fingerprint") == fingerprint:
-        return load_file(out_path)["embeddings"]
+    # A single process reads a finished file without the lock (files are replaced atomically), so runs
+    # that share a finished file never conflict; torchrun ranks look under it, where no other run can
+    # change the file between one rank's look and another's.
+    cached = _reuse(out_path, fingerprint, contents) if world == 1 else None
+    if cached is not None:
+        return cached
+    lock = _lock(out_path, rank, world, local_rank)
+    try:
+        cached = _reuse(out_path, fingerprint, contents) if world > 1 else None
+        if cached is not None:
+            return cached
+        seqs, inverse, shards = _plan(ids, conversations, batch_tokens, shard_size)
+        if rank == 0:
+            total = sum(len(s) for s in ids)
+            encoded = sum(plen + sum(len(seqs[u]) - plen for u in us) for shard in shards for plen, us in shard)
+            print(f"{out_path}: {len(ids)} conversations, {len(seqs)} distinct, {encoded} tokens to encode "
+                  f"instead of {total} (shared prefixes), {len(shards)} shards of up to {shard_size}")
 
-    seqs, inverse, shards = _plan(ids, conversations, batch_tokens, shard_size)
-    if rank == 0:
-        total = sum(len(s) for s in ids)
-        encoded = sum(plen + sum(len(seqs[u]) - plen for u in us) for shard in shards for plen, us in shard)
-        print(f"{out_path}: {len(ids)} conversations, {len(seqs)} distinct, {encoded} tokens to encode "
-              f"instead of {total} (shared prefixes), {len(shards)} shards of up to {shard_size}")
+        parts = out_path + ".parts"
+        if rank == 0:
+            _open_parts(parts, {"fingerprint": fingerprint, "model": name, "dtype": str(dtype), "n": len(ids),
+                                "batch_tokens": batch_tokens, "shard_size": shard_size, "shards": len(shards)})
+        _barrier(world, local_rank)  # the shard folder is this run's
+        todo = [i for i in range(len(shards))
+                if i % world == rank and not _shard_done(_shard_path(parts, i), _shard_rows(shards[i]))]
+        if todo and model is None:
+            model, _ = load_reward_model(name, device, dtype)
+        bar = tqdm(total=sum(len(us) for i in todo for _, us in shards[i]), unit="seq", disable=rank != 0,
+                   desc=f"embedding {os.path.basename(out_path)}")
+        for i in todo:
+            embeddings, rows = [], []
+            for batch in _batches(shards[i], seqs, batch_tokens):
+                embeddings.append(_embed_batch(model, batch, seqs).cpu())  # [m, F]
+                rows += [u for _, us in batch for u in us]
+                bar.update(sum(len(us) for _, us in batch))
+            save_tensors(_shard_path(parts, i), {"embeddings": torch.cat(embeddings), "rows": torch.tensor(rows)})
+        bar.close()
 
-    parts = out_path + ".parts"
-    _open_parts(parts, {"fingerprint": fingerprint, "model": name, "dtype": str(dtype), "n": len(ids),
-                        "batch_tokens": batch_tokens, "shard_size": shard_size, "shards": len(shards)})
-    todo = [i for i in range(len(shards)) if i % world == rank and not os.path.exists(_shard_path(parts, i))]
-    if todo and model is None:
-        model, _ = load_reward_model(name, device, dtype)
-    bar = tqdm(total=sum(len(us) for i in todo for _, us in shards[i]), unit="seq", disable=rank != 0,
-               desc=f"embedding {os.path.basename(out_path)}")
-    for i in todo:
-        embeddings, rows = [], []
-        for batch in _batches(shards[i], seqs, batch_tokens):
-            embeddings.append(_embed_batch(model, batch, seqs).cpu())  # [m, F]
-            rows += [u for _, us in batch for u in us]
-            bar.update(sum(len(us) for _, us in batch))
-        save_tensors(_shard_path(parts, i), {"embeddings": torch.cat(embeddings), "rows": torch.tensor(rows)})
-    bar.close()
-
-    _barrier(world, local_rank)  # every shard is on disk
-    if rank == 0:
-        _merge(parts, len(shards), len(seqs), inverse, out_path,
-               {"model": name, "n": str(len(ids)), "dtype": str(dtype).removeprefix("torch."),
-                "fingerprint": fingerprint})
-    _barrier(world, local_rank)  # the final file is on disk
-    return load_file(out_path)["embeddings"]
+        _barrier(world, local_rank)  # every shard is on disk
+        if rank == 0:
+            metadata = {"model": name, "n": str(len(ids)), "dtype": str(dtype).removeprefix("torch."),
+                        "fingerprint": fingerprint}
+            _merge(parts, len(shards), len(seqs), inverse, out_path,
+                   {**metadata, "contents": contents} if contents is not None else metadata)
+        _barrier(world, local_rank)  # the final file is on disk
+        return load_tensors(out_path, ["embeddings"])["embeddings"]
+    finally:
+        _unlock(lock, out_path)
 
 
 def is_main_process():
     """True unless this process is a torchrun worker of rank > 0: print and save results only when True."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return _torchrun()[0] == 0
 
 
 def _resolve_dtype(dtype, device):
@@ -2554,8 +2680,8 @@ def _load_tokenizer(source, offline):
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=offline)
-    except OSError as e:
-        raise InputError(f"could not load the tokenizer of {source}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a missing or broken tokenizer
+        raise InputError(f"could not load the tokenizer of {source}: {_first_line(e)}") from e
 
 
 def _checkpoint_file(source, filename, offline):
@@ -2574,6 +2700,8 @@ def _chat_token_ids(tokenizer, conversations):
     for i, conversation in enumerate(conversations):
         if len(conversation) == 0:
             raise InputError(f"conversation {i} has no messages")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise InputError(f"the tokenizer of {tokenizer.name_or_path} has no chat template")
     # transformers 5 returns a BatchEncoding here (return_dict defaults to True); 4.x returned a list
     ids = tokenizer.apply_chat_template(list(conversations), tokenize=True, return_dict=True)["input_ids"]
     for i, seq in enumerate(ids):
@@ -2583,12 +2711,44 @@ def _chat_token_ids(tokenizer, conversations):
 
 
 def _fingerprint(ids, name, dtype, batch_tokens, shard_size):
-    """Hash of everything that determines the output bytes: the token ids, the model and the settings."""
-    h = hashlib.sha256(json.dumps([name, str(dtype), batch_tokens, shard_size]).encode())
+    """Hash of everything that determines the output bytes: the token ids, the model's weights and the settings."""
+    h = hashlib.sha256(json.dumps([name, _weights_key(name), str(dtype), batch_tokens, shard_size]).encode())
     for seq in ids:
         h.update(len(seq).to_bytes(8, "little"))
         h.update(array("q", seq).tobytes())
     return h.hexdigest()
+
+
+def _weights_key(name):
+    """What identifies the weights behind a model name: the name alone would reuse a finished file (or
+    resume into its shards) after new weights were saved at the same path or a new revision downloaded.
+    A local folder: name, size and mtime of each weight file and config.json. A hub id: the commit its
+    local cache resolves `main` to, else the same listing of the cached snapshots. Hashing the weights
+    themselves would read 16 GB for an 8B model. None for a model built in memory, which has neither."""
+    if os.path.isdir(name):
+        return _weight_files(name)
+    from huggingface_hub.file_download import repo_folder_name
+    try:
+        folder = os.path.join(hf_constants.HF_HUB_CACHE, repo_folder_name(repo_id=name, repo_type="model"))
+    except ValueError:  # not a hub id either
+        return None
+    ref = os.path.join(folder, "refs", "main")
+    if os.path.isfile(ref):
+        with open(ref) as f:
+            return f.read().strip()
+    snapshots = os.path.join(folder, "snapshots")
+    return [_weight_files(os.path.join(snapshots, s)) for s in sorted(os.listdir(snapshots))] \
+        if os.path.isdir(snapshots) else None
+
+
+def _weight_files(folder):
+    """[[file, size, mtime in ns]] of a checkpoint folder's weight files and config.json."""
+    listing = []
+    for file in sorted(os.listdir(folder)):
+        if file.endswith((".safetensors", ".bin")) or file == "config.json":
+            stat = os.stat(os.path.join(folder, file))  # follows the hub cache's links to the blobs
+            listing.append([file, stat.st_size, stat.st_mtime_ns])
+    return listing
 
 
 _MAX_ROW = 8192
@@ -2696,15 +2856,25 @@ def _embed_batch(model, batch, seqs):
     return hidden[rows, columns]                                                    # [m, F]
 
 
+def _torchrun():
+    """-> (rank, world_size, local_rank). Only WORLD_SIZE > 1 with MASTER_ADDR set, as torchrun sets them,
+    is a multi-process run: a stray RANK (left in a shell, set by a scheduler) must not make a lone
+    process skip saving its results or wait forever for peers."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if not world.isdigit() or int(world) <= 1 or not os.environ.get("MASTER_ADDR"):
+        return 0, 1, 0
+    return int(os.environ.get("RANK", "0")), int(world), int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def _distributed():
     """-> (rank, world_size, local_rank), joining the torchrun process group if there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world, local_rank = _torchrun()
     if world > 1 and not dist.is_initialized():
         # A long timeout: ranks wait at a barrier until the slowest one has finished its shards.
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                                 timeout=datetime.timedelta(hours=12))
         atexit.register(dist.destroy_process_group)
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return rank, world, local_rank
 
 
 def _barrier(world, local_rank):
@@ -2712,34 +2882,163 @@ def _barrier(world, local_rank):
         dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
 
 
+def _all_ranks(ok, world, local_rank):
+    """True when `ok` holds on every torchrun rank, so that all of them stop together."""
+    if world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _lock(out_path, rank, world, local_rank):
+    """Take an exclusive flock on `<out_path>.lock` for the time of an extraction into out_path (rank 0
+    takes it for a whole torchrun job), so that two runs never write into one shard folder or output: a
+    second run fails at once. The OS releases a flock when its process dies, so a killed run leaves no
+    stuck lock. -> the locked file (None on ranks > 0), for _unlock."""
+    import fcntl
+    lock_path, lock, error = out_path + ".lock", None, None
+    while rank == 0 and lock is None and error is None:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+            lock = open(lock_path, "a")
+        except OSError as e:
+            error = InputError(f"{lock_path}: cannot create the lock file ({_first_line(e)})")
+            break
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = InputError(f"{out_path}: another run is using it (it holds {lock_path}); "
+                               f"wait for it to finish or choose another path")
+        if error is not None or not _same_file(lock, lock_path):  # not ours, or deleted by the run that just ended
+            lock.close()
+            lock = None
+    if not _all_ranks(error is None, world, local_rank):
+        raise error or InputError(f"{out_path}: rank 0 could not lock it (see its message)")
+    return lock
+
+
+def _unlock(lock, out_path):
+    if lock is not None:
+        os.remove(out_path + ".lock")  # while still locked: a run that opened this file sees that it is gone
+        lock.close()
+
+
+def _same_file(f, path):
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _reuse(out_path, fingerprint, contents):
+    """-> the embeddings at out_path if they are this run's (same fingerprint), else None: compute them.
+    Only a file that embed_conversations wrote, of the same `contents`, may be replaced: anything else
+    there (a dataset's table, a synthetic one, any other file) is an InputError naming it. A cache whose
+    header is readable but whose tensors are not (truncated, corrupt) is recomputed."""
+    if not os.path.lexists(out_path):
+        return None
+    metadata = _header_metadata(out_path)
+    if metadata is None or "fingerprint" not in metadata:
+        raise InputError(f"{out_path} exists and is not an embeddings cache written by embed_conversations; "
+                         f"it would be overwritten: move it away or choose another path")
+    if metadata.get("contents") != contents:
+        raise InputError(f"{out_path} holds the embeddings of {metadata.get('contents') or 'other conversations'}, "
+                         f"not of {contents or 'these conversations'}: it would be overwritten; choose another path")
+    if metadata["fingerprint"] != fingerprint:
+        if is_main_process():
+            print(f"{out_path}: made from other inputs, model weights or settings; computing it again")
+        return None
+    try:
+        return load_tensors(out_path, ["embeddings"])["embeddings"]
+    except InputError as e:
+        if is_main_process():
+            print(f"{e}; computing it again")
+        return None
+
+
+def _header_metadata(path):
+    """The metadata of a safetensors header, read by hand so that it is found even in a file whose tensors
+    are truncated; None when the path holds no safetensors header at all."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > 100_000_000:  # safetensors' own limit on a header
+            return None
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:  # not JSON, or not UTF-8
+            return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else None
+
+
 def _open_parts(parts, manifest):
-    """Create the shard folder with its manifest, or check that an existing one belongs to this run."""
-    os.makedirs(parts, exist_ok=True)
+    """Create the shard folder with this run's manifest. Shards are trusted only under a manifest equal to
+    this run's: a folder without one or with another run's (other inputs, weights or settings) is cleared,
+    with a note, rather than mixed into this output."""
     path = os.path.join(parts, "manifest.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != manifest:
-                raise InputError(f"{parts} holds shards of a different run (other inputs, model or settings); "
-                                 f"delete that folder to start over")
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)
+    if os.path.lexists(parts):
+        try:
+            found = read_json(path)
+        except InputError:
+            found = None
+        if found == manifest:
+            return
+        print(f"{parts}: {'shards of another run' if found is not None else 'shards without a valid manifest'}; "
+              f"deleting them and starting over")
+        if os.path.isdir(parts) and not os.path.islink(parts):
+            shutil.rmtree(parts)
+        else:
+            os.remove(parts)
+    os.makedirs(parts)
+    write_json(path, manifest)
 
 
 def _shard_path(parts, i):
     return os.path.join(parts, f"shard_{i:06d}.safetensors")
 
 
+def _shard_rows(shard):
+    """The distinct sequences of a shard, in the order its file holds them."""
+    return [u for _, us in shard for u in us]
+
+
+def _shard_done(path, rows):
+    """True when the shard file exists and holds the embeddings of `rows`; one that cannot be read
+    (truncated by a full disk, corrupt) is deleted, with a note, to be computed again."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with _open_safetensors(path) as f:
+            shape = f.get_slice("embeddings").get_shape() if "embeddings" in f.keys() else []
+            done = "rows" in f.keys() and f.get_tensor("rows").tolist() == rows and len(shape) == 2 \
+                and shape[0] == len(rows)
+        reason = f"{path}: not the embeddings of its rows"
+    except InputError as e:
+        done, reason = False, str(e)
+    if not done:
+        print(f"{reason}; computing it again")
+        os.remove(path)
+    return done
+
+
 def _merge(parts, n_shards, n_distinct, inverse, out_path, metadata):
-    """Gather the shards into the final [n, F] file in input order (metadata gains F), then delete the shard folder."""
+    """Gather the shards into the final [n, F] file in input order (metadata gains F), then delete the
+    shard folder. A shard that cannot be read now is deleted, so that the next run computes it again."""
     distinct = None
     for i in range(n_shards):
-        shard = load_file(_shard_path(parts, i))
+        path = _shard_path(parts, i)
+        try:
+            tensors = load_tensors(path, ["embeddings", "rows"])
+        except InputError as e:
+            if os.path.exists(path):
+                os.remove(path)
+            raise InputError(f"{e}; deleted it: run again to compute it anew") from None
         if distinct is None:
-            distinct = torch.empty(n_distinct, shard["embeddings"].shape[1], dtype=shard["embeddings"].dtype)
-        distinct[shard["rows"]] = shard["embeddings"]  # [s, F] into [d, F]
+            distinct = torch.empty(n_distinct, tensors["embeddings"].shape[1], dtype=tensors["embeddings"].dtype)
+        distinct[tensors["rows"]] = tensors["embeddings"]  # [s, F] into [d, F]
     save_tensors(out_path, {"embeddings": distinct[torch.tensor(inverse)]},  # [n, F]
                  {**metadata, "F": str(distinct.shape[1])})
     shutil.rmtree(parts)

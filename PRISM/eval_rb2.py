@@ -22,12 +22,12 @@ accuracies and Ties_rb2, the leaderboard's score.
 
 Writes to --out (default PRISM/results/rb2/):
     rb2_embeddings.safetensors   {"embeddings": [replies, F]} (reused when the inputs and model match;
-                                 --embeddings PATH keeps it elsewhere)
+                                 --embeddings PATH keeps it elsewhere; a file there that is not such
+                                 a cache, e.g. a dataset's embeddings, is refused, never overwritten)
     rb2_results.json, .csv       one row per head: head, each subset's accuracy, overall, Ties_rb2,
                                  overall_rb2
     config.json                  the resolved flags
 """
-import argparse
 import os
 import sys
 
@@ -40,10 +40,11 @@ import utils  # noqa: E402
 HUB_ID = "allenai/reward-bench-2"
 SUBSETS = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
 COLUMNS = ("prompt", "chosen", "rejected", "subset", "id")
+CONTENTS = "RewardBench 2 replies"   # what the embeddings file holds, in its metadata
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--model", default=utils.DEFAULT_MODEL, help="reward model: hub id or local folder")
     p.add_argument("--data-files", type=utils.data_files_arg, nargs="+", default=None, metavar="test=PATH",
                    help="a local .json/.jsonl/.parquet file of the test split instead of the hub")
@@ -65,6 +66,7 @@ def parse_args(argv=None):
 def main(args):
     if args.user_weights and not args.rm_head:
         raise utils.InputError("--user-weights needs --rm-head (the basis file holding the weights)")
+    utils.resolve_device(args.device)                                  # a bad --device fails before any work
     names, H = heads(args)                                             # [F, B]; bad heads fail before embedding
     data = utils.load_splits(HUB_ID, ["test"], dict(args.data_files or {}))["test"]
     source = dict(args.data_files)["test"] if args.data_files else HUB_ID
@@ -78,8 +80,9 @@ def main(args):
             chosen.append(is_chosen)
     print(f"{source}: {len(rows)} prompts, {len(conversations)} replies")
     cache = args.embeddings or os.path.join(args.out, "rb2_embeddings.safetensors")
+    # contents: a file of other embeddings at --embeddings (a dataset's table) is refused, not overwritten
     phi = utils.embed_conversations(conversations, cache, args.model, device=args.device,
-                                    batch_tokens=args.batch_tokens)                 # [replies, F]
+                                    batch_tokens=args.batch_tokens, contents=CONTENTS)  # [replies, F]
     if not utils.is_main_process():
         return
     if phi.shape[1] != H.shape[0]:
@@ -88,7 +91,7 @@ def main(args):
     scores = phi.float() @ H                                                        # [replies, B]
     stats = prompt_stats(scores, torch.tensor(prompt), torch.tensor(chosen), len(rows))
     utils.save_results(summarize(names, rows, stats), args.out, name="rb2_results")
-    utils.save_config(args)
+    utils.write_json(os.path.join(args.out, "config.json"), utils.config_of(args))
 
 
 def read_prompts(data, source):
@@ -117,6 +120,8 @@ def heads(args):
         V = basis["V"].float()                                                      # [F, K]
         if V.dim() != 2 or V.shape[0] != len(v_ref):
             raise utils.InputError(f"{args.rm_head}: V has shape {tuple(V.shape)}, the model's F={len(v_ref)}")
+        if not torch.isfinite(V).all():
+            raise utils.InputError(f"{args.rm_head}: V has NaN or inf values")
         names += [f"V[:, {j}]" for j in range(V.shape[1])]
         columns.append(V)
         if args.user_weights:
@@ -124,6 +129,8 @@ def heads(args):
             if W.dim() != 2 or W.shape[1] != V.shape[1]:
                 raise utils.InputError(f"{args.rm_head}: {args.user_weights} has shape {tuple(W.shape)}, "
                                        f"V has {V.shape[1]} columns")
+            if not torch.isfinite(W).all():
+                raise utils.InputError(f"{args.rm_head}: {args.user_weights} has NaN or inf values")
             names += [f"V {args.user_weights}[{i}]" for i in range(len(W))] + [f"V mean({args.user_weights})"]
             columns += [V @ W.T, V @ W.mean(0, keepdim=True).T]                     # [F, N], [F, 1]
     return names, torch.cat(columns, dim=1)

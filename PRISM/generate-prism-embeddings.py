@@ -22,7 +22,6 @@ Writes to --out (default: the --data folder) the common data layout (utils.DATA_
     split.json                a copy of prepare.py's split, when --out is not --data
 Next: train_basis.py, vary_fewshot.py.
 """
-import argparse
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ IDS = ["split", "user", "user_group", "dialog", "turn", "rejected_index"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--data", default=os.path.join(FOLDER, "data"),
                    help="what prepare.py wrote (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: --data)")
@@ -51,7 +50,8 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     out = args.out or args.data
-    v_ref = utils.read_reward_head(args.model)        # [F, 1]; a model without a reward head fails here, not later
+    utils.resolve_device(args.device)                 # a bad --device fails before any work
+    v_ref = utils.read_reward_head(args.model)        # [F, 1]; a model without a valid reward head fails here, not later
     examples = utils.read_table(os.path.join(args.data, "examples.parquet"), IDS + ["chosen", "rejected"])
     if len(examples) == 0:
         raise utils.InputError(f"{os.path.join(args.data, 'examples.parquet')}: no examples")
@@ -66,6 +66,9 @@ def main(args):
                                       device=args.device, batch_tokens=args.batch_tokens)   # [E, F]
     if not utils.is_main_process():
         return
+    if v_ref.shape != (table.shape[1], 1):  # checked before any other file is written
+        raise utils.InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
+                               f"F={table.shape[1]}")
     sets = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test",
             ("unseen", "train"): "unseen_fewshot", ("unseen", "test"): "unseen_test"}
     pairs = examples[IDS].assign(

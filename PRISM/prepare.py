@@ -32,7 +32,6 @@ Writes to --out (default PRISM/data/):
     prepare_config.json  the resolved flags
 Next: generate-prism-embeddings.py.
 """
-import argparse
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ ROLES = ("user", "model")  # 'model' becomes 'assistant' in the examples
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = utils.ArgumentParser(__doc__)
     p.add_argument("--data-dir", default=None,
                    help="folder with survey.jsonl and conversations.jsonl (default: download them)")
     p.add_argument("--out", default=os.path.join(FOLDER, "data"), help="output folder (default: %(default)s)")
@@ -66,10 +65,12 @@ def main(args):
     dialogs = read_conversations(paths["conversations.jsonl"], users)
     dialogs_of = qualified_dialogs(users, dialogs)
     print(f"{len(dialogs_of)} users and {sum(map(len, dialogs_of.values()))} qualified dialogs")
-    utils.save_config(args, "prepare_config.json")
-    split = load_or_make_split(os.path.join(args.out, "split.json"), dialogs_of, args.seed)
-    rows = examples(split, dialogs)
-    utils.write_table(os.path.join(args.out, "examples.parquet"), rows)
+    with utils.folder_lock(os.path.join(args.out, ".prepare.lock"), f"--out {args.out}"):
+        split = load_or_make_split(os.path.join(args.out, "split.json"), dialogs_of, args.seed)
+        rows = examples(split, dialogs)
+        utils.write_table(os.path.join(args.out, "examples.parquet"), rows)
+        # last: the config describes the files beside it only once they are all written
+        utils.write_json(os.path.join(args.out, "prepare_config.json"), utils.config_of(args))
     for side in ("train", "test"):
         for group in ("seen", "unseen"):
             n = sum(r["split"] == side and r["user_group"] == group for r in rows)
@@ -98,8 +99,12 @@ def locate(data_dir):
 
 def read_jsonl(path):
     """Yields (line number, object) of a JSON-lines file; blank lines are skipped."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are reported with their line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise utils.InputError(f"{path}:{n}: not UTF-8") from None
             if not line.strip():
                 continue
             try:
