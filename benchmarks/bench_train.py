@@ -1,4 +1,5 @@
-"""Time one training step of LoRe, LoRe_regularized and PersonalizeBatch at PersonalLLM scale.
+"""Time one training step of LoRe, LoRe_regularized and PersonalizeBatch at PersonalLLM scale, and
+one step of the baselines PAL and VPL on the same data.
 
     python benchmarks/bench_train.py                    # CPU
     python benchmarks/bench_train.py --device cuda      # GPU (add --deterministic: as the scripts run)
@@ -9,6 +10,13 @@ pairs, F = 4096, K = 5. Each step is compared with
   - the memory floor of a step: one matrix-vector product each way over the pair matrix
     (X @ v and u @ X), timed in the same run.
 Steps run through utils' own training loop (on CUDA: a captured CUDA graph, replayed).
+
+PAL and VPL train by minibatch as their papers do (PAL: batches of 4 pairs, 1 epoch; VPL: batches of
+32 targets with 2-8 context pairs each, every pair 4 times per epoch, 2 epochs), so their step is
+compared with a LoRe step (one full pass over all pairs) and their recipe's whole fit with LoRe's
+(1000 steps); their pairs are rows of an embedding table (bf16, as prepare.py stores it), at the
+papers' sizes (PAL: K = 2 prototypes, dim 512; VPL: latent K = 512, hidden 512). New users: PAL's
+fit_users (W alone, 20 epochs) and VPL's (encoding, no step), against PersonalizeBatch's 500 steps.
 Prints ms/step and both ratios; writes the table as JSON to --out (default: stdout only).
 """
 import argparse
@@ -38,6 +46,10 @@ def parse_args():
                         "200 on CUDA, where the loop replays a captured CUDA graph)")
     p.add_argument("--repeats", type=int, default=10, help="repeats of the floor's products")
     p.add_argument("--loop-repeats", type=int, default=3, help="repeats of the (slow) loop forms")
+    p.add_argument("--pal-k", type=int, default=2, help="PAL's prototypes (the paper's K)")
+    p.add_argument("--vpl-k", type=int, default=512, help="VPL's latent dimension (the paper's)")
+    p.add_argument("--baseline-steps", type=int, default=None,
+                   help="PAL and VPL steps timed (default: 50 on CPU, 200 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true",
                    help="as the scripts run (utils.set_seed): deterministic CUDA kernels")
@@ -153,6 +165,9 @@ def main(args):
     U_list = unseen.split()
     loop = timed(lambda: loop_personalize_step(model, U_list, V), args.loop_repeats, device)
     record("PersonalizeBatch", step, loop, floor_unseen)
+    lore_ms, fewshot_ms = rows[0]["ms"], step * 500
+    del X, X_list, U_list, seen, model
+    baselines = bench_baselines(args, device, lore_ms, fewshot_ms)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
@@ -163,8 +178,77 @@ def main(args):
     for r in rows:
         print(f"{r['step']:<18}{r['ms']:>10.3f}{r['loop_ms']:>10.1f}{r['floor_ms']:>10.3f}"
               f"{r['vs_floor']:>12.2f}{r['loop_speedup']:>11.1f}")
+    print(f"\nbaselines: ms/step against a LoRe step ({lore_ms:.3f} ms), and the recipe's whole fit against LoRe's "
+          f"1000 steps ({1e-3 * 1000 * lore_ms:.1f} s); new users against PersonalizeBatch's 500 steps ({1e-3 * fewshot_ms:.2f} s)")
+    print(f"{'step':<18}{'ms/step':>10}{'x LoRe':>8}{'steps/fit':>11}{'fit s':>9}{'x LoRe fit':>12}")
+    for r in baselines:
+        print(f"{r['step']:<18}{r['ms']:>10.3f}{r['vs_lore_step']:>8.2f}{r['steps_per_fit']:>11}{r['fit_s']:>9.2f}"
+              f"{r['vs_lore_fit']:>12.2f}")
     if args.out:
-        utils.write_json(args.out, {"device": name, "config": vars(args), "results": rows})
+        utils.write_json(args.out, {"device": name, "config": vars(args), "results": rows, "baselines": baselines})
+
+
+def timed_steps(step, n, device):
+    """Mean wall time in ms of step(i) for i in range(n), after 3 warm-up steps."""
+    for i in range(3):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(n):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t) / n
+
+
+def bench_baselines(args, device, lore_ms, fewshot_ms):
+    """PAL and VPL steps on table-form pairs of the same shape: every pair its own two table rows."""
+    n = args.baseline_steps or (200 if device.type == "cuda" else 50)
+    P, Fdim = args.users * args.pairs, args.features
+    table = torch.randn(2 * P, Fdim, dtype=torch.bfloat16, device=device)             # [2P, F]
+    user = torch.arange(args.users, device=device).repeat_interleave(args.pairs)        # [P]
+    rows_ = torch.arange(P, device=device)
+    seen = utils.pack(utils.Pairs(user, args.users, table=table, chosen=2 * rows_, rejected=2 * rows_ + 1))
+    Pu = args.unseen_users * args.unseen_pairs
+    unseen = utils.pack(utils.Pairs(torch.arange(args.unseen_users, device=device).repeat_interleave(args.unseen_pairs),
+                                    args.unseen_users, table=table, chosen=2 * rows_[:Pu], rejected=2 * rows_[:Pu] + 1))
+    out = []
+
+    def add(name, ms, steps, fit_s, lore_fit_s):
+        out.append({"step": name, "ms": ms, "vs_lore_step": ms / lore_ms, "steps_per_fit": steps,
+                    "fit_s": fit_s, "vs_lore_fit": fit_s / lore_fit_s})
+
+    pal = utils.PAL(args.pal_k, device=device)
+    pal.start(seen)
+    batches = torch.randperm(P).to(device).split(pal.hparams["batch_size"])
+    ms = timed_steps(lambda i: pal.step(seen, batches[i]), n, device)
+    steps = pal.hparams["epochs"] * len(batches)
+    add("PAL", ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms)
+    t = time.perf_counter()
+    pal.fit_users(unseen)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    fit_s = time.perf_counter() - t
+    steps = pal.hparams["fewshot_epochs"] * args.unseen_pairs
+    add("PAL fit_users", 1e3 * fit_s / steps, steps, fit_s, 1e-3 * fewshot_ms)
+    del pal
+
+    vpl = utils.VPL(args.vpl_k, device=device)
+    per_epoch = vpl.start(seen)
+    target, context = vpl.draw_epoch(seen)
+    B = vpl.hparams["batch_size"]
+    eps = torch.randn(B, vpl.K).to(device)
+    ms = timed_steps(lambda i: vpl.step(seen, target[i * B:(i + 1) * B], context[i * B:(i + 1) * B], eps, i), n, device)
+    steps = vpl.hparams["epochs"] * per_epoch
+    add("VPL", ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms)
+    t = time.perf_counter()
+    vpl.fit_users(unseen)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    fit_s = time.perf_counter() - t
+    add("VPL fit_users", 1e3 * fit_s, 1, fit_s, 1e-3 * fewshot_ms)
+    return out
 
 
 if __name__ == "__main__":
