@@ -1339,7 +1339,12 @@ def _pairwise_cosines(R_unit, seed):
         rng = np.random.default_rng(seed)
         i = rng.integers(0, N, DIVERSITY_MAX_PAIRS)
         j = (i + rng.integers(1, N, DIVERSITY_MAX_PAIRS)) % N                      # j != i, uniform
-    c = np.einsum("fp,fp->p", R_unit[:, i], R_unit[:, j])                          # [pairs]
+    if N <= 8192:   # the Gram matrix [N, N] is one BLAS call; gathering [F, pairs] would take GBs
+        c = (R_unit.T @ R_unit)[i, j]                                              # [pairs]
+    else:           # users' rows gathered in chunks of pairs
+        R = np.ascontiguousarray(R_unit.T)                                         # [N, F]
+        chunk = max(1, (1 << 22) // R.shape[1])
+        c = np.concatenate([(R[i[s:s + chunk]] * R[j[s:s + chunk]]).sum(1) for s in range(0, len(i), chunk)])
     return {**_quantiles(c), "pairs": int(len(c)), "sampled": bool(n_pairs > DIVERSITY_MAX_PAIRS)}
 
 
