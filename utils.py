@@ -2039,12 +2039,13 @@ def _check_pairs(pairs, name):
 
 
 def _first_nonfinite_row(values, chunk=1 << 14):
-    """Index of the first row of [n, F] with a NaN or inf, or None. Chunked isfinite: a row sum
-    could overflow on finite values near the float32 maximum."""
+    """Index of the first row of [n, F] with a NaN or inf, or None. Per chunk, the largest |value|
+    is finite unless some value is not (max propagates NaN): one read, no [n, F] temporary, and no
+    sum that could overflow on finite values near the float32 maximum."""
     for start in range(0, len(values), chunk):
-        finite = torch.isfinite(values[start:start + chunk]).all(dim=1)            # [chunk]
-        if not finite.all():
-            return start + int(torch.nonzero(~finite)[0])
+        block = values[start:start + chunk]
+        if len(block) and not torch.isfinite(block.abs().amax()):
+            return start + int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0])
     return None
 
 
@@ -2206,7 +2207,9 @@ def load_data(folder, device=None, fewshot_pairs=None):
         raise InputError(f"{v_ref_path}: {e}") from None
     if v_ref.shape[0] != table.shape[1]:
         raise InputError(f"{v_ref_path}: v_ref has {v_ref.shape[0]} features, the embeddings F={table.shape[1]}")
-    df = _read_pairs(os.path.join(folder, "pairs.parquet"), len(table))
+    path = os.path.join(folder, "pairs.parquet")
+    df = read_table(path, ["set", "user", "chosen", "rejected"])
+    _check_pairs_table(df, path, len(table))
     users = info["users"]
     table = table.to(device)
     sets = {}
@@ -2265,9 +2268,8 @@ def oracle_accuracies(data):
                                           .float()).mean()) for name, pairs in data.sets.items()}
 
 
-def _read_pairs(path, n_rows):
-    """pairs.parquet, checked: known sets, integer rows inside the table; errors name the row."""
-    df = read_table(path, ["set", "user", "chosen", "rejected"])
+def _check_pairs_table(df, path, n_rows):
+    """The rows of pairs.parquet: known sets, integer rows inside the table; errors name the row."""
     bad = ~df["set"].isin(SETS)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
@@ -2283,7 +2285,6 @@ def _read_pairs(path, n_rows):
             i = int(np.flatnonzero(outside)[0])
             raise InputError(f"{path}: row {i}: {column} {values.iloc[i]} is outside the {n_rows} rows of "
                              f"embeddings.safetensors")
-    return df
 
 
 def _is_integer_column(series):

@@ -1,7 +1,7 @@
 """PRISM, step 5: RewardBench 2 accuracy of the reward model's own head and of LoRe's learned directions.
 
     python PRISM/eval_rb2.py                                   # v_ref, the reward model itself
-    python PRISM/eval_rb2.py --rm-head PRISM/results/basis_K10_alpha10000.safetensors
+    python PRISM/eval_rb2.py --rm-head PRISM/results/train_basis/lore_regularized_K10_alpha10000.safetensors
     python PRISM/eval_rb2.py --rm-head ... --user-weights W    # + each seen user's V w_i and V mean(w)
     python PRISM/eval_rb2.py --data-files test=rb2.parquet     # a local copy of the test split
 
@@ -10,7 +10,7 @@ rejected (a list), subset, id. Every reply is embedded once as [user: prompt, as
 (utils.embed_conversations; the replies of a prompt share its encoding), then scored as phi . h by
 every head h: v_ref (always), each column of the V saved by train_basis.py (--rm-head), and with
 --user-weights KEY the personalized rewards V w_i of the rows of that weight tensor of the same file
-(W: seen users, W_unseen: unseen users; row order in users.json) and of their mean weights.
+(W: seen users, W_unseen: unseen users; row order in the data folder's data.json) and of their mean weights.
 
 A prompt is correct when every chosen reply scores above every rejected one (strictly). The table
 has the accuracy of each subset, `overall` = the mean over the subsets (each subset counts the same;
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--data-files", type=utils.data_files_arg, nargs="+", default=None, metavar="test=PATH",
                    help="a local .json/.jsonl/.parquet file of the test split instead of the hub")
     p.add_argument("--rm-head", default=None,
-                   help="a basis_K*_alpha*.safetensors of train_basis.py: score with each column of its V")
+                   help="a {method}_K*.safetensors fit of train_basis.py with a basis V (lore, lore_regularized): score with each column of V")
     p.add_argument("--user-weights", default=None, choices=["W", "W_unseen"],
                    help="also score with V w for each row of this weight tensor of --rm-head, and V mean(w)")
     p.add_argument("--out", default=os.path.join(FOLDER, "results", "rb2"),
@@ -58,7 +58,10 @@ def parse_args(argv=None):
                    help="where the replies' embeddings are kept (default: OUT/rb2_embeddings.safetensors); "
                         "share one file between evaluations of several heads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--batch-tokens", type=utils.positive_int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="the reward model's dtype (default: bfloat16 on CUDA, float32 on CPU; the original "
+                        "scored in float32)")
     return p.parse_args(argv)
 
 
@@ -81,7 +84,7 @@ def main(args):
     print(f"{source}: {len(rows)} prompts, {len(conversations)} replies")
     cache = args.embeddings or os.path.join(args.out, "rb2_embeddings.safetensors")
     # contents: a file of other embeddings at --embeddings (a dataset's table) is refused, not overwritten
-    phi = utils.embed_conversations(conversations, cache, args.model, device=args.device,
+    phi = utils.embed_conversations(conversations, cache, args.model, device=args.device, dtype=args.dtype,
                                     batch_tokens=args.batch_tokens, contents=CONTENTS)  # [replies, F]
     if not utils.is_main_process():
         return

@@ -25,7 +25,7 @@ PREPARE = os.path.join(ROOT, "PersonalLLM", "prepare.py")
 TRAIN = os.path.join(ROOT, "PersonalLLM", "train_basis.py")
 GB = 1e9
 # the functions that check inputs: their time, outermost calls only, is "checks"
-CHECKS = ("_check_pairs", "_first_nonfinite_row", "_read_pairs", "_file_digest", "_embeddings_identity",
+CHECKS = ("_check_pairs", "_first_nonfinite_row", "_check_pairs_table", "_file_digest", "_embeddings_identity",
           "_check_v_ref", "_check_matrix", "_check_sets")
 
 
