@@ -2468,13 +2468,23 @@ def _check_json_rows(path):
                 if bad is not None:
                     raise InputError(f"{path}: row {bad} is {type(document[bad]).__name__}, expected a JSON object")
             return
-    for n, line in rows:
+    for _ in read_jsonl(path):
+        pass
+
+
+def read_jsonl(path):
+    """Yields (line number, object) of a JSON-lines file, blank lines skipped; a line that is not
+    UTF-8, not JSON or not an object is an InputError naming path:line."""
+    for n, line in _utf8_lines(path):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{n}: {type(row).__name__}, expected a JSON object per line")
+        yield n, row
 
 
 def _parquet_rows(path):

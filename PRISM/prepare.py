@@ -97,25 +97,6 @@ def locate(data_dir):
                                f"{' and '.join(FILES)} and pass their folder with --data-dir DIR") from None
 
 
-def read_jsonl(path):
-    """Yields (line number, object) of a JSON-lines file; blank lines are skipped."""
-    with open(path, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are reported with their line
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise utils.InputError(f"{path}:{n}: not UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise utils.InputError(f"{path}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise utils.InputError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
-
-
 def field(obj, key, kind, where):
     if key not in obj:
         raise utils.InputError(f"{where}: no field {key!r}")
@@ -128,7 +109,7 @@ def field(obj, key, kind, where):
 def read_survey(path):
     """-> ids of the users with at least one completed conversation, in file order."""
     users = []
-    for n, d in read_jsonl(path):
+    for n, d in utils.read_jsonl(path):
         if field(d, "num_completed_conversations", int, f"{path}:{n}") >= 1:
             users.append(str(field(d, "user_id", (str, int), f"{path}:{n}")))
     print(f"{path}: {len(users)} users with at least one completed conversation")
@@ -139,7 +120,7 @@ def read_conversations(path, users):
     """-> {dialog id: {"user", "turns": [(user message, chosen reply, [rejected replies])]}} of the
     dialogs of `users`, in file order."""
     users, dialogs, others = set(users), {}, 0
-    for n, d in read_jsonl(path):
+    for n, d in utils.read_jsonl(path):
         where = f"{path}:{n}"
         dialog, user = (str(field(d, k, (str, int), where)) for k in ("conversation_id", "user_id"))
         if dialog in dialogs:

@@ -96,25 +96,14 @@ def main(args):
 def read_jsonl(path, fields):
     """A JSONL file whose every line is an object with these fields (name -> type); messages fields
     must be non-empty lists of {"role", "content"} with string values. Errors name the file and line."""
-    if not os.path.isfile(path):
-        raise utils.InputError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise utils.InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise utils.InputError(f"{path}:{n}: expected an object, got {type(row).__name__}")
-            for name, kind in fields.items():
-                if not isinstance(row.get(name), kind):
-                    raise utils.InputError(f"{path}:{n}: {name!r} must be a {kind.__name__}, got {row.get(name)!r}"[:200])
-                if kind is list:
-                    check_messages(row[name], f"{path}:{n}: {name}")
-            rows.append(row)
+    for n, row in utils.read_jsonl(path):
+        for name, kind in fields.items():
+            if not isinstance(row.get(name), kind):
+                raise utils.InputError(f"{path}:{n}: {name!r} must be a {kind.__name__}, got {row.get(name)!r}"[:200])
+            if kind is list:
+                check_messages(row[name], f"{path}:{n}: {name}")
+        rows.append(row)
     if not rows:
         raise utils.InputError(f"{path}: no lines")
     return rows
