@@ -2848,7 +2848,7 @@ def save_results(records, out_dir, name="results"):
             raise InputError(f"{_curve_label(record)}, K={record.get('K')}: {bad} is not a finite number")
     write_json(os.path.join(out_dir, f"{name}.json"), records)
     write_table(os.path.join(out_dir, f"{name}.csv"), records)
-    print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
 
 
 _SET_LABELS = {"seen_train": "seen users, train pairs", "seen_test": "seen users, held-out pairs",
