@@ -574,3 +574,32 @@ def test_a_diverged_fit_is_an_error_not_a_result(small):
         utils._check_fitted(method, torch.zeros(3, 0), torch.zeros(10, 0))
     with pytest.raises(InputError, match=r"lore, alpha=0, K=2: \['seen_test'\] is not a finite number"):
         utils.save_results([{"method": "lore", "K": 2, "alpha": 0.0, "seen_test": float("nan")}], "/nonexistent")
+
+
+def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
+    import argparse
+    out = tmp_path / "results"
+    args = argparse.Namespace(out=str(out), seed=0)
+    with utils.run_folder(args, "a.py") as staging:
+        open(os.path.join(staging, "first.txt"), "w").write("1")
+    assert sorted(os.listdir(out)) == ["config.json", "first.txt"]
+
+    @utils.command_line
+    def interrupted(args):
+        with utils.run_folder(args, "a.py") as staging:
+            open(os.path.join(staging, "second.txt"), "w").write("2")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a run
+    with pytest.raises(SystemExit) as e:
+        interrupted(args)
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["config.json", "first.txt"]            # the earlier run, untouched
+    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
+    # a run killed with -9 leaves its staging folder: the next run removes it
+    os.makedirs(tmp_path / ".results.partial-99999")
+    with utils.run_folder(args, "a.py") as staging:
+        # while a run holds the folder, a second one is refused at once
+        with pytest.raises(InputError, match="is in use by another run"):
+            with utils.run_folder(args, "a.py"):
+                pass
+    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
+    assert sorted(os.listdir(out)) == ["config.json"]                         # nothing of the older run
