@@ -569,3 +569,18 @@ def test_bad_folders_and_rb2_files(data, rb2, tiny_model_dir, tmp_path, capsys):
     code, message = exit_code_and_message(capsys, eval_rb2.main, eval_rb2.parse_args(
         ["--data-files", f"test={rb2[0]}", "--rm-head", os.path.join(data, "v_ref.safetensors"), *rb2_args]))
     assert code == 2 and "v_ref.safetensors" in message and "'V'" in message
+
+
+def test_every_method_runs_on_the_dialogs(data, tmp_path):
+    baselines = ["--pal-dim", "8", "--vpl-hidden", "8", "--vpl-epochs", "1", "--vpl-duplicates", "1"]
+    out = str(tmp_path / "tb")
+    train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--k-list", "0,2", *FAST,
+                                             "--method", "lore_regularized,pal,vpl", *baselines]))
+    records = utils.read_json(os.path.join(out, "results.json"))
+    assert [(r["method"], r["K"]) for r in records] == [("lore_regularized", 0), ("lore_regularized", 2),
+                                                        ("pal", 2), ("vpl", 2)]
+    out = str(tmp_path / "vf")
+    vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "2", *FAST, "--shots", "1,2",
+                                               "--method", "lore,pal,vpl", *baselines]))
+    records = utils.read_json(os.path.join(out, "results.json"))
+    assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]

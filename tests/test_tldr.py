@@ -425,3 +425,24 @@ def test_pairs_of_another_split_are_refused(hub, data, tiny_model_dir, tmp_path,
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", mixed, "--out", str(tmp_path / "r"), *FAST]))
     assert code == 2 and os.path.join(mixed, "pairs.parquet") in err and "rerun prepare.py" in err
+
+
+# the baselines beside LoRe on this dataset's fixture: small networks, one epoch (the recipe's sizes are the papers')
+BASELINES = ["--pal-dim", "8", "--vpl-hidden", "8", "--vpl-epochs", "1", "--vpl-duplicates", "1"]
+
+
+def test_every_method_runs_on_the_workers(data, tmp_path):
+    out = str(tmp_path / "tb")
+    train_basis.main(train_basis.parse_args(["--data", data, "--out", out, *FAST, "--method", "lore,pal,vpl",
+                                             *BASELINES]))
+    records = utils.read_json(os.path.join(out, "results.json"))
+    assert [(r["method"], r["K"]) for r in records] == [("lore", 0), ("lore", 1), ("lore", 2), ("pal", 1),
+                                                        ("pal", 2), ("vpl", 1), ("vpl", 2)]
+    assert all(0 <= r[s] <= 1 for r in records for s in utils.SETS)
+    out = str(tmp_path / "vf")
+    vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "2", "--iters", "20",
+                                               "--fewshot-iters", "20", "--shots", "1,2", "--trials", "1",
+                                               "--method", "lore,pal,vpl", *BASELINES]))
+    records = utils.read_json(os.path.join(out, "results.json"))
+    assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]
+    assert "accuracy_vs_shots.png" in os.listdir(out)
