@@ -1807,8 +1807,8 @@ def _reference_hparams(num_iterations, learning_rate, fewshot_iterations, fewsho
 
 
 def _check_grid(K_list, alpha_list):
-    """The reference pipelines' grids: a list of integer K and a list of alpha (a swapped argument,
-    such as run()'s order given to run_few_shot_vary_shots, fails here with the name at fault)."""
+    """A sweep's grid: a list of integer K and a list of alpha >= 0 (a swapped argument, such as
+    run()'s order given to run_few_shot_vary_shots, fails here with the name at fault)."""
     _int_list(K_list, "K_list", least=0)
     if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
         raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {_short(alpha_list)}")
@@ -1876,15 +1876,15 @@ def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
     """The Method objects of a sweep, in order: method, then alpha, then K; checked before any fit."""
     if isinstance(methods, str) or not methods:
         raise InputError(f"methods must be a non-empty list of names, got {methods!r}")
-    K_list = _int_list(K_list, "K_list", least=0)
-    if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
-        raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {alpha_list!r}")
+    _check_grid(K_list, alpha_list)
     hparams = hparams or {}
     unknown = sorted(set(hparams) - set(methods))
     if unknown:
         raise InputError(f"hparams for method(s) {unknown} that do not run (methods: {list(methods)})")
-    if v_ref is not None and _check_v_ref(v_ref).shape[0] != seen_train.n_features:
-        raise InputError(f"v_ref has {_check_v_ref(v_ref).shape[0]} features but the pairs have F={seen_train.n_features}")
+    if v_ref is not None:
+        v_ref = _check_v_ref(v_ref)                                                # [F, 1]
+        if v_ref.shape[0] != seen_train.n_features:
+            raise InputError(f"v_ref has {v_ref.shape[0]} features but the pairs have F={seen_train.n_features}")
     settings = []
     for name in methods:
         cls = get_method(name)
