@@ -27,20 +27,33 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
+from lore import cli, results  # noqa: E402
+from lore.data import load_data  # noqa: E402
 
+SCRIPT, TITLE = "PRISM/train_basis.py", "PRISM"
 K_LIST = [0, 1, 5, 10, 15, 20, 25, 50]
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    utils.add_sweep_args(p, FOLDER, "train_basis", method="lore_regularized", k_list=K_LIST, alpha_list=[1e4],
-                         iters=20000, lr=0.5, fewshot_iters=500, fewshot_lr=0.5)
+    p = cli.ArgumentParser(__doc__)
+    cli.add_sweep_args(p, FOLDER, "train_basis", method="lore_regularized", k_list=K_LIST, alpha_list=[1e4],
+                       iters=20000, lr=0.5, fewshot_iters=500, fewshot_lr=0.5)
     return p.parse_args(argv)
 
 
-@utils.command_line
+@cli.command_line
 def main(args):
-    return utils.train_basis_main(args, "PRISM/train_basis.py", "PRISM")
+    device = cli.start_run(args)
+    with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
+        data = load_data(args.data, device)
+        records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
+                              v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,
+                              **data.sets)
+        results.save_results(records, out)
+        oracle = results.save_oracle(data, out)
+        results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
+        results.save_basis_reports(records, out, TITLE)
+    return records
 
 
 if __name__ == "__main__":

@@ -22,19 +22,36 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
+from lore import cli, results  # noqa: E402
+from lore.data import load_data  # noqa: E402
+
+SCRIPT, TITLE = "PRISM/vary_fewshot.py", "PRISM: unseen users (shots = dialogs)"
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    utils.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[50], alpha_list=[0.0], iters=500,
-                         lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    utils.add_shots_args(p, trials=1, shots=[1, 2, 3], unit="dialogs")
+    p = cli.ArgumentParser(__doc__)
+    cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[50], alpha_list=[0.0],
+                       iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
+    cli.add_shots_args(p, trials=1, shots=[1, 2, 3], unit="dialogs")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@cli.command_line
 def main(args):
-    return utils.vary_fewshot_main(args, "PRISM/vary_fewshot.py", "PRISM: unseen users (shots = dialogs)")
+    device = cli.start_run(args)
+    with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
+        data = load_data(args.data, device)
+        cli.check_shots(args.shots, data.sets["unseen_fewshot"])
+        records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
+                                    shots=args.shots, trials=args.trials, v_ref=data.v_ref,
+                                    hparams=cli.method_hparams(args), seed=args.seed,
+                                    seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
+                                    unseen_test=data.sets["unseen_test"])
+        results.save_results(records, out)
+        oracle = results.save_oracle(data, out)
+        results.plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), TITLE,
+                                       hline=oracle and oracle["unseen_test"])
+    return records
 
 
 if __name__ == "__main__":

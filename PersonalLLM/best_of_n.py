@@ -42,6 +42,7 @@ import torch
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
+from lore.results import pyplot, save_figure  # noqa: E402
 
 SCRIPT = "PersonalLLM/best_of_n.py"
 
@@ -154,7 +155,7 @@ def pick_quality(true, pick_scores):
 
 
 def plot(records, path, title):
-    plt = utils._pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     personal = sorted((r for r in records if r["rule"] == "personal"), key=lambda r: r["shots"])
     for ax, key in zip(axes, ("win_rate", "regret")):
@@ -166,7 +167,7 @@ def plot(records, path, title):
         ax.set(xscale="log", xlabel="shots (pairs per unseen user)", ylabel=key.replace("_", " "), title=title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    utils._save_figure(fig, path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

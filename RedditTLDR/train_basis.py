@@ -23,20 +23,34 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
+from lore import cli, results  # noqa: E402
+from lore.data import load_data  # noqa: E402
+
+SCRIPT, TITLE = "RedditTLDR/train_basis.py", "Reddit TLDR"
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    utils.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5, 6], alpha_list=[0.0],
-                         iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    p.add_argument("--fewshot-pairs", type=utils.positive_int, default=50,
+    p = cli.ArgumentParser(__doc__)
+    cli.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5, 6], alpha_list=[0.0],
+                       iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
+    p.add_argument("--fewshot-pairs", type=cli.positive_int, default=50,
                    help="the first n drawn train comparisons of each unseen worker it fits on")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@cli.command_line
 def main(args):
-    return utils.train_basis_main(args, "RedditTLDR/train_basis.py", "Reddit TLDR")
+    device = cli.start_run(args)
+    with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
+        data = load_data(args.data, device, fewshot_pairs=args.fewshot_pairs)
+        records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
+                              v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,
+                              **data.sets)
+        results.save_results(records, out)
+        oracle = results.save_oracle(data, out)
+        results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
+        results.save_basis_reports(records, out, TITLE)
+    return records
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Writes synthetic data of PersonalLLM's real size with `prepare.py --synthetic` (
 test prompts x 8 responses, F = 4096, bf16: 680 MB, with 1000 seen + 500 unseen users: 47 000
 training pairs, 1.5 M held-out pairs; reused when --data already holds it), then runs train_basis.py
 on it in a child process and reports that process's peak resident memory and wall time, the seconds
-spent in training loops (utils._loop), in input checks (the check functions of utils, outermost
+spent in training loops (utils._loop), in input checks (the check functions of utils and lore/, outermost
 calls only) and elsewhere, the size of the embeddings file, and what the dense [users, prompts, F]
 tensors of the reference code would take.
 Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out).
@@ -65,9 +65,13 @@ def child(timings_path, train_flags):
                 if outer:
                     spent[key] += time.perf_counter() - start
         return wrapper
-    utils._loop = timed(utils._loop, "training_loops")
-    for name in CHECKS:
-        setattr(utils, name, timed(getattr(utils, name), "checks"))
+    # a function is patched in every module that holds it (lore's modules import it by name)
+    modules = [m for n, m in sys.modules.items() if n == "utils" or n.startswith("lore.")]
+    for name, key in [("_loop", "training_loops")] + [(name, "checks") for name in CHECKS]:
+        original = next(getattr(m, name) for m in modules if hasattr(m, name))
+        for m in modules:
+            if getattr(m, name, None) is original:
+                setattr(m, name, timed(original, key))
     spec = importlib.util.spec_from_file_location("bench_train_basis", TRAIN)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import utils  # noqa: E402
+from lore import baselines  # noqa: E402
 from utils import InputError  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -113,7 +114,7 @@ def test_row_adam_equals_one_adam_per_user():
     W0 = torch.randn(5, 3, generator=g)
     W = W0.clone().requires_grad_()
     rows = [torch.nn.Parameter(w.clone()) for w in W0]
-    row_adam = utils._RowAdam(W, 0.05)
+    row_adam = baselines._RowAdam(W, 0.05)
     adams = [torch.optim.Adam([r], lr=0.05) for r in rows]
     for _ in range(6):
         active = torch.rand(5, generator=g) < 0.5

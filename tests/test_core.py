@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import lore.io  # noqa: E402
 import utils  # noqa: E402
 from utils import InputError  # noqa: E402
 
@@ -491,8 +492,8 @@ def test_command_line_helpers(tmp_path, capsys):
 
 
 def test_load_splits_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "hub_reachable", lambda: False)
-    monkeypatch.setattr(utils.hf_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(lore.io, "hub_reachable", lambda: False)
+    monkeypatch.setattr(lore.io.hf_constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(InputError, match="unreachable.*--data-files train=PATH"):
         utils.load_splits("some/dataset", ["train"])
     with pytest.raises(InputError, match=r"t.json: no such file \(the train split\)"):

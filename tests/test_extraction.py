@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForSequenceClassification, LlamaModel
 
-import utils as ex
+import utils
+from lore import extract as ex
 from conftest import REPO
 from utils import (InputError, embed_conversations, is_main_process, load_reward_model,
                                 read_reward_head)
@@ -82,7 +83,7 @@ def test_matches_one_at_a_time(loaded, tmp_path, batch_tokens):
     file = load_file(out)
     assert torch.equal(file["embeddings"], embeddings)
     assert not os.path.exists(f"{out}.parts")
-    metadata = ex.read_metadata(out)
+    metadata = utils.read_metadata(out)
     assert (metadata["n"], metadata["F"], metadata["model"]) == (str(len(conversations)), "64", model.name_or_path)
 
 
@@ -175,7 +176,7 @@ import json, os, sys
 sys.path.insert(0, {repo!r})
 import torch
 from safetensors.torch import load_file
-import utils as ex
+from lore import extract as ex
 
 out, model_dir, conversations = sys.argv[1], sys.argv[2], json.load(open(sys.argv[3]))
 save = ex.save_tensors

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import utils
 from conftest import REPO, load_script, tiny_reward_model
+from lore import extract
 from benchmarks.bench_embed import tiny_chat_tokenizer
 
 FOLDER = os.path.join(REPO, "PRISM")
@@ -49,7 +50,7 @@ def save_new_weights(folder, seed):
 
 def interrupted(monkeypatch, after):
     """Make embed_conversations stop (as if killed) after writing `after` shards."""
-    save, writes = utils.save_tensors, []
+    save, writes = extract.save_tensors, []
 
     def save_then_die(path, tensors, metadata=None):
         if len(writes) == after:
@@ -57,7 +58,7 @@ def interrupted(monkeypatch, after):
         writes.append(path)
         save(path, tensors, metadata)
 
-    monkeypatch.setattr(utils, "save_tensors", save_then_die)
+    monkeypatch.setattr(extract, "save_tensors", save_then_die)
     return save
 
 
@@ -106,7 +107,7 @@ def test_resume_after_new_weights_does_not_mix_models(tiny_model_dir, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         utils.embed_conversations(texts, out, model_dir, **SETTINGS)
     assert len([f for f in os.listdir(f"{out}.parts") if f.startswith("shard_")]) == 2
-    monkeypatch.setattr(utils, "save_tensors", save)
+    monkeypatch.setattr(extract, "save_tensors", save)
     save_new_weights(model_dir, seed=1)
     resumed = utils.embed_conversations(texts, out, model_dir, **SETTINGS)
     fresh = utils.embed_conversations(texts, tmp_path / "fresh.safetensors", model_dir, **SETTINGS)
@@ -127,7 +128,7 @@ def test_orphan_shards_without_manifest_are_not_mixed_in(tiny_model_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         utils.embed_conversations(texts, out, model_a, **SETTINGS)
     os.remove(f"{out}.parts/manifest.json")
-    monkeypatch.setattr(utils, "save_tensors", save)
+    monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
     mixed = utils.embed_conversations(texts, out, model_b, **SETTINGS)
     assert "without a valid manifest" in capsys.readouterr().out
@@ -139,7 +140,7 @@ def test_shards_of_other_settings_are_cleared_and_restarted(tiny_model_dir, tmp_
     save = interrupted(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
         utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
-    monkeypatch.setattr(utils, "save_tensors", save)
+    monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
     other = {**SETTINGS, "batch_tokens": 300}
     result = utils.embed_conversations(texts, out, tiny_model_dir, **other)
@@ -160,7 +161,7 @@ def test_truncated_shard_is_recomputed(tiny_model_dir, tmp_path, monkeypatch, ca
     truncate(shard)                                            # a full disk, a copy cut short
     with pytest.raises(utils.InputError, match="shard_000001"):
         utils.load_tensors(shard)
-    monkeypatch.setattr(utils, "save_tensors", save)
+    monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
     utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     assert "shard_000001.safetensors: not a readable safetensors file" in capsys.readouterr().out
@@ -195,13 +196,12 @@ def test_a_second_extraction_into_the_same_path_fails_at_once(tiny_model_dir, tm
 SLOW_SCRIPT = """
 import os, runpy, sys, time
 sys.path.insert(0, {repo!r})
-import utils
-save = utils.save_tensors
+from lore import extract
 def stalled(path, tensors, metadata=None):  # stops before its first write, as long as the test wants
     print("writing", flush=True)
     while True:
         time.sleep(1)
-utils.save_tensors = stalled
+extract.save_tensors = stalled
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -1,0 +1,105 @@
+"""Checks shared by the API and the command line: the one error type, devices, seeds, and the
+validators of numbers, lists and matrices that every entry point uses before any work starts."""
+import math
+import os
+import random
+
+import numpy as np
+import torch
+
+class InputError(ValueError):
+    """Bad input. The message names the file, the user or the shape at fault; scripts exit with 2."""
+
+
+def resolve_device(device=None):
+    """None means CUDA when available, else CPU. A device this machine does not have is an InputError
+    (torch would only fail at the first tensor moved there, after files were read or written)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"--device {device}: not a device (expected cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {device}: CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError(f"--device {device}: MPS is not available on this machine")
+    elif resolved.type != "cpu":
+        raise InputError(f"--device {device}: not supported (expected cpu, cuda or cuda:N)")
+    return resolved
+
+
+def set_seed(seed):
+    """Seed every generator the project draws from (Python, NumPy, torch) and make CUDA kernels
+    deterministic, so the same seed gives the same numbers on the same device."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_alpha(alpha, what):
+    if alpha is None:
+        return 0.0
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
+            or not math.isfinite(alpha) or alpha < 0:
+        raise InputError(f"{what}: alpha must be a finite number >= 0, got {alpha!r}")
+    return float(alpha)
+
+
+def _check_v_ref(v_ref):
+    """v_ref as float32 [F, 1]: a [F] vector or an [F, 1] / [1, F] matrix, finite; nothing else is
+    reshaped (a [F/2, 2] matrix is an error, not a column)."""
+    v = torch.as_tensor(v_ref)
+    if not v.is_floating_point():
+        raise InputError(f"v_ref must be a float tensor, got {v.dtype}")
+    if v.dim() == 2 and v.shape[0] == 1:
+        v = v.T
+    if v.dim() == 1:
+        v = v[:, None]
+    if v.dim() != 2 or v.shape[1] != 1:
+        raise InputError(f"v_ref has shape {tuple(torch.as_tensor(v_ref).shape)}: expected [F], [F, 1] or [1, F]")
+    if not torch.isfinite(v).all():
+        raise InputError(f"v_ref has NaN or inf (row {int(torch.nonzero(~torch.isfinite(v))[0, 0])})")
+    return v.float()
+
+
+def _check_matrix(M, name):
+    """A 2-D finite float tensor (NumPy arrays are taken as they are), else InputError naming it."""
+    M = torch.as_tensor(M)
+    if M.dim() != 2 or not M.is_floating_point():
+        raise InputError(f"{name} must be a 2-D float matrix, got shape {tuple(M.shape)} of {M.dtype}")
+    if not torch.isfinite(M).all():
+        raise InputError(f"{name} has NaN or inf")
+    return M.float()
+
+
+def _short(value):
+    """repr for messages: a tensor or a long list is named by its type and shape, not printed."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return f"a {type(value).__name__} of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__} of length {len(value)}"
+
+
+def _int_list(values, what, least):
+    """[int] from a non-empty list of integers >= least; what: 'K_list' or 'shots'."""
+    item = what.removesuffix("_list")
+    if not isinstance(values, (list, tuple, np.ndarray)) or len(values) == 0:
+        raise InputError(f"{what} must be a non-empty list of integers, got {_short(values)}")
+    for v in values:
+        if not _is_int(v):
+            raise InputError(f"{what} must be a list of integers, got {list(values)!r} ({v!r} is not an integer)")
+        if v < least:
+            raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
+    return [int(v) for v in values]

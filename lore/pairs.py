@@ -1,0 +1,171 @@
+"""Preference pairs in memory: Pairs packs every user's pairs into one matrix (or two row indices
+into an embedding table) with the user of every pair, and pack checks them once.
+
+The four pair sets, one vocabulary everywhere (records, CSV columns, data files, figures):
+    seen_train      seen users' training pairs: the shared part and their weights are fitted here
+    seen_test       seen users' held-out pairs (unseen prompts)
+    unseen_fewshot  unseen users' few pairs: only their weights are fitted here, the shared part fixed
+    unseen_test     unseen users' held-out pairs
+"""
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from lore.checks import InputError, resolve_device
+
+SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
+
+
+def project_rows(X, V):
+    """X V for X [P, F], V [F, K] -> [P, K], as F.linear: on CPU twice as fast as X @ V."""
+    return F.linear(X, V.t().contiguous())
+
+
+# The four pair sets, one vocabulary everywhere (records, CSV columns, data files, figures):
+#   seen_train      seen users' training pairs: the shared part and their weights are fitted here
+#   seen_test       seen users' held-out pairs (unseen prompts)
+#   unseen_fewshot  unseen users' few pairs: only their weights are fitted here, the shared part fixed
+#   unseen_test     unseen users' held-out pairs
+SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
+
+
+
+
+@dataclass
+class Pairs:
+    """Preference pairs of N users packed into one matrix, with the user of every row.
+
+    Either the rows are given directly (X), or as two row indices into an embedding table, so that
+    x_p = table[chosen[p]] - table[rejected[p]]. The table form never materializes the [P, F]
+    differences: projections are computed as (table @ V)[chosen] - (table @ V)[rejected], which
+    is how millions of held-out pairs are evaluated on a few GB.
+    `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
+    `featurized`: the Method whose item features the rows hold instead of embeddings (featurize).
+    `checked`: the data passed pack's checks; pack does not scan checked Pairs again.
+    """
+    user: torch.Tensor                     # [P] long, pairs of a user are contiguous
+    n_users: int
+    X: torch.Tensor = None                 # [P, F] float32
+    table: torch.Tensor = None             # [E, F] any float dtype (bfloat16 on disk)
+    chosen: torch.Tensor = None            # [P] long rows of table
+    rejected: torch.Tensor = None          # [P] long rows of table
+    group: torch.Tensor = None             # [P] long, ids unique within a user
+    featurized: object = None
+    checked: bool = False
+
+    def __len__(self):
+        return self.user.numel()
+
+    @property
+    def n_features(self):
+        return (self.X if self.X is not None else self.table).shape[1]
+
+    @property
+    def device(self):
+        return self.user.device
+
+    def counts(self):
+        return torch.bincount(self.user, minlength=self.n_users)                  # [N]
+
+    def rows(self):
+        """The [P, F] float32 difference matrix (materialized for the table form)."""
+        if self.X is not None:
+            return self.X
+        return self.table[self.chosen].float() - self.table[self.rejected].float()  # [P, F]
+
+    def project(self, V):
+        """x_p^T V for every pair, without building [P, F] for the table form."""
+        V = V.to(self.device, torch.float32)                                       # [F, K]
+        if self.X is not None:
+            return project_rows(self.X, V)                                         # [P, K]
+        T = torch.cat([project_rows(t.float(), V) for t in self.table.split(1 << 15)])  # [E, K]
+        return T[self.chosen] - T[self.rejected]                                   # [P, K]
+
+    def select(self, idx):
+        """The pairs idx (a bool mask or sorted indices), for the same N users."""
+        pick = lambda t: None if t is None else t[idx]
+        return replace(self, user=self.user[idx], X=pick(self.X), chosen=pick(self.chosen),
+                       rejected=pick(self.rejected), group=pick(self.group))
+
+    def split(self):
+        """The seed's format: a list of N tensors [m_i, F]."""
+        return list(self.rows().split(self.counts().tolist()))
+
+    def to(self, device):
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, user=move(self.user), X=move(self.X), table=move(self.table),
+                       chosen=move(self.chosen), rejected=move(self.rejected), group=move(self.group))
+
+
+def pack(features, name="features", device=None):
+    """A list of N per-user tensors [m_i, F] (the seed's format) -> Pairs in float32 on `device`.
+    Pairs pass through (moved to `device`). The data is checked here, once: the errors name the
+    user, the row and the shape at fault, and checked Pairs are not scanned again."""
+    if isinstance(features, Pairs):
+        pairs = features if device is None else features.to(device)
+        if pairs.checked:
+            return pairs
+    else:
+        if isinstance(features, torch.Tensor) or not isinstance(features, (list, tuple)):
+            raise InputError(f"{name}: expected a list of per-user [pairs, F] tensors or Pairs, got "
+                             f"{type(features).__name__}")
+        device = resolve_device(device)
+        features = [torch.as_tensor(x) for x in features]
+        if len(features) == 0:
+            raise InputError(f"{name}: no users (an empty list)")
+        n_features = features[0].shape[-1] if features[0].dim() == 2 else None
+        for i, x in enumerate(features):
+            if x.dim() != 2 or x.shape[1] != n_features or not (x.is_floating_point() or len(x) == 0):
+                raise InputError(f"{name}[{i}] has shape {tuple(x.shape)} ({x.dtype}): every user needs "
+                                 f"float [pairs, F] with the same F (user 0 has F={n_features})")
+        X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
+        counts = torch.tensor([len(x) for x in features], device=device)
+        user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
+        pairs = Pairs(user, len(features), X=X)
+    _check_pairs(pairs, name)
+    return replace(pairs, checked=True)
+
+
+def _check_pairs(pairs, name):
+    if pairs.n_users == 0:
+        raise InputError(f"{name}: no users")
+    if len(pairs) and (pairs.user.min() < 0 or pairs.user.max() >= pairs.n_users
+                       or (pairs.user[1:] < pairs.user[:-1]).any()):
+        raise InputError(f"{name}: user indices must lie in [0, {pairs.n_users}) with each user's pairs contiguous")
+    counts = pairs.counts()
+    if (counts == 0).any():
+        raise InputError(f"{name}: user {int(torch.nonzero(counts == 0)[0])} has no pairs")
+    if pairs.X is None:
+        E = len(pairs.table)
+        for side in ("chosen", "rejected"):
+            rows = getattr(pairs, side)
+            if rows.dtype != torch.long or rows.shape != pairs.user.shape:
+                raise InputError(f"{name}: {side} must be [P] row indices (long), got {tuple(rows.shape)} {rows.dtype}")
+            bad = (rows < 0) | (rows >= E)
+            if bad.any():
+                p = int(torch.nonzero(bad)[0])
+                raise InputError(f"{name}: pair {p} (user {int(pairs.user[p])}) has {side} row {int(rows[p])}, "
+                                 f"outside the {E} rows of the embedding table")
+    values = pairs.X if pairs.X is not None else pairs.table
+    if values.dim() != 2 or not values.is_floating_point():
+        raise InputError(f"{name}: the rows must be a float [rows, F] matrix, got {tuple(values.shape)} {values.dtype}")
+    bad = _first_nonfinite_row(values)
+    if bad is not None:
+        if pairs.X is not None:
+            u = int(pairs.user[bad])
+            where = f"user {u} has NaN or inf in its features (its pair {bad - int(pairs.counts()[:u].sum())})"
+        else:
+            where = f"embedding row {bad} has NaN or inf"
+        raise InputError(f"{name}: {where}")
+
+
+def _first_nonfinite_row(values, chunk=1 << 14):
+    """Index of the first row of [n, F] with a NaN or inf, or None. Per chunk, the largest |value|
+    is finite unless some value is not (max propagates NaN): one read, no [n, F] temporary, and no
+    sum that could overflow on finite values near the float32 maximum."""
+    for start in range(0, len(values), chunk):
+        block = values[start:start + chunk]
+        if len(block) and not torch.isfinite(block.abs().amax()):
+            return start + int(torch.nonzero(~torch.isfinite(block).all(dim=1))[0])
+    return None

@@ -1,0 +1,155 @@
+"""What a run shows and keeps: records as JSON, CSV and a printed table, and the figures."""
+import math
+import os
+
+import numpy as np
+
+from lore.basis import COLLAPSE_COS, COLLAPSE_RANK, basis_report_records, format_basis_report
+from lore.checks import InputError
+from lore.data import oracle_accuracies
+from lore.io import read_json, write_json, write_table
+from lore.pairs import SETS
+
+def plot_basis_reports(reports, path, title=""):
+    """One figure across K, a line per (method, alpha): effective rank of V and of the users'
+    rewards and the users' rank_95 (with y = K dotted), columns in use, max |cos| between columns;
+    collapsed bases marked with a red x."""
+    plt = pyplot()
+    records = basis_report_records(reports)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    series = sorted({(str(r["method"]), str(r["alpha"])) for r in records})
+    for n, (method, alpha) in enumerate(series):
+        rows = sorted((r for r in records if (str(r["method"]), str(r["alpha"])) == (method, alpha)),
+                      key=lambda r: r["K"])
+        label = ", ".join(([method] if method != "None" else []) + ([f"alpha={alpha}"] if alpha != "None" else []))
+        K = [r["K"] for r in rows]
+        color = f"C{n}"
+        panels = ((axes[0], "effective_rank", "-", "V"), (axes[0], "user_effective_rank", "--", "users V w"),
+                  (axes[0], "user_rank_95", ":", "users: directions of 95% energy"),
+                  (axes[1], "columns_in_use", "-", ""), (axes[2], "max_abs_cos", "-", ""))
+        for ax, key, ls, what in panels:
+            pts = [(k, r[key]) for k, r in zip(K, rows) if r[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), ls=ls, marker="o", color=color,
+                        label=": ".join(x for x in (label, what) if x) or None)
+            bad = [(k, r[key]) for k, r in zip(K, rows) if r[key] is not None and r["collapsed"]]
+            if bad:
+                ax.plot(*zip(*bad), ls="none", marker="x", ms=10, color="red")
+    Ks = sorted({r["K"] for r in records})
+    for ax in axes[:2]:
+        ax.plot(Ks, Ks, ls=":", color="gray", label="y = K")
+    axes[2].axhline(COLLAPSE_COS, ls=":", color="red", label=f"collapse: |cos| > {COLLAPSE_COS}")
+    axes[0].axhline(COLLAPSE_RANK, ls=":", color="red", label=f"collapse: rank < {COLLAPSE_RANK}")
+    axes[0].set(xlabel="K", ylabel="effective rank", title=f"{title} effective rank".strip())
+    axes[1].set(xlabel="K", ylabel="columns", title="columns in use (largest weight of >= 1% of users)")
+    axes[2].set(xlabel="K", ylabel="max |cos|", title="max |cos| between two columns (x: collapsed)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_basis_reports(records, out, title):
+    """The health reports sweep wrote beside the checkpoints, across K: basis_reports.csv, a figure,
+    and each printed (with its loud warning when a basis has collapsed)."""
+    paths = [os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
+                          + ".report.json") for r in records]
+    reports = [read_json(p) for p in paths if os.path.exists(p)]
+    if not reports:
+        return
+    import pandas as pd
+    table = basis_report_records(reports)
+    print("basis health (each fit's full report: its .report.json; utils.format_basis_report prints one):")
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for report in reports:
+        if report["collapsed"]:
+            print(format_basis_report(report))   # the whole report, with its WARNING line
+    write_table(os.path.join(out, "basis_reports.csv"), table)
+    plot_basis_reports(reports, os.path.join(out, "basis_health.png"), title)
+
+
+def save_oracle(data, out):
+    oracle = oracle_accuracies(data)
+    if oracle:
+        write_json(os.path.join(out, "oracle.json"), oracle)
+        print("oracle (each user's true linear reward): " + ", ".join(f"{k} {v:.4f}" for k, v in oracle.items()))
+    return oracle
+
+
+def save_results(records, out_dir, name="results"):
+    """{name}.json and {name}.csv in out_dir, and a readable table on stdout."""
+    import pandas as pd
+    for record in records:
+        bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise InputError(f"{_curve_label(record)}, K={record.get('K')}: {bad} is not a finite number")
+    write_json(os.path.join(out_dir, f"{name}.json"), records)
+    write_table(os.path.join(out_dir, f"{name}.csv"), records)
+    print(pd.DataFrame(records).to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+
+
+_SET_LABELS = {"seen_train": "seen users, train pairs", "seen_test": "seen users, held-out pairs",
+               "unseen_fewshot": "unseen users, few-shot pairs", "unseen_test": "unseen users, held-out pairs"}
+
+
+def _curve_label(record):
+    alpha = "" if record.get("alpha") is None else f", alpha={record['alpha']:g}"
+    return f"{record['method']}{alpha}"
+
+
+def plot_accuracy_vs_rank(records, path, title="", hlines=None):
+    """One panel per pair set: accuracy against K, a curve per (method, alpha) with the reported
+    std as error bars. hlines: {set: accuracy} drawn dotted (e.g. an oracle's)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(SETS), figsize=(4.2 * len(SETS), 3.8), squeeze=False)
+    curves = list(dict.fromkeys(_curve_label(r) for r in records))
+    for ax, name in zip(axes[0], SETS):
+        for i, label in enumerate(curves):
+            rows = sorted((r for r in records if _curve_label(r) == label), key=lambda r: r["K"])
+            ax.errorbar([r["K"] for r in rows], [r[name] for r in rows], yerr=[r[f"{name}_std"] for r in rows],
+                        color=f"C{i}", marker="o", capsize=3, label=label)
+        if name in (hlines or {}):
+            ax.axhline(hlines[name], color="k", ls=":", label="oracle")
+        ax.set(xlabel="K (lore K=0: the reference reward model)", ylabel="accuracy", title=_SET_LABELS[name])
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def plot_accuracy_vs_shots(records, path, title="", hline=None):
+    """Unseen users' held-out accuracy against shots, a curve per (method, alpha, K) with a band of
+    +- one std over trials; the accuracy on the shots themselves dashed; `hline` (e.g. an oracle's
+    held-out accuracy) dotted."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label in dict.fromkeys(f"{_curve_label(r)}, K={r['K']}" for r in records):
+        rows = sorted((r for r in records if f"{_curve_label(r)}, K={r['K']}" == label), key=lambda r: r["shots"])
+        x = np.array([r["shots"] for r in rows])
+        y = np.array([r["unseen_test"] for r in rows])
+        s = np.array([r["unseen_test_std"] for r in rows])
+        line, = ax.plot(x, y, marker="o", label=f"{label}: held-out")
+        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
+        ax.plot(x, [r["unseen_fewshot"] for r in rows], ls="--", color=line.get_color(), label=f"{label}: the shots")
+    if hline is not None:
+        ax.axhline(hline, color="k", ls=":", label="oracle: held-out")
+    ax.set(xlabel="shots per unseen user", ylabel="accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig, path):
+    import matplotlib.pyplot as plt
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
