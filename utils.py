@@ -44,9 +44,9 @@ from lore.basis import (basis_report, basis_report_records, COLLAPSE_COS, COLLAP
     DIVERSITY_MAX_PAIRS, effective_rank, energy_rank, fit_new_users, format_basis_report,
     format_interpretation, IN_USE_SHARE, interpret_basis, score_conversations, score_items, TEXT_CHARS)
 from lore.data import (Data, DATA_FILES, load_data, oracle_accuracies, table_pairs, write_data_folder)
-from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, save_results,
-    save_basis_reports, save_oracle)
-from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, command_line,
+from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, pyplot, save_basis_reports,
+    save_figure, save_oracle, save_results)
+from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, check_shots, command_line,
     config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
     nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, shot_list,
     start_run)
@@ -269,7 +269,7 @@ def _loop(num_iterations, step, device, desc=None, before=None):
     """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given.
     On CUDA the step is captured once as a CUDA graph and replayed: a step is ~100 small kernels
     around two reads of X, and launching them one by one from Python takes longer than running
-    them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> see README). The first steps run
+    them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> docs/performance.md). The first steps run
     eagerly on a side stream, as graph capture requires."""
     graphed = device.type == "cuda" and num_iterations > _GRAPH_WARMUP
     side, graph = (torch.cuda.Stream(device), None) if graphed else (None, None)

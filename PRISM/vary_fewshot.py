@@ -7,7 +7,7 @@ Each method is fitted on the seen users' train dialogs (lore, as the original sc
 lr 0.5). For every shot count, --trials times, `shots` of each unseen user's train dialogs are drawn
 (all of them when the user has fewer), each with all of its pairs (create_dataset_prism_shots), the
 user's weights are fitted with the shared part fixed (500 steps, lr 0.1), and the user is tested on
-its test dialogs. The users are prepare.py's 80/20 split (see the README for the original's 50/50).
+its test dialogs. The users are prepare.py's 80/20 split (docs/datasets.md explains the original's 50/50).
 
 Reads what generate-prism-embeddings.py wrote (--data). Writes to --out (default
 PRISM/results/vary_fewshot/), as a whole when the run ends:

@@ -21,15 +21,6 @@ from tqdm.auto import tqdm
 from lore.checks import InputError, _is_int
 from lore.methods import Method, pair_features, register, simplex
 
-# Two published personalized reward models, re-implemented on the same frozen reward-model
-# embeddings as LoRe so that the sweeps compare them on equal terms. Neither is linear in phi, so both
-# need the table form of Pairs (both embeddings of every pair). Their defaults are the originals'
-# recipes; each names its source: PAL = RamyaLab/pluralistic-alignment @ fcfc03c, VPL =
-# WEIRDLabUW/vpl_llm @ fdfdfa7 (file:line). Both train as the originals do, by minibatch: a step
-# is one batch of pairs drawn across users, gathered from the table in one go (no loop over users
-# or pairs inside a step). Steps run eagerly on every device (no CUDA graph: the last batch of an
-# epoch is smaller and VPL's learning rate follows a schedule).
-
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
 VPL_SLOPE = 0.2                             # LeakyReLU(0.2) in every MLP: vae_utils.py:21,23,78,80

@@ -42,18 +42,6 @@ def table_pairs(df, table, users, name="pairs", group=None):
                  group=groups)
 
 
-# A prepared data folder, the same for every dataset (write_data_folder writes it, load_data reads it):
-#   embeddings.safetensors  {"embeddings": [E, F]}: one row per distinct conversation
-#   conversations.parquet   row (of the table), messages (JSON list of {"role", "content"})
-#   pairs.parquet           set (one of SETS), user, chosen, rejected (rows of the table), and where
-#                           they apply group (pairs drawn together: a PRISM dialog) and draw (the
-#                           rank of a few-shot pair in its user's random draw: the first n of them
-#                           are a uniform sample of n), plus the dataset's own columns
-#   v_ref.safetensors       {"v_ref": [F, 1]}: the reward model's head
-#   data.json               dataset, users {"seen": [...], "unseen": [...]} (the rows of W and
-#                           W_unseen), the pair counts, the prepare config, and the identity of the
-#                           embeddings and the hashes of the other files: written last, it is what
-#                           makes the folder complete, and load_data refuses files of another run
 DATA_FILES = ("pairs.parquet", "conversations.parquet", "v_ref.safetensors")
 
 

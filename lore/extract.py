@@ -28,15 +28,6 @@ from tqdm.auto import tqdm
 from lore.checks import InputError, resolve_device
 from lore.io import _first_line, _open_safetensors, hub_reachable, load_tensors, read_json, save_tensors, write_json
 
-# phi(conversation) is the reward model's final hidden state (after the final norm) at the last token
-# of the chat-templated conversation, and v_ref is its scoring head, so phi @ v_ref is the model's own
-# reward logit. Most conversations come in groups that differ only in their last message
-# (a prompt with a chosen and a rejected reply, PersonalLLM's 8 responses, a PRISM history with several
-# replies): a group is packed into one row, its shared token prefix once and then every reply, and a
-# block mask lets each reply see the prefix and itself only, with positions restarting after the
-# prefix, so that each reply is encoded exactly as if alone while the prefix is encoded once. Work is cut into shards written as they finish, so an interrupted run
-# resumes where it stopped, and shards can be spread over processes with torchrun.
-
 DEFAULT_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
 
 

@@ -22,16 +22,6 @@ def project_rows(X, V):
     return F.linear(X, V.t().contiguous())
 
 
-# The four pair sets, one vocabulary everywhere (records, CSV columns, data files, figures):
-#   seen_train      seen users' training pairs: the shared part and their weights are fitted here
-#   seen_test       seen users' held-out pairs (unseen prompts)
-#   unseen_fewshot  unseen users' few pairs: only their weights are fitted here, the shared part fixed
-#   unseen_test     unseen users' held-out pairs
-SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
-
-
-
-
 @dataclass
 class Pairs:
     """Preference pairs of N users packed into one matrix, with the user of every row.

@@ -23,7 +23,7 @@ def random_users(n_users=6, n_features=12, lo=2, hi=9, seed=0, scale=3.0):
             for _ in range(n_users)]
 
 
-# ---- loop-form references: the method's formulas (README), one user and one column at a time ---------
+# ---- loop-form references: the method's formulas (docs/method.md), one user and one column at a time ---------
 
 def ref_lore_loss(X, V, W_logits, v_ref, alpha):
     X, nll = [x.double() for x in X], 0.0
