@@ -45,7 +45,7 @@ def main(args):
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                                     shots=args.shots, trials=args.trials, v_ref=data.v_ref,
-                                    hparams=cli.method_hparams(args), seed=args.seed,
+                                    hparams=cli.method_hparams(args), seed=args.seed, select=args.select,
                                     seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
                                     unseen_test=data.sets["unseen_test"])
         results.save_results(records, out)
