@@ -11,9 +11,12 @@ its test dialogs. The users are prepare.py's 80/20 split (see the README for the
 
 Reads what generate-prism-embeddings.py wrote (--data). Writes to --out (default
 PRISM/results/vary_fewshot/), as a whole when the run ends:
-    results.json, results.csv   per (method, alpha, K, shots): accuracy on the shots (unseen_fewshot)
-                                and on the test dialogs (unseen_test), with their std over trials
-    accuracy_vs_shots.png       test-dialog accuracy of unseen users against shots, a curve per method
+    results.json, results.csv   per (method, alpha, K, select, shots): accuracy on the shots
+                                (unseen_fewshot) and on the test dialogs (unseen_test), with their
+                                std over trials
+    accuracy_vs_shots.png       test-dialog accuracy of unseen users against shots, a curve per
+                                method; with --select random,active a panel per method and K, both
+                                selections in it
     config.json                 the resolved flags
 """
 import os

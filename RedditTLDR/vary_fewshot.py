@@ -10,9 +10,10 @@ shared part fixed (500 steps, lr 0.1), and the worker tested on all its validati
 
 Reads what prepare.py wrote (--data). Writes to --out (default RedditTLDR/results/vary_fewshot/), as
 a whole when the run ends:
-    results.json, results.csv   per (method, alpha, K, shots): accuracy on the shots (unseen_fewshot)
-                                and held-out (unseen_test), with their std over trials
-    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method
+    results.json, results.csv   per (method, alpha, K, select, shots): accuracy on the shots
+                                (unseen_fewshot) and held-out (unseen_test), with their std over trials
+    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method; with --select
+                                random,active a panel per method and K, both selections in it
     config.json                 the resolved flags
 """
 import os

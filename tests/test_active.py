@@ -196,9 +196,10 @@ def test_pca_and_svd_init_through_the_scripts(data, tmp_path):
     vf = str(tmp_path / "vf")
     records = vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", vf, "--method", "pca",
                                                         "--k-list", "3", "--shots", "1,3", "--trials", "2",
-                                                        "--select", "random,active", *FAST]))
+                                                        "--select", "random,active", "--candidates", "all", *FAST]))
     assert [(r["select"], r["shots"]) for r in records] == [("random", 1), ("random", 3), ("active", 1), ("active", 3)]
     assert "accuracy_vs_shots.png" in os.listdir(vf)
+    assert utils.read_json(os.path.join(vf, "config.json"))["candidates"] == "all"
 
 
 def test_init_svd_for_both_entries_and_bad_values(data):
