@@ -138,17 +138,15 @@ def active_shots(method, pool, rounds):
 
 
 def every_pair(pool, block, row_scores, W):
-    """PersonalLLM's `--candidates all`: every pair of the `block` responses (consecutive table
-    rows) of each prompt in a user's pool, answered by the user's true reward row_scores[row] . W[user]
-    (the better response chosen, the first on ties). pool: Pairs in table form, W [N, M],
-    row_scores [E, M] -> Pairs (a user's prompts in its pool's order of first appearance is not
-    kept: sorted by prompt), checked."""
+    """PersonalLLM's `--candidates all`: every pair of the `block` responses (consecutive table rows
+    s * block .. s * block + block - 1) of each prompt s in a user's pool, answered by the user's true
+    reward row_scores[row] . W[user] (the better response chosen, the first on ties). pool: Pairs in
+    table form, row_scores [E, M], W [N, M] -> Pairs, each user's candidates by prompt, checked."""
     if pool.X is not None:
         raise InputError("every_pair needs the table form of the pool (rows of the embedding table)")
-    N = pool.n_users
-    prompt = pool.chosen // block                                                  # [P]
-    keys = torch.unique(pool.user * (len(pool.table) // block + 1) + prompt)       # sorted: by user, then prompt
-    user, prompt = keys // (len(pool.table) // block + 1), keys % (len(pool.table) // block + 1)
+    n_blocks = len(pool.table) // block + 1
+    keys = torch.unique(pool.user * n_blocks + pool.chosen // block)               # (user, prompt), sorted
+    user, prompt = keys // n_blocks, keys % n_blocks
     a, b = torch.triu_indices(block, block, 1, device=pool.device)                 # [C]: the C pairs of a block
     user = user.repeat_interleave(len(a))                                          # [Q]
     ra = (prompt[:, None] * block + a).reshape(-1)                                 # [Q]
@@ -156,5 +154,5 @@ def every_pair(pool, block, row_scores, W):
     Wu = W.to(pool.device, torch.float64)[user]                                    # [Q, M]
     scores = row_scores.to(pool.device, torch.float64)
     better_a = (scores[ra] * Wu).sum(-1) >= (scores[rb] * Wu).sum(-1)              # [Q]
-    return Pairs(user, N, table=pool.table, chosen=torch.where(better_a, ra, rb),
+    return Pairs(user, pool.n_users, table=pool.table, chosen=torch.where(better_a, ra, rb),
                  rejected=torch.where(better_a, rb, ra), checked=True)
