@@ -13,7 +13,8 @@ synthetic PersonalLLM of docs/active.md):
    on the pool and on --candidates all (every pair of the pool prompts).
 2. init random against svd, for both LoRe entries at K, --seeds seeds each, full batch as the
    scripts run them: the steps after which the loss stays within 1% of the final one (of --iters),
-   the steps to come within 1% of the random start's final loss (mean over seeds), the final loss, the seen users' held-out accuracy, and the cross-seed overlap of the bases (the mean
+   the steps to come within 1% of the random start's final loss (mean over seeds), the final
+   loss, the seen users' held-out accuracy, and the cross-seed overlap of the bases (the mean
    squared cosine of the principal angles between two seeds' V, averaged over pairs of seeds: 1 is
    the same subspace).
 Prints the tables; writes them as JSON to --out (default: stdout only).
@@ -95,7 +96,8 @@ def init_comparison(data, K, iters, seeds):
                 losses = [float(model.step(X, user, weight, alpha_t)) for _ in range(iters)]
             final = losses[-1]
             # the steps after which the loss stays within 1% of the final one
-            within = 1 + max((i + 1 for i, loss in enumerate(losses) if abs(loss - final) > 0.01 * abs(final)), default=0)
+            within = 1 + max((i + 1 for i, loss in enumerate(losses) if abs(loss - final) > 0.01 * abs(final)),
+                             default=0)
             W, V = torch.softmax(model.W.detach(), -1), model.V.detach()
             acc = utils.per_user_accuracy(data.sets["seen_test"], V, W).mean()
             Vs.append(torch.linalg.qr(V)[0])
@@ -114,7 +116,8 @@ def init_comparison(data, K, iters, seeds):
                "seen_test_mean": sum(r["seen_test"] for r in results) / seeds,
                "cross_seed_overlap": sum(overlap) / len(overlap), "seeds": results}
         rows.append(row)
-        print(f"{name:>16} init {init:>6}: steps to stay within 1% of the final loss {row['steps_within_1pct_mean']:.0f}, "
+        print(f"{name:>16} init {init:>6}: steps to stay within 1% of the final loss "
+              f"{row['steps_within_1pct_mean']:.0f}, "
               f"to 1% of random's final loss {row['steps_to_random_final']}, "
               f"final loss {row['final_loss_mean']:.4f}, seen_test {row['seen_test_mean']:.4f}, "
               f"cross-seed overlap {row['cross_seed_overlap']:.4f}")
@@ -130,7 +133,8 @@ def main(args):
     cost = {"pool": selection_cost(method, data.sets["unseen_fewshot"], args.repeats),
             "all": selection_cost(method, every.every_pair_of_pool_prompts(data), args.repeats)}
     for name, c in cost.items():
-        print(f"candidates {name}: {c['candidates']} pairs of {c['users']} users; random draw {c['random_draw_s'] * 1e3:.1f} ms, "
+        print(f"candidates {name}: {c['candidates']} pairs of {c['users']} users; "
+              f"random draw {c['random_draw_s'] * 1e3:.1f} ms, "
               f"active round {c['active_round_s'] * 1e3:.1f} ms, refit {c['refit_s'] * 1e3:.0f} ms")
     result = {"device": "cpu", "threads": torch.get_num_threads(), "config": vars(args), "selection": cost,
               "init": init_comparison(data, args.K, args.iters, args.seeds)}

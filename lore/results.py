@@ -137,7 +137,8 @@ def plot_accuracy_vs_shots(records, path, title="", hline=None):
                 x = np.array([r["shots"] for r in rows])
                 y = np.array([r["unseen_test"] for r in rows])
                 s = np.array([r["unseen_test_std"] for r in rows])
-                line, = ax.plot(x, y, marker="o", label=f"{name}: held-out", **({} if panel is None else {"color": f"C{i}"}))
+                color = {} if panel is None else {"color": f"C{i}"}   # one colour per selection in a panel
+                line, = ax.plot(x, y, marker="o", label=f"{name}: held-out", **color)
                 ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
                 ax.plot(x, [r["unseen_fewshot"] for r in rows], ls="--", color=line.get_color(),
                         label=f"{name}: the shots")
