@@ -212,8 +212,25 @@ def test_init_svd_for_both_entries_and_bad_values(data):
             method.fit(d.sets["seen_train"])
             Vs.append(method.V)
         assert torch.equal(Vs[0], Vs[1]), name
+        # both entries answer active selection: one new pair per user in a round
+        pool = d.sets["unseen_fewshot"]
+        _, mask, U = next(active.active_shots(method, pool, 1))
+        assert torch.equal(torch.bincount(pool.user[mask], minlength=pool.n_users), torch.ones(pool.n_users).long())
+        assert U.shape == (pool.n_users, method.V.shape[1])
     with pytest.raises(utils.InputError, match="init must be one of"):
         utils.METHODS["lore"](3, 0.0, d.v_ref, "cpu", init="zeros")
     with pytest.raises(SystemExit) as e:
         train_basis.parse_args(["--lore-init", "zeros"])
+    assert e.value.code == 2
+
+
+def test_active_with_a_method_that_cannot_exits_2(data, tmp_path, capsys):
+    out = str(tmp_path / "vf")
+    with pytest.raises(SystemExit) as e:
+        vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--method", "lore,pal", "--k-list", "2",
+                                                   "--shots", "1", "--trials", "1", "--select", "active", *FAST]))
+    assert e.value.code == 2 and "method pal cannot choose pairs actively" in capsys.readouterr().err
+    assert not os.path.exists(out)   # refused before anything was written
+    with pytest.raises(SystemExit) as e:
+        vary_fewshot.parse_args(["--select", "random,greedy"])
     assert e.value.code == 2
