@@ -48,8 +48,10 @@ from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_ba
     save_figure, save_oracle, save_results)
 from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, check_shots, command_line,
     config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
-    nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, shot_list,
-    start_run)
+    nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, select_list,
+    shot_list, start_run)
+from lore.active import (active_shots, check_active, check_select, every_pair, information, SELECTIONS)
+from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions)
 from lore.extract import (DEFAULT_MODEL, embed_conversations, is_main_process, load_reward_model,
     read_reward_head)  # noqa: F401  (re-exported)
 
@@ -102,13 +104,14 @@ class _UserScores(torch.autograd.Function):
 class LoRe(nn.Module):
     """Joint Adam on (V, W), full batch:
         sum_i mean_{x in X_i} -log sigmoid(x^T V w_i / 100) + alpha sum_j ||V_j - v_ref||^2
-    (every user weighs the same). V, W ~ N(0, 1). train(X) -> (softmax(W) [N, K], V [F, K])."""
+    (every user weighs the same). V, W ~ N(0, 1), or with init="svd" _start's deterministic start.
+    train(X) -> (softmax(W) [N, K], V [F, K])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None):
+                 learning_rate, device=None, init="random"):
         super().__init__()
         self.device = resolve_device(device)
-        self.alpha, self.num_iterations = alpha, num_iterations
+        self.alpha, self.num_iterations, self.init = alpha, num_iterations, init
         self.num_classes, self.num_features = num_classes, num_features
         self.num_basis_vectors = num_basis_vectors
         self.V_sft = None if V_sft is None else _as_column(V_sft, num_features).to(self.device)
@@ -134,6 +137,7 @@ class LoRe(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
+        _start(self, pairs)
         X, user, weight = pairs.rows(), pairs.user, _per_user_mean(pairs)          # [P, F], [P], [P]
         _loop(self.num_iterations, lambda: self.step(X, user, weight), self.device,
               f"LoRe K={self.num_basis_vectors}")
@@ -154,13 +158,15 @@ class LoRe_regularized(nn.Module):
     then V with W fixed on that loss + alpha_t * mean_j (1 - cos(V_j, v_ref)), alpha_t warmed up
     (0 for the first 20% of the steps, linear to alpha by 80%). W ~ U(0, 1), V ~ N(0, 1). After
     training, directions with max_i softmax(W)_ij < 1e-2 are dropped (the kept columns are not
-    renormalized). train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
+    renormalized). init="svd": _start's deterministic start instead.
+    train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None):
+                 learning_rate, device=None, init="random"):
         super().__init__()
         self.device = resolve_device(device)
         self.alpha, self.num_iterations, self.learning_rate = alpha, num_iterations, learning_rate
+        self.init = init
         self.num_classes, self.num_features = num_classes, num_features
         self.num_basis_vectors = num_basis_vectors
         self.V_sft_norm = F.normalize(_as_column(V_sft, num_features), dim=0).to(self.device)
@@ -191,6 +197,7 @@ class LoRe_regularized(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
+        _start(self, pairs)
         X, user, weight = pairs.rows(), pairs.user, _per_pair_mean(pairs)          # [P, F], [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
         _loop(self.num_iterations, lambda: self.step(X, user, weight, alpha_t), self.device,
@@ -216,6 +223,23 @@ class LoRe_regularized(nn.Module):
         loss_V.backward()
         self.optimizer_V.step()
         return loss_V.detach()
+
+
+def _start(model, pairs):
+    """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
+    oriented, scaled to a root-mean-square margin of TEMPERATURE) and W the logits of every user's
+    least-squares simplex weights on them (margins fitted to TEMPERATURE): a function of the data
+    alone, so every seed starts (and, full batch, ends) at the same basis. init="random": the
+    draws of __init__, untouched."""
+    if model.init == "random":
+        return
+    if model.init != "svd":
+        raise InputError(f"init must be 'random' or 'svd', got {model.init!r}")
+    with torch.no_grad():
+        V = principal_basis(pairs, model.num_basis_vectors, TEMPERATURE)           # [F, K]
+        w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
+        model.V.copy_(V)
+        model.W.copy_(w.clamp_min(1e-3).log())   # softmax(log w) = w; 1e-3 keeps the logits finite
 
 
 class PersonalizeBatch(nn.Module):
@@ -327,9 +351,11 @@ class LoReMethod(Method):
     simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1] for everyone);
     K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
     name, min_K, uses_alpha, linear = "lore", 0, True, True
-    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1}
+    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random"}
+    choices = {"init": ("random", "svd")}   # the paper's random start, or _start's deterministic one
     recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
     model = LoRe
+    bt_scale = 1.0 / TEMPERATURE   # active selection (lore.active): P(chosen wins) = sigmoid(margin / 100)
 
     def fit(self, pairs):
         if self.K == 0:
@@ -340,7 +366,7 @@ class LoReMethod(Method):
         if self.v_ref is None and self.alpha:
             raise InputError(f"{self.name} with alpha = {self.alpha:g} pulls V towards v_ref: it needs v_ref")
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
-                           self.hparams["iters"], self.hparams["lr"], self.device)
+                           self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"])
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
         return _check_fitted(self, W, self.V)
 
@@ -366,6 +392,16 @@ class LoReMethod(Method):
     def load_state(self, tensors):
         self.V = tensors["V"].to(self.device, torch.float32)
 
+    # active selection (lore.active): a user's free parameters are its logits, the fit's own
+    def free_parameters(self, U):
+        return U.clamp_min(1e-12).log()   # [N, K]: softmax(log w) = w
+
+    def free_margin(self, theta, zc, zr):
+        return ((zc - zr) * simplex(theta)).sum(-1)
+
+    def free_prior(self):
+        return torch.zeros(self.V.shape[1], device=self.device), 1.0   # PersonalizeBatch's start, N(0, I)
+
 
 @register
 class LoReRegularizedMethod(LoReMethod):
@@ -373,7 +409,7 @@ class LoReRegularizedMethod(LoReMethod):
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
     weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
     name = "lore_regularized"
-    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5}
+    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random"}
     model = LoRe_regularized
 
     def fit(self, pairs):
@@ -499,34 +535,53 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
 
 
 def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_test, methods=("lore",),
-                alpha_list=(0.0,), v_ref=None, hparams=None, device=None, seed=None):
+                alpha_list=(0.0,), v_ref=None, hparams=None, device=None, seed=None, select=("random",)):
     """Accuracy of unseen users against the number of shots. For every method and (alpha, K): fit
-    on the seen users; then for every shot count, `trials` times, draw `shots` of each unseen
-    user's few-shot pairs (sample_shots: pairs, or whole groups such as PRISM's dialogs), fit the
-    users' parameters on them with the shared part fixed, and measure the accuracy on the drawn
-    shots and on the held-out pairs. Item features are computed once per fit (featurize), so a
-    trial costs a fit in the method's small feature space.
-    -> one record per (method, alpha, K, shots): unseen_fewshot and unseen_test, the mean over
-    trials of the users' mean accuracy, and their `_std` over trials."""
+    on the seen users; then for every way of choosing the shots in `select` and every shot count,
+    `trials` times, choose `shots` of each unseen user's few-shot pairs, fit the users' parameters
+    on them with the shared part fixed, and measure the accuracy on the chosen shots and on the
+    held-out pairs. select: "random" (the paper's protocol: sample_shots, pairs or whole groups
+    such as PRISM's dialogs) and/or "active" (lore.active: in rounds, each user's most informative
+    next pair under a Laplace approximation of its posterior; one run of max(shots) rounds per
+    trial gives every shot count, its selections nested). Item features are computed once per fit
+    (featurize), so a trial costs fits in the method's small feature space.
+    -> one record per (method, alpha, K, select, shots): unseen_fewshot and unseen_test, the mean
+    over trials of the users' mean accuracy, and their `_std` over trials."""
     _check_trials(trials)
     shots = _int_list(shots, "shots", least=1)
+    select = check_select(select)
     sets = _check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device)
+    settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
+    if "active" in select:
+        for method in settings:   # refused before any fit
+            check_active(method)
     records = []
-    for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
+    for method in settings:
         _seed_setting(seed, method)
         method.fit(sets["seen_train"])
         pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
-        for n_shots in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
-            acc = np.zeros((2, trials))
-            for t in range(trials):
-                drawn = sample_shots(pool, n_shots)
-                U_new = method.fit_users(drawn)                                    # [N', U]
-                acc[:, t] = accuracy(method, drawn, U_new).mean(), accuracy(method, test, U_new).mean()
-            records.append({**method.setting(), "shots": n_shots,
-                            "unseen_fewshot": acc[0].mean(), "unseen_fewshot_std": acc[0].std(),
-                            "unseen_test": acc[1].mean(), "unseen_test_std": acc[1].std()})
-            print(f"{method} shots {n_shots:>4}: unseen_fewshot {acc[0].mean():.4f} +- {acc[0].std():.4f}"
-                  f"  unseen_test {acc[1].mean():.4f} +- {acc[1].std():.4f}")
+        for how in select:
+            acc = np.zeros((len(shots), 2, trials))                                # [shot counts, sets, trials]
+
+            def measure(n, chosen, U_new, t):
+                acc[shots.index(n), :, t] = (accuracy(method, pool.select(chosen), U_new).mean(),
+                                             accuracy(method, test, U_new).mean())
+            if how == "random":
+                for n in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
+                    for t in range(trials):
+                        chosen = _sample_groups(pool, n)                           # [P] bool
+                        measure(n, chosen, method.fit_users(pool.select(chosen)), t)
+            else:   # one run of max(shots) rounds per trial: its selections are nested
+                for t in tqdm(range(trials), desc=f"{method} active", leave=False, disable=None):
+                    for n, chosen, U_new in active_shots(method, pool, max(shots)):
+                        if n in shots:
+                            measure(n, chosen, U_new, t)
+            for n_shots, (few, held) in zip(shots, acc):
+                records.append({**method.setting(), "select": how, "shots": n_shots,
+                                "unseen_fewshot": few.mean(), "unseen_fewshot_std": few.std(),
+                                "unseen_test": held.mean(), "unseen_test_std": held.std()})
+                print(f"{method} {how} shots {n_shots:>4}: unseen_fewshot {few.mean():.4f} +- {few.std():.4f}"
+                      f"  unseen_test {held.mean():.4f} +- {held.std():.4f}")
     return [{k: float(v) if isinstance(v, np.floating) else v for k, v in r.items()} for r in records]
 
 

@@ -11,9 +11,12 @@ its test dialogs. The users are prepare.py's 80/20 split (docs/datasets.md expla
 
 Reads what generate-prism-embeddings.py wrote (--data). Writes to --out (default
 PRISM/results/vary_fewshot/), as a whole when the run ends:
-    results.json, results.csv   per (method, alpha, K, shots): accuracy on the shots (unseen_fewshot)
-                                and on the test dialogs (unseen_test), with their std over trials
-    accuracy_vs_shots.png       test-dialog accuracy of unseen users against shots, a curve per method
+    results.json, results.csv   per (method, alpha, K, select, shots): accuracy on the shots
+                                (unseen_fewshot) and on the test dialogs (unseen_test), with their
+                                std over trials
+    accuracy_vs_shots.png       test-dialog accuracy of unseen users against shots, a curve per
+                                method; with --select random,active a panel per method and K, both
+                                selections in it
     config.json                 the resolved flags
 """
 import os
@@ -44,7 +47,7 @@ def main(args):
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                                     shots=args.shots, trials=args.trials, v_ref=data.v_ref,
-                                    hparams=cli.method_hparams(args), seed=args.seed,
+                                    hparams=cli.method_hparams(args), seed=args.seed, select=args.select,
                                     seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
                                     unseen_test=data.sets["unseen_test"])
         results.save_results(records, out)

@@ -10,6 +10,8 @@ The pick rules, each scoring the 8 responses of a prompt and taking the best (th
     personal     the user's reward with the checkpoint's shared part fixed and the user's weights
                  fitted (the checkpoint's few-shot recipe) on `shots` pairs drawn from its few-shot
                  pool (unseen_fewshot), --trials draws per shot count
+    active       as personal, but the `shots` pairs are asked actively (lore.active: in rounds, each
+                 user's most informative next pair of its pool), --trials runs (--select)
     basis_mean   the seen users' mean weights on the basis (no personalization; shots 0)
     v_ref        the reference reward model (shots 0)
     random       a uniformly random response: expected values, computed exactly (shots 0)
@@ -24,7 +26,8 @@ scores mixed by the user's weights of users.safetensors). Per rule and shots:
                (0.5 is the random pick, 1 the oracle's when the best response is unique)
     regret     the true reward of the oracle's pick minus the pick's, averaged over users and prompts
                (in the units of the reward models' scores; 0 for the oracle)
-and their `_std` over the trials (personal only). Everything is vectorized over users and prompts.
+and their `_std` over the trials (personal and active only). Everything is vectorized over users
+and prompts.
 
 Reads what prepare.py wrote (--data: embeddings, pairs, scores.safetensors, users.safetensors) and a
 checkpoint of train_basis.py fitted on it. Writes to --out (default PersonalLLM/results/best_of_n/),
@@ -57,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--shots", type=utils.shot_list, default=[1, 2, 5, 10, 20, 50],
                    help="pairs per unseen user to fit its weights on, e.g. 1,5,20")
     p.add_argument("--trials", type=utils.positive_int, default=5, help="draws of the shots per shot count")
+    p.add_argument("--select", type=utils.select_list, default=["random", "active"],
+                   help="the personal rules: random (rule personal) and/or active (rule active) shots")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     p.add_argument("--seed", type=utils.nonnegative_int, default=0)
     return p.parse_args(argv)
@@ -108,13 +113,24 @@ def main(args):
     records.append({"rule": "random", "shots": 0, "win_rate": 0.5, "win_rate_std": 0.0,
                     "regret": float((true.max(-1).values - true.mean(-1)).mean()), "regret_std": 0.0,
                     "trials": 1, **setting})
-    for shots in args.shots:
+    if "active" in args.select:
+        utils.check_active(method)
+    for shots in args.shots if "random" in args.select else []:
         results = []
         for _ in range(args.trials):
             U = method.fit_users(utils.sample_shots(pool, shots))                  # [N, U]
             results.append(pick_quality(true, rewards(U)))
         add("personal", shots, results)
         print(f"  personal, {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
+    if "active" in args.select:   # one run of max(shots) rounds per trial gives every shot count
+        results = {shots: [] for shots in args.shots}
+        for _ in range(args.trials):
+            for n, _, U in utils.active_shots(method, pool, max(args.shots)):
+                if n in results:
+                    results[n].append(pick_quality(true, rewards(U)))
+        for shots in args.shots:
+            add("active", shots, results[shots])
+            print(f"  active,   {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
 
     with utils.run_folder(args, SCRIPT, device=str(device)) as out:
         utils.save_results(records, out, "best_of_n")
@@ -157,10 +173,13 @@ def pick_quality(true, pick_scores):
 def plot(records, path, title):
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    personal = sorted((r for r in records if r["rule"] == "personal"), key=lambda r: r["shots"])
     for ax, key in zip(axes, ("win_rate", "regret")):
-        ax.errorbar([r["shots"] for r in personal], [r[key] for r in personal], yerr=[r[f"{key}_std"] for r in personal],
-                    marker="o", capsize=3, color="C0", label="personal (fitted w)")
+        for i, (rule, label) in enumerate((("personal", "personal (fitted w, random shots)"),
+                                           ("active", "active (fitted w, active shots)"))):
+            rows = sorted((r for r in records if r["rule"] == rule), key=lambda r: r["shots"])
+            if rows:
+                ax.errorbar([r["shots"] for r in rows], [r[key] for r in rows], yerr=[r[f"{key}_std"] for r in rows],
+                            marker="o", capsize=3, color=f"C{7 + i}", label=label)
         for i, rule in enumerate(("oracle", "true_linear", "basis_mean", "v_ref", "random"), 1):
             for r in (r for r in records if r["rule"] == rule):
                 ax.axhline(r[key], ls="--" if rule != "oracle" else ":", color=f"C{i}", label=rule)

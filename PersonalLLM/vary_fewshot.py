@@ -2,18 +2,24 @@
 
     python PersonalLLM/vary_fewshot.py                     # K=5, 20 trials, shots 1,2,5,10,20,50
     python PersonalLLM/vary_fewshot.py --method lore,pal,vpl --k-list 3,5 --shots 1,5,20 --trials 5
+    python PersonalLLM/vary_fewshot.py --method lore,pca --select random,active --candidates all
 
 Each method is fitted on the seen users (lore: 500 steps, lr 0.5); each unseen user has the pool of
 few-shot pairs prepare.py drew (1% of the train prompts: 94 of 9402), and for every shot count,
 --trials times, `shots` pairs are drawn from the pool, the user's weights fitted with the shared part
-fixed, and the user tested on every test prompt.
+fixed, and the user tested on every test prompt. --select active asks the shots actively instead
+(lore.active: each round, each user's most informative next pair). --candidates all offers every
+pair of the 8 responses of the user's pool prompts (28 per prompt), answered by the user's true
+mixture of the 10 reward models (users.safetensors, scores.safetensors), to either selection,
+instead of the pool's drawn best-vs-worst pairs.
 
 Reads what prepare.py wrote (--data). Writes to --out (default PersonalLLM/results/vary_fewshot/), as
 a whole when the run ends:
-    results.json, results.csv   per (method, alpha, K, shots): accuracy on the shots (unseen_fewshot)
-                                and held-out (unseen_test), with their std over trials
-    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method (the oracle
-                                dotted, synthetic data)
+    results.json, results.csv   per (method, alpha, K, select, shots): accuracy on the shots
+                                (unseen_fewshot) and held-out (unseen_test), with their std over trials
+    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method, the oracle
+                                dotted (synthetic data); with --select random,active a panel per
+                                method and K, both selections in it
     oracle.json                 (synthetic data) the accuracies of the true rewards
     config.json                 the resolved flags
 """
@@ -22,6 +28,8 @@ import sys
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
+import torch  # noqa: E402
+
 import utils  # noqa: E402
 from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
@@ -34,6 +42,8 @@ def parse_args(argv=None):
     cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0],
                        iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
     cli.add_shots_args(p, trials=20, shots=[1, 2, 5, 10, 20, 50])
+    p.add_argument("--candidates", choices=("pool", "all"), default="pool",
+                   help="the pairs a user can be asked: its pool (the paper's) or every pair of its pool prompts")
     return p.parse_args(argv)
 
 
@@ -42,17 +52,37 @@ def main(args):
     device = cli.start_run(args)
     with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
         data = load_data(args.data, device)
-        cli.check_shots(args.shots, data.sets["unseen_fewshot"])
+        pool = data.sets["unseen_fewshot"] if args.candidates == "pool" else every_pair_of_pool_prompts(data)
+        cli.check_shots(args.shots, pool)
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                                     shots=args.shots, trials=args.trials, v_ref=data.v_ref,
-                                    hparams=cli.method_hparams(args), seed=args.seed,
-                                    seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
+                                    hparams=cli.method_hparams(args), seed=args.seed, select=args.select,
+                                    seen_train=data.sets["seen_train"], unseen_fewshot=pool,
                                     unseen_test=data.sets["unseen_test"])
         results.save_results(records, out)
         oracle = results.save_oracle(data, out)
         results.plot_accuracy_vs_shots(records, os.path.join(out, "accuracy_vs_shots.png"), TITLE,
                                        hline=oracle and oracle["unseen_test"])
     return records
+
+
+def every_pair_of_pool_prompts(data):
+    """--candidates all: every pair of responses of the unseen users' pool prompts, answered by
+    their true mixtures of the reward models' scores (utils.every_pair)."""
+    scores = utils.load_tensors(os.path.join(data.folder, "scores.safetensors"), ["train", "test"])   # [S, R, M]
+    W = utils.load_tensors(os.path.join(data.folder, "users.safetensors"), ["W_unseen"])["W_unseen"]  # [N, M]
+    R = scores["train"].shape[1]
+    if data.info.get("offsets") != {"train": 0, "test": R * len(scores["train"])} or \
+            R * (len(scores["train"]) + len(scores["test"])) != len(data.table):
+        raise utils.InputError(f"{data.folder}: scores.safetensors does not match the embeddings' rows (offsets "
+                               f"{data.info.get('offsets')}): not a PersonalLLM data folder, rerun prepare.py")
+    if W.shape[0] != len(data.users["unseen"]):
+        raise utils.InputError(f"{data.folder}/users.safetensors: W_unseen has {W.shape[0]} users, the data "
+                               f"{len(data.users['unseen'])}: rerun prepare.py")
+    row_scores = torch.cat([scores["train"], scores["test"]]).reshape(len(data.table), -1)  # [E, M]
+    pool = utils.every_pair(data.sets["unseen_fewshot"], R, row_scores, W)
+    print(f"--candidates all: {len(pool)} pairs, {len(pool) // pool.n_users} per unseen user on average")
+    return pool
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ shared part fixed (500 steps, lr 0.1), and the worker tested on all its validati
 
 Reads what prepare.py wrote (--data). Writes to --out (default RedditTLDR/results/vary_fewshot/), as
 a whole when the run ends:
-    results.json, results.csv   per (method, alpha, K, shots): accuracy on the shots (unseen_fewshot)
-                                and held-out (unseen_test), with their std over trials
-    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method
+    results.json, results.csv   per (method, alpha, K, select, shots): accuracy on the shots
+                                (unseen_fewshot) and held-out (unseen_test), with their std over trials
+    accuracy_vs_shots.png       held-out accuracy against shots, a curve per method; with --select
+                                random,active a panel per method and K, both selections in it
     config.json                 the resolved flags
 """
 import os
@@ -43,7 +44,7 @@ def main(args):
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                                     shots=args.shots, trials=args.trials, v_ref=data.v_ref,
-                                    hparams=cli.method_hparams(args), seed=args.seed,
+                                    hparams=cli.method_hparams(args), seed=args.seed, select=args.select,
                                     seen_train=data.sets["seen_train"], unseen_fewshot=data.sets["unseen_fewshot"],
                                     unseen_test=data.sets["unseen_test"])
         results.save_results(records, out)

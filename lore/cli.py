@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 
+from lore.active import SELECTIONS
 from lore.checks import InputError, resolve_device, set_seed
 from lore.extract import DEFAULT_MODEL
 from lore.io import read_json, write_json
@@ -127,10 +128,13 @@ def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters,
         own = [hp for hp in cls.defaults if hp not in cls.recipe_hparams]
         group = parser.add_argument_group(f"method {name}") if own else None
         for hp in own:
-            default = cls.defaults[hp]
+            default, flag = cls.defaults[hp], f"--{name}-{hp}".replace("_", "-")
+            if isinstance(default, str):   # a string hyperparameter takes one of its class' choices
+                group.add_argument(flag, choices=cls.choices[hp], default=default, dest=f"{name}__{hp}",
+                                   help="(default: %(default)s)")
+                continue
             kind = positive_int if isinstance(default, int) else positive_float
-            group.add_argument(f"--{name}-{hp}".replace("_", "-"), type=kind, default=default,
-                               dest=f"{name}__{hp}", help="(default: %(default)s)")
+            group.add_argument(flag, type=kind, default=default, dest=f"{name}__{hp}", help="(default: %(default)s)")
     return parser
 
 
@@ -144,10 +148,21 @@ def method_hparams(args):
     return hparams
 
 
+def select_list(text):
+    """argparse type for 'random,active' -> ['random', 'active']."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or any(n not in SELECTIONS for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct selections of {', '.join(SELECTIONS)}, got {text!r}")
+    return names
+
+
 def add_shots_args(parser, *, trials, shots, unit="pairs"):
     """The flags every vary_fewshot.py adds to add_sweep_args'."""
     parser.add_argument("--trials", type=positive_int, default=trials, help="draws of the shots per shot count")
     parser.add_argument("--shots", type=shot_list, default=shots, help=f"{unit} per unseen user, e.g. 5,10")
+    parser.add_argument("--select", type=select_list, default=["random"],
+                        help="how the shots are chosen, comma-separated: random (the paper's draw) and/or "
+                             "active (each next question the most informative, lore.active) (default: random)")
     return parser
 
 

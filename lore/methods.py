@@ -32,8 +32,10 @@ class Method:
 
     Class attributes:
         name        its key in METHODS
-        defaults    hyperparameter -> default (ints and floats). Each one is a flag --{name}-{hp}
-                    of every script (hyphens for underscores), except those in recipe_hparams
+        defaults    hyperparameter -> default (ints, floats, or strings listed in choices). Each
+                    one is a flag --{name}-{hp} of every script (hyphens for underscores), except
+                    those in recipe_hparams
+        choices     hyperparameter -> its allowed values, for the string ones (e.g. init)
         recipe_hparams  those read from the dataset recipe's --iters --lr --fewshot-iters
                     --fewshot-lr (the LoRe entries' step counts and rates)
         min_K       the smallest K it takes; sweeps skip smaller K (K = 0, the reference reward
@@ -51,9 +53,15 @@ class Method:
         item_features(rows) -> [n, D] user-independent features of embeddings rows [n, F]
         reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, U]
         state() -> {name: tensor}     the shared part, saved in checkpoints; load_state(tensors)
+    Optional, for active selection of new users' pairs (lore.active; a method without them is
+    refused there): free_parameters(U) -> [N, D] the parameters fit_users optimizes, free_margin(
+    theta [D], zc, zr) -> the margin of one pair (differentiable in theta, for torch.func),
+    free_prior -> (mean [D], variance) of a Gaussian prior on theta, bt_scale: the Bradley-Terry
+    probability of a pair is sigmoid(bt_scale * margin).
     Randomness comes from torch's global generator: seed it (set_seed) for repeatable fits.
     """
     name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
+    choices = {}          # string hyperparameter -> allowed values
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
@@ -65,6 +73,9 @@ class Method:
         self.K, self.device = int(K), resolve_device(device)
         self.alpha = _check_alpha(alpha, self.name) if self.uses_alpha else None
         self.hparams = {**self.defaults, **hparams}
+        for hp, allowed in self.choices.items():
+            if hp in self.hparams and self.hparams[hp] not in allowed:
+                raise InputError(f"method {self.name}: {hp} must be one of {list(allowed)}, got {self.hparams[hp]!r}")
         self.v_ref = None if v_ref is None else _check_v_ref(v_ref).to(self.device)   # [F, 1]
 
     def __repr__(self):

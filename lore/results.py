@@ -120,22 +120,34 @@ def plot_accuracy_vs_rank(records, path, title="", hlines=None):
 def plot_accuracy_vs_shots(records, path, title="", hline=None):
     """Unseen users' held-out accuracy against shots, a curve per (method, alpha, K) with a band of
     +- one std over trials; the accuracy on the shots themselves dashed; `hline` (e.g. an oracle's
-    held-out accuracy) dotted."""
+    held-out accuracy) dotted. Records of several selections (sweep_shots' select: random,
+    active) get one panel per (method, alpha, K), its selections side by side in it."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label in dict.fromkeys(f"{_curve_label(r)}, K={r['K']}" for r in records):
-        rows = sorted((r for r in records if f"{_curve_label(r)}, K={r['K']}" == label), key=lambda r: r["shots"])
-        x = np.array([r["shots"] for r in rows])
-        y = np.array([r["unseen_test"] for r in rows])
-        s = np.array([r["unseen_test_std"] for r in rows])
-        line, = ax.plot(x, y, marker="o", label=f"{label}: held-out")
-        ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
-        ax.plot(x, [r["unseen_fewshot"] for r in rows], ls="--", color=line.get_color(), label=f"{label}: the shots")
-    if hline is not None:
-        ax.axhline(hline, color="k", ls=":", label="oracle: held-out")
-    ax.set(xlabel="shots per unseen user", ylabel="accuracy", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    selects = list(dict.fromkeys(r.get("select", "random") for r in records))
+    settings = list(dict.fromkeys(f"{_curve_label(r)}, K={r['K']}" for r in records))
+    panels = settings if len(selects) > 1 else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7, 4.5) if len(panels) == 1 else (5 * len(panels), 4.5),
+                             squeeze=False, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        for label in settings if panel is None else [panel]:
+            for i, how in enumerate(selects):
+                rows = sorted((r for r in records if f"{_curve_label(r)}, K={r['K']}" == label
+                               and r.get("select", "random") == how), key=lambda r: r["shots"])
+                name = label if panel is None else how   # one selection: a curve per setting
+                x = np.array([r["shots"] for r in rows])
+                y = np.array([r["unseen_test"] for r in rows])
+                s = np.array([r["unseen_test_std"] for r in rows])
+                color = {} if panel is None else {"color": f"C{i}"}   # one colour per selection in a panel
+                line, = ax.plot(x, y, marker="o", label=f"{name}: held-out", **color)
+                ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.2)
+                ax.plot(x, [r["unseen_fewshot"] for r in rows], ls="--", color=line.get_color(),
+                        label=f"{name}: the shots")
+        if hline is not None:
+            ax.axhline(hline, color="k", ls=":", label="oracle: held-out")
+        ax.set(xlabel="shots per unseen user", ylabel="accuracy",
+               title=title if panel is None else f"{title}\n{panel}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 

@@ -359,6 +359,8 @@ def test_best_of_n_personal_beats_v_ref_and_improves_with_shots(fitted, tmp_path
     assert rule["personal", 20]["win_rate"] > rule["v_ref", 0]["win_rate"] + 0.05
     assert rule["personal", 20]["win_rate"] > rule["personal", 1]["win_rate"] + 0.03
     assert rule["personal", 20]["regret"] < rule["personal", 1]["regret"] < rule["random", 0]["regret"]
+    assert rule["active", 20]["win_rate"] > rule["v_ref", 0]["win_rate"] + 0.05   # the active personal rule
+    assert rule["active", 1]["trials"] == 2 and rule["active", 20]["regret"] < rule["random", 0]["regret"]
     assert json.load(open(os.path.join(out, "best_of_n.json"))) == records
     assert os.path.isfile(os.path.join(out, "best_of_n.png"))
     code = pytest.raises(SystemExit, best_of_n.main, best_of_n.parse_args(

@@ -255,7 +255,7 @@ def test_vary_fewshot(data, tmp_path):
                                        "results.csv", "results.json"]
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"], r["shots"]) for r in records] == [("lore", 3, 1), ("lore", 3, 5), ("lore", 3, 20)]
-    assert set(records[0]) == {"method", "K", "alpha", "shots", "unseen_fewshot", "unseen_fewshot_std",
+    assert set(records[0]) == {"method", "K", "alpha", "select", "shots", "unseen_fewshot", "unseen_fewshot_std",
                                "unseen_test", "unseen_test_std"}
     held_out = [r["unseen_test"] for r in records]
     assert held_out[2] > held_out[0] + 0.02          # more shots, better held-out accuracy

@@ -380,9 +380,13 @@ def test_shots_are_dialogs(data):
 def test_vary_fewshot(data, tmp_path):
     out = str(tmp_path / "fewshot")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "0,2", "--shots", "1,3",
-                                               "--trials", "2", *FAST]))
+                                               "--trials", "2", "--select", "random,active", *FAST]))
     records = utils.read_json(os.path.join(out, "results.json"))
-    assert [(r["K"], r["shots"]) for r in records] == [(0, 1), (0, 3), (2, 1), (2, 3)]
+    assert [(r["K"], r["select"], r["shots"]) for r in records] == [
+        (K, how, s) for K in (0, 2) for how in ("random", "active") for s in (1, 3)]
+    # active asks whole dialogs, as random draws them: the same K = 0 accuracy (nothing to fit)
+    assert records[0]["unseen_test"] == records[2]["unseen_test"]
+    records = [r for r in records if r["select"] == "random"]
     assert all(0 <= r["unseen_test"] <= 1 and 0 <= r["unseen_fewshot"] <= 1 for r in records)
     # K = 0 has nothing to fit: its held-out accuracy does not depend on the shots
     assert records[0]["unseen_test"] == records[1]["unseen_test"]

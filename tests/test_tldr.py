@@ -338,10 +338,12 @@ def test_vary_fewshot(data, tmp_path):
     out = str(tmp_path / "fewshot")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "0,2", "--trials", "3",
                                                "--shots", "1,2,5", "--iters", "20", "--fewshot-iters", "20",
-                                               "--device", "cpu"]))
+                                               "--device", "cpu", "--select", "random,active"]))
     assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "results.csv", "results.json"]
     records = utils.read_json(os.path.join(out, "results.json"))
-    assert [(r["K"], r["shots"]) for r in records] == [(K, s) for K in (0, 2) for s in (1, 2, 5)]
+    assert [(r["K"], r["select"], r["shots"]) for r in records] == [
+        (K, how, s) for K in (0, 2) for how in ("random", "active") for s in (1, 2, 5)]
+    records = [r for r in records if r["select"] == "random"]
     assert utils.read_json(os.path.join(out, "config.json"))["script"] == "RedditTLDR/vary_fewshot.py"
     # K = 0 does not adapt: held-out accuracy is the head's, the same in every trial
     _, unseen, _ = expected_split()

@@ -1,0 +1,127 @@
+"""A basis in closed form: the top-K principal directions of the seen users' difference rows
+x = phi(chosen) - phi(rejected) (as DRMs build theirs), by randomized subspace iteration on the
+table form, so the [P, F] rows are never built. The method `pca` uses them as a LoRe basis, and
+the LoRe entries' init="svd" starts from them.
+
+Which second moment: the uncentered one, each user weighing the same,
+    G = sum_i mean_{x in X_i} x x^T          [F, F], never built: only G Q for a thin Q [F, J].
+Uncentered, because the mean difference row is itself a direction (one most users like); centering
+would remove it. Per user, because a user with many pairs should not own the basis (LoRe's loss
+weighs users the same way).
+
+Signs: a principal direction has none, and a LoRe basis is mixed with simplex weights (no weight
+can flip a direction), so each direction is oriented so that the seen users' mean margin on it is
+>= 0: the users as a whole prefer the chosen side along it. We orient rather than give signed
+weights so that pca is a drop-in LoRe basis: new users are fitted exactly as the LoRe entries fit
+them (PersonalizeBatch on the simplex), and the checkpoints, basis tools and active selection are
+the same. The cost: a direction that half of the users like and half dislike serves one half only.
+
+Scale: each column is scaled so that the seen rows' root-mean-square margin on it is 1 / bt_scale
+(100, LoRe's temperature): the Bradley-Terry logits of the fitted users are then of order 1, neither
+all near 0.5 nor saturated, which is what the few-shot fit and the Laplace approximation of
+lore.active expect.
+"""
+import torch
+
+from lore.checks import InputError
+from lore.methods import Method, get_method, register
+from lore.pairs import project_rows
+
+
+def second_moment_apply(pairs, Q, chunk=1 << 15):
+    """G Q for G = sum_i mean_{x in X_i} x x^T of the pairs (Pairs, rows or table form), Q [F, J]
+    -> [F, J]. The table form reads the table twice and keeps [E, J] and [P, J] temporaries."""
+    weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]: each user sums to 1
+    if pairs.X is not None:
+        return pairs.X.t() @ (weight[:, None] * project_rows(pairs.X, Q))          # [F, J]
+    TQ = torch.cat([project_rows(t.float(), Q) for t in pairs.table.split(chunk)])  # [E, J]
+    Z = weight[:, None] * (TQ[pairs.chosen] - TQ[pairs.rejected])                  # [P, J]
+    S = torch.zeros_like(TQ).index_add_(0, pairs.chosen, Z).index_add_(0, pairs.rejected, -Z)  # [E, J]
+    out = torch.zeros_like(Q)
+    for start in range(0, len(S), chunk):   # T^T S = sum over chunks, no float copy of the whole table
+        out += pairs.table[start:start + chunk].float().t() @ S[start:start + chunk]
+    return out                                                                     # [F, J]
+
+
+def principal_directions(pairs, K, power_iters=8, oversample=10, seed=0):
+    """The top-K eigenvectors of G (see second_moment_apply) by randomized subspace iteration:
+    Q <- orth(G Q) power_iters times from a Gaussian Q [F, K + oversample] drawn from a generator
+    seeded by `seed` (so the result is a function of the data), then Rayleigh-Ritz on span(Q).
+    -> (D [F, K] orthonormal columns, eigenvalues [K] in decreasing order)."""
+    F = pairs.n_features
+    if not 1 <= K <= F:
+        raise InputError(f"pca: K must lie in [1, F={F}], got {K}")
+    J = min(K + oversample, F)
+    gen = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(F, J, generator=gen).to(pairs.device))[0]     # [F, J]
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(second_moment_apply(pairs, Q))[0]
+    B = Q.t() @ second_moment_apply(pairs, Q)                                      # [J, J]
+    evals, evecs = torch.linalg.eigh(0.5 * (B + B.t()).double())
+    top = torch.argsort(evals, descending=True)[:K]
+    return Q @ evecs[:, top].float(), evals[top].float()                           # [F, K], [K]
+
+
+def principal_basis(pairs, K, rms_margin, power_iters=8):
+    """The pca basis V [F, K]: principal_directions oriented so that the seen users' mean margin is
+    >= 0 on each, and scaled so that the rows' root-mean-square margin on each is rms_margin."""
+    D, evals = principal_directions(pairs, K, power_iters)
+    mean_margin = (pairs.project(D) / pairs.counts()[pairs.user, None].float()).sum(0)   # [K]: sum_i mean_i
+    sign = torch.where(mean_margin < 0, -1.0, 1.0)                                 # [K]
+    rms = (evals.clamp_min(1e-30) / pairs.n_users).sqrt()                          # [K]: x^T d over users' rows
+    return D * (sign * rms_margin / rms)                                           # [F, K]
+
+
+def least_squares_weights(Z, user, n_users, target, ridge=1e-3):
+    """Each user's simplex weights from a least-squares fit of its pairs' margins to `target`:
+    w_i = argmin_w sum_{p of i} (z_p^T w - target)^2 + ridge * tr(G_i) / K |w|^2, its negative
+    entries set to 0 and the rest normalized to sum 1 (uniform where nothing is left). Vectorized:
+    the normal equations of all users at once. Z [P, K] projections, user [P] -> [N, K]."""
+    K = Z.shape[1]
+    G = torch.zeros(n_users, K, K, device=Z.device, dtype=torch.float64)
+    G.index_add_(0, user, (Z[:, :, None] * Z[:, None, :]).double())                # [N, K, K]
+    b = torch.zeros(n_users, K, device=Z.device, dtype=torch.float64).index_add_(0, user, target * Z.double())
+    eye = torch.eye(K, device=Z.device, dtype=torch.float64)
+    lam = ridge * G.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / K          # [N]
+    w = torch.linalg.solve(G + lam[:, None, None] * eye, b).clamp_min(0)           # [N, K]
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(1e-30), torch.full_like(w, 1.0 / K)).float()
+
+
+def _lore(name):
+    """The lore entry's own `name`, called on a pca object: pca fits new users, scores and
+    answers active selection exactly as LoRe does (lore is registered by utils, which this module
+    may not import; METHODS holds it once utils is imported, which is how every script runs)."""
+    def call(self, *args):
+        return getattr(get_method("lore"), name)(self, *args)
+    call.__name__ = name
+    return call
+
+
+@register
+class PCA(Method):
+    """The top-K principal directions of the seen users' difference rows as the basis V [F, K] (see
+    the module's docstring: uncentered, users weighed equally, oriented, scaled), found with no
+    training loop; seen and new users' simplex weights fitted on it as LoRe fits new users
+    (PersonalizeBatch, the recipe's --fewshot-iters --fewshot-lr). U = the simplex weights [N, K]."""
+    name, min_K, uses_alpha, linear = "pca", 1, False, True
+    defaults = {"power_iters": 8, "fewshot_iters": 500, "fewshot_lr": 0.1}
+    recipe_hparams = ("fewshot_iters", "fewshot_lr")
+
+    def fit(self, pairs):
+        lore = get_method("lore")
+        self.V = principal_basis(pairs, self.K, 1.0 / lore.bt_scale, self.hparams["power_iters"])  # [F, K]
+        return self.fit_users(pairs)
+
+    fit_users = _lore("fit_users")
+    item_features = _lore("item_features")
+    reward = _lore("reward")
+    state = _lore("state")
+    load_state = _lore("load_state")
+    free_parameters = _lore("free_parameters")
+    free_margin = _lore("free_margin")
+    free_prior = _lore("free_prior")
+
+    @property
+    def bt_scale(self):
+        return get_method("lore").bt_scale
