@@ -106,7 +106,8 @@ def test_layout(data):
     for name, digest in info["files"].items():
         assert hashlib.sha256(open(os.path.join(data, name), "rb").read()).hexdigest() == digest, name
     path = os.path.join(data, "embeddings.safetensors")
-    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path)}
+    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path),
+                                  "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
 
     # conversations.parquet: one row per row of the table; row offset(split) + 8 s + r is response r of prompt s
     conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
