@@ -481,3 +481,17 @@ def test_busy_out_is_refused_at_once(tmp_path, capsys):
                                                        "--checkpoint", str(tmp_path / "none.safetensors")]))]:
             assert "is in use by another run" in fails(capsys, main, args)
     assert not out.exists()
+
+
+# 18. Messages whole and on one line
+
+def test_tokenizer_error_is_whole_and_one_line(tiny_model_dir, tmp_path):
+    bare = shutil.copytree(tiny_model_dir, tmp_path / "bare")
+    for name in os.listdir(bare):
+        if name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(bare / name)
+    with pytest.raises(InputError) as e:
+        utils.embed_conversations([[{"role": "user", "content": "a"}]], tmp_path / "e.safetensors", str(bare),
+                                  device="cpu")
+    message = str(e.value)
+    assert "\n" not in message and "(1) a `tokenizers` library serialization file" in message
