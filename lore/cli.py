@@ -229,8 +229,8 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
     run into the same --out is refused at once; the OS drops the lock of a dead process):
       - what a killed run left is recovered (recover_folder): --out holds either the previous results
         or the new ones, never neither;
-      - --out is refused when it is a file, a mount point, inside another run's folder, or when it and
-        one of `inputs` (default: args.data) contain each other;
+      - --out is refused when it is a file, a mount point, inside another run's folder (a data
+        folder among them), or when it is or contains one of `inputs` (default: args.data);
       - every entry of an existing --out must be one this script wrote there (the folder's MANIFEST
         records who wrote what) or one of a script in `keep` (PRISM's prepare.py and
         generate-prism-embeddings.py share a folder); anything else (a user's file, another
@@ -322,11 +322,11 @@ def _check_out(out, inputs):
         if os.path.dirname(folder) == folder:
             break
         folder = os.path.dirname(folder)
-    for path in inputs:
+    for path in inputs:   # (a --out inside a data folder is inside another run's folder: refused above)
         p = os.path.realpath(path)
-        if p == out or p.startswith(out + os.sep) or out.startswith(p + os.sep):
-            raise InputError(f"--out {out} and the input {path} contain each other: the run would replace "
-                             f"what it reads; pick another --out")
+        if p == out or p.startswith(out + os.sep):
+            raise InputError(f"--out {out} contains the input {path}: the run would replace what it reads; "
+                             f"pick another --out")
 
 
 def _owners(out):

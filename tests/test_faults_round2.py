@@ -104,7 +104,7 @@ def test_rerun_refuses_entries_it_did_not_write(data, results, tmp_path, capsys)
     make_data(plain / "data")
     line = fails(capsys, train_basis.main, train_basis.parse_args(["--data", str(plain / "data"), "--out", str(plain),
                                                                    *QUICK]))
-    assert "contain each other" in line and os.path.isfile(plain / "data" / "data.json")
+    assert f"--out {plain} contains the input" in line and os.path.isfile(plain / "data" / "data.json")
     # a re-run into its own folder replaces its own files, whole
     train_basis.main(train_basis.parse_args(["--data", data, "--out", str(R), *QUICK[:1], "0", *QUICK[2:]]))
     assert not os.path.exists(R / "lore_K2_alpha0.safetensors") and os.path.exists(R / "lore_K0_alpha0.safetensors")
