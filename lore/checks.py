@@ -127,6 +127,8 @@ def check_hparam(owner, hp, value, default, choices=None, limit=None):
     one of `choices`; an integer one an integer in [1, limit or MAX_COUNT]; a float one a finite
     number in (0, limit or MAX_RATE]. -> the value; InputError naming the method and hyperparameter."""
     where = f"method {owner}: {hp}"
+    if isinstance(default, str) and not choices:
+        raise InputError(f"{where} is a string hyperparameter: its class must list its values in choices")
     if choices:
         if not isinstance(value, str) or value not in choices:
             raise InputError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
@@ -136,11 +138,7 @@ def check_hparam(owner, hp, value, default, choices=None, limit=None):
         if not _is_int(value) or not 1 <= value <= top:
             raise InputError(f"{where} must be an integer in [1, {top:g}], got {_short(value)}")
         return int(value)
-    top = limit or MAX_RATE
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
-            or not math.isfinite(value) or not 0 < value <= top:
-        raise InputError(f"{where} must be a finite number in (0, {top:g}], got {_short(value)}")
-    return float(value) if not _is_int(value) else value
+    return check_rate(value, where, limit or MAX_RATE)
 
 
 def check_rate(value, what, limit=MAX_RATE):

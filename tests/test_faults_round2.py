@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -495,3 +494,19 @@ def test_tokenizer_error_is_whole_and_one_line(tiny_model_dir, tmp_path):
                                   device="cpu")
     message = str(e.value)
     assert "\n" not in message and "(1) a `tokenizers` library serialization file" in message
+
+
+def test_string_hyperparameters_with_declared_choices():
+    """A method may declare a string-valued hyperparameter (e.g. init in {random, svd}): its values
+    are checked by the same validator for the API and the flags."""
+    cls = type("WithInit", (utils.Method,), {"name": "with_init", "defaults": {"init": "random", "iters": 5},
+                                             "choices": {"init": ("random", "svd")}})
+    assert cls(1, device="cpu").hparams == {"init": "random", "iters": 5}
+    assert cls(1, device="cpu", init="svd").hparams["init"] == "svd"
+    with pytest.raises(InputError, match="method with_init: init must be one of random, svd, got 'pca'"):
+        cls(1, device="cpu", init="pca")
+    assert cli.hparam_type(cls, "init")("svd") == "svd"
+    with pytest.raises(argparse.ArgumentTypeError, match="init must be one of random, svd"):
+        cli.hparam_type(cls, "init")("pca")
+    with pytest.raises(InputError, match="its class must list its values in choices"):   # refused, not guessed
+        type("NoChoices", (utils.Method,), {"name": "no_choices", "defaults": {"init": "random"}})(1, device="cpu")
