@@ -30,28 +30,31 @@ import torch.nn.functional as F
 import torch.optim as optim
 from tqdm.auto import tqdm
 
-from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _is_int, _short, InputError,
+from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _is_int, _short, check_count,
+    check_hparam, check_rate, check_seed, check_tensor, InputError, MAX_COUNT, MAX_RATE, MAX_SEED,
     resolve_device, set_seed)
-from lore.io import (hub_reachable, load_splits, load_tensors, read_json, read_jsonl, read_metadata,
-    read_table, save_tensors, write_json, write_table)
+from lore.io import (check_folder_writable, hub_reachable, load_splits, load_tensors, read_json, read_jsonl,
+    read_metadata, read_table, save_tensors, write_json, write_table)
 from lore.pairs import (pack, Pairs, project_rows, SETS)
-from lore.methods import (accuracy, checkpoint_name, featurize, get_method, load_method, Method,
-    method_basis, method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, register,
-    save_method, simplex)
+from lore.methods import (accuracy, checkpoint_name, featurize, get_method, load_method, Method, method_basis,
+    method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, register, save_method,
+    simplex)
 from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_ANNEAL_BASELINE,
     VPL_MAX_GRAD_NORM, VPL_SLOPE)
+from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions, second_moment_apply)
+from lore.active import (active_shots, check_active, check_select, every_pair, fisher_weight, information,
+    margin_gradients, pick_per_user, posterior_precision, SELECTIONS)
 from lore.basis import (basis_report, basis_report_records, COLLAPSE_COS, COLLAPSE_RANK, COLLAPSE_SHARE,
     DIVERSITY_MAX_PAIRS, effective_rank, energy_rank, fit_new_users, format_basis_report,
     format_interpretation, IN_USE_SHARE, interpret_basis, score_conversations, score_items, TEXT_CHARS)
-from lore.data import (Data, DATA_FILES, load_data, oracle_accuracies, table_pairs, write_data_folder)
-from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, pyplot, save_basis_reports,
-    save_figure, save_oracle, save_results)
-from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, check_shots, command_line,
-    config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
-    nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, select_list,
-    shot_list, start_run)
-from lore.active import (active_shots, check_active, check_select, every_pair, information, SELECTIONS)
-from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions)
+from lore.data import (Data, DATA_FILES, data_identity, load_data, oracle_accuracies, table_pairs,
+    write_data_folder)
+from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, pyplot,
+    save_basis_reports, save_figure, save_oracle, save_results)
+from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, cache_path,
+    check_shots, command_line, config_of, data_files_arg, float_list, folder_lock, fraction, hparam_type,
+    link_into, MANIFEST, method_hparams, method_list, nonnegative_float, nonnegative_int, positive_float,
+    positive_int, rank_list, recover_folder, run_folder, seed_int, select_list, shot_list, start_run)
 from lore.extract import (DEFAULT_MODEL, embed_conversations, is_main_process, load_reward_model,
     read_reward_head)  # noqa: F401  (re-exported)
 
@@ -408,7 +411,7 @@ class LoReRegularizedMethod(LoReMethod):
     """LoRe as run_regularized() fits it: the LoRe_regularized model (alternating Adam, pairs
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
     weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
-    name = "lore_regularized"
+    name, prunes = "lore_regularized", True
     defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random"}
     model = LoRe_regularized
 
@@ -512,6 +515,8 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     `{set}_std`, the std across users times 0.25 (the reference's convention)."""
     sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
                             unseen_test=unseen_test), device)
+    if out_dir is not None:
+        check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
         acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
@@ -526,7 +531,7 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
         if out_dir is not None:
             path = os.path.join(out_dir, checkpoint_name(method))
-            save_method(path, method, W=U, W_unseen=U_new)
+            save_method(path, method, data_identity(sets["seen_train"]), W=U, W_unseen=U_new)
             if method.linear:
                 write_json(path.removesuffix(".safetensors") + ".report.json",
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
@@ -705,6 +710,9 @@ def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
         v_ref = _check_v_ref(v_ref)                                                # [F, 1]
         if v_ref.shape[0] != seen_train.n_features:
             raise InputError(f"v_ref has {v_ref.shape[0]} features but the pairs have F={seen_train.n_features}")
+    if max(K_list) > seen_train.n_features:   # checked before any fit: a [N, K] W of K >> F never fits
+        raise InputError(f"K={max(K_list)} is more than the F={seen_train.n_features} features of the pairs: "
+                         f"a basis has at most F directions")
     settings = []
     for name in methods:
         cls = get_method(name)

@@ -37,6 +37,7 @@ FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
 
+SCRIPT = "PRISM/eval_rb2.py"
 HUB_ID = "allenai/reward-bench-2"
 SUBSETS = ("Factuality", "Precise IF", "Math", "Safety", "Focus", "Ties")
 COLUMNS = ("prompt", "chosen", "rejected", "subset", "id")
@@ -69,32 +70,36 @@ def parse_args(argv=None):
 def main(args):
     if args.user_weights and not args.rm_head:
         raise utils.InputError("--user-weights needs --rm-head (the basis file holding the weights)")
-    utils.resolve_device(args.device)                                  # a bad --device fails before any work
-    names, H = heads(args)                                             # [F, B]; bad heads fail before embedding
-    data = utils.load_splits(HUB_ID, ["test"], dict(args.data_files or {}))["test"]
-    source = dict(args.data_files)["test"] if args.data_files else HUB_ID
-    rows = read_prompts(data, source)
-    conversations, prompt, chosen = [], [], []
-    for i, row in enumerate(rows):
-        for is_chosen, reply in [(True, r) for r in row["chosen"]] + [(False, r) for r in row["rejected"]]:
-            conversations.append([{"role": "user", "content": row["prompt"]},
-                                  {"role": "assistant", "content": reply}])
-            prompt.append(i)
-            chosen.append(is_chosen)
-    print(f"{source}: {len(rows)} prompts, {len(conversations)} replies")
-    cache = args.embeddings or os.path.join(args.out, "rb2_embeddings.safetensors")
-    # contents: a file of other embeddings at --embeddings (a dataset's table) is refused, not overwritten
-    phi = utils.embed_conversations(conversations, cache, args.model, device=args.device, dtype=args.dtype,
-                                    batch_tokens=args.batch_tokens, contents=CONTENTS)  # [replies, F]
-    if not utils.is_main_process():
-        return
-    if phi.shape[1] != H.shape[0]:
-        raise utils.InputError(f"{args.model}: its head has F={H.shape[0]}, the embeddings in {cache} "
-                               f"F={phi.shape[1]}")
-    scores = phi.float() @ H                                                        # [replies, B]
-    stats = prompt_stats(scores, torch.tensor(prompt), torch.tensor(chosen), len(rows))
-    utils.save_results(summarize(names, rows, stats), args.out, name="rb2_results")
-    utils.write_json(os.path.join(args.out, "config.json"), utils.config_of(args))
+    # locked, recovered and checked before any work; written as a whole at the end, or not at all
+    with utils.run_folder(args, SCRIPT, inputs=[p for p in (args.rm_head, args.embeddings) if p]) as out:
+        utils.resolve_device(args.device)                              # a bad --device fails before any work
+        names, H = heads(args)                                         # [F, B]; bad heads fail before embedding
+        data = utils.load_splits(HUB_ID, ["test"], dict(args.data_files or {}))["test"]
+        source = dict(args.data_files)["test"] if args.data_files else HUB_ID
+        rows = read_prompts(data, source)
+        conversations, prompt, chosen = [], [], []
+        for i, row in enumerate(rows):
+            for is_chosen, reply in [(True, r) for r in row["chosen"]] + [(False, r) for r in row["rejected"]]:
+                conversations.append([{"role": "user", "content": row["prompt"]},
+                                      {"role": "assistant", "content": reply}])
+                prompt.append(i)
+                chosen.append(is_chosen)
+        print(f"{source}: {len(rows)} prompts, {len(conversations)} replies")
+        # outlives a failed run (the extraction resumes); linked into --out when the run succeeds
+        cache = args.embeddings or utils.cache_path(args, "rb2_embeddings.safetensors")
+        # contents: a file of other embeddings at --embeddings (a dataset's table) is refused, not overwritten
+        phi = utils.embed_conversations(conversations, cache, args.model, device=args.device, dtype=args.dtype,
+                                        batch_tokens=args.batch_tokens, contents=CONTENTS)  # [replies, F]
+        if out is None:   # torchrun: the other processes only helped embed
+            return
+        if phi.shape[1] != H.shape[0]:
+            raise utils.InputError(f"{args.model}: its head has F={H.shape[0]}, the embeddings in {cache} "
+                                   f"F={phi.shape[1]}")
+        scores = phi.float() @ H                                                    # [replies, B]
+        stats = prompt_stats(scores, torch.tensor(prompt), torch.tensor(chosen), len(rows))
+        if not args.embeddings:
+            utils.link_into(cache, out)
+        utils.save_results(summarize(names, rows, stats), out, name="rb2_results")
 
 
 def read_prompts(data, source):
@@ -159,7 +164,9 @@ def summarize(names, rows, stats):
     member = {s: torch.tensor([r["subset"] == s for r in rows]) for s in subsets}
     print("prompts per subset: " + ", ".join(f"{s} {int(member[s].sum())}" for s in subsets))
     accuracy = {s: correct[member[s]].float().mean(0) for s in subsets}             # [B] each
-    ties = ties_score(rows, stats, member["Ties"]) if "Ties" in member else None
+    ties, note = ties_score(rows, stats, member["Ties"]) if "Ties" in member else (None, None)
+    if note:
+        print(f"{note}: no Ties_rb2 score (null in the results)")
     records = []
     for b, name in enumerate(names):
         record = {"head": name, **{s: float(accuracy[s][b]) for s in subsets}}
@@ -168,33 +175,42 @@ def summarize(names, rows, stats):
             others = [record[s] for s in subsets if s != "Ties"]
             record["Ties_rb2"] = float(ties[b])
             record["overall_rb2"] = (sum(others) + record["Ties_rb2"]) / (len(others) + 1)
+        elif note:
+            record.update(Ties_rb2=None, overall_rb2=None, Ties_rb2_note=note)
         records.append(record)
     return records
 
 
 def ties_score(rows, stats, member):
     """RewardBench 2's Ties score [B]: ids 'ref:N' (one correct reply) and 'tied:N' (several) of the
-    same N are one prompt. NaN (with a note) when the ids do not follow that form."""
+    same N are one prompt. -> (scores [B], None), or (None, note) when the Ties prompts do not allow
+    it (an id not of that form or given twice, no ref:N for a tied:N or the other way round): the
+    results then hold null and the note, never a number made of part of the rule."""
     kinds = {"ref": {}, "tied": {}}
     for i in torch.nonzero(member).flatten().tolist():
         kind, _, number = str(rows[i]["id"]).partition(":")
         if kind not in kinds or not number:
-            print(f"Ties: id {rows[i]['id']!r} is not ref:N or tied:N; no Ties_rb2 score")
-            return torch.full((stats["min_chosen"].shape[1],), float("nan"))
+            return None, f"Ties id {rows[i]['id']!r} is not ref:N or tied:N"
+        if number in kinds[kind]:
+            return None, f"Ties id {rows[i]['id']!r} appears twice"
         kinds[kind][number] = i
+    unmatched = sorted(set(kinds["ref"]) ^ set(kinds["tied"]))
+    if unmatched:
+        return None, f"Ties prompt {unmatched[0]} has no {'tied' if unmatched[0] in kinds['ref'] else 'ref'}:N pair"
     margin = stats["min_chosen"] - stats["max_rejected"]                            # [n, B]
     spread = stats["max_chosen"] - stats["min_chosen"]
     spread[stats["n_chosen"] < 2] = float("nan")
-    accuracy = lambda idx: (margin[idx] > 0).float().mean(0)                        # [B], NaN if empty
-    both = sorted(set(kinds["ref"]) & set(kinds["tied"]))
+    accuracy = lambda idx: (margin[idx] > 0).float().mean(0)                        # [B]
+    both = sorted(kinds["ref"])
     ref = torch.tensor([kinds["ref"][k] for k in both], dtype=torch.long)
     tied = torch.tensor([kinds["tied"][k] for k in both], dtype=torch.long)
+    if (stats["n_chosen"][tied] < 2).any():
+        return None, "a tied:N prompt has fewer than 2 correct replies, so no spread"
     hard = torch.minimum(margin[ref], margin[tied])                                 # [prompts, B]
-    return (0.3 * accuracy(torch.tensor(list(kinds["tied"].values()), dtype=torch.long))
-            + 0.3 * accuracy(torch.tensor(list(kinds["ref"].values()), dtype=torch.long))
+    return (0.3 * accuracy(tied) + 0.3 * accuracy(ref)
             + 0.2 * (margin[tied] > spread[tied]).float().mean(0)
             + 0.2 * (hard > spread[tied]).float().mean(0)
-            + 0.01 * torch.nan_to_num(torch.tanh(hard / spread[tied] - 1), nan=0.0).mean(0))
+            + 0.01 * torch.nan_to_num(torch.tanh(hard / spread[tied] - 1), nan=0.0).mean(0)), None
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
 
+SCRIPT, EMBED_SCRIPT = "PRISM/prepare.py", "PRISM/generate-prism-embeddings.py"
 HUB_ID = "HannahRoseKirk/prism-alignment"
 FILES = ("survey.jsonl", "conversations.jsonl")
 SEEN_FRACTION = 0.8      # of the shuffled users
@@ -54,23 +55,26 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="folder with survey.jsonl and conversations.jsonl (default: download them)")
     p.add_argument("--out", default=os.path.join(FOLDER, "data"), help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=123, help="seed of the user and dialog split")
+    p.add_argument("--seed", type=utils.seed_int, default=123, help="seed of the user and dialog split")
     return p.parse_args(argv)
 
 
 @utils.command_line
 def main(args):
-    paths = locate(args.data_dir)
-    users = read_survey(paths["survey.jsonl"])
-    dialogs = read_conversations(paths["conversations.jsonl"], users)
-    dialogs_of = qualified_dialogs(users, dialogs)
-    print(f"{len(dialogs_of)} users and {sum(map(len, dialogs_of.values()))} qualified dialogs")
-    with utils.folder_lock(os.path.join(args.out, ".prepare.lock"), f"--out {args.out}"):
-        split = load_or_make_split(os.path.join(args.out, "split.json"), dialogs_of, args.seed)
+    # locked, recovered and checked before any work; written as a whole at the end, or not at all.
+    # generate-prism-embeddings.py writes its data folder beside these files: its entries are kept
+    with utils.run_folder(args, SCRIPT, keep=(EMBED_SCRIPT,), inputs=[args.data_dir] if args.data_dir else []) as out:
+        paths = locate(args.data_dir)
+        users = read_survey(paths["survey.jsonl"])
+        dialogs = read_conversations(paths["conversations.jsonl"], users)
+        dialogs_of = qualified_dialogs(users, dialogs)
+        print(f"{len(dialogs_of)} users and {sum(map(len, dialogs_of.values()))} qualified dialogs")
+        # the split of an earlier run into --out is kept (read from there, written here)
+        split = load_or_make_split(os.path.join(args.out, "split.json"), dialogs_of, args.seed,
+                                   os.path.join(out, "split.json"))
         rows = examples(split, dialogs)
-        utils.write_table(os.path.join(args.out, "examples.parquet"), rows)
-        # last: the config describes the files beside it only once they are all written
-        utils.write_json(os.path.join(args.out, "prepare_config.json"), utils.config_of(args))
+        utils.write_table(os.path.join(out, "examples.parquet"), rows)
+        utils.write_json(os.path.join(out, "prepare_config.json"), utils.config_of(args))
     for side in ("train", "test"):
         for group in ("seen", "unseen"):
             n = sum(r["split"] == side and r["user_group"] == group for r in rows)
@@ -183,12 +187,16 @@ def read_turns(history, where):
     return out
 
 
-def load_or_make_split(path, dialogs_of, seed):
-    """split.json if it exists (checked against the data), else the seeded split, saved there."""
+def load_or_make_split(path, dialogs_of, seed, save_as=None):
+    """split.json at path if it exists (checked against the data), else the seeded split; saved as
+    save_as (default: path)."""
+    save_as = save_as or path
     if os.path.exists(path):
         split = utils.read_json(path)
         print(f"{path} exists: reusing its split (seed {split.get('seed')}); delete it to recompute")
         check_split(path, split, dialogs_of, seed)
+        if save_as != path:
+            utils.write_json(save_as, split)
         return split
     rng = np.random.RandomState(seed)   # the legacy generator of np.random.seed: the original's draws
     users = np.array(list(dialogs_of))
@@ -207,7 +215,7 @@ def load_or_make_split(path, dialogs_of, seed):
     if not split["seen_users"] or not split["unseen_users"]:
         raise utils.InputError(f"{len(split['seen_users'])} seen and {len(split['unseen_users'])} unseen "
                                f"users have more than {MIN_DIALOGS - 1} dialogs: need at least one of each")
-    utils.write_json(path, split)
+    utils.write_json(save_as, split)
     print(f"{path}: new split, seed {seed}")
     return split
 

@@ -63,76 +63,79 @@ def parse_args(argv=None):
     p.add_argument("--select", type=utils.select_list, default=["random", "active"],
                    help="the personal rules: random (rule personal) and/or active (rule active) shots")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--seed", type=utils.nonnegative_int, default=0)
+    p.add_argument("--seed", type=utils.seed_int, default=0)
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="use a checkpoint fitted on another data folder than --data (with a warning)")
     return p.parse_args(argv)
 
 
 @utils.command_line
 def main(args):
     device = utils.start_run(args)
-    data = utils.load_data(args.data, device)
-    method, tensors = utils.load_method(args.checkpoint, device)
-    test_rows, scores, W_true = load_truth(args.data, data)                        # [S*R, F], [S, R, M], [N, M]
-    S, R, _ = scores.shape
-    if utils.method_features(method) not in (None, data.table.shape[1]):
-        raise utils.InputError(f"{args.checkpoint}: fitted on F={utils.method_features(method)}, {args.data} has "
-                               f"F={data.table.shape[1]}: a checkpoint of another data folder?")
-    pool = utils.featurize(method, data.sets["unseen_fewshot"])
-    largest = int(pool.counts().min())
-    if max(args.shots) > largest:
-        raise utils.InputError(f"--shots {max(args.shots)} is more than the smallest unseen user's pool of "
-                               f"{largest} few-shot pairs; draw a larger pool with prepare.py --pool-frac")
-    true = torch.einsum("srm,nm->nsr", scores.double(), W_true.double())           # [N, S, R]
-    print(f"{len(W_true)} unseen users x {S} test prompts x {R} responses; {method} from {args.checkpoint}")
+    # locked and checked before any work; neither the data nor the checkpoint may be inside --out
+    with utils.run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
+        data = utils.load_data(args.data, device)
+        method, tensors = utils.load_method(args.checkpoint, device, data, args.allow_other_data)
+        test_rows, scores, W_true = load_truth(args.data, data)                        # [S*R, F], [S, R, M], [N, M]
+        S, R, _ = scores.shape
+        if utils.method_features(method) not in (None, data.table.shape[1]):
+            raise utils.InputError(f"{args.checkpoint}: fitted on F={utils.method_features(method)}, {args.data} has "
+                                   f"F={data.table.shape[1]}: a checkpoint of another data folder?")
+        pool = utils.featurize(method, data.sets["unseen_fewshot"])
+        largest = int(pool.counts().min())
+        if max(args.shots) > largest:
+            raise utils.InputError(f"--shots {max(args.shots)} is more than the smallest unseen user's pool of "
+                                   f"{largest} few-shot pairs; draw a larger pool with prepare.py --pool-frac")
+        true = torch.einsum("srm,nm->nsr", scores.double(), W_true.double())           # [N, S, R]
+        print(f"{len(W_true)} unseen users x {S} test prompts x {R} responses; {method} from {args.checkpoint}")
 
-    def rewards(U):                                                                # U [n, U] -> [n, S, R]
-        return utils.score_items(method, test_rows, U).reshape(len(U), S, R).double()
+        def rewards(U):                                                                # U [n, U] -> [n, S, R]
+            return utils.score_items(method, test_rows, U).reshape(len(U), S, R).double()
 
-    setting = method.setting()                                                     # method, K, alpha
-    records = []
+        setting = method.setting()                                                     # method, K, alpha
+        records = []
 
-    def add(rule, shots, results):
-        """results: list of (win_rate [N, S], regret [N, S]), one per trial."""
-        win = np.array([w.mean().item() for w, _ in results])
-        regret = np.array([r.mean().item() for _, r in results])
-        records.append({"rule": rule, "shots": shots, "win_rate": float(win.mean()), "win_rate_std": float(win.std()),
-                        "regret": float(regret.mean()), "regret_std": float(regret.std()), "trials": len(results),
-                        **setting})
+        def add(rule, shots, results):
+            """results: list of (win_rate [N, S], regret [N, S]), one per trial."""
+            win = np.array([w.mean().item() for w, _ in results])
+            regret = np.array([r.mean().item() for _, r in results])
+            records.append({"rule": rule, "shots": shots, "win_rate": float(win.mean()), "win_rate_std": float(win.std()),
+                            "regret": float(regret.mean()), "regret_std": float(regret.std()), "trials": len(results),
+                            **setting})
 
-    add("oracle", 0, [pick_quality(true, true)])
-    truth_path = os.path.join(args.data, "synthetic_truth.safetensors")
-    if os.path.exists(truth_path):   # the ceiling of any linear reward: the true scores without their noise
-        U_true = utils.load_tensors(truth_path, ["reward_models"])["reward_models"].to(test_rows.device)  # [F, M]
-        linear = torch.cat([t.float() @ U_true for t in test_rows.split(1 << 15)]) @ W_true.T.to(U_true.device)
-        add("true_linear", 0, [pick_quality(true, linear.T.reshape(-1, S, R).double().cpu())])   # [N, S, R]
-    v_ref = (torch.cat([t.float() @ data.v_ref.to(t.device) for t in test_rows.split(1 << 15)])   # [S*R, 1]
-             .reshape(1, S, R).double().cpu())
-    add("v_ref", 0, [pick_quality(true, v_ref)])
-    if "W" in tensors:
-        add("basis_mean", 0, [pick_quality(true, rewards(tensors["W"].float().mean(0, keepdim=True)))])
-    records.append({"rule": "random", "shots": 0, "win_rate": 0.5, "win_rate_std": 0.0,
-                    "regret": float((true.max(-1).values - true.mean(-1)).mean()), "regret_std": 0.0,
-                    "trials": 1, **setting})
-    if "active" in args.select:
-        utils.check_active(method)
-    for shots in args.shots if "random" in args.select else []:
-        results = []
-        for _ in range(args.trials):
-            U = method.fit_users(utils.sample_shots(pool, shots))                  # [N, U]
-            results.append(pick_quality(true, rewards(U)))
-        add("personal", shots, results)
-        print(f"  personal, {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
-    if "active" in args.select:   # one run of max(shots) rounds per trial gives every shot count
-        results = {shots: [] for shots in args.shots}
-        for _ in range(args.trials):
-            for n, _, U in utils.active_shots(method, pool, max(args.shots)):
-                if n in results:
-                    results[n].append(pick_quality(true, rewards(U)))
-        for shots in args.shots:
-            add("active", shots, results[shots])
-            print(f"  active,   {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
+        add("oracle", 0, [pick_quality(true, true)])
+        truth_path = os.path.join(args.data, "synthetic_truth.safetensors")
+        if os.path.exists(truth_path):   # the ceiling of any linear reward: the true scores without their noise
+            U_true = utils.load_tensors(truth_path, ["reward_models"])["reward_models"].to(test_rows.device)  # [F, M]
+            linear = torch.cat([t.float() @ U_true for t in test_rows.split(1 << 15)]) @ W_true.T.to(U_true.device)
+            add("true_linear", 0, [pick_quality(true, linear.T.reshape(-1, S, R).double().cpu())])   # [N, S, R]
+        v_ref = (torch.cat([t.float() @ data.v_ref.to(t.device) for t in test_rows.split(1 << 15)])   # [S*R, 1]
+                 .reshape(1, S, R).double().cpu())
+        add("v_ref", 0, [pick_quality(true, v_ref)])
+        if "W" in tensors:
+            add("basis_mean", 0, [pick_quality(true, rewards(tensors["W"].float().mean(0, keepdim=True)))])
+        records.append({"rule": "random", "shots": 0, "win_rate": 0.5, "win_rate_std": 0.0,
+                        "regret": float((true.max(-1).values - true.mean(-1)).mean()), "regret_std": 0.0,
+                        "trials": 1, **setting})
+        if "active" in args.select:
+            utils.check_active(method)
+        for shots in args.shots if "random" in args.select else []:
+            results = []
+            for _ in range(args.trials):
+                U = method.fit_users(utils.sample_shots(pool, shots))                  # [N, U]
+                results.append(pick_quality(true, rewards(U)))
+            add("personal", shots, results)
+            print(f"  personal, {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
+        if "active" in args.select:   # one run of max(shots) rounds per trial gives every shot count
+            results = {shots: [] for shots in args.shots}
+            for _ in range(args.trials):
+                for n, _, U in utils.active_shots(method, pool, max(args.shots)):
+                    if n in results:
+                        results[n].append(pick_quality(true, rewards(U)))
+            for shots in args.shots:
+                add("active", shots, results[shots])
+                print(f"  active,   {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
 
-    with utils.run_folder(args, SCRIPT, device=str(device)) as out:
         utils.save_results(records, out, "best_of_n")
         plot(records, os.path.join(out, "best_of_n.png"), f"PersonalLLM best-of-{R}, {method}")
     return records

@@ -51,6 +51,7 @@ import utils  # noqa: E402
 HUB_ID = "namkoong-lab/PersonalLLM"
 SPLITS = ("train", "test")
 RESPONSES = 8
+SCRIPT = "PersonalLLM/prepare.py"
 REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
                  "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas")
 
@@ -58,7 +59,7 @@ REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst
 def parse_args(argv=None):
     p = utils.ArgumentParser(__doc__)
     utils.add_prepare_args(p, FOLDER)
-    p.add_argument("--seed", type=utils.nonnegative_int, default=0,
+    p.add_argument("--seed", type=utils.seed_int, default=0,
                    help="seed of the simulated users (and of the synthetic data)")
     u = p.add_argument_group("the simulated users")
     u.add_argument("--n-users", type=utils.positive_int, default=1000, help="seen users")
@@ -91,23 +92,29 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     utils.set_seed(args.seed)
-    with utils.folder_lock(os.path.join(args.out, ".prepare.lock"), f"--out {args.out}"):
+    files = [path for _, path in args.data_files or ()]
+    # locked, recovered and checked before any work; written as a whole at the end, or not at all
+    with utils.run_folder(args, SCRIPT, inputs=files) as out:
         if args.synthetic:
             keep_real_embeddings(args.out)
             table, scores, conversations, v_ref, truth = synthetic(args)
-            utils.save_tensors(os.path.join(args.out, "embeddings.safetensors"), {"embeddings": table},
+            if out is None:
+                return
+            utils.save_tensors(os.path.join(out, "embeddings.safetensors"), {"embeddings": table},
                                {"model": "synthetic", "n": str(len(table)), "dtype": "bfloat16",
                                 "config": json.dumps(utils.config_of(args))})
         else:
-            # the head first: a model without one fails before anything in --out is touched
+            # the head first: a model without one fails before anything is computed
             v_ref = utils.read_reward_head(args.model)                             # [F, 1]
-            table, scores, conversations = from_dataset(args)
+            table, scores, conversations = from_dataset(args, out)
             truth = None
+            if out is None:   # torchrun: the other processes only helped embed
+                return
         users, W, pairs = population(args, scores)
-        write(args, table, scores, conversations, v_ref, truth, users, W, pairs)
+        write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs)
 
 
-def from_dataset(args):
+def from_dataset(args, out):
     """The hub dataset (or local files in its schema) -> embeddings, scores, conversations."""
     data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None)
     scores, conversations = {}, []
@@ -118,8 +125,12 @@ def from_dataset(args):
             conversations += [[{"role": "user", "content": prompt},
                                {"role": "assistant", "content": text(df, s, f"response_{r + 1}", split)}]
                               for r in range(RESPONSES)]
-    table = utils.embed_conversations(conversations, os.path.join(args.out, "embeddings.safetensors"),
-                                      args.model, device=args.device, batch_tokens=args.batch_tokens)
+    keep_synthetic_embeddings(args.out)
+    cache = utils.cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
+    table = utils.embed_conversations(conversations, cache, args.model, device=args.device,
+                                      batch_tokens=args.batch_tokens)
+    if out is not None:
+        utils.link_into(cache, out)
     return table, scores, conversations
 
 
@@ -188,6 +199,14 @@ def keep_real_embeddings(out):
                                    f"them; pick another --out")
 
 
+def keep_synthetic_embeddings(out):
+    """A real prepare into a folder of synthetic data is refused: pick another --out for real data."""
+    path = os.path.join(out, "embeddings.safetensors")
+    if os.path.exists(path) and utils.read_metadata(path).get("model") == "synthetic":
+        raise utils.InputError(f"{path} holds synthetic embeddings: a real prepare would overwrite them; "
+                               f"pick another --out")
+
+
 def population(args, scores):
     """The simulated users (seen first, then unseen, from NumPy's seeded generator) and their pairs.
     -> (users {"seen": ids, "unseen": ids}, W {"W_seen": [N, 10], "W_unseen": [N', 10]}, pairs DataFrame)."""
@@ -212,9 +231,9 @@ def population(args, scores):
     return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
 
 
-def write(args, table, scores, conversations, v_ref, truth, users, W, pairs):
+def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs):
     import pandas as pd
-    out, counts = args.out, {split: len(scores[split]) for split in SPLITS}
+    counts = {split: len(scores[split]) for split in SPLITS}
     offsets = {"train": 0, "test": RESPONSES * counts["train"]}
     if table.shape[0] != RESPONSES * sum(counts.values()) or v_ref.shape != (table.shape[1], 1):
         raise utils.InputError(f"{out}: {table.shape[0]} embeddings of F={table.shape[1]} and v_ref "
@@ -224,8 +243,6 @@ def write(args, table, scores, conversations, v_ref, truth, users, W, pairs):
     if truth is not None:
         utils.save_tensors(truth_path, truth)
         files.append("synthetic_truth.safetensors")
-    elif os.path.exists(truth_path):  # left by a synthetic run into the same folder: not true here
-        os.remove(truth_path)
     utils.save_tensors(os.path.join(out, "scores.safetensors"), {k: v.float() for k, v in scores.items()},
                        {"reward_models": json.dumps(REWARD_MODELS), "responses": str(RESPONSES),
                         "prompts": json.dumps(counts), "offsets": json.dumps(offsets)})

@@ -45,6 +45,7 @@ FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
 
+SCRIPT = "RedditTLDR/prepare.py"
 HUB_ID = "openai/summarize_from_feedback"
 CONFIG = "comparisons"
 SPLITS = ("train", "validation")
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     s = p.add_argument_group("the worker split and the draws")
     s.add_argument("--drop-smallest", type=utils.nonnegative_int, default=2,
                    help="how many workers with the fewest train comparisons are dropped")
-    s.add_argument("--split-seed", type=utils.nonnegative_int, default=0,
+    s.add_argument("--split-seed", type=utils.seed_int, default=0,
                    help="seed of the worker shuffle and the pair draws")
     s.add_argument("--max-train-pairs", type=utils.positive_int, default=150,
                    help="train comparisons drawn per seen worker")
@@ -69,27 +70,31 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     device = utils.resolve_device(args.device)
-    # the head first: a model without one fails before anything in --out is touched
-    v_ref = utils.read_reward_head(args.model)                                     # [F, 1]
-    data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None, CONFIG)
-    index, pairs = {}, []   # index: (post, summary text) -> (row of the table, post id)
-    for split in SPLITS:
-        pairs += comparisons(data[split], split, index)
-    pairs = pd.DataFrame(pairs)
-    users, dropped, sets = draw(pairs, args)       # a bad split fails before the embedding
-    conversations = [[{"role": "user", "content": post}, {"role": "assistant", "content": summary}]
-                     for post, summary in index]
-    print(f"{len(pairs)} comparisons, {len(index)} distinct (post, summary) conversations to embed")
-    with utils.folder_lock(os.path.join(args.out, ".prepare.lock"), f"--out {args.out}"):
-        table = utils.embed_conversations(conversations, os.path.join(args.out, "embeddings.safetensors"),
-                                          args.model, device=device, batch_tokens=args.batch_tokens)
-        if not utils.is_main_process():  # torchrun: the other processes only helped embed
+    files = [path for _, path in args.data_files or ()]
+    # locked, recovered and checked before any work; written as a whole at the end, or not at all
+    with utils.run_folder(args, SCRIPT, inputs=files) as out:
+        # the head first: a model without one fails before anything is computed
+        v_ref = utils.read_reward_head(args.model)                                 # [F, 1]
+        data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None, CONFIG)
+        index, pairs = {}, []   # index: (post, summary text) -> (row of the table, post id)
+        for split in SPLITS:
+            pairs += comparisons(data[split], split, index)
+        pairs = pd.DataFrame(pairs)
+        users, dropped, sets = draw(pairs, args)       # a bad split fails before the embedding
+        conversations = [[{"role": "user", "content": post}, {"role": "assistant", "content": summary}]
+                         for post, summary in index]
+        print(f"{len(pairs)} comparisons, {len(index)} distinct (post, summary) conversations to embed")
+        cache = utils.cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
+        table = utils.embed_conversations(conversations, cache, args.model, device=device,
+                                          batch_tokens=args.batch_tokens)
+        if out is None:  # torchrun: the other processes only helped embed
             return
         if v_ref.shape != (table.shape[1], 1):
             raise utils.InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
                                    f"F={table.shape[1]}")
+        utils.link_into(cache, out)
         utils.write_data_folder(
-            args.out, dataset="RedditTLDR", users=users, pairs=sets, v_ref=v_ref, config=utils.config_of(args),
+            out, dataset="RedditTLDR", users=users, pairs=sets, v_ref=v_ref, config=utils.config_of(args),
             conversations=pd.DataFrame({"row": [row for row, _ in index.values()],
                                         "messages": [json.dumps(c, ensure_ascii=False) for c in conversations],
                                         "post_id": [post_id for _, post_id in index.values()]}),

@@ -121,6 +121,8 @@ class PAL(Method):
         "fewshot_lr": 5e-3,    # W alone, AdamW: optim_config/vanilla-e20.yaml:19, pal_rm_b/lightningmodule.py:140-144
     }
 
+    limits = {"dim": 1 << 16}   # a [F, dim] and two [dim, dim] layers: 2**16 is already 16 GB
+
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
         _check_positive(self)
@@ -268,6 +270,9 @@ class VPL(Method):
         "context_min": 2,      # add_survey_contexts.py:146 (random.randint(2, max))
         "context_max": 8,      # add_survey_contexts.py:89-90 (context_length)
     }
+
+    # warmup is a fraction of the steps; hidden a layer width ([2F, hidden], [hidden, hidden] layers)
+    limits = {"warmup": 1.0, "hidden": 1 << 16}
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from lore.checks import InputError, _check_matrix
+from lore.checks import InputError, _is_int, check_tensor
 from lore.extract import embed_conversations
 from lore.methods import _chunked, method_features
 from lore.pairs import Pairs, pack
@@ -432,15 +432,21 @@ def fit_new_users(method, chosen, rejected, user=None, n_users=None):
     chosen, rejected [P, F]: embeddings of pair p's chosen and rejected response; user [P]: its
     user in 0..N-1 (default: all one user), n_users N (default max(user) + 1; every user needs a
     pair). -> U [N, U] float32 on the method's device."""
-    chosen, rejected = _check_matrix(chosen, "chosen"), _check_matrix(rejected, "rejected")  # [P, F]
-    if chosen.shape != rejected.shape or len(chosen) == 0:
+    F = method_features(method)
+    chosen = check_tensor(chosen, "chosen", dim=2, features=F).float()            # [P, F]
+    rejected = check_tensor(rejected, "rejected", dim=2, features=F).float()
+    if chosen.shape != rejected.shape:
         raise InputError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must both be "
                          f"[P, F] with P >= 1")
     P = len(chosen)
-    user = torch.zeros(P, dtype=torch.long) if user is None else torch.as_tensor(user, dtype=torch.long).cpu()
-    if user.shape != (P,) or user.min() < 0:
-        raise InputError(f"user must hold one index >= 0 per pair ({P}), got shape {tuple(user.shape)}")
-    n_users = int(user.max()) + 1 if n_users is None else int(n_users)
+    user = torch.zeros(P, dtype=torch.long) if user is None else torch.as_tensor(user)
+    if user.shape != (P,) or user.is_floating_point() or user.dtype == torch.bool or user.min() < 0:
+        raise InputError(f"user must hold one integer index >= 0 per pair ({P}), got {tuple(user.shape)} {user.dtype}")
+    user = user.long().cpu()
+    if n_users is None:
+        n_users = int(user.max()) + 1
+    elif not _is_int(n_users) or n_users <= int(user.max()):
+        raise InputError(f"n_users must be an integer above every user index (max {int(user.max())}), got {n_users!r}")
     order = torch.argsort(user, stable=True)    # Pairs wants each user's pairs contiguous
     table = torch.cat([chosen[order], rejected[order]])                            # [2P, F]
     pairs = pack(Pairs(user[order], n_users, table=table, chosen=torch.arange(P), rejected=torch.arange(P, 2 * P)),
@@ -451,9 +457,13 @@ def fit_new_users(method, chosen, rejected, user=None, n_users=None):
 def score_items(method, embeddings, U):
     """Every user's reward of every item: embeddings [C, F] (any float dtype), U [N, U] the users'
     parameters -> [N, C] float32 on the CPU. For LoRe, score[i, c] = phi_c^T V w_i."""
-    U = _check_matrix(U, "U").to(method.device)                                    # [N, U]
+    U = check_tensor(U, "U", dim=2).float().to(method.device)                      # [N, U]
+    V = getattr(method, "V", None)
+    if V is not None and U.shape[1] != V.shape[1]:
+        raise InputError(f"U has {U.shape[1]} columns, the basis V of {method} {V.shape[1]}: weights of another fit?")
+    embeddings = check_tensor(embeddings, "embeddings", dim=2, features=method_features(method))   # [C, F]
     with torch.no_grad():
-        Z = _chunked(method.item_features, torch.as_tensor(embeddings).to(method.device))   # [C, D]
+        Z = _chunked(method.item_features, embeddings.to(method.device))            # [C, D]
         N, C = len(U), len(Z)
         out = torch.empty(N, C)
         step = max(1, (1 << 20) // max(C, 1))  # users per block: [block * C, D] temporaries stay small

@@ -61,6 +61,8 @@ def _check_v_ref(v_ref):
     """v_ref as float32 [F, 1]: a [F] vector or an [F, 1] / [1, F] matrix, finite; nothing else is
     reshaped (a [F/2, 2] matrix is an error, not a column)."""
     v = torch.as_tensor(v_ref)
+    if v.device.type == "meta":
+        raise InputError("v_ref is on the meta device (no values)")
     if not v.is_floating_point():
         raise InputError(f"v_ref must be a float tensor, got {v.dtype}")
     if v.dim() == 2 and v.shape[0] == 1:
@@ -77,6 +79,8 @@ def _check_v_ref(v_ref):
 def _check_matrix(M, name):
     """A 2-D finite float tensor (NumPy arrays are taken as they are), else InputError naming it."""
     M = torch.as_tensor(M)
+    if M.device.type == "meta":
+        raise InputError(f"{name} is on the meta device (no values)")
     if M.dim() != 2 or not M.is_floating_point():
         raise InputError(f"{name} must be a 2-D float matrix, got shape {tuple(M.shape)} of {M.dtype}")
     if not torch.isfinite(M).all():
@@ -103,3 +107,73 @@ def _int_list(values, what, least):
         if v < least:
             raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
     return [int(v) for v in values]
+
+
+# Bounds shared by the flags (lore.cli) and the API (Method.__init__, the sweeps): one set of checks.
+MAX_SEED = 2**32 - 1   # NumPy's seeds are 32-bit
+MAX_COUNT = 10**9      # steps, epochs, sizes: larger ones never finish or never fit in memory
+MAX_RATE = 1e6         # rates and weights: larger ones overflow float32 steps (1e39 is inf)
+
+
+def check_seed(seed, what="seed"):
+    """An integer seed in [0, 2**32): NumPy refuses others (after files were read)."""
+    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{what} must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
+def check_hparam(owner, hp, value, default, choices=None, limit=None):
+    """One hyperparameter of a method (owner: its name), by its default's kind: a string one must be
+    one of `choices`; an integer one an integer in [1, limit or MAX_COUNT]; a float one a finite
+    number in (0, limit or MAX_RATE]. -> the value; InputError naming the method and hyperparameter."""
+    where = f"method {owner}: {hp}"
+    if isinstance(default, str) and not choices:
+        raise InputError(f"{where} is a string hyperparameter: its class must list its values in choices")
+    if choices:
+        if not isinstance(value, str) or value not in choices:
+            raise InputError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if _is_int(default):
+        top = limit or MAX_COUNT
+        if not _is_int(value) or not 1 <= value <= top:
+            raise InputError(f"{where} must be an integer in [1, {top:g}], got {_short(value)}")
+        return int(value)
+    return check_rate(value, where, limit or MAX_RATE)
+
+
+def check_rate(value, what, limit=MAX_RATE):
+    """A learning rate or step size: a finite number in (0, limit]."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value) or not 0 < value <= limit:
+        raise InputError(f"{what} must be a finite number in (0, {limit:g}], got {_short(value)}")
+    return float(value)
+
+
+def check_count(value, what, least=1, limit=MAX_COUNT):
+    """A step count or size: an integer (not a bool, not 2.5) in [least, limit]."""
+    if not _is_int(value) or not least <= value <= limit:
+        raise InputError(f"{what} must be an integer in [{least}, {limit:g}], got {_short(value)}")
+    return int(value)
+
+
+def check_tensor(x, name, dim=None, features=None):
+    """A float tensor with real values (not on the meta device), of `dim` dimensions and `features`
+    columns when given, not empty, finite. -> the tensor; InputError naming it otherwise."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{name} must be a tensor, got {_short(x)}") from None
+    if x.device.type == "meta":
+        raise InputError(f"{name} is on the meta device (no values)")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be a float tensor, got {x.dtype}")
+    if dim is not None and x.dim() != dim:
+        raise InputError(f"{name} must have {dim} dimensions, got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise InputError(f"{name} is empty (shape {tuple(x.shape)})")
+    if features is not None and x.shape[-1] != features:
+        raise InputError(f"{name} has {x.shape[-1]} features, expected F={features}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} has NaN or inf")
+    return x

@@ -3,6 +3,7 @@ for bad input, and run folders whose outputs land together or not at all."""
 import argparse
 import contextlib
 import datetime
+import errno
 import math
 import os
 import re
@@ -10,14 +11,17 @@ import shutil
 import sys
 
 from lore.active import SELECTIONS
-from lore.checks import InputError, resolve_device, set_seed
-from lore.extract import DEFAULT_MODEL
+from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
+from lore.extract import DEFAULT_MODEL, is_main_process
 from lore.io import read_json, write_json
 from lore.methods import METHODS
 
 def command_line(main):
     """Wrap a script's main(args): bad input ends with a one-line message and exit code 2; Ctrl-C
-    with one line and exit code 130 (run_folder has removed the run's unfinished outputs)."""
+    with one line and exit code 130 (run_folder has removed the run's unfinished outputs); an I/O
+    error (ENOSPC, EFBIG, EBUSY, ENAMETOOLONG, EACCES, EROFS...) with one line naming the file and
+    exit code 2: every file is written under a temporary name and every run into a staging folder,
+    so nothing half-written is left looking complete."""
     def wrapped(args):
         try:
             return main(args)
@@ -27,6 +31,13 @@ def command_line(main):
         except KeyboardInterrupt:
             print("interrupted: nothing of this run was written to its output folder", file=sys.stderr)
             raise SystemExit(130)
+        except OSError as e:   # disk full, read-only, busy, name too long...: what and where, one line
+            if e.errno is None:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"error: {where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); nothing of this "
+                  f"run was left looking complete", file=sys.stderr)
+            raise SystemExit(2)
     wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
     return wrapped
 
@@ -82,9 +93,10 @@ def shot_list(text):
     return rank_list(text, 1, "shots")
 
 
-positive_int = _argtype(int, lambda v: v >= 1, "an integer >= 1")
-nonnegative_int = _argtype(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _argtype(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+positive_int = _argtype(int, lambda v: 1 <= v <= MAX_COUNT, f"an integer in [1, {MAX_COUNT:g}]")
+nonnegative_int = _argtype(int, lambda v: 0 <= v <= MAX_COUNT, f"an integer in [0, {MAX_COUNT:g}]")
+seed_int = _argtype(int, lambda v: 0 <= v <= MAX_SEED, "an integer in [0, 2**32)")
+positive_float = _argtype(float, lambda v: math.isfinite(v) and 0 < v <= MAX_RATE, f"a finite number in (0, {MAX_RATE:g}]")
 nonnegative_float = _argtype(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 fraction = _argtype(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 float_list = _argtype(_floats, lambda v: all(math.isfinite(a) and a >= 0 for a in v) and len(set(v)) == len(v),
@@ -111,7 +123,7 @@ def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters,
     parser.add_argument("--out", default=os.path.join(folder, "results", script),
                         help="output folder, written as a whole when the run ends (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--method", type=method_list, default=[method],
                         help=f"methods to fit, comma-separated, of: {', '.join(METHODS)} (default: %(default)s)")
     parser.add_argument("--k-list", type=rank_list, default=k_list,
@@ -128,14 +140,24 @@ def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters,
         own = [hp for hp in cls.defaults if hp not in cls.recipe_hparams]
         group = parser.add_argument_group(f"method {name}") if own else None
         for hp in own:
-            default, flag = cls.defaults[hp], f"--{name}-{hp}".replace("_", "-")
-            if isinstance(default, str):   # a string hyperparameter takes one of its class' choices
-                group.add_argument(flag, choices=cls.choices[hp], default=default, dest=f"{name}__{hp}",
-                                   help="(default: %(default)s)")
-                continue
-            kind = positive_int if isinstance(default, int) else positive_float
-            group.add_argument(flag, type=kind, default=default, dest=f"{name}__{hp}", help="(default: %(default)s)")
+            group.add_argument(f"--{name}-{hp}".replace("_", "-"), type=hparam_type(cls, hp), default=cls.defaults[hp],
+                               choices=cls.choices.get(hp), dest=f"{name}__{hp}", help="(default: %(default)s)")
     return parser
+
+
+def hparam_type(cls, hp):
+    """The argparse type of a method's hyperparameter flag: the text converted by its default's kind,
+    then checked by lore.checks.check_hparam, the check Method.__init__ makes in the API."""
+    default, choices = cls.defaults[hp], cls.choices.get(hp)
+    convert = str if choices else int if isinstance(default, int) else float
+
+    def parse(text):
+        try:
+            return check_hparam(cls.name, hp, convert(text), default, choices, cls.limits.get(hp))
+        except (ValueError, TypeError, InputError) as e:
+            raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else f"got {text!r}") from None
+    parse.__name__ = hp
+    return parse
 
 
 def method_hparams(args):
@@ -207,35 +229,37 @@ def start_run(args):
     return device
 
 
+MANIFEST = ".lore-run.json"   # in every folder a run wrote: {"entries": {name: the script that wrote it}}
+
+
 @contextlib.contextmanager
-def run_folder(args, script, **extra):
+def run_folder(args, script, *, keep=(), inputs=None, **extra):
     """The output folder of a run (args.out), written as a whole when the run succeeds, or not at all.
 
-    Yields a staging folder beside --out to write every output into. When the block ends without
-    error, config.json (config_of(args), the script's name and the time) is added and the staging
-    folder replaces --out in one rename: the previous run's files go with it, so no file of an
-    older run is left looking current. On an error or Ctrl-C the staging folder is removed and
-    --out is untouched; a kill -9 leaves it to the next run, which removes it. While the run lasts
-    it holds a lock on `.{out}.lock` beside --out: a second run into the same --out is refused
-    (the OS drops the lock of a dead process, so a crash never leaves it stuck). A --out holding
-    anything but an earlier run of the same script is refused: nothing else is ever replaced."""
-    out = os.path.abspath(args.out)
-    parent, base = os.path.split(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out} is a file, not a folder")
+    Yields a staging folder beside --out to write every output into (None on torchrun ranks > 0, which
+    only help an extraction). Before any work, under a lock on `.{out}.lock` beside --out (a second
+    run into the same --out is refused at once; the OS drops the lock of a dead process):
+      - what a killed run left is recovered (recover_folder): --out holds either the previous results
+        or the new ones, never neither;
+      - --out is refused when it is a file, a mount point, inside another run's folder (a data
+        folder among them), or when it is or contains one of `inputs` (default: args.data);
+      - every entry of an existing --out must be one this script wrote there (the folder's MANIFEST
+        records who wrote what) or one of a script in `keep` (PRISM's prepare.py and
+        generate-prism-embeddings.py share a folder); anything else (a user's file, another
+        script's folder, a data folder) is refused, named, and nothing is touched.
+    When the block ends without error, config.json (config_of(args), the script's name, the time)
+    and the MANIFEST are added, the kept scripts' entries are linked in, the ownership check is made
+    again (something may have appeared in --out meanwhile) and the folder replaces --out (swap). On
+    an error or Ctrl-C the staging folder is removed and --out is untouched."""
+    if not is_main_process():   # torchrun: rank 0 owns the folder; the others only help embed
+        yield None
+        return
+    out, parent, base = _out_path(args.out)
+    inputs = [getattr(args, "data", None)] if inputs is None else inputs
+    _check_out(out, [p for p in inputs if p])
     with folder_lock(os.path.join(parent, f".{base}.lock"), f"--out {out}"):
-        _recover_folder(parent, base)
-        if os.path.isdir(out) and os.listdir(out):
-            config = os.path.join(out, "config.json")
-            owner = None
-            try:
-                owner = read_json(config).get("script") if os.path.isfile(config) else None
-            except (InputError, AttributeError):
-                pass
-            if owner != script:
-                raise InputError(f"--out {out} holds " + (f"the results of {owner}" if owner else
-                                 "files that no run of this script wrote") +
-                                 f"; {script} would replace them: pick another --out")
+        recover_folder(out)
+        _check_owned(out, script, keep)
         staging = os.path.join(parent, f".{base}.partial-{os.getpid()}")
         os.makedirs(staging)
         try:
@@ -243,15 +267,180 @@ def run_folder(args, script, **extra):
             write_json(os.path.join(staging, "config.json"),
                        {**config_of(args, **extra), "script": script,
                         "finished": datetime.datetime.now().isoformat(timespec="seconds")})
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-            if os.path.exists(out):
-                os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
+            entries = {name: script for name in os.listdir(staging)}
+            for name, owner in _check_owned(out, script, keep).items():
+                if owner != script and name not in entries:   # a kept script's entry: linked, not copied
+                    _link_tree(os.path.join(out, name), os.path.join(staging, name))
+                    entries[name] = owner
+            write_json(os.path.join(staging, MANIFEST), {"entries": dict(sorted(entries.items()))})
+            _swap(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     print(f"wrote {out}")
+
+
+def cache_path(args, name):
+    """A cache file that outlives failed runs (an embeddings file and its resumable shards): kept in
+    `.{out}.cache/` beside --out, seeded from --out's own copy of `name` when there is one, and
+    hard-linked into the run's outputs with link_into. Its name does not depend on the process, so
+    torchrun ranks share it and a killed extraction resumes."""
+    out, parent, base = _out_path(args.out)
+    folder = os.path.join(parent, f".{base}.cache")
+    path = os.path.join(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    previous = os.path.join(out, name)
+    if is_main_process() and not os.path.lexists(path) and os.path.isfile(previous):
+        _link_tree(previous, path)
+    return path
+
+
+def link_into(path, folder):
+    """Hard-link the file `path` into `folder` (a copy where links are not possible)."""
+    target = os.path.join(folder, os.path.basename(path))
+    _link_tree(path, target)
+    return target
+
+
+def _out_path(path):
+    """-> (out, parent, base): --out with a symlink resolved (the link is kept and its target
+    replaced, so the link and its target never disagree)."""
+    out = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    parent, base = os.path.split(out)
+    return out, parent, base
+
+
+def _check_out(out, inputs):
+    """--out as a place to write: not a file, not a mount point (a folder there cannot be replaced by a
+    rename), a name the file system takes, not inside another run's folder, apart from the inputs."""
+    parent, base = os.path.split(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out} is a file, not a folder")
+    if os.path.ismount(out):
+        raise InputError(f"--out {out} is a mount point, which cannot be replaced in one rename; "
+                         f"pick a folder inside it")
+    try:
+        longest = os.pathconf(parent if os.path.isdir(parent) else "/", "PC_NAME_MAX")
+    except OSError:
+        longest = 255
+    if len(os.fsencode(base)) + 30 > longest:   # the staging folder's name is base + 30 bytes at most
+        raise InputError(f"--out: the name {base[:40]}... is too long ({len(base)} characters; at most "
+                         f"{longest - 30} here)")
+    folder = parent
+    while True:
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            raise InputError(f"--out {out} is inside {folder}, the output folder of another run, which "
+                             f"would refuse (or replace) it: pick a folder outside it")
+        if os.path.dirname(folder) == folder:
+            break
+        folder = os.path.dirname(folder)
+    for path in inputs:   # (a --out inside a data folder is inside another run's folder: refused above)
+        p = os.path.realpath(path)
+        if p == out or p.startswith(out + os.sep):
+            raise InputError(f"--out {out} contains the input {path}: the run would replace what it reads; "
+                             f"pick another --out")
+
+
+def _owners(out):
+    """{entry: the script that wrote it} of a folder, from its MANIFEST ({} when there is none)."""
+    path = os.path.join(out, MANIFEST)
+    try:
+        entries = read_json(path).get("entries") if os.path.isfile(path) else {}
+    except (InputError, AttributeError):
+        entries = None
+    return entries if isinstance(entries, dict) else {}
+
+
+def _check_owned(out, script, keep):
+    """InputError naming the first entry of --out that neither `script` nor a script in `keep` wrote
+    there; -> {entry: owner} of the entries (to replace or to keep)."""
+    if not os.path.isdir(out):
+        return {}
+    owners = _owners(out)
+    found = {}
+    for name in sorted(os.listdir(out), key=lambda n: (n.startswith("."), n)):
+        if name == MANIFEST:
+            continue
+        owner = owners.get(name)
+        if owner != script and owner not in keep:
+            whose = (f"the output of {owner}" if owner else
+                     "a file or folder that no run of " + script + " wrote there")
+            raise InputError(f"--out {out} holds {name!r}, {whose}; {script} would replace it: move it "
+                             f"away or pick another --out")
+        found[name] = owner
+    return found
+
+
+def _link_tree(src, dst):
+    """Hard-link a file, or a folder's files, from src to dst (copies across file systems)."""
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=True)
+    else:
+        _link_or_copy(src, dst)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _swap(staging, out):
+    """Replace --out by the finished staging folder so that a kill -9 at any instant leaves the
+    previous results or the new ones recoverable: staging becomes `.{out}.ready-PID` (complete),
+    --out moves to `.{out}.old-PID`, ready becomes --out, old is deleted. recover_folder finishes
+    or undoes each intermediate state."""
+    parent, base = os.path.split(out)
+    ready = os.path.join(parent, f".{base}.ready-{os.getpid()}")
+    old = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    os.rename(staging, ready)
+    try:
+        if os.path.lexists(out):
+            os.rename(out, old)
+        os.rename(ready, out)
+    except BaseException:
+        if os.path.lexists(old) and not os.path.lexists(out):
+            os.rename(old, out)
+        shutil.rmtree(ready, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(out):
+    """Leftovers of runs killed inside run_folder (called under the lock, so none is in use):
+    unfinished staging folders go; a finished one (ready) whose swap had not begun goes (--out still
+    holds the previous results); one whose swap had begun (--out moved to old) becomes --out; a
+    previous run moved aside (old) is deleted once --out exists, or put back where it does not. When
+    --out appeared while a swap was unfinished, nothing is deleted: InputError naming both."""
+    parent, base = os.path.split(out)
+    if not os.path.isdir(parent):
+        return
+    leftovers = {}
+    for name in os.listdir(parent):
+        for kind in ("partial", "ready", "old"):
+            if name.startswith(f".{base}.{kind}-"):
+                leftovers.setdefault(name.rsplit("-", 1)[1], {})[kind] = os.path.join(parent, name)
+    for pid, left in sorted(leftovers.items()):
+        if "partial" in left:
+            shutil.rmtree(left["partial"], ignore_errors=True)
+        if "ready" in left and "old" in left:
+            if os.path.lexists(out):
+                raise InputError(f"--out {out} was created while the swap of a killed run was unfinished: its "
+                                 f"previous results are in {left['old']}, its new ones in {left['ready']}; "
+                                 f"move {out} away, then run again")
+            os.rename(left["ready"], out)
+            shutil.rmtree(left["old"], ignore_errors=True)
+        elif "ready" in left:   # the swap had not begun: --out, if any, is the previous results
+            if os.path.lexists(out):
+                shutil.rmtree(left["ready"], ignore_errors=True)
+            else:
+                os.rename(left["ready"], out)
+        elif "old" in left:
+            if os.path.lexists(out):
+                shutil.rmtree(left["old"], ignore_errors=True)
+            else:
+                os.rename(left["old"], out)
 
 
 @contextlib.contextmanager
@@ -273,18 +462,3 @@ def folder_lock(path, what):
         yield
     finally:
         os.close(fd)
-
-
-def _recover_folder(parent, base):
-    """Leftovers of a run killed inside run_folder (we hold the lock, so none is in use): unfinished
-    staging folders go; a previous run moved aside but not replaced is put back."""
-    out = os.path.join(parent, base)
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith(f".{base}.partial-"):
-            shutil.rmtree(path, ignore_errors=True)
-        elif name.startswith(f".{base}.old-"):
-            if os.path.exists(out):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.rename(path, out)

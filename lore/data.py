@@ -15,12 +15,13 @@ prepare.py), load_data reads and checks it, once.
 """
 import hashlib
 import os
+import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from lore.checks import InputError, _check_v_ref, resolve_device
+from lore.checks import InputError, _check_v_ref, _short, check_count, resolve_device
 from lore.io import load_tensors, read_json, read_metadata, read_table, save_tensors, write_json, write_table
 from lore.methods import per_user_accuracy
 from lore.pairs import SETS, Pairs, _first_nonfinite_row
@@ -54,6 +55,18 @@ class Data:
     users: dict            # {"seen": [ids], "unseen": [ids]}: the users of the sets, in order
     info: dict             # data.json
     folder: str
+    identity: str = None   # sha256 of data.json: what checkpoints record as the data they were fitted on
+
+
+_IDENTITIES = {}   # id(table) -> (weak reference to the table, identity): data_identity's lookup
+
+
+def data_identity(pairs_or_table):
+    """The identity (data.json's sha256) of the data folder whose table these Pairs (or this table)
+    come from, as load_data loaded it; None for data built otherwise (the API's own tensors)."""
+    table = getattr(pairs_or_table, "table", pairs_or_table)
+    ref, identity = _IDENTITIES.get(id(table), (None, None))
+    return identity if ref is not None and ref() is table else None
 
 
 def load_data(folder, device=None, fewshot_pairs=None):
@@ -62,22 +75,28 @@ def load_data(folder, device=None, fewshot_pairs=None):
     fewshot_pairs: keep only the first n drawn few-shot pairs of each unseen user (the recipe's
     few-shot size, where prepare.py drew a larger pool for vary_fewshot.py). -> Data."""
     device = resolve_device(device)
+    if fewshot_pairs is not None:
+        check_count(fewshot_pairs, "fewshot_pairs")
     info_path = os.path.join(folder, "data.json")
     if not os.path.isfile(info_path):
         raise InputError(f"{folder}: no data.json, so not a prepared data folder (or its prepare.py did not "
                          f"finish): run prepare.py")
     info = read_json(info_path)
-    for key in ("dataset", "users", "embeddings", "files"):
-        if key not in info:
-            raise InputError(f"{info_path}: no {key!r}: not written by prepare.py (rerun it)")
+    users = _check_info(info, info_path)
     for name, digest in info["files"].items():
         if _file_digest(os.path.join(folder, name)) != digest:
             raise InputError(f"{os.path.join(folder, name)} is not the file data.json was written with (changed "
                              f"or left by another run): rerun prepare.py")
     path = os.path.join(folder, "embeddings.safetensors")
-    if _embeddings_identity(path) != info["embeddings"]:
-        raise InputError(f"{path} is not the table data.json was written with (replaced since, e.g. by another "
-                         f"model or run): rerun prepare.py")
+    recorded = info["embeddings"]
+    found = _embeddings_identity(path, content="sha256" in recorded)
+    if found != recorded:
+        what = "content" if {**found, "sha256": None} == {**recorded, "sha256": None} else "table"
+        raise InputError(f"{path} is not the {what} data.json was written with (replaced or edited since, e.g. by "
+                         f"another model or run): rerun prepare.py")
+    if "sha256" not in recorded:
+        print(f"{path}: data.json (an older prepare.py) records no hash of its content; checked its size "
+              f"and header only")
     table = load_tensors(path, ["embeddings"])["embeddings"]
     if table.dim() != 2 or not table.is_floating_point():
         raise InputError(f"{path}: embeddings has shape {tuple(table.shape)} ({table.dtype}), expected float [rows, F]")
@@ -94,7 +113,7 @@ def load_data(folder, device=None, fewshot_pairs=None):
     path = os.path.join(folder, "pairs.parquet")
     df = read_table(path, ["set", "user", "chosen", "rejected"])
     _check_pairs_table(df, path, len(table))
-    users = info["users"]
+    _check_users(df, users, path, info_path)
     table = table.to(device)
     sets = {}
     for name in SETS:
@@ -109,7 +128,11 @@ def load_data(folder, device=None, fewshot_pairs=None):
         sets[name] = replace(pairs, checked=True)   # the table and the indices were checked above
     print(f"{folder}: {info['dataset']}, {len(users['seen'])} seen and {len(users['unseen'])} unseen users; "
           + ", ".join(f"{name} {len(p)} pairs" for name, p in sets.items()))
-    return Data(table, v_ref, sets, users, info, folder)
+    identity = _file_digest(info_path)
+    for key in [k for k, (ref, _) in _IDENTITIES.items() if ref() is None]:   # forget freed tables
+        del _IDENTITIES[key]
+    _IDENTITIES[id(table)] = (weakref.ref(table), identity)
+    return Data(table, v_ref, sets, users, info, folder, identity)
 
 
 def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, config, files=(), **extra):
@@ -171,6 +194,47 @@ def _check_pairs_table(df, path, n_rows):
                              f"embeddings.safetensors")
 
 
+def _check_info(info, path):
+    """data.json's structure: an object with dataset, users {"seen": [...], "unseen": [...]} (distinct
+    ids, no user in both), embeddings and files (objects). -> users."""
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: a JSON {type(info).__name__}, not an object: not written by prepare.py (rerun it)")
+    for key, kind in (("dataset", str), ("users", dict), ("embeddings", dict), ("files", dict)):
+        if key not in info:
+            raise InputError(f"{path}: no {key!r}: not written by prepare.py (rerun it)")
+        if not isinstance(info[key], kind):
+            raise InputError(f"{path}: {key!r} is a {type(info[key]).__name__}, expected a JSON "
+                             f"{'object' if kind is dict else 'string'} (rerun prepare.py)")
+    users = info["users"]
+    for group in ("seen", "unseen"):
+        ids = users.get(group)
+        if not isinstance(ids, list) or not ids or not all(isinstance(u, (str, int)) and not isinstance(u, bool)
+                                                           for u in ids):
+            raise InputError(f"{path}: users[{group!r}] must be a non-empty list of user ids, got {_short(ids)}")
+        if len(set(ids)) != len(ids):
+            twice = next(u for u in ids if ids.count(u) > 1)
+            raise InputError(f"{path}: {group} user {twice!r} is listed twice")
+    both = set(users["seen"]) & set(users["unseen"])
+    if both:
+        raise InputError(f"{path}: user {sorted(both, key=str)[0]!r} is both seen and unseen")
+    if not all(isinstance(v, str) for v in info["files"].values()):
+        raise InputError(f"{path}: 'files' must map file names to sha256 digests (rerun prepare.py)")
+    return users
+
+
+def _check_users(df, users, path, info_path):
+    """data.json's user lists against pairs.parquet: each set's users are exactly its group's users
+    (a user left out of data.json would silently lose its pairs; one added would have none)."""
+    for name in SETS:
+        group = "unseen" if name.startswith("unseen") else "seen"
+        found = set(df.loc[df["set"] == name, "user"])
+        listed = set(users[group])
+        extra = sorted(found - listed, key=str)
+        if extra:
+            raise InputError(f"{path}: {name} has pairs of user {extra[0]!r}, which {info_path} does not list as "
+                             f"a {group} user ({len(extra)} such users): the files do not belong together")
+
+
 def _is_integer_column(series):
     import pandas as pd
     return pd.api.types.is_integer_dtype(series) and not series.isna().any()
@@ -186,8 +250,14 @@ def _file_digest(path):
     return h.hexdigest()
 
 
-def _embeddings_identity(path):
-    """What tells one embeddings file from another without reading it: its size and its header
-    metadata (the extraction's fingerprint of inputs, model and settings; or the synthetic config)."""
+def _embeddings_identity(path, content=True):
+    """What tells one embeddings file from another: its size, its header metadata (the extraction's
+    fingerprint of inputs, model and settings; or the synthetic config) and the sha256 of its
+    content (streamed: about 2 s per GB, 0.46 GB/s measured on a shared AMD EPYC core, the cost
+    of reading the table once more at every load_data; an edit in place, such as a flipped sign,
+    changes it)."""
     meta = read_metadata(path)
-    return {"bytes": os.path.getsize(path), "metadata": meta}
+    identity = {"bytes": os.path.getsize(path), "metadata": meta}
+    if content:
+        identity["sha256"] = _file_digest(path)
+    return identity

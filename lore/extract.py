@@ -206,7 +206,9 @@ def _load_tokenizer(source, offline):
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a missing or broken tokenizer
-        raise InputError(f"could not load the tokenizer of {source}: {_first_line(e)}") from e
+        text = " ".join(str(e).split())   # transformers' message lists the files it looked for on more lines
+        text = text if len(text) <= 400 else text[:400] + "..."
+        raise InputError(f"could not load the tokenizer of {source}: {type(e).__name__}: {text}") from e
 
 
 def _checkpoint_file(source, filename, offline):

@@ -1,6 +1,7 @@
 """Files: safetensors, JSON, JSON lines, Parquet and CSV, each written atomically (a temporary name
 renamed into place) and read with errors that name the file, the line or the column at fault; the
 datasets' splits from local files or the Hugging Face hub."""
+import contextlib
 import functools
 import json
 import os
@@ -22,12 +23,38 @@ def save_tensors(path, tensors, metadata=None):
     n = int.from_bytes(blob[:8], "little")
     header = json.dumps(json.loads(blob[8:8 + n]), sort_keys=True, separators=(",", ":"),
                         ensure_ascii=False).encode()
+    with _atomic(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(blob[:8])
+            f.write(header.ljust(n))  # the same length: safetensors pads its header with spaces
+            f.write(memoryview(blob)[8 + n:])
+
+
+@contextlib.contextmanager
+def _atomic(path):
+    """Yields a temporary name beside `path`, renamed to `path` when the block ends without error and
+    removed when it fails (disk full, Ctrl-C): no half-written file is left, under either name."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(blob[:8])
-        f.write(header.ljust(n))  # the same length: safetensors pads its header with spaces
-        f.write(memoryview(blob)[8 + n:])
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def check_folder_writable(path, what):
+    """A folder that files can be written into (created if need be), checked before any work:
+    InputError naming `what` when it is a file, or cannot be created or written."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{what} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in it (permission denied)")
 
 
 def load_tensors(path, keys=()):
@@ -51,6 +78,8 @@ def _open_safetensors(path):
     """safe_open(path), which checks the header and that the file is as long as the header says: a
     missing, truncated or corrupt file is an InputError naming it."""
     from safetensors import SafetensorError
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a safetensors file")
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     try:
@@ -67,10 +96,9 @@ def _first_line(e):
 
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
 
 
 def read_json(path):
@@ -85,10 +113,9 @@ def write_table(path, records):
     """A list of dicts (or a DataFrame) as CSV (or Parquet for a .parquet path), atomically."""
     import pandas as pd
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     df = records if isinstance(records, pd.DataFrame) else pd.DataFrame(records)
-    df.to_parquet(tmp, index=False) if path.endswith(".parquet") else df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        df.to_parquet(tmp, index=False) if path.endswith(".parquet") else df.to_csv(tmp, index=False)
 
 
 def read_table(path, columns=()):
@@ -125,6 +152,7 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             kind = "parquet" if path.endswith(".parquet") else "json"
             if path.endswith((".json", ".jsonl")):
                 _check_json_rows(path)
+            datasets.disable_progress_bars()   # a bar on stderr before an error line is not one line
             if kind == "parquet" and _parquet_rows(path) == 0:  # datasets cannot build a split of no rows
                 out[split] = datasets.Dataset.from_pandas(read_table(path), preserve_index=False)
                 continue

@@ -3,12 +3,14 @@ per-user parameters, METHODS maps a name to its class (utils registers LoRe's en
 PAL and VPL), and the evaluation every method shares (item features computed once, margins,
 accuracies) and its checkpoints."""
 import json
+import os
+import sys
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from lore.checks import InputError, _check_alpha, _check_v_ref, _is_int, resolve_device
+from lore.checks import MAX_COUNT, InputError, _check_alpha, _check_v_ref, _is_int, check_hparam, resolve_device
 from lore.io import load_tensors, read_metadata, save_tensors
 
 def simplex(W):
@@ -34,8 +36,12 @@ class Method:
         name        its key in METHODS
         defaults    hyperparameter -> default (ints, floats, or strings listed in choices). Each
                     one is a flag --{name}-{hp} of every script (hyphens for underscores), except
-                    those in recipe_hparams
-        choices     hyperparameter -> its allowed values, for the string ones (e.g. init)
+                    those in recipe_hparams; lore.checks.check_hparam checks every value, for the
+                    flags and the API alike: ints in [1, limit], floats finite in (0, limit]
+        choices     hyperparameter -> its allowed string values (for string-valued ones)
+        limits      hyperparameter -> its largest value (default MAX_COUNT / MAX_RATE), e.g. a
+                    fraction's 1 or a layer width that must fit in memory
+        prunes      whether a fit may drop directions (V then has fewer than K columns)
         recipe_hparams  those read from the dataset recipe's --iters --lr --fewshot-iters
                     --fewshot-lr (the LoRe entries' step counts and rates)
         min_K       the smallest K it takes; sweeps skip smaller K (K = 0, the reference reward
@@ -61,21 +67,20 @@ class Method:
     Randomness comes from torch's global generator: seed it (set_seed) for repeatable fits.
     """
     name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
-    choices = {}          # string hyperparameter -> allowed values
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
+    choices, limits, prunes = {}, {}, False
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise InputError(f"method {self.name}: unknown hyperparameter(s) {unknown}; it has {sorted(self.defaults)}")
-        if not _is_int(K) or K < self.min_K:
+        if not _is_int(K) or not self.min_K <= K <= MAX_COUNT:
             raise InputError(f"method {self.name}: K must be an integer >= {self.min_K}, got {K!r}")
         self.K, self.device = int(K), resolve_device(device)
         self.alpha = _check_alpha(alpha, self.name) if self.uses_alpha else None
-        self.hparams = {**self.defaults, **hparams}
-        for hp, allowed in self.choices.items():
-            if hp in self.hparams and self.hparams[hp] not in allowed:
-                raise InputError(f"method {self.name}: {hp} must be one of {list(allowed)}, got {self.hparams[hp]!r}")
+        self.hparams = {hp: check_hparam(self.name, hp, value, self.defaults[hp], self.choices.get(hp),
+                                         self.limits.get(hp))
+                        for hp, value in {**self.defaults, **hparams}.items()}
         self.v_ref = None if v_ref is None else _check_v_ref(v_ref).to(self.device)   # [F, 1]
 
     def __repr__(self):
@@ -114,30 +119,98 @@ def checkpoint_name(method):
     return f"{method.name}_K{method.K}{alpha}.safetensors"
 
 
-def save_method(path, method, **users):
+def save_method(path, method, data=None, **users):
     """A fitted method's shared part and the users' parameters (e.g. W=..., W_unseen=...) in one
-    safetensors file; the metadata names the method, K, alpha and the hyperparameters."""
-    save_tensors(path, {**method.state(), **users},
-                 {"method": method.name, "K": str(method.K), "alpha": json.dumps(method.alpha),
-                  "hparams": json.dumps(method.hparams)})
+    safetensors file; the metadata names the method, K, alpha, the hyperparameters, every tensor's
+    shape, and `data`: the identity of the data folder it was fitted on (lore.data.data_identity),
+    which the tools compare with the --data they are given."""
+    tensors = {**method.state(), **users}
+    meta = {"method": method.name, "K": str(method.K), "alpha": json.dumps(method.alpha),
+            "hparams": json.dumps(method.hparams),
+            "shapes": json.dumps({k: list(v.shape) for k, v in sorted(tensors.items())})}
+    if data is not None:
+        meta["data"] = data
+    save_tensors(path, tensors, meta)
 
 
-def load_method(path, device=None):
+def load_method(path, device=None, data=None, allow_other_data=False):
     """-> (method, tensors): the Method saved by save_method, ready to fit new users and score, and
-    every tensor of the file (the users' parameters among them)."""
+    every tensor of the file (the users' parameters among them). Checked: the metadata (the method's
+    own hyperparameter checks), the tensors against it (the shapes recorded, a basis V of max(K, 1)
+    columns, or at most that for a method that prunes; users' parameters with V's columns); with
+    `data` (a Data of load_data), that it was fitted on that folder: a checkpoint of another one is
+    refused, or with allow_other_data used with a warning on stderr."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder, not a checkpoint file ({{method}}_K{{K}}[_alpha{{a}}].safetensors)")
     meta = read_metadata(path)
     missing = [k for k in ("method", "K", "alpha", "hparams") if k not in meta]
     if missing:
         raise InputError(f"{path}: not a checkpoint of a method (its metadata lacks {missing})")
     cls = get_method(meta["method"])
     try:
-        method = cls(int(meta["K"]), json.loads(meta["alpha"]), None, device, **json.loads(meta["hparams"]))
+        hparams, alpha, K = json.loads(meta["hparams"]), json.loads(meta["alpha"]), int(meta["K"])
+        if not isinstance(hparams, dict):
+            raise TypeError(f"hparams is {type(hparams).__name__}, not an object")
     except (ValueError, TypeError) as e:
         raise InputError(f"{path}: unreadable checkpoint metadata ({e})") from None
+    try:
+        method = cls(K, alpha, None, device, **hparams)
+    except InputError as e:
+        raise InputError(f"{path}: checkpoint metadata: {e}") from None
     tensors = load_tensors(path)
-    method.load_state({k: v.to(method.device) for k, v in tensors.items()})
+    _check_checkpoint(path, method, meta, tensors)
+    if data is not None:
+        _check_checkpoint_data(path, meta.get("data"), data, allow_other_data)
+    try:
+        method.load_state({k: v.to(method.device) for k, v in tensors.items()})
+    except (KeyError, RuntimeError, ValueError, IndexError) as e:
+        raise InputError(f"{path}: not a checkpoint of {method.name}: its tensors do not load "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
     return method, tensors
 
+
+def _check_checkpoint(path, method, meta, tensors):
+    """Shapes over metadata: the recorded shapes, V's columns against K, the users' columns against V."""
+    if "shapes" in meta:
+        try:
+            shapes = json.loads(meta["shapes"])
+        except ValueError:
+            raise InputError(f"{path}: unreadable checkpoint metadata (shapes)") from None
+        actual = {k: list(v.shape) for k, v in tensors.items()}
+        if shapes != actual:
+            bad = sorted(k for k in set(shapes) | set(actual) if shapes.get(k) != actual.get(k))[0]
+            raise InputError(f"{path}: tensor {bad} has shape {actual.get(bad)}, its metadata says {shapes.get(bad)}")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise InputError(f"{path}: {k} has NaN or inf values")
+    V = tensors.get("V")
+    if method.linear or "V" in tensors:
+        if V is None:
+            raise InputError(f"{path}: no tensor V (the basis of {method.name})")
+        columns = max(method.K, 1)
+        if V.dim() != 2 or V.shape[1] > columns or (not method.prunes and V.shape[1] != columns):
+            raise InputError(f"{path}: V has shape {tuple(V.shape)}, but its metadata says K={method.K} "
+                             f"({'at most ' if method.prunes else ''}{columns} columns)")
+        for key in ("W", "W_unseen"):
+            if key in tensors and (tensors[key].dim() != 2 or tensors[key].shape[1] != V.shape[1]):
+                raise InputError(f"{path}: {key} has shape {tuple(tensors[key].shape)}, V {tuple(V.shape)}: "
+                                 f"their columns disagree")
+
+
+def _check_checkpoint_data(path, fitted_on, data, allow_other_data):
+    """A checkpoint used with the data folder it was fitted on, or InputError (a warning with
+    allow_other_data). A checkpoint that records no data folder cannot be checked: a warning."""
+    if fitted_on == data.identity:
+        return
+    if fitted_on is None:
+        print(f"warning: {path} does not record the data folder it was fitted on (an older checkpoint); "
+              f"make sure it is {data.folder}'s", file=sys.stderr)
+        return
+    message = (f"{path} was fitted on another data folder (data.json {fitted_on[:12]}), not on {data.folder} "
+               f"(data.json {data.identity[:12]})")
+    if not allow_other_data:
+        raise InputError(f"{message}: its users and rows would not match; pass --allow-other-data to use it anyway")
+    print(f"warning: {message}; used anyway (--allow-other-data)", file=sys.stderr)
 
 
 def per_user_accuracy(pairs, V, W):

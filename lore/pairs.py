@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lore.checks import InputError, resolve_device
+from lore.checks import InputError, _is_int, resolve_device
 
 SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
 
@@ -93,6 +93,8 @@ def pack(features, name="features", device=None):
     Pairs pass through (moved to `device`). The data is checked here, once: the errors name the
     user, the row and the shape at fault, and checked Pairs are not scanned again."""
     if isinstance(features, Pairs):
+        if any(t.device.type == "meta" for t in (features.user, features.X, features.table) if t is not None):
+            raise InputError(f"{name}: the pairs are on the meta device (no values)")
         pairs = features if device is None else features.to(device)
         if pairs.checked:
             return pairs
@@ -106,6 +108,8 @@ def pack(features, name="features", device=None):
             raise InputError(f"{name}: no users (an empty list)")
         n_features = features[0].shape[-1] if features[0].dim() == 2 else None
         for i, x in enumerate(features):
+            if x.device.type == "meta":
+                raise InputError(f"{name}[{i}] is on the meta device (no values)")
             if x.dim() != 2 or x.shape[1] != n_features or not (x.is_floating_point() or len(x) == 0):
                 raise InputError(f"{name}[{i}] has shape {tuple(x.shape)} ({x.dtype}): every user needs "
                                  f"float [pairs, F] with the same F (user 0 has F={n_features})")
@@ -118,8 +122,21 @@ def pack(features, name="features", device=None):
 
 
 def _check_pairs(pairs, name):
-    if pairs.n_users == 0:
-        raise InputError(f"{name}: no users")
+    if not _is_int(pairs.n_users) or pairs.n_users <= 0:
+        raise InputError(f"{name}: no users (n_users={pairs.n_users!r})")
+    values = pairs.X if pairs.X is not None else pairs.table
+    if not isinstance(values, torch.Tensor) or values.device.type == "meta" or pairs.user.device.type == "meta":
+        raise InputError(f"{name}: the rows must be a tensor with values (not on the meta device)")
+    if pairs.X is not None and pairs.X.dtype != torch.float32:
+        raise InputError(f"{name}: X must be float32 (difference rows are trained in float32), got {pairs.X.dtype}: "
+                         f"pass X.float()")
+    if pairs.user.dim() != 1 or pairs.user.dtype != torch.long:
+        raise InputError(f"{name}: user must be [P] long, got {tuple(pairs.user.shape)} {pairs.user.dtype}")
+    if pairs.group is not None and (pairs.group.shape != pairs.user.shape or pairs.group.dtype != torch.long):
+        raise InputError(f"{name}: group must be [P] long like user ({tuple(pairs.user.shape)}), got "
+                         f"{tuple(pairs.group.shape)} {pairs.group.dtype}")
+    if pairs.X is not None and len(pairs.X) != len(pairs.user):
+        raise InputError(f"{name}: X has {len(pairs.X)} rows, user {len(pairs.user)}")
     if len(pairs) and (pairs.user.min() < 0 or pairs.user.max() >= pairs.n_users
                        or (pairs.user[1:] < pairs.user[:-1]).any()):
         raise InputError(f"{name}: user indices must lie in [0, {pairs.n_users}) with each user's pairs contiguous")

@@ -382,9 +382,9 @@ def test_baselines_reject_difference_rows_and_bad_hyperparameters():
             utils.sweep(methods=[name], K_list=[2], seen_train=X, seen_test=X, unseen_fewshot=X, unseen_test=X)
         with pytest.raises(InputError, match=r"K must be an integer >= 1"):
             utils.METHODS[name](0)
-    with pytest.raises(InputError, match=r"method pal: batch_size must be an integer > 0, got 0"):
+    with pytest.raises(InputError, match=r"method pal: batch_size must be an integer in \[1, 1e\+09\], got 0"):
         utils.PAL(2, batch_size=0)
-    with pytest.raises(InputError, match=r"method vpl: lr must be a number > 0"):
+    with pytest.raises(InputError, match=r"method vpl: lr must be a finite number in \(0, 1e\+06\]"):
         utils.VPL(2, lr=float("nan"))
     with pytest.raises(InputError, match=r"context_min 5 > context_max 3"):
         utils.VPL(2, context_min=5, context_max=3)

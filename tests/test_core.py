@@ -583,7 +583,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     args = argparse.Namespace(out=str(out), seed=0)
     with utils.run_folder(args, "a.py") as staging:
         open(os.path.join(staging, "first.txt"), "w").write("1")
-    assert sorted(os.listdir(out)) == ["config.json", "first.txt"]
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]
 
     @utils.command_line
     def interrupted(args):
@@ -593,7 +593,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         interrupted(args)
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["config.json", "first.txt"]            # the earlier run, untouched
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
     # a run killed with -9 leaves its staging folder: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
@@ -603,4 +603,4 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
             with utils.run_folder(args, "a.py"):
                 pass
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
-    assert sorted(os.listdir(out)) == ["config.json"]                         # nothing of the older run
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run

@@ -106,7 +106,8 @@ def test_layout(data):
     for name, digest in info["files"].items():
         assert hashlib.sha256(open(os.path.join(data, name), "rb").read()).hexdigest() == digest, name
     path = os.path.join(data, "embeddings.safetensors")
-    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path)}
+    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path),
+                                  "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
 
     # conversations.parquet: one row per row of the table; row offset(split) + 8 s + r is response r of prompt s
     conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
@@ -183,7 +184,7 @@ def test_train_basis_end_to_end_from_another_directory(data, tmp_path):
     proc = subprocess.run([sys.executable, TRAIN_BASIS, "--data", data, "--out", out, "--fewshot-pairs", "20",
                            "--k-list", "0,1,3", *FAST], cwd=str(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(os.listdir(out)) == sorted(
+    assert sorted(os.listdir(out)) == sorted([".lore-run.json"] +
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "oracle.json", "basis_reports.csv",
          "basis_health.png", *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 3) for ext in (".safetensors", ".report.json"))])
     records = utils.read_json(os.path.join(out, "results.json"))
@@ -251,7 +252,7 @@ def test_vary_fewshot(data, tmp_path):
     out = str(tmp_path / "fewshot")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "3", "--trials", "3",
                                                "--shots", "1,5,20", *FAST]))
-    assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "oracle.json",
+    assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "oracle.json",
                                        "results.csv", "results.json"]
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"], r["shots"]) for r in records] == [("lore", 3, 1), ("lore", 3, 5), ("lore", 3, 20)]
@@ -345,8 +346,8 @@ def test_bad_inputs_exit_with_2(data, tmp_path, capsys):
                        {"model": "rm"})
     code, err = exit_code_and_message(capsys, prepare.main,
                                       prepare.parse_args(["--synthetic", "--out", str(real)]))
-    assert code == 2 and "holds the embeddings of rm" in err
-    assert sorted(os.listdir(real)) == [".prepare.lock", "embeddings.safetensors"]     # nothing written over
+    assert code == 2 and "holds 'embeddings.safetensors'" in err and "no run of PersonalLLM/prepare.py" in err
+    assert sorted(os.listdir(real)) == ["embeddings.safetensors"]     # nothing written over
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]))
     assert code == 2 and "nothing: no data.json" in err and "prepare.py" in err
@@ -399,7 +400,7 @@ def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", data, "--out", str(tmp_path / "mine"), "--k-list", "0", *QUICK]))
-    assert code == 2 and "files that no run of this script wrote" in err
+    assert code == 2 and "'notes.txt', a file or folder that no run of PersonalLLM/train_basis.py wrote" in err
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 

@@ -318,7 +318,7 @@ def test_train_basis(data, results, tmp_path, capsys):
     records = utils.read_json(os.path.join(results, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore_regularized", 1e4, k) for k in (0, 1, 2)]
     assert set(records[0]) == RECORD_KEYS
-    assert sorted(os.listdir(results)) == sorted(["results.json", "results.csv", "accuracy_vs_rank.png", "config.json",
+    assert sorted(os.listdir(results)) == sorted([".lore-run.json", "results.json", "results.csv", "accuracy_vs_rank.png", "config.json",
                                                   "basis_reports.csv", "basis_health.png",
                                                   *(f"lore_regularized_K{k}_alpha10000{ext}" for k in (0, 1, 2)
                                                     for ext in (".safetensors", ".report.json"))])
@@ -390,7 +390,8 @@ def test_vary_fewshot(data, tmp_path):
     assert all(0 <= r["unseen_test"] <= 1 and 0 <= r["unseen_fewshot"] <= 1 for r in records)
     # K = 0 has nothing to fit: its held-out accuracy does not depend on the shots
     assert records[0]["unseen_test"] == records[1]["unseen_test"]
-    assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "results.csv", "results.json"]
+    assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "results.csv",
+                                       "results.json"]
     assert utils.read_json(os.path.join(out, "config.json"))["script"] == "PRISM/vary_fewshot.py"
     defaults = vary_fewshot.parse_args([])
     assert (defaults.k_list, defaults.alpha_list, defaults.shots, defaults.trials) == ([50], [0.0], [1, 2, 3], 1)

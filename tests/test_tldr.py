@@ -284,7 +284,7 @@ def test_train_basis_from_another_directory(data, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(FOLDER, "train_basis.py"), "--data", data,
                            "--out", out, *FAST], cwd=str(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(os.listdir(out)) == sorted(
+    assert sorted(os.listdir(out)) == sorted([".lore-run.json"] +
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "basis_reports.csv", "basis_health.png",
          *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2) for ext in (".safetensors", ".report.json"))])
     records = utils.read_json(os.path.join(out, "results.json"))
@@ -325,8 +325,8 @@ def test_train_basis_is_deterministic_and_the_split_seed_alone_moves_the_split(h
     assert not torch.equal(c[1], a[1])                   # --seed: the same data, another initialization
     # --split-seed (prepare): another split and other draws, the same embeddings
     other = str(tmp_path / "other")
-    os.makedirs(other)
-    shutil.copyfile(os.path.join(data, "embeddings.safetensors"), os.path.join(other, "embeddings.safetensors"))
+    os.makedirs(tmp_path / ".other.cache")   # the extraction cache of --out other: the same embeddings, reused
+    shutil.copyfile(os.path.join(data, "embeddings.safetensors"), tmp_path / ".other.cache" / "embeddings.safetensors")
     run_prepare(hub, tiny_model_dir, other, "--split-seed", "3")
     users = lambda folder: utils.read_json(os.path.join(folder, "data.json"))["users"]
     seen, unseen, _ = expected_split(3)
@@ -339,7 +339,8 @@ def test_vary_fewshot(data, tmp_path):
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "0,2", "--trials", "3",
                                                "--shots", "1,2,5", "--iters", "20", "--fewshot-iters", "20",
                                                "--device", "cpu", "--select", "random,active"]))
-    assert sorted(os.listdir(out)) == ["accuracy_vs_shots.png", "config.json", "results.csv", "results.json"]
+    assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "results.csv",
+                                       "results.json"]
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["K"], r["select"], r["shots"]) for r in records] == [
         (K, how, s) for K in (0, 2) for how in ("random", "active") for s in (1, 2, 5)]
@@ -418,8 +419,8 @@ def test_bad_splits_exit_with_2(hub, data, tiny_model_dir, tmp_path, capsys):
 def test_pairs_of_another_split_are_refused(hub, data, tiny_model_dir, tmp_path, capsys):
     """pairs.parquet of a prepare with another --split-seed, copied over: the hash in data.json tells."""
     other = str(tmp_path / "other")
-    os.makedirs(other)
-    shutil.copyfile(os.path.join(data, "embeddings.safetensors"), os.path.join(other, "embeddings.safetensors"))
+    os.makedirs(tmp_path / ".other.cache")   # the extraction cache of --out other: the same embeddings, reused
+    shutil.copyfile(os.path.join(data, "embeddings.safetensors"), tmp_path / ".other.cache" / "embeddings.safetensors")
     run_prepare(hub, tiny_model_dir, other, "--split-seed", "3")
     mixed = str(tmp_path / "mixed")
     shutil.copytree(data, mixed)

@@ -41,7 +41,9 @@ def parse_args(argv=None):
                    help="whose weights to read: W (seen users, default) or W_unseen")
     p.add_argument("--out", default=None, help="output folder (default: basis_report/ beside the checkpoints' folder)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--seed", type=utils.nonnegative_int, default=0, help="seed of the sampled user pairs (large N)")
+    p.add_argument("--seed", type=utils.seed_int, default=0, help="seed of the sampled user pairs (large N)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="use checkpoints fitted on another data folder than --data (with a warning)")
     args = p.parse_args(argv)
     if args.out is None:
         results = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoints[0])))
@@ -52,11 +54,14 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     device = utils.start_run(args)
-    data = utils.load_data(args.data, device) if args.data else None
-    reports = [report(path, data, args.users, device, args.seed) for path in args.checkpoints]
-    text = "\n\n".join(utils.format_basis_report(r) for r in reports)
-    print(text)
-    with utils.run_folder(args, SCRIPT, device=str(device)) as out:
+    # locked and checked before any work; neither the data nor a checkpoint may be inside --out
+    with utils.run_folder(args, SCRIPT, inputs=[p for p in (args.data, *args.checkpoints) if p],
+                          device=str(device)) as out:
+        data = utils.load_data(args.data, device) if args.data else None
+        reports = [report(path, data, args.users, device, args.seed, args.allow_other_data)
+                   for path in args.checkpoints]
+        text = "\n\n".join(utils.format_basis_report(r) for r in reports)
+        print(text)
         utils.write_json(os.path.join(out, "basis_report.json"), reports)
         utils.write_table(os.path.join(out, "basis_report.csv"), utils.basis_report_records(reports))
         with open(os.path.join(out, "basis_report.txt"), "w") as f:
@@ -65,10 +70,10 @@ def main(args):
     return reports
 
 
-def report(path, data, users, device, seed):
+def report(path, data, users, device, seed, allow_other_data=False):
     """utils.basis_report of one checkpoint; with data, v_ref and the users' held-out accuracy
     against the reference model (V = v_ref, w = [1])."""
-    method, tensors = utils.load_method(path, device)
+    method, tensors = utils.load_method(path, device, data, allow_other_data)
     V = utils.method_basis(method)                                                 # [F, K]
     key = "W" if users == "seen" else "W_unseen"
     if key not in tensors:

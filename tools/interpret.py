@@ -38,7 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--chars", type=utils.positive_int, default=utils.TEXT_CHARS, help="characters kept per message")
     p.add_argument("--out", default=None, help="output folder (default: interpret/<name>/ beside the checkpoint's folder)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--seed", type=utils.nonnegative_int, default=0, help="(nothing is random; kept for the contract)")
+    p.add_argument("--seed", type=utils.seed_int, default=0, help="(nothing is random; kept for the contract)")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="use a checkpoint fitted on another data folder than --data (with a warning)")
     args = p.parse_args(argv)
     if args.out is None:
         results = os.path.dirname(os.path.dirname(os.path.abspath(args.checkpoint)))
@@ -50,20 +52,21 @@ def parse_args(argv=None):
 @utils.command_line
 def main(args):
     device = utils.start_run(args)
-    method, _ = utils.load_method(args.checkpoint, device)
-    V = utils.method_basis(method)                                                 # [F, K]
-    data = utils.load_data(args.data, device)   # checks that the folder's files belong together
-    if V.shape[0] != data.table.shape[1]:
-        raise utils.InputError(f"{args.checkpoint}: V has F={V.shape[0]}, the embeddings of {args.data} "
-                               f"F={data.table.shape[1]}: another data folder?")
-    conversations = utils.read_table(os.path.join(args.data, "conversations.parquet"), ["row", "messages"])
-    pairs = utils.read_table(os.path.join(args.data, "pairs.parquet"), ["set", "chosen", "rejected"])
-    if args.set:
-        pairs = pairs[pairs["set"] == args.set]
-    records = utils.interpret_basis(V, data.table, conversations, data.v_ref, pairs, args.top, args.chars)
-    text = f"{args.checkpoint}: {method}, V [{V.shape[0]} x {V.shape[1]}]\n" + utils.format_interpretation(records)
-    print(text)
-    with utils.run_folder(args, SCRIPT, device=str(device)) as out:
+    # locked and checked before any work; neither the data nor the checkpoint may be inside --out
+    with utils.run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
+        data = utils.load_data(args.data, device)   # checks that the folder's files belong together
+        method, _ = utils.load_method(args.checkpoint, device, data, args.allow_other_data)
+        V = utils.method_basis(method)                                             # [F, K]
+        if V.shape[0] != data.table.shape[1]:
+            raise utils.InputError(f"{args.checkpoint}: V has F={V.shape[0]}, the embeddings of {args.data} "
+                                   f"F={data.table.shape[1]}: another data folder?")
+        conversations = utils.read_table(os.path.join(args.data, "conversations.parquet"), ["row", "messages"])
+        pairs = utils.read_table(os.path.join(args.data, "pairs.parquet"), ["set", "chosen", "rejected"])
+        if args.set:
+            pairs = pairs[pairs["set"] == args.set]
+        records = utils.interpret_basis(V, data.table, conversations, data.v_ref, pairs, args.top, args.chars)
+        text = f"{args.checkpoint}: {method}, V [{V.shape[0]} x {V.shape[1]}]\n" + utils.format_interpretation(records)
+        print(text)
         utils.write_table(os.path.join(out, "interpretation.csv"), records)
         with open(os.path.join(out, "interpretation.txt"), "w") as f:
             f.write(text + "\n")

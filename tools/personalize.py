@@ -48,25 +48,28 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder, written as a whole when the run ends")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
     p.add_argument("--batch-tokens", type=utils.positive_int, default=16384, help="padded tokens per forward pass")
-    p.add_argument("--seed", type=utils.nonnegative_int, default=0, help="seed of the weights' random start")
+    p.add_argument("--seed", type=utils.seed_int, default=0, help="seed of the weights' random start")
     return p.parse_args(argv)
 
 
 @utils.command_line
 def main(args):
     device = utils.start_run(args)
-    method, _ = utils.load_method(args.checkpoint, device)
-    prefs = read_jsonl(args.prefs, {"user": str, "chosen": list, "rejected": list})
-    candidates = read_jsonl(args.candidates, {"id": str, "messages": list}) if args.candidates else []
-    users = list(dict.fromkeys(p["user"] for p in prefs))                          # first appearance order
-    index = {u: i for i, u in enumerate(users)}
-    ids = [c["id"] for c in candidates]
-    if len(set(ids)) != len(ids):
-        raise utils.InputError(f"{args.candidates}: candidate id {next(i for i in ids if ids.count(i) > 1)!r} "
-                               f"appears twice")
-    conversations = [p["chosen"] for p in prefs] + [p["rejected"] for p in prefs] + [c["messages"] for c in candidates]
-    P = len(prefs)
-    with utils.run_folder(args, SCRIPT, device=str(device)) as out:
+    # locked and checked before any work; no input may be inside --out (it would be replaced)
+    inputs = [p for p in (args.checkpoint, args.prefs, args.candidates, args.model) if p and os.path.exists(p)]
+    with utils.run_folder(args, SCRIPT, inputs=inputs, device=str(device)) as out:
+        method, _ = utils.load_method(args.checkpoint, device)
+        prefs = read_jsonl(args.prefs, {"user": str, "chosen": list, "rejected": list})
+        candidates = read_jsonl(args.candidates, {"id": str, "messages": list}) if args.candidates else []
+        users = list(dict.fromkeys(p["user"] for p in prefs))                      # first appearance order
+        index = {u: i for i, u in enumerate(users)}
+        ids = [c["id"] for c in candidates]
+        if len(set(ids)) != len(ids):
+            raise utils.InputError(f"{args.candidates}: candidate id {next(i for i in ids if ids.count(i) > 1)!r} "
+                                   f"appears twice")
+        conversations = ([p["chosen"] for p in prefs] + [p["rejected"] for p in prefs]
+                         + [c["messages"] for c in candidates])
+        P = len(prefs)
         embeddings = utils.embed_conversations(conversations, os.path.join(out, "embeddings.safetensors"),
                                                args.model, device=args.device, batch_tokens=args.batch_tokens)
         F = utils.method_features(method)
