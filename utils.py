@@ -35,7 +35,8 @@ from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _
 from lore.io import (hub_reachable, load_splits, load_tensors, read_json, read_jsonl, read_metadata,
     read_table, save_tensors, write_json, write_table)
 from lore.pairs import (pack, Pairs, project_rows, SETS)
-from lore.methods import (accuracy, checkpoint_name, featurize, get_method, load_method, Method,
+from lore.methods import (accuracy, checked_fit, checked_fit_users, checkpoint_name, converged, CONVERGED_FALL,
+    featurize, last_tenth_fall, LossCurve, recording, get_method, load_method, Method,
     method_basis, method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, register,
     save_method, simplex)
 from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_ANNEAL_BASELINE,
@@ -266,31 +267,38 @@ _GRAPH_WARMUP = 3
 
 
 def _loop(num_iterations, step, device, desc=None, before=None):
-    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given.
+    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given;
+    step() returns the step's loss tensor, kept at ~100 evenly spaced steps (a LossCurve, collected
+    by lore.methods.recording) -> the curve {"step": [...], "loss": [...]}.
     On CUDA the step is captured once as a CUDA graph and replayed: a step is ~100 small kernels
     around two reads of X, and launching them one by one from Python takes longer than running
     them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> see README). The first steps run
-    eagerly on a side stream, as graph capture requires."""
+    eagerly on a side stream, as graph capture requires. The captured step's loss tensor is static:
+    each replay overwrites it, so the curve copies it right after the replay of a recorded step."""
     graphed = device.type == "cuda" and num_iterations > _GRAPH_WARMUP
-    side, graph = (torch.cuda.Stream(device), None) if graphed else (None, None)
+    side, graph, loss = (torch.cuda.Stream(device), None, None) if graphed else (None, None, None)
+    curve = LossCurve(num_iterations)
     # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
     for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
         if before is not None:
             before(i)
         if graph is not None:
             graph.replay()
+            curve.add(i, loss)
         elif graphed and i == _GRAPH_WARMUP:
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                step()
+                loss = step()
             graph.replay()
+            curve.add(i, loss)
         elif graphed:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                step()
+                curve.add(i, step())   # the copy on the side stream, after the step that made it
         else:
-            step()
+            curve.add(i, step())
+    return curve.result()
 
 
 def _as_column(v, num_features):
@@ -342,6 +350,7 @@ class LoReMethod(Method):
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
                            self.hparams["iters"], self.hparams["lr"], self.device)
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
+        self.trainer = model   # its optimizer state, which checked_fit inspects
         return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
@@ -472,8 +481,11 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     With out_dir, a method with a linear basis V also gets its basis_report (against v_ref, with
     the seen users' held-out accuracy against the reference model's) beside its checkpoint, as
     {checkpoint}.report.json.
+    Every fit goes through checked_fit (a diverged or unmoved fit is an InputError); with out_dir
+    its fit_report (hyperparameters, loss curves, convergence) is written as {checkpoint}.fit.json.
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
-    `{set}_std`, the std across users times 0.25 (the reference's convention)."""
+    `{set}_std`, the std across users times 0.25 (the reference's convention), then `converged`
+    and `loss_fall` (fit_status)."""
     sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
                             unseen_test=unseen_test), device)
     records, acc_ref = [], None
@@ -481,21 +493,41 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
         acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
-        U = method.fit(sets["seen_train"])                                         # [N, U]
-        U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
+        U = checked_fit(method, sets["seen_train"])                                # [N, U]
+        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
         record, acc = method.setting(), {}
         for name in SETS:
             acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
-        print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
+        record.update(fit_status(method))
+        print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
+              + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
             path = os.path.join(out_dir, checkpoint_name(method))
             save_method(path, method, W=U, W_unseen=U_new)
+            write_json(path.removesuffix(".safetensors") + ".fit.json", fit_report(method))
             if method.linear:
                 write_json(path.removesuffix(".safetensors") + ".report.json",
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
+
+
+def fit_status(method):
+    """What a record says of a checked fit's convergence: converged (False when its loss still fell
+    by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
+    (that fall, relative)."""
+    fall = last_tenth_fall(method.curve)
+    return {"converged": converged(method.curve), "loss_fall": fall}
+
+
+def fit_report(method):
+    """A checked fit's report, written beside its checkpoint: setting, hyperparameters, the loss
+    curves of the fit and of the last new users' fit, and the convergence verdict."""
+    return {**method.setting(), "hparams": method.hparams, **fit_status(method),
+            "converged_rule": f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
+                              f"(relative) below its mean over the tenth before",
+            "curve": method.curve, "fewshot_curve": method.fewshot_curve}
 
 
 def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_test, methods=("lore",),
@@ -514,13 +546,13 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     records = []
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
-        method.fit(sets["seen_train"])
+        checked_fit(method, sets["seen_train"])
         pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
         for n_shots in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
             acc = np.zeros((2, trials))
             for t in range(trials):
                 drawn = sample_shots(pool, n_shots)
-                U_new = method.fit_users(drawn)                                    # [N', U]
+                U_new = checked_fit_users(method, drawn)                           # [N', U]
                 acc[:, t] = accuracy(method, drawn, U_new).mean(), accuracy(method, test, U_new).mean()
             records.append({**method.setting(), "shots": n_shots,
                             "unseen_fewshot": acc[0].mean(), "unseen_fewshot_std": acc[0].std(),

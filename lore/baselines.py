@@ -19,7 +19,7 @@ import torch.optim as optim
 from tqdm.auto import tqdm
 
 from lore.checks import InputError, _is_int
-from lore.methods import Method, pair_features, register, simplex
+from lore.methods import LossCurve, Method, pair_features, register, simplex
 
 # Two published personalized reward models, re-implemented on the same frozen reward-model
 # embeddings as LoRe so that the sweeps compare them on equal terms. Neither is linear in phi, so both
@@ -191,12 +191,14 @@ class PAL(Method):
 
     def fit(self, pairs):
         self.start(pairs)
-        B = self.hparams["batch_size"]
-        for epoch in range(self.hparams["epochs"]):
+        B, E = self.hparams["batch_size"], self.hparams["epochs"]
+        per_epoch = math.ceil(len(pairs) / B)
+        curve = LossCurve(E * per_epoch, windowed=True)   # the mean loss of the batches between points
+        for epoch in range(E):
             # shuffled batches, the last one smaller (the original's DataLoader, datamodule.py:49)
             batches = torch.randperm(len(pairs)).to(self.device).split(B)
-            for idx in tqdm(batches, desc=f"{self} epoch {epoch + 1}", leave=False, disable=None):
-                self.step(pairs, idx)
+            for b, idx in enumerate(tqdm(batches, desc=f"{self} epoch {epoch + 1}", leave=False, disable=None)):
+                curve.add(epoch * per_epoch + b, self.step(pairs, idx))
         return simplex(self.W).detach()
 
     def fit_users(self, pairs):
@@ -208,9 +210,11 @@ class PAL(Method):
             D = self._scale() * (Zc - Zr)                                         # [P, d]; scale frozen too
         W = torch.randn(pairs.n_users, self.K).to(self.device).requires_grad_()   # [N, K]
         adam = _RowAdam(W, self.hparams["fewshot_lr"])
-        for _ in range(self.hparams["fewshot_epochs"]):
+        m = int(pairs.counts().max())
+        curve = LossCurve(self.hparams["fewshot_epochs"] * m, windowed=True)
+        for epoch in range(self.hparams["fewshot_epochs"]):
             slots = _user_slots(pairs, shuffle=True)                              # [N, m]
-            for s in range(slots.shape[1]):
+            for s in range(m):
                 # step s of the epoch: every user with an s-th pair takes one AdamW step on it
                 p = slots[:, s]                                                   # [N]
                 active = p >= 0
@@ -219,6 +223,7 @@ class PAL(Method):
                 loss = -(F.logsigmoid(margin) * active).sum() / self.hparams["batch_size"]
                 loss.backward()
                 adam.step(active)
+                curve.add(epoch * m + s, loss)
         return simplex(W).detach()
 
     def item_features(self, rows):
@@ -406,14 +411,15 @@ class VPL(Method):
         return per_epoch
 
     def fit(self, pairs):
-        self.start(pairs)
+        per_epoch = self.start(pairs)
         B, step = self.hparams["batch_size"], 0
+        curve = LossCurve(self.hparams["epochs"] * per_epoch, windowed=True)   # mean loss between points
         self.net.train()
         for epoch in range(self.hparams["epochs"]):
             target, context = self.draw_epoch(pairs)
             for b in tqdm(range(0, len(target), B), desc=f"{self} epoch {epoch + 1}", leave=False, disable=None):
                 eps = torch.randn(len(target[b:b + B]), self.K).to(self.device)  # [B, K]
-                self.step(pairs, target[b:b + B], context[b:b + B], eps, step)
+                curve.add(step, self.step(pairs, target[b:b + B], context[b:b + B], eps, step))
                 step += 1
         return self.fit_users(pairs)
 

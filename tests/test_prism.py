@@ -38,7 +38,7 @@ COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "c
 PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
 TURN = {"user": True, "chosen": True}
 
 
