@@ -338,6 +338,10 @@ class LoReMethod(Method):
     defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1}
     recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
     model = LoRe
+    # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
+    search, search_space = "random", {
+        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
+        "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
 
     def fit(self, pairs):
         if self.K == 0:
@@ -384,6 +388,8 @@ class LoReRegularizedMethod(LoReMethod):
     name = "lore_regularized"
     defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5}
     model = LoRe_regularized
+    search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
+                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0)}
 
     def fit(self, pairs):
         if self.K > 0 and self.v_ref is None:

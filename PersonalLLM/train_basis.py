@@ -16,6 +16,8 @@ a whole when the run ends:
     {method}_K{K}[_alpha{a}].safetensors   every fit: the shared part, W (seen), W_unseen
     oracle.json                     (synthetic data) the accuracies of each user's true linear
                                     reward, dotted in the figure
+    loss_curves.png                 every fit's training loss; {checkpoint}.fit.json: its curve,
+                                    hyperparameters and the convergence flag
     config.json                     the resolved flags
 """
 import os
@@ -51,6 +53,7 @@ def main(args):
         oracle = results.save_oracle(data, out)
         results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
         results.save_basis_reports(records, out, TITLE)
+        results.save_loss_curves(records, out, TITLE)
     return records
 
 

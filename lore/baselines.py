@@ -130,6 +130,13 @@ class PAL(Method):
         "fewshot_lr": 5e-3,    # W alone, AdamW: optim_config/vanilla-e20.yaml:19, pal_rm_b/lightningmodule.py:140-144
     }
 
+    # what lore.compare searches: the papers' recipe was tuned on ~100x more pairs per user, so the
+    # per-user and few-shot rates and epochs get room; widths kept <= 128 for 2-core searches
+    search, search_space = "random", {
+        "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "epochs": [1, 2, 4], "batch_size": [16, 32, 64],
+        "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
+        "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2)}
+
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
         _check_positive(self)
@@ -282,6 +289,10 @@ class VPL(Method):
         "context_min": 2,      # add_survey_contexts.py:146 (random.randint(2, max))
         "context_max": 8,      # add_survey_contexts.py:89-90 (context_length)
     }
+
+    search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
+        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "epochs": [1, 2], "duplicates": [1, 2, 4],
+        "batch_size": [32, 64, 128], "lr": ("log", 1e-4, 3e-3)}
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)

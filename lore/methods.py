@@ -43,6 +43,8 @@ class Method:
                     model, is LoRe's convention)
         uses_alpha  whether alpha means something for it; if not, a sweep fits it once per K and
                     its records carry alpha None
+        search, search_space   how lore.compare searches it: "random" or "grid", over
+                    {hp: [choices] or ("log", lo, hi)} with K (and alpha) among the hps
         linear      reward(item_features(phi), u) is linear in phi without offset, so difference
                     rows x = phi(chosen) - phi(rejected) (the seed's list format) suffice; other
                     methods need the table form of Pairs (both embeddings of every pair)
@@ -57,6 +59,7 @@ class Method:
     Randomness comes from torch's global generator: seed it (set_seed) for repeatable fits.
     """
     name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
+    search, search_space = "random", {}
     curve = fewshot_curve = None   # the last checked fit's loss curves (checked_fit, checked_fit_users)
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
 
