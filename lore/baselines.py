@@ -291,8 +291,8 @@ class VPL(Method):
     }
 
     search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
-        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "epochs": [1, 2], "duplicates": [1, 2, 4],
-        "batch_size": [32, 64, 128], "lr": ("log", 1e-4, 3e-3)}
+        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "epochs": [2, 4, 8], "duplicates": [1, 2, 4],
+        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2)}
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)

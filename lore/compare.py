@@ -80,7 +80,7 @@ def validation_split(sets, fraction=VALIDATION_FRACTION, seed=0):
     if n_val < 1:
         raise InputError(f"no seen user can be a validation user: none has more than {m} "
                          f"{'groups' if seen.group is not None else 'pairs'} (the unseen users' few-shot size)")
-    rng = np.random.default_rng([seed, 0x7a1])
+    rng = np.random.default_rng(_key(seed, "validation"))
     users = np.sort(rng.choice(eligible, n_val, replace=False))
     # a random rank of every unit within its user: sort by (owner, random key)
     order = np.lexsort((rng.random(len(owner)), owner))                           # [G]
@@ -110,7 +110,7 @@ def draw_configs(cls, budget, seed=0):
     space = getattr(cls, "search_space", None)
     if not space:
         raise InputError(f"method {cls.name} declares no search_space")
-    rng = np.random.default_rng([seed, int.from_bytes(cls.name.encode()[:8], "little")])
+    rng = np.random.default_rng(_key(seed, "search", cls.name))
     if cls.search == "grid":
         grid = list(itertools.product(*space.values()))
         if len(grid) < budget:
@@ -135,10 +135,15 @@ def build(name, config, v_ref, device, base=None):
     return cls(config["K"], config.get("alpha"), v_ref, device, **hp)
 
 
+def _key(seed, *key):
+    """A 63-bit seed from (seed, key...), the same on every machine."""
+    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def seed_fit(seed, *key):
     """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before."""
-    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
-    torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    torch.manual_seed(_key(seed, *key))
 
 
 def validate(name, config, split, v_ref, device, seed, base=None):

@@ -74,8 +74,6 @@ def test_too_short_fit_is_flagged_not_converged_and_its_curve_saved(small, tmp_p
     report = utils.read_json(str(tmp_path / "lore_K2_alpha0.fit.json"))
     assert report["converged"] is False and report["curve"]["step"] == list(range(15))
     assert len(report["fewshot_curve"]["step"]) == 20 and report["hparams"]["iters"] == 15
-    long_, = [r for r in utils.sweep(hparams={"lore": {"iters": 3000, "lr": 0.3}}, **common) if r["K"] == 2]
-    assert long_["converged"] is True and len(utils.read_json(str(tmp_path / "lore_K2_alpha0.fit.json"))["curve"]["step"]) == 100
     assert utils.read_json(str(tmp_path / "lore_K0_alpha0.fit.json"))["curve"] is None   # K = 0: no training loop
 
 
@@ -84,8 +82,8 @@ def test_baselines_record_their_curves(small, name):
     m = utils.METHODS[name](2, **({"dim": 16} if name == "pal" else {"hidden": 16}))
     torch.manual_seed(0)
     utils.checked_fit(m, small["train"])
-    steps = m.curve["step"]
-    assert len(steps) == 100 and steps[0] == 0 and all(np.isfinite(m.curve["loss"]))
+    # 240 pairs: PAL 1 epoch of batches of 4, VPL 2 epochs of 4 x 240 targets in batches of 32: 60 steps each
+    assert m.curve["step"] == list(range(60)) and all(np.isfinite(m.curve["loss"]))
     if name == "pal":
         utils.checked_fit_users(m, small["fewshot"])
         assert m.fewshot_curve["step"][-1] == 20 * 6 - 1   # 20 epochs of 6 slots
@@ -94,10 +92,9 @@ def test_baselines_record_their_curves(small, name):
 # ---- diverged or unmoved fits are errors -----------------------------------------------------------
 
 @pytest.mark.parametrize("name, hp, alpha, message", [
-    ("lore", {"iters": 50}, 1e30, "did not move"),
+    ("lore", {"iters": 50}, 1e30, "overflowed Adam's second moment"),
     ("lore", {"iters": 50}, 1e20, "overflowed Adam's second moment"),
     ("lore_regularized", {"iters": 50}, 1e30, "overflowed Adam's second moment"),
-    ("lore", {"iters": 50, "lr": 1e30}, 0.0, "diverged"),
     ("pal", {"dim": 16, "lr": 1e10, "proto_lr": 1e10, "w_lr": 1e10, "scale_lr": 1e10}, None, "pal(K=2) with"),
     ("vpl", {"hidden": 16, "lr": 1e10}, None, "vpl(K=2) with"),
 ])
@@ -107,6 +104,17 @@ def test_diverged_or_unmoved_fit_is_an_error_naming_method_and_hyperparameters(s
         utils.sweep(K_list=[2], methods=[name], alpha_list=[alpha or 0.0], hparams={name: hp}, v_ref=d["v_ref"],
                     seed=0, device="cpu", **sets_of(d))
     assert message in str(e.value) and name in str(e.value)
+
+
+def test_a_loss_that_never_decreased_is_an_error(small):
+    class Stuck(utils.METHODS["lore"]):
+        """LoRe whose training loop reports a loss that never goes below its first value."""
+        def fit(self, pairs):
+            utils._loop(30, lambda: torch.tensor(5.0 + 0.0 * len(pairs)), self.device)
+            self.V = torch.randn(pairs.n_features, self.K)
+            return torch.full((pairs.n_users, self.K), 1.0 / self.K)
+    with pytest.raises(utils.InputError, match=r"lore\(K=2, alpha=0\) with .* did not move .* first value 5"):
+        utils.checked_fit(Stuck(2, 0.0), small["train"])
 
 
 # ---- validation users ------------------------------------------------------------------------------
