@@ -23,7 +23,7 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
-from lore import cli, results  # noqa: E402
+from lore import cli, compare, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/vary_fewshot.py", "PersonalLLM: unseen users"
@@ -33,6 +33,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0],
                        iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
+    compare.set_tuned_defaults(p, "PersonalLLM")   # PAL's and VPL's defaults: docs/comparisons.md
     cli.add_shots_args(p, trials=20, shots=[1, 2, 5, 10, 20, 50])
     return p.parse_args(argv)
 

@@ -33,6 +33,14 @@ from lore.checks import InputError, _is_int
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
 from lore.pairs import Pairs
 
+# Each dataset recipe's defaults for PAL and VPL, chosen by this protocol on that dataset's validation
+# users (docs/comparisons.md: the command, the search and its numbers); K stays the sweep's --k-list.
+# The papers' settings stay the classes' defaults (lore.baselines), reachable as flags.
+TUNED_DEFAULTS = {"PersonalLLM": {
+    "pal": {"dim": 64, "epochs": 4, "batch_size": 64, "lr": 2.69e-4, "proto_lr": 6.49e-3, "w_lr": 0.0321,
+            "fewshot_epochs": 200, "fewshot_lr": 0.0266},
+    "vpl": {}}}
+
 VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
 BOOTSTRAP = 2000            # resamples of users and seeds behind every CI
 CI_LEVEL = 0.95
@@ -315,3 +323,10 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
             "budget": budget, "seeds": seeds, "ci": {"level": CI_LEVEL, "bootstrap": BOOTSTRAP,
                                                      "over": "users and seeds, resampled independently"},
             "search": searches, "fits": fits}
+
+
+def set_tuned_defaults(parser, dataset):
+    """Make the dataset's TUNED_DEFAULTS the defaults of the flags --{method}-{hp} that
+    cli.add_sweep_args added (their --help shows them)."""
+    parser.set_defaults(**{f"{m}__{hp}": v for m, hps in TUNED_DEFAULTS.get(dataset, {}).items() for hp, v in hps.items()})
+    return parser

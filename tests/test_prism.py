@@ -319,9 +319,9 @@ def test_train_basis(data, results, tmp_path, capsys):
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore_regularized", 1e4, k) for k in (0, 1, 2)]
     assert set(records[0]) == RECORD_KEYS
     assert sorted(os.listdir(results)) == sorted(["results.json", "results.csv", "accuracy_vs_rank.png", "config.json",
-                                                  "basis_reports.csv", "basis_health.png",
+                                                  "basis_reports.csv", "basis_health.png", "loss_curves.png",
                                                   *(f"lore_regularized_K{k}_alpha10000{ext}" for k in (0, 1, 2)
-                                                    for ext in (".safetensors", ".report.json"))])
+                                                    for ext in (".safetensors", ".report.json", ".fit.json"))])
     assert utils.read_json(os.path.join(results, "config.json"))["script"] == "PRISM/train_basis.py"
     split = utils.read_json(os.path.join(data, "split.json"))
     basis = utils.load_tensors(os.path.join(results, "lore_regularized_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])

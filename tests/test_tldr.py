@@ -286,7 +286,8 @@ def test_train_basis_from_another_directory(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == sorted(
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "basis_reports.csv", "basis_health.png",
-         *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2) for ext in (".safetensors", ".report.json"))])
+         "loss_curves.png", *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2)
+                              for ext in (".safetensors", ".report.json", ".fit.json"))])
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 2)]
     assert set(records[0]) == RECORD_KEYS
