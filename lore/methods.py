@@ -268,9 +268,9 @@ class LossCurve:
             self.values.append(loss.detach().float().clone())
 
     def result(self):
-        """{"step": [...], "loss": [...]} (plain numbers, JSON-ready)."""
+        """{"step": [...], "loss": [...], "windowed": bool} (plain numbers, JSON-ready)."""
         loss = torch.stack(self.values).cpu().tolist() if self.values else []
-        return {"step": list(self.steps), "loss": loss}
+        return {"step": list(self.steps), "loss": loss, "windowed": self.windowed}
 
 
 def last_tenth_fall(curve):
@@ -344,7 +344,8 @@ def checked_fit(method, pairs):
         step = method.curve["step"][next(i for i, v in enumerate(loss) if not math.isfinite(v))]
         raise InputError(f"{_fit_label(method)}: the fit diverged (the loss is NaN or inf at step {step}); "
                          f"lower the learning rate(s)")
-    if len(loss) >= 2 and min(loss[1:]) >= loss[0]:
+    # a full-batch loss is the objective itself; a minibatch fit's first batches may simply be easy
+    if len(loss) >= 2 and not method.curve["windowed"] and min(loss[1:]) >= loss[0]:
         raise InputError(f"{_fit_label(method)}: the fit did not move (its loss never went below its first "
                          f"value {loss[0]:.6g}): alpha or a scale so large that the steps underflow, or "
                          f"learning rates too small")
