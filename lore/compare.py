@@ -39,7 +39,7 @@ from lore.pairs import Pairs
 TUNED_DEFAULTS = {"PersonalLLM": {
     "pal": {"dim": 64, "epochs": 4, "batch_size": 64, "lr": 2.69e-4, "proto_lr": 6.49e-3, "w_lr": 0.0321,
             "fewshot_epochs": 200, "fewshot_lr": 0.0266},
-    "vpl": {}}}
+    "vpl": {"hidden": 64, "epochs": 8, "duplicates": 2, "batch_size": 32, "lr": 4.91e-4}}}
 
 VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
 BOOTSTRAP = 2000            # resamples of users and seeds behind every CI
