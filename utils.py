@@ -44,6 +44,8 @@ from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_A
 from lore.basis import (basis_report, basis_report_records, COLLAPSE_COS, COLLAPSE_RANK, COLLAPSE_SHARE,
     DIVERSITY_MAX_PAIRS, effective_rank, energy_rank, fit_new_users, format_basis_report,
     format_interpretation, IN_USE_SHARE, interpret_basis, score_conversations, score_items, TEXT_CHARS)
+from lore.compare import (basis_stability, bootstrap_ci, draw_configs, principal_angles, TUNED_DEFAULTS,
+    validation_split)
 from lore.data import (Data, DATA_FILES, load_data, oracle_accuracies, table_pairs, write_data_folder)
 from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, save_results,
     save_basis_reports, save_oracle)

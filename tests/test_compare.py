@@ -276,3 +276,19 @@ def test_compare_tool_end_to_end(tmp_path):
     assert [r["method"] for r in result["methods"]] == ["reference", "bt", "lore"]
     assert result["data"]["fewshot_pairs"] == 9
     assert "| reference | K=0, alpha=0 |" in open(os.path.join(out, "comparison.md")).read()
+
+
+def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reachable():
+    pllm = load_script(os.path.join(REPO, "PersonalLLM", "train_basis.py"), "pllm_train_basis_defaults")
+    tldr = load_script(os.path.join(REPO, "RedditTLDR", "train_basis.py"), "tldr_train_basis_defaults")
+    args = pllm.parse_args(["--method", "pal,vpl"])
+    hp = utils.method_hparams(args)
+    for name in ("pal", "vpl"):
+        tuned = utils.TUNED_DEFAULTS["PersonalLLM"][name]
+        assert tuned and {k: hp[name][k] for k in tuned} == tuned
+    assert utils.method_hparams(tldr.parse_args(["--method", "pal,vpl"])) == {
+        n: dict(utils.METHODS[n].defaults) for n in ("pal", "vpl")}
+    papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-epochs", "1", "--pal-batch-size", "4",
+                              "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
+                              "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
+    assert utils.method_hparams(papers)["pal"] == utils.METHODS["pal"].defaults
