@@ -160,23 +160,27 @@ def save_figure(fig, path):
 # ----------------------------------------------------------------------------------------------
 
 def plot_loss_curves(curves, path, title=""):
-    """One line per fit: its loss against the step ({label: {"step", "loss"}}; a fit without a
-    training loop is left out), log scale when the losses span more than a decade; a fit flagged
-    "not converged" is marked in its label."""
+    """The loss of every fit against its step ({label: {"step", "loss"}}; a fit without a training
+    loop is left out), one panel per method (the label's first word: their losses are on different
+    scales), log scale where a panel's losses span more than a decade; a fit flagged "not
+    converged" is marked in its label."""
     from lore.methods import converged
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     drawn = {k: c for k, c in curves.items() if c and len(c["step"]) >= 2}
-    for label, c in drawn.items():
-        flag = "" if converged(c) is not False else " (not converged)"
-        ax.plot(c["step"], c["loss"], label=f"{label}{flag}", lw=1.2)
-    losses = [v for c in drawn.values() for v in c["loss"] if v > 0]
-    if losses and max(losses) > 10 * min(losses):
-        ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel="training loss", title=title)
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=6, ncol=2)
+    groups = list(dict.fromkeys(k.split(",")[0].split(" ")[0] for k in drawn)) or [""]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        mine = {k: c for k, c in drawn.items() if k.split(",")[0].split(" ")[0] == group}
+        for label, c in mine.items():
+            flag = "" if converged(c) is not False else " (not converged)"
+            ax.plot(c["step"], c["loss"], label=f"{label}{flag}", lw=1.2)
+        losses = [v for c in mine.values() for v in c["loss"] if v > 0]
+        if losses and max(losses) > 10 * min(losses):
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="training loss", title=f"{title}: {group}" if group else title)
+        ax.grid(alpha=0.3)
+        if mine:
+            ax.legend(fontsize=6)
     save_figure(fig, path)
 
 
