@@ -31,7 +31,6 @@ import torch
 
 from lore.checks import InputError, _is_int
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
-from lore.pairs import Pairs
 
 # Each dataset recipe's defaults for PAL and VPL, chosen by this protocol on that dataset's validation
 # users (docs/comparisons.md: the command, the search and its numbers); K stays the sweep's --k-list.
