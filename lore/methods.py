@@ -301,7 +301,7 @@ def _fit_label(method):
 def _check_finite(method, what, tensors, hint="lower the learning rate(s)"):
     for name, t in tensors.items():
         if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
-            raise InputError(f"{_fit_label(method)}: {what} diverged (NaN or inf in {name}); {hint}")
+            raise InputError(f"{_fit_label(method)}: {what} (NaN or inf in {name}); {hint}")
 
 
 def _optimizer_state(method):
@@ -328,14 +328,14 @@ def checked_fit(method, pairs):
     with recording() as curves:
         U = method.fit(pairs)
     method.curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
-    _check_finite(method, "the fit", {"U": U, **method.state()})
-    _check_finite(method, "the fit", _optimizer_state(method),
+    _check_finite(method, "the fit diverged", {"U": U, **method.state()})
+    _check_finite(method, "the fit stalled", _optimizer_state(method),
                   "a gradient above ~1e19 overflowed Adam's second moment, so those steps are 0 for good: "
                   "alpha or the data's scale is far too large")
     # parameters can be finite and the rewards not (huge weights: inf - inf, 0 / 0): score some pairs
     sample = pairs.select(torch.arange(min(len(pairs), 4096), device=pairs.device))
     margins = pair_margins(method, sample, U)                                       # [<= 4096]
-    _check_finite(method, "the fit", {"the rewards of its training pairs": margins})
+    _check_finite(method, "the fit diverged", {"the rewards of its training pairs": margins})
     if not margins.any():
         raise InputError(f"{_fit_label(method)}: the fit collapsed (every reward margin of its training pairs "
                          f"is 0: the rewards are constant); lower the learning rate(s)")
@@ -358,5 +358,5 @@ def checked_fit_users(method, pairs):
     with recording() as curves:
         U = method.fit_users(pairs)
     method.fewshot_curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
-    _check_finite(method, "fitting new users", {"U": U})
+    _check_finite(method, "fitting new users diverged", {"U": U})
     return U
