@@ -36,9 +36,10 @@ from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _
 from lore.io import (check_folder_writable, hub_reachable, load_splits, load_tensors, read_json, read_jsonl,
     read_metadata, read_table, save_tensors, write_json, write_table)
 from lore.pairs import (pack, Pairs, project_rows, SETS)
-from lore.methods import (accuracy, checkpoint_name, featurize, get_method, load_method, Method, method_basis,
-    method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, register, save_method,
-    simplex)
+from lore.methods import (accuracy, checked_fit, checked_fit_users, checkpoint_name, converged, CONVERGED_FALL,
+    CURVE_POINTS, featurize, get_method, last_tenth_fall, load_method, LossCurve, Method, method_basis,
+    method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, recording, register,
+    save_method, simplex)
 from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_ANNEAL_BASELINE,
     VPL_MAX_GRAD_NORM, VPL_SLOPE)
 from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions, second_moment_apply)
@@ -49,8 +50,13 @@ from lore.basis import (basis_report, basis_report_records, COLLAPSE_COS, COLLAP
     format_interpretation, IN_USE_SHARE, interpret_basis, score_conversations, score_items, TEXT_CHARS)
 from lore.data import (Data, DATA_FILES, data_identity, load_data, oracle_accuracies, table_pairs,
     write_data_folder)
-from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, pyplot,
-    save_basis_reports, save_figure, save_oracle, save_results)
+from lore.compare import (basis_stability, BOOTSTRAP, bootstrap_ci, build, CI_LEVEL, compare, draw_configs,
+    FIXED_ROWS, gain_verdict, paired, principal_angles, refit, row, search, seed_fit, set_tuned_defaults,
+    STABLE_OVERLAP, subset_users, TRUSTED_SETS, TUNED_DEFAULTS, validate, VALIDATION_FRACTION,
+    validation_split)
+from lore.results import (comparison_table, plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports,
+    plot_loss_curves, pyplot, save_basis_reports, save_comparison, save_figure, save_loss_curves, save_oracle,
+    save_results)
 from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, cache_path,
     check_shots, command_line, config_of, data_files_arg, float_list, folder_lock, fraction, hparam_type,
     link_into, MANIFEST, method_hparams, method_list, nonnegative_float, nonnegative_int, positive_float,
@@ -293,31 +299,38 @@ _GRAPH_WARMUP = 3
 
 
 def _loop(num_iterations, step, device, desc=None, before=None):
-    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given.
+    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given;
+    step() returns the step's loss tensor, kept at ~100 evenly spaced steps (a LossCurve, collected
+    by lore.methods.recording) -> the curve {"step": [...], "loss": [...]}.
     On CUDA the step is captured once as a CUDA graph and replayed: a step is ~100 small kernels
     around two reads of X, and launching them one by one from Python takes longer than running
     them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> docs/performance.md). The first steps run
-    eagerly on a side stream, as graph capture requires."""
+    eagerly on a side stream, as graph capture requires. The captured step's loss tensor is static:
+    each replay overwrites it, so the curve copies it right after the replay of a recorded step."""
     graphed = device.type == "cuda" and num_iterations > _GRAPH_WARMUP
-    side, graph = (torch.cuda.Stream(device), None) if graphed else (None, None)
+    side, graph, loss = (torch.cuda.Stream(device), None, None) if graphed else (None, None, None)
+    curve = LossCurve(num_iterations)
     # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
     for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
         if before is not None:
             before(i)
         if graph is not None:
             graph.replay()
+            curve.add(i, loss)
         elif graphed and i == _GRAPH_WARMUP:
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                step()
+                loss = step()
             graph.replay()
+            curve.add(i, loss)
         elif graphed:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                step()
+                curve.add(i, step())   # the copy on the side stream, after the step that made it
         else:
-            step()
+            curve.add(i, step())
+    return curve.result()
 
 
 def _as_column(v, num_features):
@@ -359,6 +372,10 @@ class LoReMethod(Method):
     recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
     model = LoRe
     bt_scale = 1.0 / TEMPERATURE   # active selection (lore.active): P(chosen wins) = sigmoid(margin / 100)
+    # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
+    search, search_space = "random", {
+        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
+        "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
 
     def fit(self, pairs):
         if self.K == 0:
@@ -371,6 +388,7 @@ class LoReMethod(Method):
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
                            self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"])
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
+        self.trainer = model   # its optimizer state, which checked_fit inspects
         return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
@@ -414,6 +432,8 @@ class LoReRegularizedMethod(LoReMethod):
     name, prunes = "lore_regularized", True
     defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random"}
     model = LoRe_regularized
+    search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
+                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0)}
 
     def fit(self, pairs):
         if self.K > 0 and self.v_ref is None:
@@ -511,8 +531,11 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     With out_dir, a method with a linear basis V also gets its basis_report (against v_ref, with
     the seen users' held-out accuracy against the reference model's) beside its checkpoint, as
     {checkpoint}.report.json.
+    Every fit goes through checked_fit (a diverged or unmoved fit is an InputError); with out_dir
+    its fit_report (hyperparameters, loss curves, convergence) is written as {checkpoint}.fit.json.
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
-    `{set}_std`, the std across users times 0.25 (the reference's convention)."""
+    `{set}_std`, the std across users times 0.25 (the reference's convention), then `converged`
+    and `loss_fall` (fit_status)."""
     sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
                             unseen_test=unseen_test), device)
     if out_dir is not None:
@@ -522,21 +545,41 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
         acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
-        U = method.fit(sets["seen_train"])                                         # [N, U]
-        U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
+        U = checked_fit(method, sets["seen_train"])                                # [N, U]
+        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
         record, acc = method.setting(), {}
         for name in SETS:
             acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
-        print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
+        record.update(fit_status(method))
+        print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
+              + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
             path = os.path.join(out_dir, checkpoint_name(method))
             save_method(path, method, data_identity(sets["seen_train"]), W=U, W_unseen=U_new)
+            write_json(path.removesuffix(".safetensors") + ".fit.json", fit_report(method))
             if method.linear:
                 write_json(path.removesuffix(".safetensors") + ".report.json",
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
+
+
+def fit_status(method):
+    """What a record says of a checked fit's convergence: converged (False when its loss still fell
+    by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
+    (that fall, relative)."""
+    fall = last_tenth_fall(method.curve)
+    return {"converged": converged(method.curve), "loss_fall": fall}
+
+
+def fit_report(method):
+    """A checked fit's report, written beside its checkpoint: setting, hyperparameters, the loss
+    curves of the fit and of the last new users' fit, and the convergence verdict."""
+    return {**method.setting(), "hparams": method.hparams, **fit_status(method),
+            "converged_rule": f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
+                              f"(relative) below its mean over the tenth before",
+            "curve": method.curve, "fewshot_curve": method.fewshot_curve}
 
 
 def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_test, methods=("lore",),
@@ -563,7 +606,7 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     records = []
     for method in settings:
         _seed_setting(seed, method)
-        method.fit(sets["seen_train"])
+        checked_fit(method, sets["seen_train"])
         pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
         for how in select:
             acc = np.zeros((len(shots), 2, trials))                                # [shot counts, sets, trials]
@@ -575,7 +618,7 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
                 for n in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
                     for t in range(trials):
                         chosen = _sample_groups(pool, n)                           # [P] bool
-                        measure(n, chosen, method.fit_users(pool.select(chosen)), t)
+                        measure(n, chosen, checked_fit_users(method, pool.select(chosen)), t)
             else:   # one run of max(shots) rounds per trial: its selections are nested
                 for t in tqdm(range(trials), desc=f"{method} active", leave=False, disable=None):
                     for n, chosen, U_new in active_shots(method, pool, max(shots)):

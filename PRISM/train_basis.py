@@ -18,6 +18,8 @@ PRISM/results/train_basis/), as a whole when the run ends:
     {method}_K{K}[_alpha{a}].safetensors   every fit: the shared part (V [F, K'] for the LoRe
                                        entries, K' <= K: directions no user weighs are pruned),
                                        W (seen users, in data.json's order), W_unseen
+    loss_curves.png                 every fit's training loss; {checkpoint}.fit.json: its curve,
+                                    hyperparameters and the convergence flag
     config.json                        the resolved flags
 Next: eval_rb2.py --rm-head results/train_basis/lore_regularized_K{K}_alpha10000.safetensors.
 """
@@ -53,6 +55,7 @@ def main(args):
         oracle = results.save_oracle(data, out)
         results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
         results.save_basis_reports(records, out, TITLE)
+        results.save_loss_curves(records, out, TITLE)
     return records
 
 

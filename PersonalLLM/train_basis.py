@@ -16,6 +16,8 @@ a whole when the run ends:
     {method}_K{K}[_alpha{a}].safetensors   every fit: the shared part, W (seen), W_unseen
     oracle.json                     (synthetic data) the accuracies of each user's true linear
                                     reward, dotted in the figure
+    loss_curves.png                 every fit's training loss; {checkpoint}.fit.json: its curve,
+                                    hyperparameters and the convergence flag
     config.json                     the resolved flags
 """
 import os
@@ -24,7 +26,7 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
-from lore import cli, results  # noqa: E402
+from lore import cli, compare, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/train_basis.py", "PersonalLLM"
@@ -34,6 +36,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     cli.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5], alpha_list=[0.0],
                        iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
+    compare.set_tuned_defaults(p, "PersonalLLM")   # PAL's and VPL's defaults: docs/comparisons.md
     p.add_argument("--fewshot-pairs", type=cli.positive_int, default=9,
                    help="the first n pairs of each unseen user's few-shot pool it fits on (0.1%% of 9402 prompts)")
     return p.parse_args(argv)
@@ -51,6 +54,7 @@ def main(args):
         oracle = results.save_oracle(data, out)
         results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
         results.save_basis_reports(records, out, TITLE)
+        results.save_loss_curves(records, out, TITLE)
     return records
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(FOLDER, ".."))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from lore import cli, results  # noqa: E402
+from lore import cli, compare, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/vary_fewshot.py", "PersonalLLM: unseen users"
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
     cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0],
                        iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
+    compare.set_tuned_defaults(p, "PersonalLLM")   # PAL's and VPL's defaults: docs/comparisons.md
     cli.add_shots_args(p, trials=20, shots=[1, 2, 5, 10, 20, 50])
     p.add_argument("--candidates", choices=("pool", "all"), default="pool",
                    help="the pairs a user can be asked: its pool (the paper's) or every pair of its pool prompts")

@@ -15,6 +15,8 @@ a whole when the run ends:
                                   its std across workers (x 0.25)
     accuracy_vs_rank.png          the four sets' accuracies against K, a curve per method
     {method}_K{K}[_alpha{a}].safetensors   every fit: the shared part, W (seen), W_unseen
+    loss_curves.png                 every fit's training loss; {checkpoint}.fit.json: its curve,
+                                    hyperparameters and the convergence flag
     config.json                   the resolved flags
 """
 import os
@@ -50,6 +52,7 @@ def main(args):
         oracle = results.save_oracle(data, out)
         results.plot_accuracy_vs_rank(records, os.path.join(out, "accuracy_vs_rank.png"), TITLE, hlines=oracle)
         results.save_basis_reports(records, out, TITLE)
+        results.save_loss_curves(records, out, TITLE)
     return records
 
 

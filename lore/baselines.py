@@ -19,7 +19,7 @@ import torch.optim as optim
 from tqdm.auto import tqdm
 
 from lore.checks import InputError, _is_int
-from lore.methods import Method, pair_features, register, simplex
+from lore.methods import LossCurve, Method, pair_features, register, simplex
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -122,6 +122,12 @@ class PAL(Method):
     }
 
     limits = {"dim": 1 << 16}   # a [F, dim] and two [dim, dim] layers: 2**16 is already 16 GB
+    # what lore.compare searches: the papers' recipe was tuned on ~100x more pairs per user, so the
+    # per-user and few-shot rates and epochs get room; widths kept <= 128 for 2-core searches
+    search, search_space = "random", {
+        "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "epochs": [1, 2, 4], "batch_size": [16, 32, 64],
+        "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
+        "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2)}
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
@@ -184,12 +190,14 @@ class PAL(Method):
 
     def fit(self, pairs):
         self.start(pairs)
-        B = self.hparams["batch_size"]
-        for epoch in range(self.hparams["epochs"]):
+        B, E = self.hparams["batch_size"], self.hparams["epochs"]
+        per_epoch = math.ceil(len(pairs) / B)
+        curve = LossCurve(E * per_epoch, windowed=True)   # the mean loss of the batches between points
+        for epoch in range(E):
             # shuffled batches, the last one smaller (the original's DataLoader, datamodule.py:49)
             batches = torch.randperm(len(pairs)).to(self.device).split(B)
-            for idx in tqdm(batches, desc=f"{self} epoch {epoch + 1}", leave=False, disable=None):
-                self.step(pairs, idx)
+            for b, idx in enumerate(tqdm(batches, desc=f"{self} epoch {epoch + 1}", leave=False, disable=None)):
+                curve.add(epoch * per_epoch + b, self.step(pairs, idx))
         return simplex(self.W).detach()
 
     def fit_users(self, pairs):
@@ -201,9 +209,11 @@ class PAL(Method):
             D = self._scale() * (Zc - Zr)                                         # [P, d]; scale frozen too
         W = torch.randn(pairs.n_users, self.K).to(self.device).requires_grad_()   # [N, K]
         adam = _RowAdam(W, self.hparams["fewshot_lr"])
-        for _ in range(self.hparams["fewshot_epochs"]):
+        m = int(pairs.counts().max())
+        curve = LossCurve(self.hparams["fewshot_epochs"] * m, windowed=True)
+        for epoch in range(self.hparams["fewshot_epochs"]):
             slots = _user_slots(pairs, shuffle=True)                              # [N, m]
-            for s in range(slots.shape[1]):
+            for s in range(m):
                 # step s of the epoch: every user with an s-th pair takes one AdamW step on it
                 p = slots[:, s]                                                   # [N]
                 active = p >= 0
@@ -212,6 +222,7 @@ class PAL(Method):
                 loss = -(F.logsigmoid(margin) * active).sum() / self.hparams["batch_size"]
                 loss.backward()
                 adam.step(active)
+                curve.add(epoch * m + s, loss)
         return simplex(W).detach()
 
     def item_features(self, rows):
@@ -273,6 +284,9 @@ class VPL(Method):
 
     # warmup is a fraction of the steps; hidden a layer width ([2F, hidden], [hidden, hidden] layers)
     limits = {"warmup": 1.0, "hidden": 1 << 16}
+    search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
+        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "epochs": [2, 4, 8], "duplicates": [1, 2, 4],
+        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2)}
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
@@ -402,14 +416,15 @@ class VPL(Method):
         return per_epoch
 
     def fit(self, pairs):
-        self.start(pairs)
+        per_epoch = self.start(pairs)
         B, step = self.hparams["batch_size"], 0
+        curve = LossCurve(self.hparams["epochs"] * per_epoch, windowed=True)   # mean loss between points
         self.net.train()
         for epoch in range(self.hparams["epochs"]):
             target, context = self.draw_epoch(pairs)
             for b in tqdm(range(0, len(target), B), desc=f"{self} epoch {epoch + 1}", leave=False, disable=None):
                 eps = torch.randn(len(target[b:b + B]), self.K).to(self.device)  # [B, K]
-                self.step(pairs, target[b:b + B], context[b:b + B], eps, step)
+                curve.add(step, self.step(pairs, target[b:b + B], context[b:b + B], eps, step))
                 step += 1
         return self.fit_users(pairs)
 

@@ -2,11 +2,14 @@
 per-user parameters, METHODS maps a name to its class (utils registers LoRe's entries, lore.baselines
 PAL and VPL), and the evaluation every method shares (item features computed once, margins,
 accuracies) and its checkpoints."""
+import contextlib
 import json
+import math
 import os
 import sys
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +51,8 @@ class Method:
                     model, is LoRe's convention)
         uses_alpha  whether alpha means something for it; if not, a sweep fits it once per K and
                     its records carry alpha None
+        search, search_space   how lore.compare searches it: "random" or "grid", over
+                    {hp: [choices] or ("log", lo, hi)} with K (and alpha) among the hps
         linear      reward(item_features(phi), u) is linear in phi without offset, so difference
                     rows x = phi(chosen) - phi(rejected) (the seed's list format) suffice; other
                     methods need the table form of Pairs (both embeddings of every pair)
@@ -67,6 +72,8 @@ class Method:
     Randomness comes from torch's global generator: seed it (set_seed) for repeatable fits.
     """
     name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
+    search, search_space = "random", {}
+    curve = fewshot_curve = None   # the last checked fit's loss curves (checked_fit, checked_fit_users)
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
     choices, limits, prunes = {}, {}, False
 
@@ -293,3 +300,147 @@ def method_basis(method):
     if V is None:
         raise InputError(f"method {method.name} has no basis V to read (the basis tools read LoRe's V)")
     return V
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curves and the checked fit: the one place every method's fit goes through
+# ----------------------------------------------------------------------------------------------
+
+CURVE_POINTS = 100      # a fit's loss is kept at ~this many evenly spaced steps
+CONVERGED_FALL = 0.01   # "not converged": the last tenth's mean loss > 1% below the tenth before's
+_RECORDING = []         # a stack of lists: the curves of the loops run inside recording()
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the LossCurve of every training loop run inside the block -> the list of them."""
+    curves = []
+    _RECORDING.append(curves)
+    try:
+        yield curves
+    finally:
+        _RECORDING.pop()
+
+
+class LossCurve:
+    """The loss of a training loop of `total` steps at ~CURVE_POINTS evenly spaced steps (the first
+    and the last always among them). windowed=False keeps the loss of those very steps (full-batch
+    loops: the loss of a step is the whole objective); windowed=True keeps the mean of the steps
+    since the previous point (minibatch loops, whose single-batch losses are noisy). add() takes a
+    loss tensor and never synchronizes a GPU: values are read once, in result()."""
+
+    def __init__(self, total, windowed=False):
+        n = min(CURVE_POINTS, total)
+        self.total, self.windowed = total, windowed
+        self.at = set(np.linspace(0, total - 1, n).round().astype(int).tolist()) if total else set()
+        self.steps, self.values, self.sum, self.count = [], [], None, 0
+        if _RECORDING:
+            _RECORDING[-1].append(self)
+
+    def add(self, i, loss):
+        """The loss tensor of step i (0-based); a copy is kept where needed (a CUDA graph's output
+        is overwritten by the next replay)."""
+        if self.windowed:
+            loss = loss.detach().float()
+            self.sum, self.count = (loss if self.sum is None else self.sum + loss), self.count + 1
+            if i in self.at:
+                self.steps.append(i)
+                self.values.append(self.sum / self.count)
+                self.sum, self.count = None, 0
+        elif i in self.at:
+            self.steps.append(i)
+            self.values.append(loss.detach().float().clone())
+
+    def result(self):
+        """{"step": [...], "loss": [...], "windowed": bool} (plain numbers, JSON-ready)."""
+        loss = torch.stack(self.values).cpu().tolist() if self.values else []
+        return {"step": list(self.steps), "loss": loss, "windowed": self.windowed}
+
+
+def last_tenth_fall(curve):
+    """How much the loss still fell over the fit's last tenth: (A - B) / |A| with B the mean of the
+    recorded losses in the last tenth of the steps and A their mean in the tenth before it (means,
+    so that a minibatch fit's noise does not decide). None without a curve of >= 2 points."""
+    if not curve or len(curve["step"]) < 2:
+        return None
+    steps, loss = np.asarray(curve["step"], dtype=float), np.asarray(curve["loss"], dtype=float)
+    t = steps / steps[-1]
+    last, before = t > 0.9, (t > 0.8) & (t <= 0.9)
+    if not before.any():   # a short curve: the point before the last tenth
+        before = np.arange(len(t)) == max(0, int(np.flatnonzero(last)[0]) - 1)
+    a, b = loss[before].mean(), loss[last].mean()
+    return float((a - b) / max(abs(a), 1e-12))
+
+
+def converged(curve):
+    """False when the loss still fell by more than CONVERGED_FALL over the last tenth; None without a curve."""
+    fall = last_tenth_fall(curve)
+    return None if fall is None else bool(fall <= CONVERGED_FALL)
+
+
+def _fit_label(method):
+    return f"{method} with {method.hparams}"
+
+
+def _check_finite(method, what, tensors, hint="lower the learning rate(s)"):
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"{_fit_label(method)}: {what} (NaN or inf in {name}); {hint}")
+
+
+def _optimizer_state(method):
+    """The tensors of the optimizers a fit kept (on the method or its `trainer`, the model it
+    trained): an Adam second moment that overflowed to inf (a gradient above ~1e19 in float32:
+    alpha so large that the steps underflow) makes those steps 0 for good."""
+    found = {}
+    for owner in (method, getattr(method, "trainer", None)):
+        for name, opt in vars(owner).items() if owner is not None else ():
+            if isinstance(opt, torch.optim.Optimizer):
+                for i, state in enumerate(opt.state.values()):
+                    found.update({f"{name}'s {k} ({i})": v for k, v in state.items() if torch.is_tensor(v)})
+    return found
+
+
+def checked_fit(method, pairs):
+    """method.fit(pairs) -> U, with the fit's loss curve kept as method.curve ({"step", "loss"}, or
+    None for a fit without a training loop, such as LoRe's K = 0) and the fit refused (InputError
+    naming the method and its hyperparameters) when it diverged or did not move: NaN or inf in the
+    loss, the parameters, the optimizer's state, U or the rewards of the training pairs; or a loss
+    that never went below its first value (alpha or a scale so
+    large that the Adam steps underflow to nothing, or rates far too small). Every sweep and search
+    fits through here."""
+    with recording() as curves:
+        U = method.fit(pairs)
+    method.curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
+    _check_finite(method, "the fit diverged", {"U": U, **method.state()})
+    _check_finite(method, "the fit stalled", _optimizer_state(method),
+                  "a gradient above ~1e19 overflowed Adam's second moment, so those steps are 0 for good: "
+                  "alpha or the data's scale is far too large")
+    # parameters can be finite and the rewards not (huge weights: inf - inf, 0 / 0): score some pairs
+    sample = pairs.select(torch.arange(min(len(pairs), 4096), device=pairs.device))
+    margins = pair_margins(method, sample, U)                                       # [<= 4096]
+    _check_finite(method, "the fit diverged", {"the rewards of its training pairs": margins})
+    if not margins.any():
+        raise InputError(f"{_fit_label(method)}: the fit collapsed (every reward margin of its training pairs "
+                         f"is 0: the rewards are constant); lower the learning rate(s)")
+    loss = method.curve["loss"] if method.curve else []
+    if not all(math.isfinite(v) for v in loss):
+        step = method.curve["step"][next(i for i, v in enumerate(loss) if not math.isfinite(v))]
+        raise InputError(f"{_fit_label(method)}: the fit diverged (the loss is NaN or inf at step {step}); "
+                         f"lower the learning rate(s)")
+    # a full-batch loss is the objective itself; a minibatch fit's first batches may simply be easy
+    if len(loss) >= 2 and not method.curve["windowed"] and min(loss[1:]) >= loss[0]:
+        raise InputError(f"{_fit_label(method)}: the fit did not move (its loss never went below its first "
+                         f"value {loss[0]:.6g}): alpha or a scale so large that the steps underflow, or "
+                         f"learning rates too small")
+    return U
+
+
+def checked_fit_users(method, pairs):
+    """method.fit_users(pairs) -> U, its loss curve kept as method.fewshot_curve (None without a
+    loop), refused (InputError) when U is NaN or inf."""
+    with recording() as curves:
+        U = method.fit_users(pairs)
+    method.fewshot_curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
+    _check_finite(method, "fitting new users diverged", {"U": U})
+    return U

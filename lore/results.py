@@ -165,3 +165,98 @@ def save_figure(fig, path):
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curves and comparisons
+# ----------------------------------------------------------------------------------------------
+
+def plot_loss_curves(curves, path, title=""):
+    """The loss of every fit against its step ({label: {"step", "loss"}}; a fit without a training
+    loop is left out), one panel per method (the label's first word: their losses are on different
+    scales), log scale where a panel's losses span more than a decade; a fit flagged "not
+    converged" is marked in its label."""
+    from lore.methods import converged
+    plt = pyplot()
+    drawn = {k: c for k, c in curves.items() if c and len(c["step"]) >= 2}
+    groups = list(dict.fromkeys(k.split(",")[0].split(" ")[0] for k in drawn)) or [""]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        mine = {k: c for k, c in drawn.items() if k.split(",")[0].split(" ")[0] == group}
+        for label, c in mine.items():
+            flag = "" if converged(c) is not False else " (not converged)"
+            ax.plot(c["step"], c["loss"], label=f"{label}{flag}", lw=1.2)
+        losses = [v for c in mine.values() for v in c["loss"] if v > 0]
+        if losses and max(losses) > 10 * min(losses):
+            ax.set_yscale("log")
+        ax.set(xlabel="step", ylabel="training loss", title=f"{title}: {group}" if group else title)
+        ax.grid(alpha=0.3)
+        if mine:
+            ax.legend(fontsize=6)
+    save_figure(fig, path)
+
+
+def save_loss_curves(records, out, title):
+    """The loss curves of a sweep's fits, read from the {checkpoint}.fit.json files beside the
+    checkpoints, drawn as loss_curves.png; the fits flagged "not converged" are listed."""
+    curves = {}
+    for r in records:
+        path = os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
+                            + ".fit.json")
+        if os.path.exists(path):
+            report = read_json(path)
+            curves[_curve_label(report) + f", K={report['K']}"] = report["curve"]
+            if report["converged"] is False:
+                print(f"NOT CONVERGED: {_curve_label(report)}, K={report['K']}: its loss still fell "
+                      f"{report['loss_fall']:.1%} over the last tenth of its steps (rule: {report['converged_rule']})")
+    plot_loss_curves(curves, os.path.join(out, "loss_curves.png"), f"{title} training loss".strip())
+
+
+def comparison_table(result):
+    """comparison.json's rows as Markdown: each trusted set's mean with its CI, the selected
+    configuration and the validation accuracy it was chosen on; the gain and its verdict below."""
+    lines = ["| method | selected | validation | seen_test [95% CI] | unseen_test [95% CI] | converged |",
+             "|---|---|---|---|---|---|"]
+    for r in result["methods"]:
+        cells = [f"{r[s]:.3f} [{r[s + '_ci'][0]:.3f}, {r[s + '_ci'][1]:.3f}]" for s in ("seen_test", "unseen_test")]
+        selected = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["selected"].items())
+        validation = "-" if r["validation"] is None else f"{r['validation']:.3f}"
+        lines.append(f"| {r['method']} | {selected} | {validation} | {cells[0]} | {cells[1]} | "
+                     f"{'yes' if r['converged'] else 'NOT CONVERGED'} |")
+    gain = result.get("personalization_gain")
+    if gain:
+        g = gain["unseen_test"]
+        lines += ["", f"Personalization gain ({gain['method']} minus bt, unseen_test, per user): "
+                      f"{g['mean']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]: {g['verdict']}."]
+    return "\n".join(lines) + "\n"
+
+
+def save_comparison(result, out, title=""):
+    """comparison.csv, comparison.md, comparison.png and loss_curves.png of tools/compare.py's result."""
+    import json
+    flat = [{**{k: v for k, v in r.items() if not isinstance(v, (dict, list))}, "selected": json.dumps(r["selected"]),
+             **{f"{s}_ci_{e}": r[f"{s}_ci"][i] for s in ("seen_test", "unseen_test") for i, e in enumerate(("lo", "hi"))}}
+            for r in result["methods"]]
+    write_table(os.path.join(out, "comparison.csv"), flat)
+    table = comparison_table(result)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write(f"# {title}\n\n{table}")
+    print(table)
+    for label, stab in result["basis_stability"].items():
+        if stab is not None:
+            print(f"basis stability of {label} across seeds: min overlap {stab['min_overlap']:.3f}"
+                  + ("" if stab["stable"] else " -- WARNING: the basis changes between seeds"))
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    labels = [r["method"] for r in result["methods"]]
+    for ax, s in zip(axes, ("seen_test", "unseen_test")):
+        y = np.array([r[s] for r in result["methods"]])
+        ci = np.array([r[f"{s}_ci"] for r in result["methods"]])
+        ax.errorbar(range(len(y)), y, yerr=[y - ci[:, 0], ci[:, 1] - y], fmt="o", capsize=4)
+        ax.set_xticks(range(len(y)), labels, rotation=30)
+        ax.set(title=f"{_SET_LABELS[s]} (95% CI)", ylabel="accuracy")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    save_figure(fig, os.path.join(out, "comparison.png"))
+    curves = {f"{label} seed {f['seed']}": f["curve"] for label, fits in result["fits"].items() for f in fits}
+    plot_loss_curves(curves, os.path.join(out, "loss_curves.png"), f"{title}: refits' training loss")

@@ -385,7 +385,7 @@ def test_run_regularized_saves_every_setting(small, tmp_path):
     assert len(res) == 8 and all(r.shape == (6,) for r in res)
     names = sorted(os.listdir(tmp_path))
     assert names == sorted(f"lore_regularized_K{K}_alpha{a}{ext}" for a in ("0", "10") for K in (0, 1, 3)
-                           for ext in (".safetensors", ".report.json"))
+                           for ext in (".safetensors", ".report.json", ".fit.json"))
     t = utils.load_tensors(str(tmp_path / "lore_regularized_K3_alpha10.safetensors"))
     K_kept = t["V"].shape[1]
     assert 1 <= K_kept <= 3 and t["W"].shape == (8, K_kept) and t["W_unseen"].shape == (5, K_kept)

@@ -31,7 +31,7 @@ TINY = ["--prompts-train", "400", "--prompts-test", "100", "--features", "16"]
 USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-frac", "0.05"]
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
 QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,8 @@ def test_train_basis_end_to_end_from_another_directory(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == sorted([".lore-run.json"] +
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "oracle.json", "basis_reports.csv",
-         "basis_health.png", *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 3) for ext in (".safetensors", ".report.json"))])
+         "basis_health.png", "loss_curves.png",
+         *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 3) for ext in (".safetensors", ".report.json", ".fit.json"))])
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 3)]
     assert set(records[0]) == RECORD_KEYS
@@ -386,7 +387,8 @@ def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
     # the same script again: its outputs replace the earlier run's, and nothing of that run stays
     run(train_basis, "--k-list", "0,1")
     second = snapshot(out)
-    assert sorted(second) == sorted(set(first) - {"lore_K2_alpha0.safetensors", "lore_K2_alpha0.report.json"})
+    assert sorted(second) == sorted(set(first) - {"lore_K2_alpha0.safetensors", "lore_K2_alpha0.report.json",
+                                                  "lore_K2_alpha0.fit.json"})
     assert utils.read_json(os.path.join(out, "config.json"))["k_list"] == [0, 1]
     assert [r["K"] for r in utils.read_json(os.path.join(out, "results.json"))] == [0, 1]
     # no staging folder is left beside --out, only the lock

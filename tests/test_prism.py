@@ -38,7 +38,7 @@ COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "c
 PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
 TURN = {"user": True, "chosen": True}
 
 
@@ -318,10 +318,10 @@ def test_train_basis(data, results, tmp_path, capsys):
     records = utils.read_json(os.path.join(results, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore_regularized", 1e4, k) for k in (0, 1, 2)]
     assert set(records[0]) == RECORD_KEYS
-    assert sorted(os.listdir(results)) == sorted([".lore-run.json", "results.json", "results.csv", "accuracy_vs_rank.png", "config.json",
-                                                  "basis_reports.csv", "basis_health.png",
+    assert sorted(os.listdir(results)) == sorted([".lore-run.json", "results.json", "results.csv", "accuracy_vs_rank.png",
+                                                  "config.json", "basis_reports.csv", "basis_health.png", "loss_curves.png",
                                                   *(f"lore_regularized_K{k}_alpha10000{ext}" for k in (0, 1, 2)
-                                                    for ext in (".safetensors", ".report.json"))])
+                                                    for ext in (".safetensors", ".report.json", ".fit.json"))])
     assert utils.read_json(os.path.join(results, "config.json"))["script"] == "PRISM/train_basis.py"
     split = utils.read_json(os.path.join(data, "split.json"))
     basis = utils.load_tensors(os.path.join(results, "lore_regularized_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])

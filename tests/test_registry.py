@@ -50,9 +50,11 @@ def test_sweep_runs_a_registered_method(registered, data, tmp_path):
     # lore runs K = 0 and 2; random_basis skips K = 0 (below its min_K) and has no alpha
     assert [(r["method"], r["K"], r["alpha"]) for r in records] == [
         ("lore", 0, 0.0), ("lore", 2, 0.0), ("random_basis", 2, None)]
-    assert sorted(os.listdir(tmp_path)) == ["lore_K0_alpha0.report.json", "lore_K0_alpha0.safetensors",
+    assert sorted(os.listdir(tmp_path)) == ["lore_K0_alpha0.fit.json", "lore_K0_alpha0.report.json",
+                                             "lore_K0_alpha0.safetensors", "lore_K2_alpha0.fit.json",
                                              "lore_K2_alpha0.report.json", "lore_K2_alpha0.safetensors",
-                                             "random_basis_K2.report.json", "random_basis_K2.safetensors"]
+                                             "random_basis_K2.fit.json", "random_basis_K2.report.json",
+                                             "random_basis_K2.safetensors"]
     method, tensors = utils.load_method(str(tmp_path / "random_basis_K2.safetensors"))
     assert isinstance(method, RandomBasis) and method.hparams["scale"] == 2.0
     assert torch.allclose(method.V.norm(dim=0), torch.full((2,), 2.0))

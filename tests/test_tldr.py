@@ -32,7 +32,7 @@ COMMON = ["w2", "w3", "w4", "w5", "w7"]
 BY_COUNT = sorted(COMMON, key=TRAIN.get)          # the order of the draws (and of the users)
 DRAWS = ["--max-train-pairs", "4"]                # seen workers draw 4; unseen workers a pool of all (<= 100)
 FAST = ["--k-list", "0,1,2", "--iters", "20", "--fewshot-iters", "20", "--device", "cpu", "--fewshot-pairs", "3"]
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS)}
+RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
 
 
 def hub_rows(counts, split, n_posts, first_post):
@@ -286,7 +286,8 @@ def test_train_basis_from_another_directory(data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(out)) == sorted([".lore-run.json"] +
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "basis_reports.csv", "basis_health.png",
-         *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2) for ext in (".safetensors", ".report.json"))])
+         "loss_curves.png", *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2)
+                              for ext in (".safetensors", ".report.json", ".fit.json"))])
     records = utils.read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 2)]
     assert set(records[0]) == RECORD_KEYS

@@ -1,0 +1,331 @@
+"""Comparisons a reviewer can trust: validation users carved out of the seen side, a search with
+the same budget for every method, selection by validation accuracy alone, refits with several
+seeds, bootstrap confidence intervals over users and seeds, paired differences, the
+personalization gain over one shared reward, and the stability of a basis across seeds.
+
+The protocol (tools/compare.py runs it; docs/comparisons.md states it):
+  1. Validation (validation_split, one seeded rule for every dataset, at load time): a fraction of
+     the seen users, drawn with the seed, become validation users. They play the unseen role: the
+     shared part is fitted without them; each is fitted from a few-shot-like draw of its own
+     seen_train pairs (as many pairs, or groups such as PRISM's dialogs, as the median unseen user
+     has few-shot) and scored on the rest of its seen_train pairs. Neither the unseen users nor any
+     test pair is read.
+  2. Search (search): every method draws `budget` configurations from its declared search_space
+     (random, or grid as the method declares), each fitted once; the one with the best validation
+     accuracy is selected. A configuration that diverges counts towards the budget and scores
+     nothing.
+  3. Refit (refit): the selected configuration is fitted on all seen users with `seeds` seeds and
+     scored on seen_test and unseen_test, per user and seed.
+  4. Report (comparison): means, bootstrap CIs over users and seeds, paired differences between
+     every two rows on the same users, the personalization gain (best personal method minus one
+     shared Bradley-Terry reward) with a plain verdict, and principal angles between the seeds' bases.
+"""
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from lore.checks import InputError, _is_int
+from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
+
+# Each dataset recipe's defaults for PAL and VPL, chosen by this protocol on that dataset's validation
+# users (docs/comparisons.md: the command, the search and its numbers); K stays the sweep's --k-list.
+# The papers' settings stay the classes' defaults (lore.baselines), reachable as flags.
+TUNED_DEFAULTS = {"PersonalLLM": {
+    "pal": {"dim": 64, "epochs": 4, "batch_size": 64, "lr": 2.69e-4, "proto_lr": 6.49e-3, "w_lr": 0.0321,
+            "fewshot_epochs": 200, "fewshot_lr": 0.0266},
+    "vpl": {"hidden": 64, "epochs": 8, "duplicates": 2, "batch_size": 32, "lr": 4.91e-4}}}
+
+VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
+BOOTSTRAP = 2000            # resamples of users and seeds behind every CI
+CI_LEVEL = 0.95
+STABLE_OVERLAP = 0.9        # a basis whose seeds' subspaces overlap less than this "changes between seeds"
+TRUSTED_SETS = ("seen_test", "unseen_test")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Validation users, carved out of seen_train
+# ----------------------------------------------------------------------------------------------
+
+def subset_users(pairs, users):
+    """The pairs of `users` (sorted indices of pairs' users), renumbered 0..len(users)-1 in that order."""
+    users = torch.as_tensor(users, dtype=torch.long, device=pairs.device)
+    index = torch.full((pairs.n_users,), -1, dtype=torch.long, device=pairs.device)
+    index[users] = torch.arange(len(users), device=pairs.device)
+    kept = pairs.select(index[pairs.user] >= 0)
+    return replace(kept, user=index[kept.user], n_users=len(users))
+
+
+def _units(pairs):
+    """Per pair its unit (a group where pairs come in groups, else the pair itself) -> (unit id [P],
+    owner of each unit [G]), units numbered in pair order."""
+    group = pairs.group if pairs.group is not None else torch.arange(len(pairs), device=pairs.device)
+    _, uid = torch.unique(torch.stack([pairs.user, group]), dim=1, return_inverse=True)   # [P]
+    owner = torch.zeros(int(uid.max()) + 1, dtype=torch.long, device=pairs.device).scatter_(0, uid, pairs.user)
+    return uid.cpu().numpy(), owner.cpu().numpy()
+
+
+def validation_split(sets, fraction=VALIDATION_FRACTION, seed=0):
+    """The one rule for every dataset. From sets["seen_train"] only: round(fraction * N) seen users
+    (at least 1, never all), drawn with `seed` among those with more units (pairs, or groups) than
+    the median unseen user's few-shot units m; each keeps a random m units as its few-shot pairs and
+    the rest as its held-out pairs. -> {"train": the other seen users' seen_train pairs, "fewshot",
+    "test": the validation users' pairs, "users": their indices among the seen users, "shots": m}."""
+    if not 0 < fraction < 1:
+        raise InputError(f"the validation fraction must lie in (0, 1), got {fraction!r}")
+    seen = sets["seen_train"]
+    _, owner_few = _units(sets["unseen_fewshot"])
+    m = max(1, int(np.median(np.bincount(owner_few, minlength=sets["unseen_fewshot"].n_users))))
+    uid, owner = _units(seen)
+    units = np.bincount(owner, minlength=seen.n_users)                            # [N]
+    eligible = np.flatnonzero(units > m)
+    n_val = min(len(eligible), max(1, round(fraction * seen.n_users)), seen.n_users - 1)
+    if n_val < 1:
+        raise InputError(f"no seen user can be a validation user: none has more than {m} "
+                         f"{'groups' if seen.group is not None else 'pairs'} (the unseen users' few-shot size)")
+    rng = np.random.default_rng(_key(seed, "validation"))
+    users = np.sort(rng.choice(eligible, n_val, replace=False))
+    # a random rank of every unit within its user: sort by (owner, random key)
+    order = np.lexsort((rng.random(len(owner)), owner))                           # [G]
+    start = np.cumsum(units) - units
+    rank = np.empty(len(owner), dtype=np.int64)
+    rank[order] = np.arange(len(owner)) - start[owner[order]]
+    is_val = np.zeros(seen.n_users, dtype=bool)
+    is_val[users] = True
+    shot = torch.as_tensor(rank[uid] < m, device=seen.device)                     # [P] pair in a few-shot unit
+    val = subset_users(seen, users)
+    val_shot = shot[torch.as_tensor(is_val[seen.user.cpu().numpy()], device=seen.device)]
+    return {"train": subset_users(seen, np.flatnonzero(~is_val)), "fewshot": val.select(val_shot),
+            "test": val.select(~val_shot), "users": users.tolist(), "shots": m}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Search: each method's declared space, the same budget for all, validation accuracy alone
+# ----------------------------------------------------------------------------------------------
+
+def draw_configs(cls, budget, seed=0):
+    """`budget` configurations of cls.search_space ({hp: [choices] or ("log", lo, hi)}; K and
+    alpha among the hps), drawn as cls.search says: "random" (each hp independently; a log range
+    log-uniform) or "grid" (the grid's points in a seeded order; a grid smaller than the budget is
+    an error, so that every method gets the same number of fits)."""
+    if not _is_int(budget) or budget < 1:
+        raise InputError(f"--budget must be an integer >= 1, got {budget!r}")
+    space = getattr(cls, "search_space", None)
+    if not space:
+        raise InputError(f"method {cls.name} declares no search_space")
+    rng = np.random.default_rng(_key(seed, "search", cls.name))
+    if cls.search == "grid":
+        grid = list(itertools.product(*space.values()))
+        if len(grid) < budget:
+            raise InputError(f"method {cls.name}: its grid has {len(grid)} points, fewer than --budget {budget}")
+        return [dict(zip(space, grid[i])) for i in rng.permutation(len(grid))[:budget]]
+    configs = []
+    for _ in range(budget):
+        config = {}
+        for hp, spec in space.items():
+            if isinstance(spec, tuple) and spec[0] == "log":
+                config[hp] = float(f"{math.exp(rng.uniform(math.log(spec[1]), math.log(spec[2]))):.3g}")
+            else:
+                config[hp] = spec[int(rng.integers(len(spec)))]
+        configs.append(config)
+    return configs
+
+
+def build(name, config, v_ref, device, base=None):
+    """The Method of a configuration {K, [alpha,] hp...}; hps it does not name come from base, then the defaults."""
+    cls = get_method(name)
+    hp = {**(base or {}), **{k: v for k, v in config.items() if k not in ("K", "alpha")}}
+    return cls(config["K"], config.get("alpha"), v_ref, device, **hp)
+
+
+def _key(seed, *key):
+    """A 63-bit seed from (seed, key...), the same on every machine."""
+    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_fit(seed, *key):
+    """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before."""
+    torch.manual_seed(_key(seed, *key))
+
+
+def validate(name, config, split, v_ref, device, seed, base=None):
+    """Fit on the split's train users, fit the validation users from their few-shot pairs, score their
+    held-out pairs -> a search record (validation: the mean over validation users; None and the
+    error when the fit diverged or did not move)."""
+    record = {"method": name, "config": config}
+    try:
+        method = build(name, config, v_ref, device, base)
+        seed_fit(seed, "search", name, config)
+        checked_fit(method, split["train"])
+        U = checked_fit_users(method, split["fewshot"])
+        record.update(validation=float(accuracy(method, split["test"], U).mean()), error=None)
+        record.update(converged=converged(method.curve), loss_fall=last_tenth_fall(method.curve),
+                      curve=method.curve)
+    except InputError as e:
+        record.update(validation=None, error=str(e), converged=None, loss_fall=None, curve=None)
+    print(f"search {name} {config}: validation " + (f"{record['validation']:.4f}" if record["error"] is None
+                                                   else f"failed ({record['error']})"))
+    return record
+
+
+def search(name, split, v_ref, device, budget, seed=0, base=None):
+    """`budget` configurations of method `name`, each fitted once on the validation split -> (the
+    selected configuration, its validation accuracy, the search records). Selection reads the
+    validation accuracy and nothing else."""
+    records = [validate(name, c, split, v_ref, device, seed, base) for c in draw_configs(get_method(name), budget, seed)]
+    scored = [r for r in records if r["validation"] is not None]
+    if not scored:
+        raise InputError(f"method {name}: every one of its {budget} configurations failed; the first: {records[0]['error']}")
+    best = max(scored, key=lambda r: r["validation"])   # the first of equals: the draw order
+    return best["config"], best["validation"], records
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Refit with seeds; 4. the statistics
+# ----------------------------------------------------------------------------------------------
+
+def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
+    """The configuration fitted on all seen users with `seeds` seeds -> ({set: per-user accuracies
+    [S, N]} for seen_test and unseen_test, [the fitted methods], [their fit records])."""
+    acc, methods, fits = {s: [] for s in TRUSTED_SETS}, [], []
+    for s in range(seeds):
+        method = build(name, config, v_ref, device, base)
+        seed_fit(seed, "refit", s, name, config)
+        U = checked_fit(method, sets["seen_train"])
+        U_new = checked_fit_users(method, sets["unseen_fewshot"])
+        for set_name in TRUSTED_SETS:
+            acc[set_name].append(accuracy(method, sets[set_name], U if set_name.startswith("seen") else U_new))
+        methods.append(method)
+        fits.append({"seed": s, "converged": converged(method.curve), "loss_fall": last_tenth_fall(method.curve),
+                     "curve": method.curve})
+    return {k: np.stack(v) for k, v in acc.items()}, methods, fits
+
+
+def bootstrap_ci(A, n=BOOTSTRAP, level=CI_LEVEL, seed=0):
+    """Percentile CI of the mean of A [S, N] (seeds x users) when users and seeds are resampled
+    with replacement, independently: each resample's mean is sum_s sum_u d_s A_su c_u / (S N) with
+    d, c the multinomial counts of the drawn seeds and users. -> [lo, hi]."""
+    A = np.asarray(A, dtype=float)
+    if A.ndim == 1:
+        A = A[None]
+    S, N = A.shape
+    rng = np.random.default_rng(seed)
+    d = rng.multinomial(S, np.full(S, 1 / S), size=n)                             # [n, S]
+    c = rng.multinomial(N, np.full(N, 1 / N), size=n)                             # [n, N]
+    means = ((d @ A) * c).sum(1) / (S * N)                                        # [n]
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def principal_angles(V1, V2):
+    """Principal angles (degrees, ascending) between the column spaces of V1 [F, K1] and V2 [F, K2]."""
+    Q1, _ = torch.linalg.qr(V1.double())
+    Q2, _ = torch.linalg.qr(V2.double())
+    cos = torch.linalg.svdvals(Q1.T @ Q2).clamp(-1, 1)                            # [min(K1, K2)]
+    return sorted(torch.rad2deg(torch.arccos(cos)).tolist())
+
+
+def basis_stability(methods):
+    """The bases V of one configuration's seeds, compared two by two: principal angles and the
+    overlap mean cos^2; `stable` False when some pair overlaps less than STABLE_OVERLAP. None for a
+    method without a linear basis or with one seed."""
+    bases = [getattr(m, "V", None) for m in methods]
+    if len(bases) < 2 or any(V is None for V in bases):
+        return None
+    pairs = []
+    for (i, A), (j, B) in itertools.combinations(enumerate(bases), 2):
+        angles = sorted(principal_angles(A, B))
+        overlap = float(np.mean(np.cos(np.deg2rad(angles)) ** 2))
+        pairs.append({"seeds": [i, j], "angles_deg": angles, "overlap": overlap})
+    worst = min(p["overlap"] for p in pairs)
+    return {"pairs": pairs, "min_overlap": worst, "stable": bool(worst >= STABLE_OVERLAP)}
+
+
+def row(name, selected, validation, acc, seed=0):
+    """One row of comparison.json: the method, the selected configuration, the validation accuracy it
+    was chosen on, and for seen_test and unseen_test the mean over seeds of the mean over users and its CI."""
+    out = {"method": name, "selected": selected, "validation": validation}
+    for set_name in TRUSTED_SETS:
+        out[set_name] = float(acc[set_name].mean())
+        out[f"{set_name}_ci"] = bootstrap_ci(acc[set_name], seed=seed)
+    return out
+
+
+def paired(a, b, acc_a, acc_b, set_name, seed=0):
+    """a minus b on the same users and seeds (per-user accuracies [S, N] each)."""
+    D = acc_a[set_name] - acc_b[set_name]
+    return {"a": a, "b": b, "set": set_name, "mean": float(D.mean()), "ci": bootstrap_ci(D, seed=seed)}
+
+
+def gain_verdict(ci):
+    lo, hi = ci
+    if lo <= 0 <= hi:
+        return "no evidence that personalization helps on this data"
+    return "personalization helps on this data" if lo > 0 else "personalization hurts on this data"
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole protocol
+# ----------------------------------------------------------------------------------------------
+
+FIXED_ROWS = (("reference", "lore", {"K": 0, "alpha": 0.0}),   # the reward model itself (v_ref)
+              ("bt", "lore", {"K": 1, "alpha": 0.0}))          # one shared Bradley-Terry reward
+
+
+def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=VALIDATION_FRACTION, base=None):
+    """The protocol on the four pair sets (see the module's docstring). base: {method: hps} that the
+    searches start from (a configuration's hps replace them). -> comparison.json's dict."""
+    if not _is_int(seeds) or seeds < 1:
+        raise InputError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    base = base or {}
+    split = validation_split(sets, fraction, seed)
+    print(f"validation: {len(split['users'])} of {sets['seen_train'].n_users} seen users, fitted from "
+          f"{split['shots']} {'groups' if split['train'].group is not None else 'pairs'} each, scored on the rest")
+    plan = [(label, name, config, None) for label, name, config in FIXED_ROWS]
+    searches = {}
+    for name in methods:
+        selected, _, records = search(name, split, v_ref, device, budget, seed, base.get(name))
+        searches[name] = records
+        plan.append((name, name, selected, records))
+    rows, acc, fits, stability = [], {}, {}, {}
+    for label, name, config, records in plan:
+        if records is None:   # the fixed rows: their validation accuracy, for the record
+            validation = validate(name, config, split, v_ref, device, seed, base.get(name))["validation"]
+        else:
+            validation = max(r["validation"] for r in records if r["validation"] is not None)
+        acc[label], methods_fitted, fits[label] = refit(name, config, sets, v_ref, device, seeds, seed, base.get(name))
+        stability[label] = basis_stability(methods_fitted)
+        rows.append({**row(name, config, validation, acc[label], seed), "method": label, "fit_of": name,
+                     "converged": all(f["converged"] is not False for f in fits[label])})
+        print(f"{label}: selected {config}, validation {validation:.4f}, "
+              + ", ".join(f"{s} {rows[-1][s]:.4f} [{rows[-1][s + '_ci'][0]:.4f}, {rows[-1][s + '_ci'][1]:.4f}]"
+                          for s in TRUSTED_SETS))
+    labels = [r["method"] for r in rows]
+    pairs = [paired(a, b, acc[a], acc[b], s, seed) for a, b in itertools.combinations(labels, 2) for s in TRUSTED_SETS]
+    personal = [r for r in rows if r["method"] not in ("reference", "bt")]
+    gain = None
+    if personal:
+        best = max(personal, key=lambda r: r["validation"])["method"]   # chosen on validation, never the test
+        gain = {"method": best, "vs": "bt", "per_user": "unseen_test"}
+        for s in TRUSTED_SETS:
+            p = paired(best, "bt", acc[best], acc["bt"], s, seed)
+            gain[s] = {"mean": p["mean"], "ci": p["ci"], "verdict": gain_verdict(p["ci"])}
+        gain["verdict"] = gain["unseen_test"]["verdict"]
+    return {"methods": rows, "paired": pairs, "personalization_gain": gain, "basis_stability": stability,
+            "validation": {"users": len(split["users"]), "of": sets["seen_train"].n_users, "shots": split["shots"],
+                           "fraction": fraction, "seed": seed},
+            "budget": budget, "seeds": seeds, "ci": {"level": CI_LEVEL, "bootstrap": BOOTSTRAP,
+                                                     "over": "users and seeds, resampled independently"},
+            "search": searches, "fits": fits}
+
+
+def set_tuned_defaults(parser, dataset):
+    """Make the dataset's TUNED_DEFAULTS the defaults of the flags --{method}-{hp} that
+    cli.add_sweep_args added (their --help shows them)."""
+    parser.set_defaults(**{f"{m}__{hp}": v for m, hps in TUNED_DEFAULTS.get(dataset, {}).items() for hp, v in hps.items()})
+    return parser
