@@ -107,6 +107,9 @@ class PCA(Method):
     name, min_K, uses_alpha, linear = "pca", 1, False, True
     defaults = {"power_iters": 8, "fewshot_iters": 500, "fewshot_lr": 0.1}
     recipe_hparams = ("fewshot_iters", "fewshot_lr")
+    # what lore.compare searches: K and the users' fit (the basis itself has nothing to tune)
+    search, search_space = "random", {"K": [2, 3, 4, 5, 6, 8], "power_iters": [4, 8],
+                                      "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
 
     def fit(self, pairs):
         lore = get_method("lore")
