@@ -57,7 +57,7 @@ def test_file_sizes():
     assert sum(1 for _ in open(os.path.join(REPO, "utils.py"))) <= 1500
     for path in glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True):
         rel = os.path.relpath(path, REPO)
-        if rel.startswith(("tests", ".venv")) or "/." in rel:
+        if rel == "utils.py" or rel.startswith(("tests", ".venv")) or "/." in rel:
             continue
         assert sum(1 for _ in open(path)) <= 900, f"{rel} is over 900 lines: split it by concern"
 
