@@ -8,6 +8,8 @@ import importlib
 import os
 import re
 
+import pytest
+
 from conftest import REPO
 
 import utils
@@ -31,12 +33,17 @@ def imports_of(path):
     return found
 
 
+def lore_graph():
+    """{module: the lore modules it imports}."""
+    return {name: {d.split(".")[1] for d in imports_of(os.path.join(REPO, "lore", f"{name}.py"))
+                   if d.startswith("lore.")} for name in lore_modules()}
+
+
 def test_lore_never_imports_utils_and_has_no_cycle():
-    graph = {}
     for name in lore_modules():
         deps = imports_of(os.path.join(REPO, "lore", f"{name}.py"))
         assert "utils" not in deps, f"lore/{name}.py imports utils: imports must run utils -> lore only"
-        graph[name] = {d.split(".")[1] for d in deps if d.startswith("lore.")}
+    graph = lore_graph()
     order, state = [], {}
 
     def visit(node, path):
@@ -94,3 +101,12 @@ def test_the_docs_table_of_names_is_true():
         for name in re.findall(r"`(\w+)`", names):
             assert hasattr(importlib.import_module(module), name), f"docs/method.md: {module}.{name} does not exist"
             assert hasattr(utils, name), f"docs/method.md: {name} is not re-exported as utils.{name}"
+
+
+@pytest.mark.parametrize("page, pattern", [("lore/__init__.py", r"^    (\w+) .*?-> ?(.*)$"),
+                                           ("README.md", r"^  (\w+)\.py .*?-> ?(.*)$")])
+def test_the_drawn_layout_is_the_real_one(page, pattern):
+    """The module lists of lore/__init__.py and the README: every module, each with its real imports."""
+    drawn = {name: {d.strip() for d in deps.split(",") if d.strip() not in ("", "(none)")}
+             for name, deps in re.findall(pattern, open(os.path.join(REPO, page)).read(), re.M)}
+    assert drawn == lore_graph(), f"{page} draws another layout than the imports"
