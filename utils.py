@@ -21,7 +21,7 @@ for every public name of the project (docs/api.md lists them by module).
 import hashlib
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -69,40 +69,93 @@ def bt_nll(s, weight):
 
 def user_scores(X, V, W, user, Z=None):
     """mix(X V, W, user) -> [P], differentiable in V and W, reading X once forward and once
-    backward. Z: X V when it is already computed for this very V (skips the forward read)."""
-    return _UserScores.apply(X, V, W, user, Z)
+    backward. X: the pair rows [P, F] or _Rows (either form). Z: X V when it is already computed
+    for this very V (skips the forward read)."""
+    return _UserScores.apply(_as_rows(X), V, W, user, Z)
 
 
 class _UserScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, X, V, W, user, Z):
-        Z = project_rows(X, V) if Z is None else Z                                 # [P, K]
-        ctx.save_for_backward(X, Z, W, user)
+    def forward(ctx, rows, V, W, user, Z):
+        Z = rows.project(V) if Z is None else Z                                    # [P, K]
+        ctx.rows = rows
+        ctx.save_for_backward(Z, W, user)
         return mix(Z, W, user)                                                     # [P]
 
     @staticmethod
     def backward(ctx, g):                                                          # g [P]
-        X, Z, W, user = ctx.saved_tensors
-        dV = dW = None
-        if ctx.needs_input_grad[1]:
-            if X.is_cuda:
-                dV = X.t() @ (g[:, None] * W[user])                                # [F, K]
-            else:
-                # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
-                # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
-                # default X^T G ~10x.
-                A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user))]), g,
-                                            (len(W), len(user)), check_invariants=False)
-                dV = (A @ X).t() @ W                                               # [F, N] [N, K]
+        Z, W, user = ctx.saved_tensors
+        dV = ctx.rows.grad_V(g, W, user) if ctx.needs_input_grad[1] else None      # [F, K]
+        dW = None
         if ctx.needs_input_grad[2]:
             dW = torch.zeros_like(W).index_add_(0, user, g[:, None] * Z)            # [N, K]
         return None, dV, dW, None, None
 
 
+@dataclass
+class _Rows:
+    """What a training step reads. Pair form: X [P, F], the difference rows of the pairs. Table
+    form: X [E', F], the rows of the embedding table that the pairs use, and each pair's chosen
+    and rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads
+    E' rows instead of P, which is what makes many users rating the same responses cheap."""
+    X: torch.Tensor
+    chosen: torch.Tensor = None            # [P] long rows of X (table form only)
+    rejected: torch.Tensor = None          # [P]
+
+    def project(self, V):
+        """-> x_p^T V [P, K]."""
+        Z = project_rows(self.X, V)                                                # [P or E', K]
+        if self.chosen is None:
+            return Z
+        return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
+
+    def grad_V(self, g, W, user):
+        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X."""
+        if self.chosen is not None:
+            # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
+            # chosen row, - on the rejected one (index_add, no loop)
+            Gp = g[:, None] * W.index_select(0, user)                              # [P, K]
+            G = torch.zeros(len(self.X), Gp.shape[1], device=Gp.device, dtype=Gp.dtype)
+            G.index_add_(0, self.chosen, Gp).index_add_(0, self.rejected, Gp, alpha=-1)  # [E', K]
+            return (G.t() @ self.X).t()          # as [K, E'] [E', F]: X^T G is ~10x slower on CPU
+        if self.X.is_cuda:
+            return self.X.t() @ (g[:, None] * W[user])                             # [F, K]
+        # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
+        # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
+        # default X^T G ~10x.
+        A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user), device=user.device)]), g,
+                                    (len(W), len(user)), check_invariants=False)
+        return (A @ self.X).t() @ W                                                # [F, N] [N, K]
+
+
+def _as_rows(X):
+    return X if isinstance(X, _Rows) else _Rows(X)
+
+
+def training_rows(pairs, form=None):
+    """The _Rows a training step reads for checked Pairs. form: "pairs" (the [P, F] difference
+    rows), "table" (the E' table rows the pairs use, float32, with the pairs' indices into them;
+    table-form Pairs only) or None: the table form when it reads fewer rows (E' < P), as when many
+    users rate the same responses. Both give the same fit up to float rounding."""
+    if form not in (None, "pairs", "table"):
+        raise InputError(f"form must be 'pairs', 'table' or None, got {form!r}")
+    if pairs.X is not None:
+        if form == "table":
+            raise InputError("form='table' needs table-form Pairs (an embedding table and row indices)")
+        return _Rows(pairs.X)
+    used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
+    if form == "pairs" or (form is None and len(used) >= len(pairs)):
+        return _Rows(pairs.rows())                                                 # [P, F]
+    X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
+    return _Rows(X, chosen, rejected)
+
+
 class LoRe(nn.Module):
     """Joint Adam on (V, W), full batch:
         sum_i mean_{x in X_i} -log sigmoid(x^T V w_i / 100) + alpha sum_j ||V_j - v_ref||^2
-    (every user weighs the same). V, W ~ N(0, 1). train(X) -> (softmax(W) [N, K], V [F, K])."""
+    (every user weighs the same). V, W ~ N(0, 1). train(X) -> (softmax(W) [N, K], V [F, K]).
+    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
+    form = None
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None):
@@ -134,13 +187,13 @@ class LoRe(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        X, user, weight = pairs.rows(), pairs.user, _per_user_mean(pairs)          # [P, F], [P], [P]
+        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_user_mean(pairs)   # rows, [P], [P]
         _loop(self.num_iterations, lambda: self.step(X, user, weight), self.device,
               f"LoRe K={self.num_basis_vectors}")
         return simplex(self.W).detach(), self.V.detach()
 
     def step(self, X, user, weight):
-        """One Adam step on packed pairs: X [P, F], user [P], weight [P] (1 / pairs of the user)."""
+        """One Adam step on packed pairs: X [P, F] or _Rows, user [P], weight [P] (1 / pairs of the user)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = bt_nll(user_scores(X, self.V, simplex(self.W), user), weight) + self.regularizer()
         loss.backward()
@@ -154,7 +207,9 @@ class LoRe_regularized(nn.Module):
     then V with W fixed on that loss + alpha_t * mean_j (1 - cos(V_j, v_ref)), alpha_t warmed up
     (0 for the first 20% of the steps, linear to alpha by 80%). W ~ U(0, 1), V ~ N(0, 1). After
     training, directions with max_i softmax(W)_ij < 1e-2 are dropped (the kept columns are not
-    renormalized). train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
+    renormalized). train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K']).
+    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
+    form = None
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None):
@@ -191,7 +246,7 @@ class LoRe_regularized(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        X, user, weight = pairs.rows(), pairs.user, _per_pair_mean(pairs)          # [P, F], [P], [P]
+        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_pair_mean(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
         _loop(self.num_iterations, lambda: self.step(X, user, weight, alpha_t), self.device,
               f"LoRe_regularized K={self.num_basis_vectors}",
@@ -206,7 +261,7 @@ class LoRe_regularized(nn.Module):
         """Update W with V fixed, then V with the new W fixed. V is the same in both half-steps, so
         one projection serves both: one read of X forward, one in the V update's backward."""
         with torch.no_grad():
-            Z = project_rows(X, self.V)                                            # [P, K]
+            Z = _as_rows(X).project(self.V)                                        # [P, K]
         self.optimizer_W.zero_grad(set_to_none=True)
         bt_nll(mix(Z, simplex(self.W), user), weight).backward()
         self.optimizer_W.step()
@@ -221,8 +276,10 @@ class LoRe_regularized(nn.Module):
 class PersonalizeBatch(nn.Module):
     """Few-shot weights of new users with V fixed:
         sum_i mean_{x in X_i} -log sigmoid(x^T V softmax(w_i) / 100),  w_i ~ N(0, 1), Adam.
-    X is projected onto V once; every step then works in K dimensions.
-    train(X, V) -> list of N simplex weights [K]."""
+    X is projected onto V once (table-form Pairs: the table rows they use, see Pairs.project);
+    every step then works in K dimensions. train(X, V) -> list of N simplex weights [K].
+    form: None projects as Pairs.project does; "pairs" or "table" force that form (training_rows)."""
+    form = None
 
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
                  device=None):
@@ -241,7 +298,10 @@ class PersonalizeBatch(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        Z, user, weight = pairs.project(V.detach()), pairs.user, _per_user_mean(pairs)  # [P, K]
+        with torch.no_grad():
+            rows = pairs if self.form is None else training_rows(pairs, self.form)
+            Z = rows.project(V.detach().to(self.device, torch.float32))           # [P, K]
+        user, weight = pairs.user, _per_user_mean(pairs)                          # [P], [P]
         _loop(self.num_iterations, lambda: self.step(Z, user, weight), self.device)
         return list(simplex(self.w).detach())
 
@@ -345,13 +405,14 @@ class LoReMethod(Method):
         return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
-        Z = pair_features(self, pairs)[0]                                          # [P, K]: x^T V
         if self.V.shape[1] <= 1:
             return torch.ones(pairs.n_users, self.V.shape[1], device=self.device)
+        # the pairs with their rows projected once: x^T V [P, K], or (table form) the used rows' [E', K]
+        projected = replace(featurize(self, pairs), featurized=None)
         eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
         fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
                                 self.hparams["fewshot_lr"], self.device)
-        W = torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        W = torch.stack(fitw.train(projected, eye))
         return _check_fitted(self, W)
 
     def item_features(self, rows):

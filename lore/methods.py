@@ -149,10 +149,9 @@ def featurize(method, pairs):
             if not method.linear:
                 raise InputError(f"method {method.name} needs both embeddings of every pair (the table form of Pairs)")
             return replace(pairs, X=_chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
-        used, inverse = torch.unique(torch.cat([pairs.chosen, pairs.rejected]), return_inverse=True)
+        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
         Z = _chunked(method.item_features, pairs.table, used)                      # [E', D]
-        return replace(pairs, table=Z, chosen=inverse[:len(pairs)], rejected=inverse[len(pairs):],
-                       featurized=method)
+        return replace(pairs, table=Z, chosen=chosen, rejected=rejected, featurized=method)
 
 
 def pair_features(method, pairs):

@@ -75,12 +75,24 @@ class Pairs:
         return self.table[self.chosen].float() - self.table[self.rejected].float()  # [P, F]
 
     def project(self, V):
-        """x_p^T V for every pair, without building [P, F] for the table form."""
+        """x_p^T V for every pair, without building [P, F] for the table form: only the table rows
+        the pairs use are projected, in chunks of float32 rows (bounded temporaries)."""
         V = V.to(self.device, torch.float32)                                       # [F, K]
         if self.X is not None:
             return project_rows(self.X, V)                                         # [P, K]
-        T = torch.cat([project_rows(t.float(), V) for t in self.table.split(1 << 15)])  # [E, K]
-        return T[self.chosen] - T[self.rejected]                                   # [P, K]
+        used, chosen, rejected = self.used_rows()                                  # [E'], [P], [P]
+        T = torch.cat([project_rows(self.table[idx].float(), V) for idx in used.split(1 << 15)])  # [E', K]
+        return T.index_select(0, chosen) - T.index_select(0, rejected)            # [P, K]
+
+    def used_rows(self):
+        """Table form: -> (used [E'] the sorted table rows some pair uses, chosen [P] and rejected
+        [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P)."""
+        mask = torch.zeros(len(self.table), dtype=torch.bool, device=self.device)
+        mask[self.chosen] = True
+        mask[self.rejected] = True
+        position = torch.cumsum(mask, 0) - 1                                       # [E] row -> position in used
+        return (torch.nonzero(mask).squeeze(1), position.index_select(0, self.chosen),
+                position.index_select(0, self.rejected))
 
     def select(self, idx):
         """The pairs idx (a bool mask or sorted indices), for the same N users."""
