@@ -18,15 +18,18 @@ reference API, in that order. Everything beyond it lives in the package lore/, o
 concern, and never imports this file; the names below are re-exported so that `utils.NAME` works
 for every public name of the project (docs/api.md lists them by module).
 """
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 import torch.optim as optim
 from tqdm.auto import tqdm
 
@@ -50,8 +53,8 @@ from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, Argument
     config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
     nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, shot_list,
     start_run)
-from lore.extract import (DEFAULT_MODEL, embed_conversations, is_main_process, load_reward_model,
-    read_reward_head)  # noqa: F401  (re-exported)
+from lore.extract import (_all_ranks, _distributed, DEFAULT_MODEL, embed_conversations, is_main_process,
+    load_reward_model, read_reward_head)  # noqa: F401  (re-exported)
 
 TEMPERATURE = 100.0      # logits are x^T V w / 100: part of the method, not a tuning knob
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
@@ -101,6 +104,7 @@ class _Rows:
     X: torch.Tensor
     chosen: torch.Tensor = None            # [P] long rows of X (table form only)
     rejected: torch.Tensor = None          # [P]
+    shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
 
     def project(self, V):
         """-> x_p^T V [P, K]."""
@@ -110,7 +114,14 @@ class _Rows:
         return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
 
     def grad_V(self, g, W, user):
-        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X."""
+        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X; summed over the
+        torchrun ranks for a shard (the regularizer's gradient, the same on every rank, is not)."""
+        dV = self._grad_V(g, W, user)
+        if self.shard:
+            dist.all_reduce(dV)
+        return dV
+
+    def _grad_V(self, g, W, user):
         if self.chosen is not None:
             # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
             # chosen row, - on the rejected one (index_add, no loop)
@@ -142,12 +153,12 @@ def training_rows(pairs, form=None):
     if pairs.X is not None:
         if form == "table":
             raise InputError("form='table' needs table-form Pairs (an embedding table and row indices)")
-        return _Rows(pairs.X)
+        return _Rows(pairs.X, shard=pairs.shard)
     used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
     if form == "pairs" or (form is None and len(used) >= len(pairs)):
-        return _Rows(pairs.rows())                                                 # [P, F]
+        return _Rows(pairs.rows(), shard=pairs.shard)                              # [P, F]
     X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
-    return _Rows(X, chosen, rejected)
+    return _Rows(X, chosen, rejected, shard=pairs.shard)
 
 
 class LoRe(nn.Module):
@@ -190,7 +201,7 @@ class LoRe(nn.Module):
         X, user, weight = training_rows(pairs, self.form), pairs.user, _per_user_mean(pairs)   # rows, [P], [P]
         _loop(self.num_iterations, lambda: self.step(X, user, weight), self.device,
               f"LoRe K={self.num_basis_vectors}")
-        return simplex(self.W).detach(), self.V.detach()
+        return _gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
         """One Adam step on packed pairs: X [P, F] or _Rows, user [P], weight [P] (1 / pairs of the user)."""
@@ -251,7 +262,7 @@ class LoRe_regularized(nn.Module):
         _loop(self.num_iterations, lambda: self.step(X, user, weight, alpha_t), self.device,
               f"LoRe_regularized K={self.num_basis_vectors}",
               before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
-        W = simplex(self.W).detach()                                               # [N, K]
+        W = _gather_users(simplex(self.W).detach(), pairs)                         # [N, K]
         kept = W.max(dim=0).values >= PRUNE_THRESHOLD                              # [K]
         print(f"kept {int(kept.sum())}/{self.num_basis_vectors} directions "
               f"(max user weight >= {PRUNE_THRESHOLD})")
@@ -373,7 +384,22 @@ def _per_user_mean(pairs):
 
 
 def _per_pair_mean(pairs):
-    return torch.full((len(pairs),), 1.0 / len(pairs), device=pairs.device)        # [P]
+    n = torch.tensor(float(len(pairs)), dtype=torch.float64, device=pairs.device)  # all ranks' pairs for a shard
+    if pairs.shard:
+        dist.all_reduce(n)
+    return torch.full((len(pairs),), 1.0 / n.item(), device=pairs.device)          # [P]
+
+
+def _gather_users(W, pairs):
+    """Rows [N, ...] (a tensor or numpy) of which a shard has only its own users' (the others kept
+    their start, or are 0/0): every rank gets every user's row, from the rank that holds its pairs."""
+    if not pairs.shard:
+        return W
+    t = torch.as_tensor(W, device=pairs.device)
+    own = (pairs.counts() > 0).view(-1, *[1] * (t.dim() - 1))                     # [N, 1]
+    t = torch.where(own, t, torch.zeros((), dtype=t.dtype, device=t.device))      # [N, K]: own users only
+    dist.all_reduce(t)
+    return t if isinstance(W, torch.Tensor) else t.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,6 +542,59 @@ def eval_multiple(W_list, V_list, test_features):
 
 
 # ----------------------------------------------------------------------------------------------
+# Across processes: torchrun shards the seen users; V's gradient is summed across ranks
+# ----------------------------------------------------------------------------------------------
+
+def shard_users(pairs, rank, world):
+    """The pairs of rank's users out of `world` ranks: a contiguous block of about N / world
+    users (the pairs of a user are contiguous), still indexed among all N (W keeps N rows; the
+    other ranks' users get no gradient here), marked as a shard so that training sums V's gradient
+    across the ranks."""
+    lo_hi = torch.tensor([pairs.n_users * rank // world, pairs.n_users * (rank + 1) // world], device=pairs.device)
+    start, end = torch.searchsorted(pairs.user, lo_hi.to(pairs.user.dtype)).tolist()
+    return replace(pairs.select(slice(start, end)), shard=True)
+
+
+def _shard_seen(sets):
+    """Under torchrun (WORLD_SIZE > 1), the seen users' sets sharded across the ranks (joining the
+    process group: gloo on CPU, NCCL on CUDA). The unseen users' sets stay whole on every rank:
+    their fits are small, and so every rank draws the same shots as one process would."""
+    rank, world, _ = _distributed()
+    if world == 1:
+        return sets
+    return {name: shard_users(p, rank, world) if name.startswith("seen") else p for name, p in sets.items()}
+
+
+@contextlib.contextmanager
+def rank_run_folder(args, script, **extra):
+    """run_folder for a script that torchrun may start: rank 0 holds the run folder (the lock, the
+    all-or-nothing rename) and writes the outputs; the other ranks write into a temporary folder
+    that is dropped, and print nothing. One process (no torchrun) is run_folder itself. When rank
+    0 cannot open --out, every rank stops with that error instead of waiting for it."""
+    rank, world, local_rank = _distributed()
+    if world == 1:
+        with run_folder(args, script, **extra) as out:
+            yield out
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)   # "cuda" is this rank's GPU
+    if rank > 0:
+        if not _all_ranks(True, world, local_rank):
+            raise InputError(f"--out {args.out}: rank 0 could not open it (its error says why)")
+        with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            yield out
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(run_folder(args, script, **extra))
+        except BaseException:
+            _all_ranks(False, world, local_rank)
+            raise
+        _all_ranks(True, world, local_rank)
+        yield out
+
+
+# ----------------------------------------------------------------------------------------------
 # Sweeps: every method over (alpha, K), on the four pair sets; the reference pipelines
 # ----------------------------------------------------------------------------------------------
 
@@ -535,18 +614,20 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     {checkpoint}.report.json.
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention)."""
-    sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
-                            unseen_test=unseen_test), device)
+    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
+                                        unseen_test=unseen_test), device))
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
-        acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
+        acc_ref = _gather_users(per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref),
+                                                  torch.ones(sets["seen_test"].n_users, 1)), sets["seen_test"])
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
         U = method.fit(sets["seen_train"])                                         # [N, U]
         U_new = method.fit_users(sets["unseen_fewshot"])                           # [N', U]
         record, acc = method.setting(), {}
         for name in SETS:
-            acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
+            acc[name] = _gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),
+                                      sets[name])                                  # [N]
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS))
         if out_dir is not None:
@@ -571,7 +652,8 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     trials of the users' mean accuracy, and their `_std` over trials."""
     _check_trials(trials)
     shots = _int_list(shots, "shots", least=1)
-    sets = _check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device)
+    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
+                                        unseen_test=unseen_test), device))
     records = []
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
@@ -722,6 +804,10 @@ def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
                          for K in K_list if K >= cls.min_K]
     if not settings:
         raise InputError(f"no setting to fit: K_list {K_list} is below every method's smallest K")
+    if seen_train.shard and any(not isinstance(m, LoReMethod) for m in settings):
+        raise InputError(f"across torchrun processes only lore and lore_regularized train (their V's gradient "
+                         f"is summed across ranks); run {', '.join(m for m in methods if m not in ('lore', 'lore_regularized'))} "
+                         f"in one process")
     return settings
 
 

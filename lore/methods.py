@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from lore.checks import InputError, _check_alpha, _check_v_ref, _is_int, resolve_device
 from lore.io import load_tensors, read_metadata, save_tensors
+from lore.pairs import project_rows
 
 def simplex(W):
     """User logits -> user weights on the simplex. The only place the softmax is taken."""
@@ -130,9 +131,22 @@ def load_method(path, device=None):
 
 
 def per_user_accuracy(pairs, V, W):
-    """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N]."""
-    Z = pairs.project(V)                                                           # [P, K]
-    return _user_fraction(mix(Z, W.to(Z.device, torch.float32), pairs.user) > 0, pairs)
+    """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N].
+    Pairs are scored in chunks: beyond the pairs themselves, memory does not grow with their number."""
+    V, W = V.to(pairs.device, torch.float32), W.to(pairs.device, torch.float32)   # [F, K], [N, K]
+    if pairs.X is None:
+        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
+        T = _chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+    hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
+    for start in range(0, len(pairs), CHUNK):
+        part = slice(start, start + CHUNK)
+        Z = (project_rows(pairs.X[part], V) if pairs.X is not None
+             else T.index_select(0, chosen[part]) - T.index_select(0, rejected[part]))  # [chunk, K]
+        hits += _hits(mix(Z, W, pairs.user[part]) > 0, pairs.user[part], pairs.n_users)
+    return (hits.double() / pairs.counts().double()).cpu().numpy()
+
+
+CHUNK = 1 << 16   # pairs scored at once: bounded [CHUNK, D] temporaries however many pairs there are
 
 
 def featurize(method, pairs):
@@ -165,27 +179,33 @@ def pair_features(method, pairs):
 
 def pair_margins(method, pairs, U):
     """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, U] -> [P]."""
-    pairs = featurize(method, pairs)
-    U = U.to(pairs.device, torch.float32)
-    out = []
-    with torch.no_grad():
-        for idx in torch.arange(len(pairs), device=pairs.device).split(1 << 16):  # bounded [chunk, D] temporaries
-            Zc, Zr = pair_features(method, pairs.select(idx))
-            Uu = U.index_select(0, pairs.user[idx])                                # [chunk, U]
-            m = method.reward(Zc, Uu)
-            out.append(m if Zr is None else m - method.reward(Zr, Uu))
-    return torch.cat(out)                                                          # [P]
+    return torch.cat([m for _, m in _margin_chunks(method, pairs, U)])             # [P]
 
 
 def accuracy(method, pairs, U):
     """Every user's accuracy: the fraction of its pairs with a positive margin (ties count as
-    wrong) -> numpy [N]."""
-    return _user_fraction(pair_margins(method, pairs, U) > 0, pairs)
-
-
-def _user_fraction(correct, pairs):
-    hits = torch.bincount(pairs.user[correct], minlength=pairs.n_users)            # [N]
+    wrong) -> numpy [N]. Streams the pairs in chunks: memory does not grow with their number."""
+    hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
+    for part, m in _margin_chunks(method, pairs, U):
+        hits += _hits(m > 0, pairs.user[part], pairs.n_users)
     return (hits.double() / pairs.counts().double()).cpu().numpy()
+
+
+def _margin_chunks(method, pairs, U):
+    """-> (slice, margins [chunk]) over the pairs, CHUNK at a time, item features computed once."""
+    pairs = featurize(method, pairs)
+    U = U.to(pairs.device, torch.float32)
+    with torch.no_grad():
+        for start in range(0, len(pairs), CHUNK):
+            part = slice(start, start + CHUNK)
+            Zc, Zr = pair_features(method, pairs.select(part))
+            Uu = U.index_select(0, pairs.user[part])                               # [chunk, U]
+            m = method.reward(Zc, Uu)
+            yield part, (m if Zr is None else m - method.reward(Zr, Uu))
+
+
+def _hits(correct, user, n_users):
+    return torch.bincount(user[correct], minlength=n_users)                        # [N]
 
 
 def _chunked(fn, rows, index=None, chunk=1 << 15):

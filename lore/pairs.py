@@ -43,6 +43,8 @@ class Pairs:
     `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
     `featurized`: the Method whose item features the rows hold instead of embeddings (featurize).
     `checked`: the data passed pack's checks; pack does not scan checked Pairs again.
+    `shard`: the pairs of one torchrun rank's users, n_users still all N (the users of the other
+    ranks have no pairs here): training sums V's gradient across the ranks.
     """
     user: torch.Tensor                     # [P] long, pairs of a user are contiguous
     n_users: int
@@ -53,6 +55,7 @@ class Pairs:
     group: torch.Tensor = None             # [P] long, ids unique within a user
     featurized: object = None
     checked: bool = False
+    shard: bool = False                    # this torchrun rank's users only (utils.shard_users)
 
     def __len__(self):
         return self.user.numel()
