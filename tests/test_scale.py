@@ -127,12 +127,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _rank(rank, world, port, script, argv):
+SCRIPTS = {"train_basis": ["--k-list", "0,2,3", "--fewshot-pairs", "5"],
+           "vary_fewshot": ["--k-list", "2,3", "--shots", "1,3", "--trials", "2"]}
+
+
+def _rank(rank, world, port, data, out):
+    """One torchrun-style process: both scripts, as `torchrun --nproc_per_node=2` would start them."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    module = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_{rank}")
-    module.main(module.parse_args(argv))
+    for script, extra in SCRIPTS.items():
+        module = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_{rank}")
+        module.main(module.parse_args(["--data", data, *RUN, *extra, "--out", os.path.join(out, script)]))
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +149,20 @@ def data(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("script, extra", [("train_basis", ["--k-list", "0,2,3", "--fewshot-pairs", "5"]),
-                                           ("vary_fewshot", ["--k-list", "2,3", "--shots", "1,3", "--trials", "2"])])
-def test_two_processes_give_the_records_of_one(data, tmp_path, script, extra):
-    argv = ["--data", data, *RUN, *extra]
-    one = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_one")
-    records = one.main(one.parse_args([*argv, "--out", str(tmp_path / "one")]))
-    mp.start_processes(_rank, args=(2, _free_port(), script, [*argv, "--out", str(tmp_path / "two")]),
-                       nprocs=2, join=True, start_method="spawn")
-    two = json.load(open(tmp_path / "two" / "results.json"))
-    two = two["records"] if isinstance(two, dict) else two
-    assert len(two) == len(records) > 0
-    for a, b in zip(records, two):
-        assert {k: v for k, v in a.items() if not isinstance(v, float)} == {k: v for k, v in b.items() if not isinstance(v, float)}
-        for k, v in a.items():
-            if isinstance(v, float):
-                assert b[k] == pytest.approx(v, abs=1e-6), (a, k)
-    assert not [f for f in os.listdir(tmp_path) if f not in ("one", "two") and not f.startswith(".")]
+def test_two_processes_give_the_records_of_one(data, tmp_path):
+    mp.start_processes(_rank, args=(2, _free_port(), data, str(tmp_path / "two")), nprocs=2, join=True,
+                       start_method="spawn")
+    for script, extra in SCRIPTS.items():
+        one = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_one")
+        records = one.main(one.parse_args(["--data", data, *RUN, *extra, "--out", str(tmp_path / "one" / script)]))
+        two = json.load(open(tmp_path / "two" / script / "results.json"))
+        assert len(two) == len(records) > 0
+        for a, b in zip(records, two):
+            assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
+                   {k: v for k, v in b.items() if not isinstance(v, float)}
+            for k, v in a.items():
+                if isinstance(v, float):
+                    assert b[k] == pytest.approx(v, abs=1e-6), (script, a, k)
+        # rank 0 wrote the outputs (the same files as one process); rank 1 left nothing behind
+        assert sorted(os.listdir(tmp_path / "two" / script)) == sorted(os.listdir(tmp_path / "one" / script))
+    assert sorted(f for f in os.listdir(tmp_path / "two") if not f.startswith(".")) == sorted(SCRIPTS)
