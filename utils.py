@@ -860,38 +860,48 @@ def simulate_sparse_population(reward_tensor, table, W, sample_percentage, devic
     return pairs.to(resolve_device(device))
 
 
-def simulate_pairs(reward_tensor, W, sample_percentage):
+def simulate_pairs(reward_tensor, W, sample_percentage, per_user=None):
     """The pairs of simulated users as indices: per user, floor(sample_percentage * S) prompts drawn
-    without replacement (NumPy's generator), and on each the best minus the worst of its R
-    responses under the user's mixture W [N, M] of the reward models' scores reward_tensor
-    [S, R, M]. -> dict of [P] long tensors: user, prompt, chosen and rejected (response r of
-    prompt s is row s * R + r), draw (the pair's rank in its user's random draw)."""
+    without replacement (NumPy's generator; per_user: that many instead), and on each the best
+    minus the worst of its R responses under the user's mixture W [N, M] of the reward models'
+    scores reward_tensor [S, R, M]. Only the drawn prompts are scored, users in chunks: memory
+    grows with the pairs, not with users x prompts. -> dict of [P] long tensors: user, prompt,
+    chosen and rejected (response r of prompt s is row s * R + r), draw (the pair's rank in its
+    user's random draw)."""
     S, R, _ = np.shape(reward_tensor)
-    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage))          # [N, m]
-    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
+    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage, per_user))  # [N, m]
+    chosen, rejected = _simulate_choices(reward_tensor, W, idx)                    # [N, m]
     user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
     prompt = idx.reshape(-1)                                                       # [P]
-    return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen[user, prompt],
-            "rejected": prompt * R + rejected[user, prompt], "draw": torch.arange(idx.shape[1]).repeat(len(W))}
+    return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen.reshape(-1),
+            "rejected": prompt * R + rejected.reshape(-1), "draw": torch.arange(idx.shape[1]).repeat(len(W))}
 
 
-def _simulate_choices(reward_tensor, W):
-    """Best and worst response of every prompt for every user: two [N, S] index tensors.
-    Scores in float64 with the first index on ties (numpy's argmax/argmin convention); users in
-    chunks so that [N, S, R] scores never exist at once."""
+def _simulate_choices(reward_tensor, W, idx=None):
+    """Best and worst response of every prompt (or of prompts idx [N, m], each user its own) for
+    every user: two [N, S] (or [N, m]) index tensors. Scores in float64 with the first index on
+    ties (numpy's argmax/argmin convention); users in chunks so that [N, S, R] scores never exist
+    at once."""
     rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
+    W = torch.as_tensor(np.asarray(W), dtype=torch.float64)                        # [N, M]
     best, worst = [], []
-    for w in torch.as_tensor(np.asarray(W), dtype=torch.float64).split(64):        # [n, M]
-        scores = torch.einsum("srm,nm->nsr", rewards, w)                           # [n, S, R]
+    chunk = 64 if idx is None else max(1, (1 << 16) // max(1, idx.shape[1]))
+    for start in range(0, len(W), chunk):
+        w = W[start:start + chunk]                                                 # [n, M]
+        if idx is None:
+            scores = torch.einsum("srm,nm->nsr", rewards, w)                       # [n, S, R]
+        else:
+            scores = (rewards[idx[start:start + chunk]] * w[:, None, None, :]).sum(-1)  # [n, m, R]
         best.append(scores.argmax(-1))
         worst.append(scores.argmin(-1))
     return torch.cat(best), torch.cat(worst)
 
 
-def _sample_prompts(N, S, sample_percentage):
-    m = int(sample_percentage * S)
-    if m < 1:
-        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user")
+def _sample_prompts(N, S, sample_percentage, per_user=None):
+    m = int(sample_percentage * S) if per_user is None else per_user
+    if m < 1 or m > S:
+        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user" if per_user is None
+                         else f"{per_user} prompts per user, but there are {S} prompts")
     return np.stack([np.random.choice(S, m, replace=False) for _ in range(N)])     # [N, m]
 
 

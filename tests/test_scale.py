@@ -6,6 +6,7 @@ import socket
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -117,7 +118,8 @@ def test_shard_users_splits_users_into_blocks():
 
 PLLM = os.path.join(REPO, "PersonalLLM")
 TINY = ["--prompts-train", "200", "--prompts-test", "50", "--features", "16", "--n-users", "40",
-        "--n-unseen", "12", "--train-frac", "0.1", "--pool-frac", "0.1", "--test-frac", "0.2"]
+        "--n-unseen", "12", "--train-frac", "0.1", "--pool-frac", "0.1", "--test-frac", "0.2",
+        "--seen-test-prompts", "7"]
 RUN = ["--method", "lore,lore_regularized", "--iters", "30", "--fewshot-iters", "30", "--device", "cpu"]
 
 
@@ -166,3 +168,27 @@ def test_two_processes_give_the_records_of_one(data, tmp_path):
         # rank 0 wrote the outputs (the same files as one process); rank 1 left nothing behind
         assert sorted(os.listdir(tmp_path / "two" / script)) == sorted(os.listdir(tmp_path / "one" / script))
     assert sorted(f for f in os.listdir(tmp_path / "two") if not f.startswith(".")) == sorted(SCRIPTS)
+
+
+def test_seen_test_sample_is_drawn_and_stated(data):
+    info = json.load(open(os.path.join(data, "data.json")))
+    assert info["test_sample"] == {"test_prompts": 50, "seen_test_prompts_per_user": 7,
+                                   "unseen_test_prompts_per_user": 10, "seen_test_is_sample": True}
+    pairs = pd.read_parquet(os.path.join(data, "pairs.parquet"))
+    seen_test = pairs[pairs["set"] == "seen_test"]
+    assert (seen_test.groupby("user").size() == 7).all() and seen_test["user"].nunique() == 40
+    assert (seen_test.groupby("user")["prompt"].nunique() == 7).all()        # without replacement
+    assert (pairs[pairs["set"] == "unseen_test"].groupby("user").size() == 10).all()
+
+
+def test_simulated_pairs_of_drawn_prompts_equal_the_dense_choices():
+    np.random.seed(0)
+    rewards, W = np.random.randn(30, 8, 10), np.random.dirichlet(np.ones(10), 9)
+    best, worst = utils._simulate_choices(rewards, W)                              # [N, S] every prompt
+    np.random.seed(1)
+    sim = utils.simulate_pairs(rewards, W, 0.5, per_user=4)
+    assert len(sim["user"]) == 9 * 4
+    p, u = sim["prompt"], sim["user"]
+    assert torch.equal(sim["chosen"], p * 8 + best[u, p]) and torch.equal(sim["rejected"], p * 8 + worst[u, p])
+    with pytest.raises(InputError, match="31 prompts per user, but there are 30"):
+        utils.simulate_pairs(rewards, W, 0.5, per_user=31)
