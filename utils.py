@@ -902,7 +902,10 @@ def _sample_prompts(N, S, sample_percentage, per_user=None):
     if m < 1 or m > S:
         raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user" if per_user is None
                          else f"{per_user} prompts per user, but there are {S} prompts")
-    return np.stack([np.random.choice(S, m, replace=False) for _ in range(N)])     # [N, m]
+    idx = np.empty((N, m), dtype=np.int64)                                         # [N, m]
+    for i in range(N):   # copied row by row: choice(replace=False) returns a view of an [S] permutation
+        idx[i] = np.random.choice(S, m, replace=False)
+    return idx
 
 
 def generate_popupulation(alpha, N):
