@@ -56,7 +56,7 @@ def test_file_sizes():
     assert sum(1 for _ in open(os.path.join(REPO, "utils.py"))) <= 1500
     for path in glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True):
         rel = os.path.relpath(path, REPO)
-        if rel.startswith(("tests", ".venv")) or "/." in rel:
+        if rel.startswith(("tests", ".venv")) or "/." in rel or rel == "utils.py":   # utils.py: <= 1500 above
             continue
         assert sum(1 for _ in open(path)) <= 900, f"{rel} is over 900 lines: split it by concern"
 
