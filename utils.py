@@ -18,15 +18,18 @@ reference API, in that order. Everything beyond it lives in the package lore/, o
 concern, and never imports this file; the names below are re-exported so that `utils.NAME` works
 for every public name of the project (docs/api.md lists them by module).
 """
+import contextlib
 import hashlib
 import json
 import os
-from dataclasses import replace
+import tempfile
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.distributed as dist
 import torch.optim as optim
 from tqdm.auto import tqdm
 
@@ -36,10 +39,10 @@ from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _
 from lore.io import (check_folder_writable, hub_reachable, load_splits, load_tensors, read_json, read_jsonl,
     read_metadata, read_table, save_tensors, write_json, write_table)
 from lore.pairs import (pack, Pairs, project_rows, SETS)
-from lore.methods import (accuracy, checked_fit, checked_fit_users, checkpoint_name, converged, CONVERGED_FALL,
-    CURVE_POINTS, featurize, get_method, last_tenth_fall, load_method, LossCurve, Method, method_basis,
-    method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, recording, register,
-    save_method, simplex)
+from lore.methods import (accuracy, checked_fit, checked_fit_users, checkpoint_name, CHUNK, converged,
+    CONVERGED_FALL, CURVE_POINTS, featurize, get_method, last_tenth_fall, load_method, LossCurve, Method,
+    method_basis, method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, recording,
+    register, save_method, simplex)
 from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_ANNEAL_BASELINE,
     VPL_MAX_GRAD_NORM, VPL_SLOPE)
 from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions, second_moment_apply)
@@ -61,8 +64,17 @@ from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, Argument
     check_shots, command_line, config_of, data_files_arg, float_list, folder_lock, fraction, hparam_type,
     link_into, MANIFEST, method_hparams, method_list, nonnegative_float, nonnegative_int, positive_float,
     positive_int, rank_list, recover_folder, run_folder, seed_int, select_list, shot_list, start_run)
-from lore.extract import (DEFAULT_MODEL, embed_conversations, is_main_process, load_reward_model,
-    read_reward_head)  # noqa: F401  (re-exported)
+from lore.extract import (_all_ranks, _distributed, DEFAULT_MODEL, embed_conversations, is_main_process,
+    load_reward_model, read_reward_head)  # noqa: F401  (re-exported)
+from lore.data import (Data, DATA_FILES, load_data, oracle_accuracies, table_pairs, write_data_folder)
+from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, save_results,
+    save_basis_reports, save_oracle)
+from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, command_line,
+    config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
+    nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, shot_list,
+    start_run)
+from lore.extract import (_all_ranks, _distributed, DEFAULT_MODEL, embed_conversations, is_main_process,
+    load_reward_model, read_reward_head)  # noqa: F401  (re-exported)
 
 TEMPERATURE = 100.0      # logits are x^T V w / 100: part of the method, not a tuning knob
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
@@ -80,41 +92,102 @@ def bt_nll(s, weight):
 
 def user_scores(X, V, W, user, Z=None):
     """mix(X V, W, user) -> [P], differentiable in V and W, reading X once forward and once
-    backward. Z: X V when it is already computed for this very V (skips the forward read)."""
-    return _UserScores.apply(X, V, W, user, Z)
+    backward. X: the pair rows [P, F] or _Rows (either form). Z: X V when it is already computed
+    for this very V (skips the forward read)."""
+    return _UserScores.apply(_as_rows(X), V, W, user, Z)
 
 
 class _UserScores(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, X, V, W, user, Z):
-        Z = project_rows(X, V) if Z is None else Z                                 # [P, K]
-        ctx.save_for_backward(X, Z, W, user)
+    def forward(ctx, rows, V, W, user, Z):
+        Z = rows.project(V) if Z is None else Z                                    # [P, K]
+        ctx.rows = rows
+        ctx.save_for_backward(Z, W, user)
         return mix(Z, W, user)                                                     # [P]
 
     @staticmethod
     def backward(ctx, g):                                                          # g [P]
-        X, Z, W, user = ctx.saved_tensors
-        dV = dW = None
-        if ctx.needs_input_grad[1]:
-            if X.is_cuda:
-                dV = X.t() @ (g[:, None] * W[user])                                # [F, K]
-            else:
-                # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
-                # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
-                # default X^T G ~10x.
-                A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user))]), g,
-                                            (len(W), len(user)), check_invariants=False)
-                dV = (A @ X).t() @ W                                               # [F, N] [N, K]
+        Z, W, user = ctx.saved_tensors
+        dV = ctx.rows.grad_V(g, W, user) if ctx.needs_input_grad[1] else None      # [F, K]
+        dW = None
         if ctx.needs_input_grad[2]:
             dW = torch.zeros_like(W).index_add_(0, user, g[:, None] * Z)            # [N, K]
         return None, dV, dW, None, None
+
+
+@dataclass
+class _Rows:
+    """What a training step reads. Pair form: X [P, F], the difference rows of the pairs. Table
+    form: X [E', F], the rows of the embedding table that the pairs use, and each pair's chosen
+    and rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads
+    E' rows instead of P, which is what makes many users rating the same responses cheap."""
+    X: torch.Tensor
+    chosen: torch.Tensor = None            # [P] long rows of X (table form only)
+    rejected: torch.Tensor = None          # [P]
+    shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
+
+    def project(self, V):
+        """-> x_p^T V [P, K]."""
+        Z = project_rows(self.X, V)                                                # [P or E', K]
+        if self.chosen is None:
+            return Z
+        return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
+
+    def grad_V(self, g, W, user):
+        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X; summed over the
+        torchrun ranks for a shard (the regularizer's gradient, the same on every rank, is not)."""
+        dV = self._grad_V(g, W, user)
+        if self.shard:
+            dist.all_reduce(dV)
+        return dV
+
+    def _grad_V(self, g, W, user):
+        if self.chosen is not None:
+            # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
+            # chosen row, - on the rejected one (index_add, no loop)
+            Gp = g[:, None] * W.index_select(0, user)                              # [P, K]
+            G = torch.zeros(len(self.X), Gp.shape[1], device=Gp.device, dtype=Gp.dtype)
+            G.index_add_(0, self.chosen, Gp).index_add_(0, self.rejected, Gp, alpha=-1)  # [E', K]
+            return (G.t() @ self.X).t()          # as [K, E'] [E', F]: X^T G is ~10x slower on CPU
+        if self.X.is_cuda:
+            return self.X.t() @ (g[:, None] * W[user])                             # [F, K]
+        # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
+        # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
+        # default X^T G ~10x.
+        A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user), device=user.device)]), g,
+                                    (len(W), len(user)), check_invariants=False)
+        return (A @ self.X).t() @ W                                                # [F, N] [N, K]
+
+
+def _as_rows(X):
+    return X if isinstance(X, _Rows) else _Rows(X)
+
+
+def training_rows(pairs, form=None):
+    """The _Rows a training step reads for checked Pairs. form: "pairs" (the [P, F] difference
+    rows), "table" (the E' table rows the pairs use, float32, with the pairs' indices into them;
+    table-form Pairs only) or None: the table form when it reads fewer rows (E' < P), as when many
+    users rate the same responses. Both give the same fit up to float rounding."""
+    if form not in (None, "pairs", "table"):
+        raise InputError(f"form must be 'pairs', 'table' or None, got {form!r}")
+    if pairs.X is not None:
+        if form == "table":
+            raise InputError("form='table' needs table-form Pairs (an embedding table and row indices)")
+        return _Rows(pairs.X, shard=pairs.shard)
+    used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
+    if form == "pairs" or (form is None and len(used) >= len(pairs)):
+        return _Rows(pairs.rows(), shard=pairs.shard)                              # [P, F]
+    X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
+    return _Rows(X, chosen, rejected, shard=pairs.shard)
 
 
 class LoRe(nn.Module):
     """Joint Adam on (V, W), full batch:
         sum_i mean_{x in X_i} -log sigmoid(x^T V w_i / 100) + alpha sum_j ||V_j - v_ref||^2
     (every user weighs the same). V, W ~ N(0, 1), or with init="svd" _start's deterministic start.
-    train(X) -> (softmax(W) [N, K], V [F, K])."""
+    train(X) -> (softmax(W) [N, K], V [F, K]).
+    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
+    form = None
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
@@ -147,13 +220,13 @@ class LoRe(nn.Module):
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
         _start(self, pairs)
-        X, user, weight = pairs.rows(), pairs.user, _per_user_mean(pairs)          # [P, F], [P], [P]
+        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_user_mean(pairs)   # rows, [P], [P]
         _loop(self.num_iterations, lambda: self.step(X, user, weight), self.device,
               f"LoRe K={self.num_basis_vectors}")
-        return simplex(self.W).detach(), self.V.detach()
+        return _gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
-        """One Adam step on packed pairs: X [P, F], user [P], weight [P] (1 / pairs of the user)."""
+        """One Adam step on packed pairs: X [P, F] or _Rows, user [P], weight [P] (1 / pairs of the user)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss = bt_nll(user_scores(X, self.V, simplex(self.W), user), weight) + self.regularizer()
         loss.backward()
@@ -168,7 +241,9 @@ class LoRe_regularized(nn.Module):
     (0 for the first 20% of the steps, linear to alpha by 80%). W ~ U(0, 1), V ~ N(0, 1). After
     training, directions with max_i softmax(W)_ij < 1e-2 are dropped (the kept columns are not
     renormalized). init="svd": _start's deterministic start instead.
-    train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
+    train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K']).
+    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
+    form = None
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
@@ -207,12 +282,12 @@ class LoRe_regularized(nn.Module):
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
         _start(self, pairs)
-        X, user, weight = pairs.rows(), pairs.user, _per_pair_mean(pairs)          # [P, F], [P], [P]
+        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_pair_mean(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
         _loop(self.num_iterations, lambda: self.step(X, user, weight, alpha_t), self.device,
               f"LoRe_regularized K={self.num_basis_vectors}",
               before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
-        W = simplex(self.W).detach()                                               # [N, K]
+        W = _gather_users(simplex(self.W).detach(), pairs)                         # [N, K]
         kept = W.max(dim=0).values >= PRUNE_THRESHOLD                              # [K]
         print(f"kept {int(kept.sum())}/{self.num_basis_vectors} directions "
               f"(max user weight >= {PRUNE_THRESHOLD})")
@@ -222,7 +297,7 @@ class LoRe_regularized(nn.Module):
         """Update W with V fixed, then V with the new W fixed. V is the same in both half-steps, so
         one projection serves both: one read of X forward, one in the V update's backward."""
         with torch.no_grad():
-            Z = project_rows(X, self.V)                                            # [P, K]
+            Z = _as_rows(X).project(self.V)                                        # [P, K]
         self.optimizer_W.zero_grad(set_to_none=True)
         bt_nll(mix(Z, simplex(self.W), user), weight).backward()
         self.optimizer_W.step()
@@ -244,6 +319,8 @@ def _start(model, pairs):
         return
     if model.init != "svd":
         raise InputError(f"init must be 'random' or 'svd', got {model.init!r}")
+    if pairs.shard:   # each process would start from the basis of its own users
+        raise InputError("init=svd reads every seen user's pairs: run it in one process (not under torchrun)")
     with torch.no_grad():
         V = principal_basis(pairs, model.num_basis_vectors, TEMPERATURE)           # [F, K]
         w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
@@ -254,8 +331,10 @@ def _start(model, pairs):
 class PersonalizeBatch(nn.Module):
     """Few-shot weights of new users with V fixed:
         sum_i mean_{x in X_i} -log sigmoid(x^T V softmax(w_i) / 100),  w_i ~ N(0, 1), Adam.
-    X is projected onto V once; every step then works in K dimensions.
-    train(X, V) -> list of N simplex weights [K]."""
+    X is projected onto V once (table-form Pairs: the table rows they use, see Pairs.project);
+    every step then works in K dimensions. train(X, V) -> list of N simplex weights [K].
+    form: None projects as Pairs.project does; "pairs" or "table" force that form (training_rows)."""
+    form = None
 
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
                  device=None):
@@ -274,7 +353,10 @@ class PersonalizeBatch(nn.Module):
         if isinstance(X, bool):  # nn.Module.eval() calls train(False)
             return super().train(X)
         pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        Z, user, weight = pairs.project(V.detach()), pairs.user, _per_user_mean(pairs)  # [P, K]
+        with torch.no_grad():
+            rows = pairs if self.form is None else training_rows(pairs, self.form)
+            Z = rows.project(V.detach().to(self.device, torch.float32))           # [P, K]
+        user, weight = pairs.user, _per_user_mean(pairs)                          # [P], [P]
         _loop(self.num_iterations, lambda: self.step(Z, user, weight), self.device)
         return list(simplex(self.w).detach())
 
@@ -353,7 +435,22 @@ def _per_user_mean(pairs):
 
 
 def _per_pair_mean(pairs):
-    return torch.full((len(pairs),), 1.0 / len(pairs), device=pairs.device)        # [P]
+    n = torch.tensor(float(len(pairs)), dtype=torch.float64, device=pairs.device)  # all ranks' pairs for a shard
+    if pairs.shard:
+        dist.all_reduce(n)
+    return torch.full((len(pairs),), 1.0 / n.item(), device=pairs.device)          # [P]
+
+
+def _gather_users(W, pairs):
+    """Rows [N, ...] (a tensor or numpy) of which a shard has only its own users' (the others kept
+    their start, or are 0/0): every rank gets every user's row, from the rank that holds its pairs."""
+    if not pairs.shard:
+        return W
+    t = torch.as_tensor(W, device=pairs.device)
+    own = (pairs.counts() > 0).view(-1, *[1] * (t.dim() - 1))                     # [N, 1]
+    t = torch.where(own, t, torch.zeros((), dtype=t.dtype, device=t.device))      # [N, K]: own users only
+    dist.all_reduce(t)
+    return t if isinstance(W, torch.Tensor) else t.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,13 +489,14 @@ class LoReMethod(Method):
         return _check_fitted(self, W, self.V)
 
     def fit_users(self, pairs):
-        Z = pair_features(self, pairs)[0]                                          # [P, K]: x^T V
         if self.V.shape[1] <= 1:
             return torch.ones(pairs.n_users, self.V.shape[1], device=self.device)
+        # the pairs with their rows projected once: x^T V [P, K], or (table form) the used rows' [E', K]
+        projected = replace(featurize(self, pairs), featurized=None)
         eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
         fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
                                 self.hparams["fewshot_lr"], self.device)
-        W = torch.stack(fitw.train(replace(pairs, X=Z, table=None, chosen=None, rejected=None), eye))
+        W = torch.stack(fitw.train(projected, eye))
         return _check_fitted(self, W)
 
     def item_features(self, rows):
@@ -514,6 +612,59 @@ def eval_multiple(W_list, V_list, test_features):
 
 
 # ----------------------------------------------------------------------------------------------
+# Across processes: torchrun shards the seen users; V's gradient is summed across ranks
+# ----------------------------------------------------------------------------------------------
+
+def shard_users(pairs, rank, world):
+    """The pairs of rank's users out of `world` ranks: a contiguous block of about N / world
+    users (the pairs of a user are contiguous), still indexed among all N (W keeps N rows; the
+    other ranks' users get no gradient here), marked as a shard so that training sums V's gradient
+    across the ranks."""
+    lo_hi = torch.tensor([pairs.n_users * rank // world, pairs.n_users * (rank + 1) // world], device=pairs.device)
+    start, end = torch.searchsorted(pairs.user, lo_hi.to(pairs.user.dtype)).tolist()
+    return replace(pairs.select(slice(start, end)), shard=True)
+
+
+def _shard_seen(sets):
+    """Under torchrun (WORLD_SIZE > 1), the seen users' sets sharded across the ranks (joining the
+    process group: gloo on CPU, NCCL on CUDA). The unseen users' sets stay whole on every rank:
+    their fits are small, and so every rank draws the same shots as one process would."""
+    rank, world, _ = _distributed()
+    if world == 1:
+        return sets
+    return {name: shard_users(p, rank, world) if name.startswith("seen") else p for name, p in sets.items()}
+
+
+@contextlib.contextmanager
+def rank_run_folder(args, script, **extra):
+    """run_folder for a script that torchrun may start: rank 0 holds the run folder (the lock, the
+    all-or-nothing rename) and writes the outputs; the other ranks write into a temporary folder
+    that is dropped, and print nothing. One process (no torchrun) is run_folder itself. When rank
+    0 cannot open --out, every rank stops with that error instead of waiting for it."""
+    rank, world, local_rank = _distributed()
+    if world == 1:
+        with run_folder(args, script, **extra) as out:
+            yield out
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)   # "cuda" is this rank's GPU
+    if rank > 0:
+        if not _all_ranks(True, world, local_rank):
+            raise InputError(f"--out {args.out}: rank 0 could not open it (its error says why)")
+        with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            yield out
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(run_folder(args, script, **extra))
+        except BaseException:
+            _all_ranks(False, world, local_rank)
+            raise
+        _all_ranks(True, world, local_rank)
+        yield out
+
+
+# ----------------------------------------------------------------------------------------------
 # Sweeps: every method over (alpha, K), on the four pair sets; the reference pipelines
 # ----------------------------------------------------------------------------------------------
 
@@ -536,20 +687,22 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention), then `converged`
     and `loss_fall` (fit_status)."""
-    sets = _check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
-                            unseen_test=unseen_test), device)
+    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
+                                        unseen_test=unseen_test), device))
     if out_dir is not None:
         check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
-        acc_ref = per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref), torch.ones(sets["seen_test"].n_users, 1))
+        acc_ref = _gather_users(per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref),
+                                                  torch.ones(sets["seen_test"].n_users, 1)), sets["seen_test"])
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         _seed_setting(seed, method)
         U = checked_fit(method, sets["seen_train"])                                # [N, U]
         U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
         record, acc = method.setting(), {}
         for name in SETS:
-            acc[name] = accuracy(method, sets[name], U if name.startswith("seen") else U_new)   # [N]
+            acc[name] = _gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),
+                                      sets[name])                                  # [N]
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         record.update(fit_status(method))
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
@@ -598,7 +751,8 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     _check_trials(trials)
     shots = _int_list(shots, "shots", least=1)
     select = check_select(select)
-    sets = _check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device)
+    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
+                                        unseen_test=unseen_test), device))
     settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
     if "active" in select:
         for method in settings:   # refused before any fit
@@ -767,6 +921,10 @@ def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
                          for K in K_list if K >= cls.min_K]
     if not settings:
         raise InputError(f"no setting to fit: K_list {K_list} is below every method's smallest K")
+    if seen_train.shard and any(not isinstance(m, LoReMethod) for m in settings):
+        raise InputError(f"across torchrun processes only lore and lore_regularized train (their V's gradient "
+                         f"is summed across ranks); run {', '.join(m for m in methods if m not in ('lore', 'lore_regularized'))} "
+                         f"in one process")
     return settings
 
 
@@ -819,39 +977,52 @@ def simulate_sparse_population(reward_tensor, table, W, sample_percentage, devic
     return pairs.to(resolve_device(device))
 
 
-def simulate_pairs(reward_tensor, W, sample_percentage):
+def simulate_pairs(reward_tensor, W, sample_percentage, per_user=None):
     """The pairs of simulated users as indices: per user, floor(sample_percentage * S) prompts drawn
-    without replacement (NumPy's generator), and on each the best minus the worst of its R
-    responses under the user's mixture W [N, M] of the reward models' scores reward_tensor
-    [S, R, M]. -> dict of [P] long tensors: user, prompt, chosen and rejected (response r of
-    prompt s is row s * R + r), draw (the pair's rank in its user's random draw)."""
+    without replacement (NumPy's generator; per_user: that many instead), and on each the best
+    minus the worst of its R responses under the user's mixture W [N, M] of the reward models'
+    scores reward_tensor [S, R, M]. Only the drawn prompts are scored, users in chunks: memory
+    grows with the pairs, not with users x prompts. -> dict of [P] long tensors: user, prompt,
+    chosen and rejected (response r of prompt s is row s * R + r), draw (the pair's rank in its
+    user's random draw)."""
     S, R, _ = np.shape(reward_tensor)
-    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage))          # [N, m]
-    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
+    idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage, per_user))  # [N, m]
+    chosen, rejected = _simulate_choices(reward_tensor, W, idx)                    # [N, m]
     user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
     prompt = idx.reshape(-1)                                                       # [P]
-    return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen[user, prompt],
-            "rejected": prompt * R + rejected[user, prompt], "draw": torch.arange(idx.shape[1]).repeat(len(W))}
+    return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen.reshape(-1),
+            "rejected": prompt * R + rejected.reshape(-1), "draw": torch.arange(idx.shape[1]).repeat(len(W))}
 
 
-def _simulate_choices(reward_tensor, W):
-    """Best and worst response of every prompt for every user: two [N, S] index tensors.
-    Scores in float64 with the first index on ties (numpy's argmax/argmin convention); users in
-    chunks so that [N, S, R] scores never exist at once."""
+def _simulate_choices(reward_tensor, W, idx=None):
+    """Best and worst response of every prompt (or of prompts idx [N, m], each user its own) for
+    every user: two [N, S] (or [N, m]) index tensors. Scores in float64 with the first index on
+    ties (numpy's argmax/argmin convention); users in chunks so that [N, S, R] scores never exist
+    at once."""
     rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
+    W = torch.as_tensor(np.asarray(W), dtype=torch.float64)                        # [N, M]
     best, worst = [], []
-    for w in torch.as_tensor(np.asarray(W), dtype=torch.float64).split(64):        # [n, M]
-        scores = torch.einsum("srm,nm->nsr", rewards, w)                           # [n, S, R]
+    chunk = 64 if idx is None else max(1, (1 << 16) // max(1, idx.shape[1]))
+    for start in range(0, len(W), chunk):
+        w = W[start:start + chunk]                                                 # [n, M]
+        if idx is None:
+            scores = torch.einsum("srm,nm->nsr", rewards, w)                       # [n, S, R]
+        else:
+            scores = (rewards[idx[start:start + chunk]] * w[:, None, None, :]).sum(-1)  # [n, m, R]
         best.append(scores.argmax(-1))
         worst.append(scores.argmin(-1))
     return torch.cat(best), torch.cat(worst)
 
 
-def _sample_prompts(N, S, sample_percentage):
-    m = int(sample_percentage * S)
-    if m < 1:
-        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user")
-    return np.stack([np.random.choice(S, m, replace=False) for _ in range(N)])     # [N, m]
+def _sample_prompts(N, S, sample_percentage, per_user=None):
+    m = int(sample_percentage * S) if per_user is None else per_user
+    if m < 1 or m > S:
+        raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user" if per_user is None
+                         else f"{per_user} prompts per user, but there are {S} prompts")
+    idx = np.empty((N, m), dtype=np.int64)                                         # [N, m]
+    for i in range(N):   # copied row by row: choice(replace=False) returns a view of an [S] permutation
+        idx[i] = np.random.choice(S, m, replace=False)
+    return idx
 
 
 def generate_popupulation(alpha, N):

@@ -42,7 +42,8 @@ def parse_args(argv=None):
 @cli.command_line
 def main(args):
     device = cli.start_run(args)
-    with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
+    # locked and checked before any work; under torchrun, rank 0 writes it
+    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device)
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,

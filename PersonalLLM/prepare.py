@@ -13,7 +13,8 @@ the extraction encodes it once).
 Simulated users (the paper's recipe): 1000 seen and 500 unseen users, each a Dirichlet(0.1) mixture
 of the 10 reward models. A user scores the 8 responses of a prompt with its mixture of the models'
 scores; its preference pair is the best minus the worst response. Seen users get 0.5% of the train
-prompts (seen_train, 47 of 9402) and every test prompt (seen_test); unseen users a pool of 1% of the
+prompts (seen_train, 47 of 9402) and every test prompt (seen_test; --seen-test-prompts N samples N
+per user instead, for large populations: data.json's test_sample says which); unseen users a pool of 1% of the
 train prompts in random order (unseen_fewshot: train_basis.py fits on the first 9 = 0.1%,
 vary_fewshot.py draws its shots from all 94) and every test prompt (unseen_test). Pairs are rows of
 the embedding table: the dense [users, prompts, F] tensor (77 GB) is never built.
@@ -71,6 +72,9 @@ def parse_args(argv=None):
                    help="fraction of the train prompts in each unseen user's few-shot pool (unseen_fewshot)")
     u.add_argument("--test-frac", type=utils.fraction, default=1.0,
                    help="fraction of the test prompts per user (seen_test, unseen_test)")
+    u.add_argument("--seen-test-prompts", type=utils.positive_int, default=None,
+                   help="seen users' test sample: this many random test prompts per seen user instead of "
+                        "--test-frac (seen_test; 1e5 users x 1000 prompts would be 1e8 pairs); stated in data.json")
     s = p.add_argument_group("synthetic data (--synthetic)")
     s.add_argument("--synthetic", action="store_true", help="write a planted population instead")
     s.add_argument("--prompts-train", type=utils.positive_int, default=9402, help="prompts of the train split")
@@ -220,8 +224,11 @@ def population(args, scores):
     for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
                               ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
         group = "unseen" if name.startswith("unseen") else "seen"
+        per_user = args.seen_test_prompts if name == "seen_test" else None
+        if per_user is not None:
+            flag = "seen_test_prompts"
         try:
-            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag))
+            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag), per_user)
         except utils.InputError as e:
             raise utils.InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
         frames.append(pd.DataFrame({
@@ -251,7 +258,16 @@ def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs
         out, dataset="PersonalLLM", users=users, pairs=pairs, v_ref=v_ref, config=utils.config_of(args),
         conversations=pd.DataFrame({"row": np.arange(len(conversations)),
                                     "messages": [json.dumps(c, ensure_ascii=False) for c in conversations]}),
-        files=files, reward_models=list(REWARD_MODELS), responses=RESPONSES, offsets=offsets, prompts=counts)
+        files=files, reward_models=list(REWARD_MODELS), responses=RESPONSES, offsets=offsets, prompts=counts,
+        test_sample=test_sample(args, counts["test"]))
+
+
+def test_sample(args, n_test):
+    """The test prompts each user is scored on, for data.json: a sample when not every prompt."""
+    seen = args.seen_test_prompts or int(args.test_frac * n_test)
+    return {"test_prompts": n_test, "seen_test_prompts_per_user": seen,
+            "unseen_test_prompts_per_user": int(args.test_frac * n_test),
+            "seen_test_is_sample": seen < n_test}
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ def parse_args(argv=None):
 @cli.command_line
 def main(args):
     device = cli.start_run(args)
-    with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
+    # locked and checked before any work; under torchrun, rank 0 writes it
+    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device, fewshot_pairs=args.fewshot_pairs)
         records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                               v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,

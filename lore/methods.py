@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lore.checks import MAX_COUNT, InputError, _check_alpha, _check_v_ref, _is_int, check_hparam, resolve_device
 from lore.io import load_tensors, read_metadata, save_tensors
+from lore.pairs import project_rows
 
 def simplex(W):
     """User logits -> user weights on the simplex. The only place the softmax is taken."""
@@ -221,9 +222,22 @@ def _check_checkpoint_data(path, fitted_on, data, allow_other_data):
 
 
 def per_user_accuracy(pairs, V, W):
-    """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N]."""
-    Z = pairs.project(V)                                                           # [P, K]
-    return _user_fraction(mix(Z, W.to(Z.device, torch.float32), pairs.user) > 0, pairs)
+    """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N].
+    Pairs are scored in chunks: beyond the pairs themselves, memory does not grow with their number."""
+    V, W = V.to(pairs.device, torch.float32), W.to(pairs.device, torch.float32)   # [F, K], [N, K]
+    if pairs.X is None:
+        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
+        T = _chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+    hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
+    for start in range(0, len(pairs), CHUNK):
+        part = slice(start, start + CHUNK)
+        Z = (project_rows(pairs.X[part], V) if pairs.X is not None
+             else T.index_select(0, chosen[part]) - T.index_select(0, rejected[part]))  # [chunk, K]
+        hits += _hits(mix(Z, W, pairs.user[part]) > 0, pairs.user[part], pairs.n_users)
+    return (hits.double() / pairs.counts().double()).cpu().numpy()
+
+
+CHUNK = 1 << 16   # pairs scored at once: bounded [CHUNK, D] temporaries however many pairs there are
 
 
 def featurize(method, pairs):
@@ -240,10 +254,9 @@ def featurize(method, pairs):
             if not method.linear:
                 raise InputError(f"method {method.name} needs both embeddings of every pair (the table form of Pairs)")
             return replace(pairs, X=_chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
-        used, inverse = torch.unique(torch.cat([pairs.chosen, pairs.rejected]), return_inverse=True)
+        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
         Z = _chunked(method.item_features, pairs.table, used)                      # [E', D]
-        return replace(pairs, table=Z, chosen=inverse[:len(pairs)], rejected=inverse[len(pairs):],
-                       featurized=method)
+        return replace(pairs, table=Z, chosen=chosen, rejected=rejected, featurized=method)
 
 
 def pair_features(method, pairs):
@@ -257,27 +270,33 @@ def pair_features(method, pairs):
 
 def pair_margins(method, pairs, U):
     """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, U] -> [P]."""
-    pairs = featurize(method, pairs)
-    U = U.to(pairs.device, torch.float32)
-    out = []
-    with torch.no_grad():
-        for idx in torch.arange(len(pairs), device=pairs.device).split(1 << 16):  # bounded [chunk, D] temporaries
-            Zc, Zr = pair_features(method, pairs.select(idx))
-            Uu = U.index_select(0, pairs.user[idx])                                # [chunk, U]
-            m = method.reward(Zc, Uu)
-            out.append(m if Zr is None else m - method.reward(Zr, Uu))
-    return torch.cat(out)                                                          # [P]
+    return torch.cat([m for _, m in _margin_chunks(method, pairs, U)])             # [P]
 
 
 def accuracy(method, pairs, U):
     """Every user's accuracy: the fraction of its pairs with a positive margin (ties count as
-    wrong) -> numpy [N]."""
-    return _user_fraction(pair_margins(method, pairs, U) > 0, pairs)
-
-
-def _user_fraction(correct, pairs):
-    hits = torch.bincount(pairs.user[correct], minlength=pairs.n_users)            # [N]
+    wrong) -> numpy [N]. Streams the pairs in chunks: memory does not grow with their number."""
+    hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
+    for part, m in _margin_chunks(method, pairs, U):
+        hits += _hits(m > 0, pairs.user[part], pairs.n_users)
     return (hits.double() / pairs.counts().double()).cpu().numpy()
+
+
+def _margin_chunks(method, pairs, U):
+    """-> (slice, margins [chunk]) over the pairs, CHUNK at a time, item features computed once."""
+    pairs = featurize(method, pairs)
+    U = U.to(pairs.device, torch.float32)
+    with torch.no_grad():
+        for start in range(0, len(pairs), CHUNK):
+            part = slice(start, start + CHUNK)
+            Zc, Zr = pair_features(method, pairs.select(part))
+            Uu = U.index_select(0, pairs.user[part])                               # [chunk, U]
+            m = method.reward(Zc, Uu)
+            yield part, (m if Zr is None else m - method.reward(Zr, Uu))
+
+
+def _hits(correct, user, n_users):
+    return torch.bincount(user[correct], minlength=n_users)                        # [N]
 
 
 def _chunked(fn, rows, index=None, chunk=1 << 15):

@@ -33,6 +33,8 @@ class Pairs:
     `group` (optional) ties pairs that must be sampled together (the turns of one PRISM dialog).
     `featurized`: the Method whose item features the rows hold instead of embeddings (featurize).
     `checked`: the data passed pack's checks; pack does not scan checked Pairs again.
+    `shard`: the pairs of one torchrun rank's users, n_users still all N (the users of the other
+    ranks have no pairs here): training sums V's gradient across the ranks.
     """
     user: torch.Tensor                     # [P] long, pairs of a user are contiguous
     n_users: int
@@ -43,6 +45,7 @@ class Pairs:
     group: torch.Tensor = None             # [P] long, ids unique within a user
     featurized: object = None
     checked: bool = False
+    shard: bool = False                    # this torchrun rank's users only (utils.shard_users)
 
     def __len__(self):
         return self.user.numel()
@@ -65,12 +68,24 @@ class Pairs:
         return self.table[self.chosen].float() - self.table[self.rejected].float()  # [P, F]
 
     def project(self, V):
-        """x_p^T V for every pair, without building [P, F] for the table form."""
+        """x_p^T V for every pair, without building [P, F] for the table form: only the table rows
+        the pairs use are projected, in chunks of float32 rows (bounded temporaries)."""
         V = V.to(self.device, torch.float32)                                       # [F, K]
         if self.X is not None:
             return project_rows(self.X, V)                                         # [P, K]
-        T = torch.cat([project_rows(t.float(), V) for t in self.table.split(1 << 15)])  # [E, K]
-        return T[self.chosen] - T[self.rejected]                                   # [P, K]
+        used, chosen, rejected = self.used_rows()                                  # [E'], [P], [P]
+        T = torch.cat([project_rows(self.table[idx].float(), V) for idx in used.split(1 << 15)])  # [E', K]
+        return T.index_select(0, chosen) - T.index_select(0, rejected)            # [P, K]
+
+    def used_rows(self):
+        """Table form: -> (used [E'] the sorted table rows some pair uses, chosen [P] and rejected
+        [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P)."""
+        mask = torch.zeros(len(self.table), dtype=torch.bool, device=self.device)
+        mask[self.chosen] = True
+        mask[self.rejected] = True
+        position = torch.cumsum(mask, 0) - 1                                       # [E] row -> position in used
+        return (torch.nonzero(mask).squeeze(1), position.index_select(0, self.chosen),
+                position.index_select(0, self.rejected))
 
     def select(self, idx):
         """The pairs idx (a bool mask or sorted indices), for the same N users."""

@@ -1,0 +1,170 @@
+"""How LoRe scales with the number of seen users: PersonalLLM's shape (8 responses to each of 9402
+train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen user) with 10^3 ..
+10^6 seen users.
+
+    nice -n 10 python benchmarks/bench_scale.py --out benchmarks/results/bench_scale_cpu.json
+    python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
+
+Two measurements, each size in a child process of its own (so that its peak RSS is its own):
+  - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with
+    replacement) with two distinct random responses each, as table-form Pairs. One LoRe model (K = 5)
+    as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
+    use fewer rows than there are pairs), seconds per Adam step (median of --steps after one warm-up),
+    seconds to score every pair (per_user_accuracy, streamed), the child's peak RSS.
+  - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
+    --seen-test-prompts 20) and then train_basis.py --k-list 5 --iters --whole-steps --fewshot-iters
+    --whole-steps, each timed as a whole with its peak RSS.
+The growth exponent is the least-squares slope of log(step seconds) against log(users), from 10^4 up
+(1 = linear). Writes the table as JSON to --out (default: stdout only).
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
+import utils  # noqa: E402
+
+PROMPTS_TRAIN, PROMPTS_TEST, RESPONSES, PAIRS = 9402, 1000, 8, 47
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--users", default="1000,10000,100000,1000000", help="seen users of the step measurement")
+    p.add_argument("--features", type=int, default=4096, help="F of the step measurement")
+    p.add_argument("--rank", type=int, default=5, help="K")
+    p.add_argument("--steps", type=int, default=3, help="timed LoRe steps per size (after one warm-up)")
+    p.add_argument("--whole", default="1000:4096,10000:4096,100000:2048",
+                   help="USERS:F of the whole prepare + train_basis runs ('' for none)")
+    p.add_argument("--whole-steps", type=int, default=20, help="--iters and --fewshot-iters of train_basis")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)   # users: one step measurement
+    return p.parse_args(argv)
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KB
+
+
+def step_child(args):
+    """One size of the step measurement, in this (child) process: prints a JSON record."""
+    torch.manual_seed(args.seed)
+    N, F = args.child, args.features
+    t = time.perf_counter()
+    table = torch.randn(RESPONSES * (PROMPTS_TRAIN + PROMPTS_TEST), F, dtype=torch.bfloat16)  # [E, F]
+    prompt = torch.randint(PROMPTS_TRAIN, (N * PAIRS,))                            # [P]
+    chosen = torch.randint(RESPONSES, (N * PAIRS,))
+    rejected = (chosen + torch.randint(1, RESPONSES, (N * PAIRS,))) % RESPONSES    # never the chosen one
+    user = torch.arange(N).repeat_interleave(PAIRS)                                # [P]
+    pairs = utils.Pairs(user, N, table=table, chosen=prompt * RESPONSES + chosen,
+                        rejected=prompt * RESPONSES + rejected, checked=True)
+    del prompt, chosen, rejected
+    data_s = time.perf_counter() - t
+    model = utils.LoRe(None, 0.0, N, F, args.rank, 1, 0.5, "cpu")
+    t = time.perf_counter()
+    rows = utils.training_rows(pairs, model.form)
+    weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]
+    setup_s = time.perf_counter() - t
+    times = []
+    for _ in range(args.steps + 1):
+        t = time.perf_counter()
+        model.step(rows, pairs.user, weight)
+        times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    acc = utils.per_user_accuracy(pairs, model.V.detach(), utils.simplex(model.W).detach())
+    score_s = time.perf_counter() - t
+    print(json.dumps({"users": N, "pairs": len(pairs), "features": F, "K": args.rank,
+                      "form": "table" if rows.chosen is not None else "pairs", "rows_read": len(rows.X),
+                      "data_s": data_s, "setup_s": setup_s, "step_s": float(np.median(times[1:])),
+                      "score_all_pairs_s": score_s, "mean_accuracy": float(acc.mean()),
+                      "peak_rss_gb": peak_rss_gb()}))
+
+
+def timed_child(cmd):
+    """Run cmd; -> (wall seconds, its peak RSS in GB, return code). The output goes to stderr."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return time.perf_counter() - t, usage.ru_maxrss * 1024 / 1e9, os.waitstatus_to_exitcode(status)
+
+
+def step_sizes(args):
+    out = []
+    for n in [int(u) for u in args.users.split(",") if u]:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--features", str(args.features),
+               "--rank", str(args.rank), "--steps", str(args.steps), "--seed", str(args.seed)]
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if proc.returncode != 0:
+            out.append({"users": n, "error": f"exit code {proc.returncode}", "wall_s": time.perf_counter() - t})
+            print(f"step: {n} users failed ({proc.returncode})", flush=True)
+            continue
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print("step: " + json.dumps(out[-1]), flush=True)
+    return out
+
+
+def whole_runs(args):
+    out = []
+    for spec in [s for s in args.whole.split(",") if s]:
+        n, F = (int(v) for v in spec.split(":"))
+        with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
+            data, res = os.path.join(tmp, "data"), os.path.join(tmp, "results")
+            record = {"users": n, "features": F, "steps": args.whole_steps}
+            prep = [sys.executable, os.path.join(REPO, "PersonalLLM", "prepare.py"), "--synthetic", "--out", data,
+                    "--features", str(F), "--n-users", str(n), "--seen-test-prompts", "20", "--seed", str(args.seed)]
+            train = [sys.executable, os.path.join(REPO, "PersonalLLM", "train_basis.py"), "--data", data, "--out", res,
+                     "--k-list", "5", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
+                     "--device", "cpu", "--seed", str(args.seed)]
+            for name, cmd in (("prepare", prep), ("train_basis", train)):
+                wall, rss, code = timed_child(cmd)
+                record.update({f"{name}_s": wall, f"{name}_peak_rss_gb": rss, f"{name}_exit": code})
+                if code != 0:
+                    break
+            if record.get("train_basis_exit") == 0:
+                record["records"] = json.load(open(os.path.join(res, "results.json")))
+        out.append(record)
+        print("whole: " + json.dumps(record), flush=True)
+    return out
+
+
+def growth_exponent(steps, least=10_000):
+    """Slope of log(step_s) against log(users) over the sizes >= least (None with fewer than 2)."""
+    pts = [(r["users"], r["step_s"]) for r in steps if "step_s" in r and r["users"] >= least]
+    if len(pts) < 2:
+        return None
+    x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def machine():
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {mem:.0f} GiB, torch {torch.__version__}"
+
+
+def main(args):
+    if args.child is not None:
+        return step_child(args)
+    steps = step_sizes(args)
+    result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "config": vars(args),
+              "step": steps, "step_growth_exponent_from_1e4": growth_exponent(steps),
+              "step_growth_exponent_all": growth_exponent(steps, 0), "whole": whole_runs(args)}
+    print(json.dumps({k: v for k, v in result.items() if k != "whole"}, indent=1))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,194 @@
+"""Scale: table-form training equals the pair form, evaluation streams in chunks, and training
+across 2 torchrun-style CPU processes (gloo on 127.0.0.1) gives one process's records."""
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import REPO, load_script
+
+sys.path.insert(0, REPO)
+import lore.methods  # noqa: E402
+import utils  # noqa: E402
+from utils import InputError  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def shared_table_pairs(n_users=30, per_user=7, rows=16, n_features=10, seed=0):
+    """Many users rating the same few responses (as in PersonalLLM): P = 210 pairs on 16 rows."""
+    g = torch.Generator().manual_seed(seed)
+    table = 3 * torch.randn(rows, n_features, generator=g)                          # [E, F] float32
+    chosen = torch.randint(0, rows, (n_users * per_user,), generator=g)
+    rejected = (chosen + torch.randint(1, rows, chosen.shape, generator=g)) % rows  # never the chosen row
+    user = torch.arange(n_users).repeat_interleave(per_user)
+    return utils.pack(utils.Pairs(user, n_users, table=table, chosen=chosen, rejected=rejected))
+
+
+def fit(model_cls, form, pairs, *args, V=None):
+    torch.manual_seed(0)
+    model = model_cls(*args)
+    model.form = form
+    return model.train(pairs) if V is None else model.train(pairs, V)
+
+
+@pytest.mark.parametrize("cls, alpha", [(utils.LoRe, 0.3), (utils.LoRe_regularized, 2.0)])
+def test_table_form_fit_equals_pair_form(cls, alpha):
+    pairs, v_ref = shared_table_pairs(), torch.randn(10, 1)
+    args = (v_ref, alpha, pairs.n_users, 10, 3, 60, 0.1, CPU)
+    W_t, V_t = fit(cls, "table", pairs, *args)
+    W_p, V_p = fit(cls, "pairs", pairs, *args)
+    W_x, V_x = fit(cls, None, utils.pack(pairs.split()), *args)   # the seed's list format: difference rows
+    assert W_t.shape == (30, 3) and V_t.shape == (10, 3)
+    for W, V in ((W_p, V_p), (W_x, V_x)):
+        torch.testing.assert_close(W_t, W, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(V_t, V, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(V_t, fit(cls, "table", pairs, *args[:-3], 0, 0.1, CPU)[1])   # the fit moved V
+
+
+def test_table_form_gradient():
+    pairs = shared_table_pairs(n_users=5, per_user=4, rows=6, n_features=7)
+    rows = utils.training_rows(pairs.to(CPU), "table")
+    rows.X = rows.X.double()
+    g = torch.Generator().manual_seed(1)
+    V = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert rows.X.shape[0] <= 6 and rows.chosen is not None
+    assert torch.autograd.gradcheck(lambda V, W: utils.user_scores(rows, V, W, pairs.user), (V, W))
+
+
+def test_form_is_chosen_by_shapes():
+    shared = shared_table_pairs()                       # 210 pairs on 16 rows: the table form
+    assert utils.training_rows(shared).chosen is not None
+    table = torch.randn(500, 4)                         # 3 pairs on 6 of 500 rows: the pair rows
+    few = utils.pack(utils.Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([1, 2, 3]),
+                                 rejected=torch.tensor([4, 5, 6])))
+    rows = utils.training_rows(few)
+    assert rows.chosen is None and torch.equal(rows.X, table[[1, 2, 3]] - table[[4, 5, 6]])
+    with pytest.raises(InputError, match="table-form Pairs"):
+        utils.training_rows(utils.pack(few.split()), "table")
+    with pytest.raises(InputError, match="form must be"):
+        utils.training_rows(few, "dense")
+
+
+def test_fewshot_fit_table_form_equals_pair_form():
+    pairs, V = shared_table_pairs(seed=3), torch.randn(10, 4)
+    W = {form: fit(utils.PersonalizeBatch, form, pairs, 30, 10, 4, 80, 0.1, CPU, V=V) for form in ("table", "pairs")}
+    torch.testing.assert_close(torch.stack(W["table"]), torch.stack(W["pairs"]), rtol=1e-5, atol=1e-5)
+    # a method's few-shot fit on the table form (projected used rows) equals the one on difference rows
+    method = utils.get_method("lore")(4, 0.0, None, CPU, fewshot_iters=80)
+    method.V = V
+    U = {}
+    for name, p in (("table", pairs), ("rows", utils.pack(pairs.split()))):
+        torch.manual_seed(0)
+        U[name] = method.fit_users(p)
+    # the rows are x = phi(chosen) - phi(rejected): the table form must fit on both sides, not one
+    torch.testing.assert_close(U["table"], U["rows"], rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_streams_in_chunks(monkeypatch):
+    pairs, V = shared_table_pairs(seed=4), torch.randn(10, 3)
+    W = torch.softmax(torch.randn(30, 3), -1)
+    margins = (pairs.rows() @ V * W[pairs.user]).sum(-1)                           # [P], the loop-free reference
+    ref = np.array([(margins[pairs.user == i] > 0).double().mean().item() for i in range(30)])
+    method = utils.get_method("lore")(3, 0.0, None, CPU)
+    method.V = V
+    monkeypatch.setattr(lore.methods, "CHUNK", 17)    # 210 pairs in 13 chunks, users split across chunks
+    np.testing.assert_allclose(utils.accuracy(method, pairs, W), ref)
+    np.testing.assert_allclose(utils.per_user_accuracy(pairs, V, W), ref)
+    np.testing.assert_allclose(utils.per_user_accuracy(utils.pack(pairs.split()), V, W), ref)
+    torch.testing.assert_close(utils.pair_margins(method, pairs, W), margins)
+
+
+def test_shard_users_splits_users_into_blocks():
+    pairs = shared_table_pairs(n_users=7, per_user=3)
+    shards = [utils.shard_users(pairs, r, 3) for r in range(3)]
+    assert [sorted(set(s.user.tolist())) for s in shards] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert all(s.shard and s.n_users == 7 for s in shards)
+    assert torch.equal(torch.cat([s.chosen for s in shards]), pairs.chosen)
+
+
+# ---- two processes ----------------------------------------------------------------------------
+
+PLLM = os.path.join(REPO, "PersonalLLM")
+TINY = ["--prompts-train", "200", "--prompts-test", "50", "--features", "16", "--n-users", "40",
+        "--n-unseen", "12", "--train-frac", "0.1", "--pool-frac", "0.1", "--test-frac", "0.2",
+        "--seen-test-prompts", "7"]
+RUN = ["--method", "lore,lore_regularized", "--iters", "30", "--fewshot-iters", "30", "--device", "cpu"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+SCRIPTS = {"train_basis": ["--k-list", "0,2,3", "--fewshot-pairs", "5"],
+           "vary_fewshot": ["--k-list", "2,3", "--shots", "1,3", "--trials", "2"]}
+
+
+def _rank(rank, world, port, data, out):
+    """One torchrun-style process: both scripts, as `torchrun --nproc_per_node=2` would start them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    for script, extra in SCRIPTS.items():
+        module = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_{rank}")
+        module.main(module.parse_args(["--data", data, *RUN, *extra, "--out", os.path.join(out, script)]))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    prepare = load_script(os.path.join(PLLM, "prepare.py"), "personalllm_prepare_scale")
+    out = str(tmp_path_factory.mktemp("scale") / "data")
+    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *TINY]))
+    return out
+
+
+def test_two_processes_give_the_records_of_one(data, tmp_path):
+    mp.start_processes(_rank, args=(2, _free_port(), data, str(tmp_path / "two")), nprocs=2, join=True,
+                       start_method="spawn")
+    for script, extra in SCRIPTS.items():
+        one = load_script(os.path.join(PLLM, f"{script}.py"), f"personalllm_{script}_one")
+        records = one.main(one.parse_args(["--data", data, *RUN, *extra, "--out", str(tmp_path / "one" / script)]))
+        two = json.load(open(tmp_path / "two" / script / "results.json"))
+        assert len(two) == len(records) > 0
+        for a, b in zip(records, two):
+            assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
+                   {k: v for k, v in b.items() if not isinstance(v, float)}
+            for k, v in a.items():
+                if isinstance(v, float):
+                    assert b[k] == pytest.approx(v, abs=1e-6), (script, a, k)
+        # rank 0 wrote the outputs (the same files as one process); rank 1 left nothing behind
+        assert sorted(os.listdir(tmp_path / "two" / script)) == sorted(os.listdir(tmp_path / "one" / script))
+    assert sorted(f for f in os.listdir(tmp_path / "two") if not f.startswith(".")) == sorted(SCRIPTS)
+
+
+def test_seen_test_sample_is_drawn_and_stated(data):
+    info = json.load(open(os.path.join(data, "data.json")))
+    assert info["test_sample"] == {"test_prompts": 50, "seen_test_prompts_per_user": 7,
+                                   "unseen_test_prompts_per_user": 10, "seen_test_is_sample": True}
+    pairs = pd.read_parquet(os.path.join(data, "pairs.parquet"))
+    seen_test = pairs[pairs["set"] == "seen_test"]
+    assert (seen_test.groupby("user").size() == 7).all() and seen_test["user"].nunique() == 40
+    assert (seen_test.groupby("user")["prompt"].nunique() == 7).all()        # without replacement
+    assert (pairs[pairs["set"] == "unseen_test"].groupby("user").size() == 10).all()
+
+
+def test_simulated_pairs_of_drawn_prompts_equal_the_dense_choices():
+    np.random.seed(0)
+    rewards, W = np.random.randn(30, 8, 10), np.random.dirichlet(np.ones(10), 9)
+    best, worst = utils._simulate_choices(rewards, W)                              # [N, S] every prompt
+    np.random.seed(1)
+    sim = utils.simulate_pairs(rewards, W, 0.5, per_user=4)
+    assert len(sim["user"]) == 9 * 4
+    p, u = sim["prompt"], sim["user"]
+    assert torch.equal(sim["chosen"], p * 8 + best[u, p]) and torch.equal(sim["rejected"], p * 8 + worst[u, p])
+    with pytest.raises(InputError, match="31 prompts per user, but there are 30"):
+        utils.simulate_pairs(rewards, W, 0.5, per_user=31)
