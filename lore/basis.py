@@ -130,7 +130,11 @@ def basis_report(V, W=None, v_ref=None, acc=None, acc_ref=None, setting=None, se
             raise InputError(f"W has shape {tuple(W.shape)}, expected [users, K={K}]")
         N = W.shape[0]
         report["N"] = N
-        R = V @ W.T                                                                # [F, N]
+        # the reward vectors V w_i in an orthonormal basis Q of V's span (V = Q B): the same norms,
+        # cosines and singular values as V W^T [F, N] at K / F of its size (at 1e5 users and F = 2048
+        # the [F, N] matrix and its SVD took GBs and minutes)
+        Q, B = np.linalg.qr(V)                                                     # [F, K], [K, K]
+        R = B @ W.T                                                                # [K, N]
         report["user_effective_rank"], s_users = effective_rank(R)
         report["user_rank_95"] = energy_rank(s_users)
         report["user_singular_values"] = s_users[:K].tolist()  # R = V W^T has rank <= K
@@ -138,10 +142,10 @@ def basis_report(V, W=None, v_ref=None, acc=None, acc_ref=None, setting=None, se
         report["usage"] = usage
         report["columns_in_use"] = int(sum(share >= IN_USE_SHARE for share in usage["top_share"]))
         r_norms = np.linalg.norm(R, axis=0)                                        # [N]
-        R_unit = R / np.where(r_norms > 0, r_norms, 1.0)                           # [F, N]
+        R_unit = R / np.where(r_norms > 0, r_norms, 1.0)                           # [K, N]
         report["diversity"] = _pairwise_cosines(R_unit, seed)
         if v_ref is not None:
-            c = R_unit.T @ v / max(np.linalg.norm(v), 1e-300)                      # [N]
+            c = R_unit.T @ (Q.T @ v) / max(np.linalg.norm(v), 1e-300)              # [N]
             report["user_cos_ref"] = _quantiles(c)
         top = int(np.argmax(usage["top_share"]))
         if K > 1 and usage["top_share"][top] >= COLLAPSE_SHARE:
