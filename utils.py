@@ -181,6 +181,14 @@ def training_rows(pairs, form=None):
     return _Rows(X, chosen, rejected, shard=pairs.shard)
 
 
+def _all_ranks_sum(X, value):
+    """A step's data loss summed over the torchrun ranks when X is one rank's shard (for the loss
+    curve: the same curve in one process and in several)."""
+    if getattr(X, "shard", False):
+        dist.all_reduce(value)
+    return value
+
+
 class LoRe(nn.Module):
     """Joint Adam on (V, W), full batch:
         sum_i mean_{x in X_i} -log sigmoid(x^T V w_i / 100) + alpha sum_j ||V_j - v_ref||^2
@@ -228,10 +236,10 @@ class LoRe(nn.Module):
     def step(self, X, user, weight):
         """One Adam step on packed pairs: X [P, F] or _Rows, user [P], weight [P] (1 / pairs of the user)."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = bt_nll(user_scores(X, self.V, simplex(self.W), user), weight) + self.regularizer()
-        loss.backward()
+        nll, reg = bt_nll(user_scores(X, self.V, simplex(self.W), user), weight), self.regularizer()
+        (nll + reg).backward()
         self.optimizer.step()
-        return loss.detach()
+        return _all_ranks_sum(X, nll.detach()) + reg.detach()   # the loss of every rank's users
 
 
 class LoRe_regularized(nn.Module):
@@ -302,11 +310,11 @@ class LoRe_regularized(nn.Module):
         bt_nll(mix(Z, simplex(self.W), user), weight).backward()
         self.optimizer_W.step()
         self.optimizer_V.zero_grad(set_to_none=True)
-        loss_V = bt_nll(user_scores(X, self.V, simplex(self.W).detach(), user, Z), weight)
-        loss_V = loss_V + alpha_t * self.regularizer()   # alpha_t = 0 adds exactly nothing
-        loss_V.backward()
+        nll_V = bt_nll(user_scores(X, self.V, simplex(self.W).detach(), user, Z), weight)
+        reg = alpha_t * self.regularizer()   # alpha_t = 0 adds exactly nothing
+        (nll_V + reg).backward()
         self.optimizer_V.step()
-        return loss_V.detach()
+        return _all_ranks_sum(X, nll_V.detach()) + reg.detach()   # the loss of every rank's users
 
 
 def _start(model, pairs):

@@ -95,8 +95,8 @@ def test_baselines_record_their_curves(small, name):
     ("lore", {"iters": 50}, 1e30, "overflowed Adam's second moment"),
     ("lore", {"iters": 50}, 1e20, "overflowed Adam's second moment"),
     ("lore_regularized", {"iters": 50}, 1e30, "overflowed Adam's second moment"),
-    ("pal", {"dim": 16, "lr": 1e10, "proto_lr": 1e10, "w_lr": 1e10, "scale_lr": 1e10}, None, "pal(K=2) with"),
-    ("vpl", {"hidden": 16, "lr": 1e10}, None, "vpl(K=2) with"),
+    ("pal", {"dim": 16, "lr": 1e6, "proto_lr": 1e6, "w_lr": 1e6, "scale_lr": 1e6}, None, "pal(K=2) with"),
+    ("vpl", {"hidden": 16, "lr": 1e6}, None, "vpl(K=2) with"),
 ])
 def test_diverged_or_unmoved_fit_is_an_error_naming_method_and_hyperparameters(small, name, hp, alpha, message):
     d = planted_table(n_items=100, n_seen=6, n_unseen=3, n_train=8, n_fewshot=4, n_test=4)
