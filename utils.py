@@ -16,7 +16,7 @@ Shape alphabet, used in the comments of every tensor line that matters (here and
 This file is the method: the models, LoRe's entries in the method registry, the sweeps and the
 reference API, in that order. Everything beyond it lives in the package lore/, one module per
 concern, and never imports this file; the names below are re-exported so that `utils.NAME` works
-for every public name of the project (docs/api.md lists them by module).
+for every public name of the project (docs/method.md, "Where each name lives", lists them by module).
 """
 import contextlib
 import hashlib
