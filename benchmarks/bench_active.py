@@ -21,7 +21,6 @@ Prints the tables; writes them as JSON to --out (default: stdout only).
 """
 import argparse
 import itertools
-import json
 import os
 import sys
 import time

@@ -49,7 +49,7 @@ def child(timings_path, train_flags):
     timed, and write {total, training_loops, checks} seconds to timings_path."""
     sys.path.insert(0, ROOT)
     import importlib.util
-    import utils
+    import utils  # noqa: F401  (loads utils and lore's modules, whose functions are timed below)
     spent = {"training_loops": 0.0, "checks": 0.0}
     depth = {"checks": 0}
 

@@ -29,7 +29,6 @@ the run ends:
     loss_curves.png   the loss curve of every refit
     config.json       the resolved flags
 """
-import json
 import os
 import sys
 
