@@ -10,79 +10,44 @@ Shape alphabet, used in the comments of every tensor line that matters (here and
     P  preference pairs, all users' packed together (row p belongs to user[p])
     F  features: the reward model's hidden size (4096 for Llama-3.1-8B)
     K  rank: number of shared reward directions, the columns of V
+    Q  a method's per-user parameters (K simplex weights for LoRe): U [N, Q]
+    D  a method's item features (K projections for LoRe)
     E  rows of an embedding table (one per distinct conversation)
     S  prompts;  R  responses per prompt;  M  reward models (PersonalLLM's 10 scorers)
 
-This file is the method: the models, LoRe's entries in the method registry, the sweeps and the
-reference API, in that order. Everything beyond it lives in the package lore/, one module per
-concern, and never imports this file; the names below are re-exported so that `utils.NAME` works
-for every public name of the project (docs/method.md, "Where each name lives", lists them by module).
+This file is the method, top to bottom: the loss; the models LoRe, LoRe_regularized and
+PersonalizeBatch and their fits; LoRe's entries in the method registry; the sweeps over K and
+alpha; the reference API of the original code (its names, argument orders and defaults). What a
+step reads and how steps run (lore.steps), torchrun (lore.distributed), and everything beyond the
+method live in the package lore/, which never imports this file: import those names from there.
 """
-import contextlib
-import hashlib
-import json
 import os
-import tempfile
-from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.distributed as dist
-import torch.optim as optim
 from tqdm.auto import tqdm
 
-from lore.checks import (_check_alpha, _check_matrix, _check_v_ref, _int_list, _is_int, _short, check_count,
-    check_hparam, check_rate, check_seed, check_tensor, InputError, MAX_COUNT, MAX_RATE, MAX_SEED,
-    resolve_device, set_seed)
-from lore.io import (check_folder_writable, hub_reachable, load_splits, load_tensors, read_json, read_jsonl,
-    read_metadata, read_table, save_tensors, write_json, write_table)
-from lore.pairs import (pack, Pairs, project_rows, SETS)
-from lore.methods import (accuracy, checked_fit, checked_fit_users, checkpoint_name, CHUNK, converged,
-    CONVERGED_FALL, CURVE_POINTS, featurize, get_method, last_tenth_fall, load_method, LossCurve, Method,
-    method_basis, method_features, METHODS, mix, pair_features, pair_margins, per_user_accuracy, recording,
-    register, save_method, simplex)
-from lore.baselines import (PAL, PAL_LOGIT_SCALE_INIT, PAL_MAX_SCALE, VPL, VPL_ANNEAL_BASELINE,
-    VPL_MAX_GRAD_NORM, VPL_SLOPE)
-from lore.pca import (least_squares_weights, PCA, principal_basis, principal_directions, second_moment_apply)
-from lore.active import (active_shots, check_active, check_select, every_pair, fisher_weight, information,
-    margin_gradients, pick_per_user, posterior_precision, SELECTIONS)
-from lore.basis import (basis_report, basis_report_records, COLLAPSE_COS, COLLAPSE_RANK, COLLAPSE_SHARE,
-    DIVERSITY_MAX_PAIRS, effective_rank, energy_rank, fit_new_users, format_basis_report,
-    format_interpretation, IN_USE_SHARE, interpret_basis, score_conversations, score_items, TEXT_CHARS)
-from lore.data import (Data, DATA_FILES, data_identity, load_data, oracle_accuracies, table_pairs,
-    write_data_folder)
-from lore.compare import (basis_stability, BOOTSTRAP, bootstrap_ci, build, CI_LEVEL, compare, draw_configs,
-    FIXED_ROWS, gain_verdict, paired, principal_angles, refit, row, search, seed_fit, set_tuned_defaults,
-    STABLE_OVERLAP, subset_users, TRUSTED_SETS, TUNED_DEFAULTS, validate, VALIDATION_FRACTION,
-    validation_split)
-from lore.results import (comparison_table, plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports,
-    plot_loss_curves, pyplot, save_basis_reports, save_comparison, save_figure, save_loss_curves, save_oracle,
-    save_results)
-from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, cache_path,
-    check_shots, command_line, config_of, data_files_arg, float_list, folder_lock, fraction, hparam_type,
-    link_into, MANIFEST, method_hparams, method_list, nonnegative_float, nonnegative_int, positive_float,
-    positive_int, rank_list, recover_folder, run_folder, seed_int, select_list, shot_list, start_run)
-from lore.extract import (_all_ranks, _distributed, DEFAULT_MODEL, embed_conversations, is_main_process,
-    load_reward_model, read_reward_head)  # noqa: F401  (re-exported)
-from lore.data import (Data, DATA_FILES, load_data, oracle_accuracies, table_pairs, write_data_folder)
-from lore.results import (plot_accuracy_vs_rank, plot_accuracy_vs_shots, plot_basis_reports, save_results,
-    save_basis_reports, save_oracle)
-from lore.cli import (add_prepare_args, add_shots_args, add_sweep_args, ArgumentParser, command_line,
-    config_of, data_files_arg, float_list, folder_lock, fraction, method_hparams, method_list,
-    nonnegative_float, nonnegative_int, positive_float, positive_int, rank_list, run_folder, shot_list,
-    start_run)
-from lore.extract import (_all_ranks, _distributed, DEFAULT_MODEL, embed_conversations, is_main_process,
-    load_reward_model, read_reward_head)  # noqa: F401  (re-exported)
+from lore import distributed, steps
+from lore.active import active_shots, check_active, check_select
+from lore.basis import basis_report
+from lore.checks import (InputError, check_alpha, check_matrix, check_v_ref, int_list, is_int, resolve_device,
+                         seed_fit, short_repr)
+from lore.data import data_identity
+from lore.io import check_folder_writable, write_json
+from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
+                          checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
+                          per_user_accuracy, save_method, simplex, user_margins)
+from lore.pairs import SETS, Pairs, pack
+from lore.pca import least_squares_weights, principal_basis
 
-TEMPERATURE = 100.0      # logits are x^T V w / 100: part of the method, not a tuning knob
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
 STD_FACTOR = 0.25        # the reference reports std across users times 0.25
 
 
 # ----------------------------------------------------------------------------------------------
-# Models: the loss, LoRe, LoRe_regularized, PersonalizeBatch
+# The loss and the models: LoRe, LoRe_regularized, PersonalizeBatch
 # ----------------------------------------------------------------------------------------------
 
 def bt_nll(s, weight):
@@ -90,185 +55,135 @@ def bt_nll(s, weight):
     return -(F.logsigmoid(s / TEMPERATURE) * weight).sum()
 
 
-def user_scores(X, V, W, user, Z=None):
-    """mix(X V, W, user) -> [P], differentiable in V and W, reading X once forward and once
-    backward. X: the pair rows [P, F] or _Rows (either form). Z: X V when it is already computed
-    for this very V (skips the forward read)."""
-    return _UserScores.apply(_as_rows(X), V, W, user, Z)
+def user_mean_weights(pairs):
+    """Each pair weighs 1 / (its user's pairs): every user weighs the same (LoRe's loss)."""
+    return 1.0 / pairs.counts()[pairs.user].float()                                # [P]
 
 
-class _UserScores(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, rows, V, W, user, Z):
-        Z = rows.project(V) if Z is None else Z                                    # [P, K]
-        ctx.rows = rows
-        ctx.save_for_backward(Z, W, user)
-        return mix(Z, W, user)                                                     # [P]
-
-    @staticmethod
-    def backward(ctx, g):                                                          # g [P]
-        Z, W, user = ctx.saved_tensors
-        dV = ctx.rows.grad_V(g, W, user) if ctx.needs_input_grad[1] else None      # [F, K]
-        dW = None
-        if ctx.needs_input_grad[2]:
-            dW = torch.zeros_like(W).index_add_(0, user, g[:, None] * Z)            # [N, K]
-        return None, dV, dW, None, None
+def pair_mean_weights(pairs):
+    """Each pair weighs 1 / (all pairs, every rank's for a shard): every pair weighs the same
+    (LoRe_regularized's loss)."""
+    n = distributed.sum_over_shards(torch.tensor(float(len(pairs)), dtype=torch.float64, device=pairs.device),
+                                    pairs.shard)
+    return torch.full((len(pairs),), 1.0 / n.item(), device=pairs.device)                      # [P]
 
 
-@dataclass
-class _Rows:
-    """What a training step reads. Pair form: X [P, F], the difference rows of the pairs. Table
-    form: X [E', F], the rows of the embedding table that the pairs use, and each pair's chosen
-    and rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads
-    E' rows instead of P, which is what makes many users rating the same responses cheap."""
-    X: torch.Tensor
-    chosen: torch.Tensor = None            # [P] long rows of X (table form only)
-    rejected: torch.Tensor = None          # [P]
-    shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
+class FitModule(nn.Module):
+    """An nn.Module whose train(X, ...) fits it to X and returns the fit, as the original's models
+    do; train(mode) with a bool is still nn.Module's (eval() calls train(False))."""
 
-    def project(self, V):
-        """-> x_p^T V [P, K]."""
-        Z = project_rows(self.X, V)                                                # [P or E', K]
-        if self.chosen is None:
-            return Z
-        return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
-
-    def grad_V(self, g, W, user):
-        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X; summed over the
-        torchrun ranks for a shard (the regularizer's gradient, the same on every rank, is not)."""
-        dV = self._grad_V(g, W, user)
-        if self.shard:
-            dist.all_reduce(dV)
-        return dV
-
-    def _grad_V(self, g, W, user):
-        if self.chosen is not None:
-            # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
-            # chosen row, - on the rejected one (index_add, no loop)
-            Gp = g[:, None] * W.index_select(0, user)                              # [P, K]
-            G = torch.zeros(len(self.X), Gp.shape[1], device=Gp.device, dtype=Gp.dtype)
-            G.index_add_(0, self.chosen, Gp).index_add_(0, self.rejected, Gp, alpha=-1)  # [E', K]
-            return (G.t() @ self.X).t()          # as [K, E'] [E', F]: X^T G is ~10x slower on CPU
-        if self.X.is_cuda:
-            return self.X.t() @ (g[:, None] * W[user])                             # [F, K]
-        # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
-        # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
-        # default X^T G ~10x.
-        A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user), device=user.device)]), g,
-                                    (len(W), len(user)), check_invariants=False)
-        return (A @ self.X).t() @ W                                                # [F, N] [N, K]
+    def train(self, X=True, *args):
+        return super().train(X) if isinstance(X, bool) else self.fit(X, *args)
 
 
-def _as_rows(X):
-    return X if isinstance(X, _Rows) else _Rows(X)
+class LowRankModel(FitModule):
+    """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
+    as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
+    any device), the pairs checked against the sizes the model was built for, and init="svd"."""
+    form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
+
+    def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
+        super().__init__()
+        self.device = resolve_device(device)
+        self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
+        self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
+        self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
+
+    def packed(self, X):
+        """X (a list of [m_i, F] or Pairs) as checked Pairs of this model's users and F."""
+        pairs = pack(X, "features", self.device)
+        if pairs.n_users != self.n_users or pairs.n_features != self.n_features:
+            raise InputError(f"the model was built for {self.n_users} users x F={self.n_features}, the "
+                             f"data has {pairs.n_users} users x F={pairs.n_features}")
+        return pairs
+
+    def column(self, v_ref):
+        """v_ref as an [F, 1] column of this model's F, on its device."""
+        v = check_v_ref(v_ref)                                                     # [F, 1]
+        if v.shape[0] != self.n_features:
+            raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={self.n_features}")
+        return v.to(self.device)
+
+    def start(self, pairs):
+        """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
+        oriented, scaled to a root-mean-square margin of TEMPERATURE) and W the logits of every
+        user's least-squares simplex weights on them (margins fitted to TEMPERATURE): a function of
+        the data alone, so every seed starts (and, full batch, ends) at the same basis.
+        init="random": the draws of __init__, untouched."""
+        if self.init == "random":
+            return
+        if self.init != "svd":
+            raise InputError(f"init must be 'random' or 'svd', got {self.init!r}")
+        if pairs.shard:   # each process would start from the basis of its own users
+            raise InputError("init=svd reads every seen user's pairs: run it in one process (not under torchrun)")
+        with torch.no_grad():
+            V = principal_basis(pairs, self.K, TEMPERATURE)                        # [F, K]
+            w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
+            self.V.copy_(V)
+            self.W.copy_(w.clamp_min(1e-3).log())   # softmax(log w) = w; 1e-3 keeps the logits finite
 
 
-def training_rows(pairs, form=None):
-    """The _Rows a training step reads for checked Pairs. form: "pairs" (the [P, F] difference
-    rows), "table" (the E' table rows the pairs use, float32, with the pairs' indices into them;
-    table-form Pairs only) or None: the table form when it reads fewer rows (E' < P), as when many
-    users rate the same responses. Both give the same fit up to float rounding."""
-    if form not in (None, "pairs", "table"):
-        raise InputError(f"form must be 'pairs', 'table' or None, got {form!r}")
-    if pairs.X is not None:
-        if form == "table":
-            raise InputError("form='table' needs table-form Pairs (an embedding table and row indices)")
-        return _Rows(pairs.X, shard=pairs.shard)
-    used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
-    if form == "pairs" or (form is None and len(used) >= len(pairs)):
-        return _Rows(pairs.rows(), shard=pairs.shard)                              # [P, F]
-    X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
-    return _Rows(X, chosen, rejected, shard=pairs.shard)
-
-
-def _all_ranks_sum(X, value):
-    """A step's data loss summed over the torchrun ranks when X is one rank's shard (for the loss
-    curve: the same curve in one process and in several)."""
-    if getattr(X, "shard", False):
-        dist.all_reduce(value)
-    return value
-
-
-class LoRe(nn.Module):
+class LoRe(LowRankModel):
     """Joint Adam on (V, W), full batch:
         sum_i mean_{x in X_i} -log sigmoid(x^T V w_i / 100) + alpha sum_j ||V_j - v_ref||^2
-    (every user weighs the same). V, W ~ N(0, 1), or with init="svd" _start's deterministic start.
-    train(X) -> (softmax(W) [N, K], V [F, K]).
-    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
-    form = None
+    (every user weighs the same). V, W ~ N(0, 1), or with init="svd" the deterministic start.
+    train(X) -> (softmax(W) [N, K], V [F, K])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
-        super().__init__()
-        self.device = resolve_device(device)
-        self.alpha, self.num_iterations, self.init = alpha, num_iterations, init
-        self.num_classes, self.num_features = num_classes, num_features
-        self.num_basis_vectors = num_basis_vectors
-        self.V_sft = None if V_sft is None else _as_column(V_sft, num_features).to(self.device)
-        if self.V_sft is None and _check_alpha(alpha, "LoRe"):
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn)
+        self.alpha = alpha
+        self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
+        if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
-        # drawn on the CPU generator, then moved: the same seed gives the same start on any device
-        self.W = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))
-        self.V = nn.Parameter(torch.randn(num_features, num_basis_vectors).to(self.device))
-        self.optimizer = _adam(self.parameters(), learning_rate, self.device)
+        self.optimizer = steps.adam(self.parameters(), learning_rate, self.device)
 
     def regularizer(self):
         if self.alpha == 0:
             return torch.zeros((), device=self.device)
-        return self.alpha * ((self.V - self.V_sft) ** 2).sum()   # [F, K] - [F, 1]: column by column
+        return self.alpha * ((self.V - self.v_ref) ** 2).sum()   # [F, K] - [F, 1]: column by column
 
     def forward(self, X):
         """-> (nll, alpha * sum_j ||V_j - v_ref||^2) on X (a list of [m_i, F] or Pairs)."""
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        s = mix(pairs.project(self.V), simplex(self.W), pairs.user)                 # [P]
-        return bt_nll(s, _per_user_mean(pairs)), self.regularizer()
+        pairs = self.packed(X)
+        s = user_margins(pairs.project(self.V), simplex(self.W), pairs.user)       # [P]
+        return bt_nll(s, user_mean_weights(pairs)), self.regularizer()
 
-    def train(self, X):
-        if isinstance(X, bool):  # nn.Module.eval() calls train(False)
-            return super().train(X)
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        _start(self, pairs)
-        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_user_mean(pairs)   # rows, [P], [P]
-        _loop(self.num_iterations, lambda: self.step(X, user, weight), self.device,
-              f"LoRe K={self.num_basis_vectors}")
-        return _gather_users(simplex(self.W).detach(), pairs), self.V.detach()
+    def fit(self, X):
+        pairs = self.packed(X)
+        self.start(pairs)
+        X, user, weight = steps.training_rows(pairs, self.form), pairs.user, user_mean_weights(pairs)   # rows, [P], [P]
+        steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}")
+        return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
-        """One Adam step on packed pairs: X [P, F] or _Rows, user [P], weight [P] (1 / pairs of the user)."""
+        """One Adam step on packed pairs: X [P, F] or TrainingRows, user [P], weight [P]."""
         self.optimizer.zero_grad(set_to_none=True)
-        nll, reg = bt_nll(user_scores(X, self.V, simplex(self.W), user), weight), self.regularizer()
+        nll, reg = bt_nll(steps.user_scores(X, self.V, simplex(self.W), user), weight), self.regularizer()
         (nll + reg).backward()
         self.optimizer.step()
-        return _all_ranks_sum(X, nll.detach()) + reg.detach()   # the loss of every rank's users
+        return steps.data_loss(X, nll) + reg.detach()   # the loss of every rank's users
 
 
-class LoRe_regularized(nn.Module):
+class LoRe_regularized(LowRankModel):
     """Alternating Adam (two optimizers, same lr): each step first updates W with V fixed on
         mean over all pairs of -log sigmoid(x^T V w_user / 100)      (every pair weighs the same)
     then V with W fixed on that loss + alpha_t * mean_j (1 - cos(V_j, v_ref)), alpha_t warmed up
     (0 for the first 20% of the steps, linear to alpha by 80%). W ~ U(0, 1), V ~ N(0, 1). After
     training, directions with max_i softmax(W)_ij < 1e-2 are dropped (the kept columns are not
-    renormalized). init="svd": _start's deterministic start instead.
-    train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K']).
-    form: how a step reads the pairs, see training_rows (None: the cheaper by shapes)."""
-    form = None
+    renormalized). init="svd": the deterministic start instead.
+    train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
-        super().__init__()
-        self.device = resolve_device(device)
-        self.alpha, self.num_iterations, self.learning_rate = alpha, num_iterations, learning_rate
-        self.init = init
-        self.num_classes, self.num_features = num_classes, num_features
-        self.num_basis_vectors = num_basis_vectors
-        self.V_sft_norm = F.normalize(_as_column(V_sft, num_features), dim=0).to(self.device)
-        self.W = nn.Parameter(torch.rand(num_classes, num_basis_vectors).to(self.device))
-        self.V = nn.Parameter(torch.randn(num_features, num_basis_vectors).to(self.device))
-        self.optimizer_W = _adam([self.W], learning_rate, self.device)
-        self.optimizer_V = _adam([self.V], learning_rate, self.device)
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand)
+        self.alpha = alpha
+        self.v_ref_unit = F.normalize(self.column(V_sft), dim=0)                   # [F, 1]
+        self.optimizer_W = steps.adam([self.W], learning_rate, self.device)
+        self.optimizer_V = steps.adam([self.V], learning_rate, self.device)
 
     def alpha_at_step(self, step):
-        start, end = int(0.2 * self.num_iterations), int(0.8 * self.num_iterations)
+        start, end = int(0.2 * self.iters), int(0.8 * self.iters)
         if step < start:
             return 0.0
         if step >= end:
@@ -277,66 +192,43 @@ class LoRe_regularized(nn.Module):
 
     def regularizer(self):
         """mean_j (1 - cos(V_j, v_ref))."""
-        return (1 - (F.normalize(self.V, dim=0) * self.V_sft_norm).sum(0)).mean()
+        return (1 - (F.normalize(self.V, dim=0) * self.v_ref_unit).sum(0)).mean()
 
     def forward(self, X, alpha_curr=0.0):
         """-> (nll, alpha_curr * mean_j (1 - cos(V_j, v_ref))) on X (a list of [m_i, F] or Pairs)."""
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        nll = bt_nll(mix(pairs.project(self.V), simplex(self.W), pairs.user), _per_pair_mean(pairs))
+        pairs = self.packed(X)
+        nll = bt_nll(user_margins(pairs.project(self.V), simplex(self.W), pairs.user), pair_mean_weights(pairs))
         return nll, alpha_curr * self.regularizer()
 
-    def train(self, X):
-        if isinstance(X, bool):  # nn.Module.eval() calls train(False)
-            return super().train(X)
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        _start(self, pairs)
-        X, user, weight = training_rows(pairs, self.form), pairs.user, _per_pair_mean(pairs)   # rows, [P], [P]
+    def fit(self, X):
+        pairs = self.packed(X)
+        self.start(pairs)
+        X, user, weight = steps.training_rows(pairs, self.form), pairs.user, pair_mean_weights(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
-        _loop(self.num_iterations, lambda: self.step(X, user, weight, alpha_t), self.device,
-              f"LoRe_regularized K={self.num_basis_vectors}",
-              before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
-        W = _gather_users(simplex(self.W).detach(), pairs)                         # [N, K]
+        steps.training_loop(self.iters, lambda: self.step(X, user, weight, alpha_t), self.device,
+                      f"LoRe_regularized K={self.K}", before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
+        W = distributed.gather_users(simplex(self.W).detach(), pairs)                          # [N, K]
         kept = W.max(dim=0).values >= PRUNE_THRESHOLD                              # [K]
-        print(f"kept {int(kept.sum())}/{self.num_basis_vectors} directions "
-              f"(max user weight >= {PRUNE_THRESHOLD})")
+        print(f"kept {int(kept.sum())}/{self.K} directions (max user weight >= {PRUNE_THRESHOLD})")
         return W[:, kept], self.V.detach()[:, kept]
 
     def step(self, X, user, weight, alpha_t):
         """Update W with V fixed, then V with the new W fixed. V is the same in both half-steps, so
         one projection serves both: one read of X forward, one in the V update's backward."""
         with torch.no_grad():
-            Z = _as_rows(X).project(self.V)                                        # [P, K]
+            Z = steps.as_rows(X).project(self.V)                                         # [P, K]
         self.optimizer_W.zero_grad(set_to_none=True)
-        bt_nll(mix(Z, simplex(self.W), user), weight).backward()
+        bt_nll(user_margins(Z, simplex(self.W), user), weight).backward()
         self.optimizer_W.step()
         self.optimizer_V.zero_grad(set_to_none=True)
-        nll_V = bt_nll(user_scores(X, self.V, simplex(self.W).detach(), user, Z), weight)
+        nll_V = bt_nll(steps.user_scores(X, self.V, simplex(self.W).detach(), user, Z), weight)
         reg = alpha_t * self.regularizer()   # alpha_t = 0 adds exactly nothing
         (nll_V + reg).backward()
         self.optimizer_V.step()
-        return _all_ranks_sum(X, nll_V.detach()) + reg.detach()   # the loss of every rank's users
+        return steps.data_loss(X, nll_V) + reg.detach()   # the loss of every rank's users
 
 
-def _start(model, pairs):
-    """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
-    oriented, scaled to a root-mean-square margin of TEMPERATURE) and W the logits of every user's
-    least-squares simplex weights on them (margins fitted to TEMPERATURE): a function of the data
-    alone, so every seed starts (and, full batch, ends) at the same basis. init="random": the
-    draws of __init__, untouched."""
-    if model.init == "random":
-        return
-    if model.init != "svd":
-        raise InputError(f"init must be 'random' or 'svd', got {model.init!r}")
-    if pairs.shard:   # each process would start from the basis of its own users
-        raise InputError("init=svd reads every seen user's pairs: run it in one process (not under torchrun)")
-    with torch.no_grad():
-        V = principal_basis(pairs, model.num_basis_vectors, TEMPERATURE)           # [F, K]
-        w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
-        model.V.copy_(V)
-        model.W.copy_(w.clamp_min(1e-3).log())   # softmax(log w) = w; 1e-3 keeps the logits finite
-
-
-class PersonalizeBatch(nn.Module):
+class PersonalizeBatch(FitModule):
     """Few-shot weights of new users with V fixed:
         sum_i mean_{x in X_i} -log sigmoid(x^T V softmax(w_i) / 100),  w_i ~ N(0, 1), Adam.
     X is projected onto V once (table-form Pairs: the table rows they use, see Pairs.project);
@@ -348,135 +240,51 @@ class PersonalizeBatch(nn.Module):
                  device=None):
         super().__init__()
         self.device = resolve_device(device)
-        self.num_classes, self.num_features = num_classes, num_features
-        self.num_basis_vectors, self.num_iterations = num_basis_vectors, num_iterations
+        self.n_users, self.n_features, self.K, self.iters = num_classes, num_features, num_basis_vectors, num_iterations
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
-        self.optimizer = _adam(self.parameters(), learning_rate, self.device)
+        self.optimizer = steps.adam(self.parameters(), learning_rate, self.device)
+
+    def packed(self, X):
+        return LowRankModel.packed(self, X)
 
     def forward(self, X, V):
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
-        return bt_nll(mix(pairs.project(V.detach()), simplex(self.w), pairs.user), _per_user_mean(pairs))
+        pairs = self.packed(X)
+        return bt_nll(user_margins(pairs.project(V.detach()), simplex(self.w), pairs.user), user_mean_weights(pairs))
 
-    def train(self, X, V=None):
-        if isinstance(X, bool):  # nn.Module.eval() calls train(False)
-            return super().train(X)
-        pairs = _pack_for(X, self.num_classes, self.num_features, self.device)
+    def fit(self, X, V=None):
+        if V is None:
+            raise InputError("PersonalizeBatch.train(X, V): the basis V [F, K] is needed (V is fixed, only w is fitted)")
+        pairs = self.packed(X)
         with torch.no_grad():
-            rows = pairs if self.form is None else training_rows(pairs, self.form)
+            rows = pairs if self.form is None else steps.training_rows(pairs, self.form)
             Z = rows.project(V.detach().to(self.device, torch.float32))           # [P, K]
-        user, weight = pairs.user, _per_user_mean(pairs)                          # [P], [P]
-        _loop(self.num_iterations, lambda: self.step(Z, user, weight), self.device)
+        user, weight = pairs.user, user_mean_weights(pairs)                       # [P], [P]
+        steps.training_loop(self.iters, lambda: self.step(Z, user, weight), self.device)
         return list(simplex(self.w).detach())
 
     def step(self, Z, user, weight):
         """One Adam step on projected pairs Z = X V [P, K]."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss = bt_nll(mix(Z, simplex(self.w), user), weight)
+        loss = bt_nll(user_margins(Z, simplex(self.w), user), weight)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------
-# Steps: Adam and the training loop (a CUDA graph on GPU)
+# LoRe's entries in the method registry (lore.methods; PAL, VPL: lore.baselines; pca: lore.pca)
 # ----------------------------------------------------------------------------------------------
 
-def _adam(params, learning_rate, device):
-    return optim.Adam(params, lr=learning_rate, capturable=device.type == "cuda")
-
-
-_GRAPH_WARMUP = 3
-
-
-def _loop(num_iterations, step, device, desc=None, before=None):
-    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given;
-    step() returns the step's loss tensor, kept at ~100 evenly spaced steps (a LossCurve, collected
-    by lore.methods.recording) -> the curve {"step": [...], "loss": [...]}.
-    On CUDA the step is captured once as a CUDA graph and replayed: a step is ~100 small kernels
-    around two reads of X, and launching them one by one from Python takes longer than running
-    them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> docs/performance.md). The first steps run
-    eagerly on a side stream, as graph capture requires. The captured step's loss tensor is static:
-    each replay overwrites it, so the curve copies it right after the replay of a recorded step."""
-    graphed = device.type == "cuda" and num_iterations > _GRAPH_WARMUP
-    side, graph, loss = (torch.cuda.Stream(device), None, None) if graphed else (None, None, None)
-    curve = LossCurve(num_iterations)
-    # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
-    for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
-        if before is not None:
-            before(i)
-        if graph is not None:
-            graph.replay()
-            curve.add(i, loss)
-        elif graphed and i == _GRAPH_WARMUP:
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                loss = step()
-            graph.replay()
-            curve.add(i, loss)
-        elif graphed:
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                curve.add(i, step())   # the copy on the side stream, after the step that made it
-        else:
-            curve.add(i, step())
-    return curve.result()
-
-
-def _as_column(v, num_features):
-    v = _check_v_ref(v)                                                            # [F, 1]
-    if v.shape[0] != num_features:
-        raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={num_features}")
-    return v
-
-
-def _pack_for(X, num_classes, num_features, device):
-    pairs = pack(X, "features", device)
-    if pairs.n_users != num_classes or pairs.n_features != num_features:
-        raise InputError(f"the model was built for {num_classes} users x F={num_features}, the "
-                         f"data has {pairs.n_users} users x F={pairs.n_features}")
-    return pairs
-
-
-def _per_user_mean(pairs):
-    return 1.0 / pairs.counts()[pairs.user].float()                                # [P]
-
-
-def _per_pair_mean(pairs):
-    n = torch.tensor(float(len(pairs)), dtype=torch.float64, device=pairs.device)  # all ranks' pairs for a shard
-    if pairs.shard:
-        dist.all_reduce(n)
-    return torch.full((len(pairs),), 1.0 / n.item(), device=pairs.device)          # [P]
-
-
-def _gather_users(W, pairs):
-    """Rows [N, ...] (a tensor or numpy) of which a shard has only its own users' (the others kept
-    their start, or are 0/0): every rank gets every user's row, from the rank that holds its pairs."""
-    if not pairs.shard:
-        return W
-    t = torch.as_tensor(W, device=pairs.device)
-    own = (pairs.counts() > 0).view(-1, *[1] * (t.dim() - 1))                     # [N, 1]
-    t = torch.where(own, t, torch.zeros((), dtype=t.dtype, device=t.device))      # [N, K]: own users only
-    dist.all_reduce(t)
-    return t if isinstance(W, torch.Tensor) else t.cpu().numpy()
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRe's entries in the method registry (lore.methods.Method; PAL and VPL: lore.baselines)
-# ----------------------------------------------------------------------------------------------
-
-@register
-class LoReMethod(Method):
+class LoReMethod(LinearBasis):
     """LoRe as run() fits it: the LoRe model (joint Adam on V and W, users weighed equally, alpha
-    times the L2 pull of every column towards v_ref), new users by PersonalizeBatch. U = the users'
-    simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1] for everyone);
-    K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
-    name, min_K, uses_alpha, linear = "lore", 0, True, True
+    times the L2 pull of every column towards v_ref), new users by PersonalizeBatch (LinearBasis).
+    U = the users' simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1]
+    for everyone); K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
+    name, min_K, uses_alpha = "lore", 0, True
     defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random"}
-    choices = {"init": ("random", "svd")}   # the paper's random start, or _start's deterministic one
+    choices = {"init": ("random", "svd")}   # the paper's random start, or LowRankModel.start's deterministic one
     recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
-    model = LoRe
-    bt_scale = 1.0 / TEMPERATURE   # active selection (lore.active): P(chosen wins) = sigmoid(margin / 100)
+    model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
         "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
@@ -494,43 +302,9 @@ class LoReMethod(Method):
                            self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"])
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
         self.trainer = model   # its optimizer state, which checked_fit inspects
-        return _check_fitted(self, W, self.V)
-
-    def fit_users(self, pairs):
-        if self.V.shape[1] <= 1:
-            return torch.ones(pairs.n_users, self.V.shape[1], device=self.device)
-        # the pairs with their rows projected once: x^T V [P, K], or (table form) the used rows' [E', K]
-        projected = replace(featurize(self, pairs), featurized=None)
-        eye = torch.eye(self.V.shape[1], device=self.device)   # the basis of projected rows
-        fitw = PersonalizeBatch(pairs.n_users, eye.shape[0], eye.shape[1], self.hparams["fewshot_iters"],
-                                self.hparams["fewshot_lr"], self.device)
-        W = torch.stack(fitw.train(projected, eye))
-        return _check_fitted(self, W)
-
-    def item_features(self, rows):
-        return project_rows(rows.float(), self.V)                                  # [n, K]
-
-    def reward(self, Z, U):
-        return (Z * U).sum(-1)                                                     # [n]
-
-    def state(self):
-        return {"V": self.V}
-
-    def load_state(self, tensors):
-        self.V = tensors["V"].to(self.device, torch.float32)
-
-    # active selection (lore.active): a user's free parameters are its logits, the fit's own
-    def free_parameters(self, U):
-        return U.clamp_min(1e-12).log()   # [N, K]: softmax(log w) = w
-
-    def free_margin(self, theta, zc, zr):
-        return ((zc - zr) * simplex(theta)).sum(-1)
-
-    def free_prior(self):
-        return torch.zeros(self.V.shape[1], device=self.device), 1.0   # PersonalizeBatch's start, N(0, I)
+        return check_fitted(self, W, self.V)
 
 
-@register
 class LoReRegularizedMethod(LoReMethod):
     """LoRe as run_regularized() fits it: the LoRe_regularized model (alternating Adam, pairs
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
@@ -547,133 +321,8 @@ class LoReRegularizedMethod(LoReMethod):
         return super().fit(pairs)
 
 
-def _check_fitted(method, *tensors):
-    """A fit that diverged (a learning rate too large) gives NaN; say so rather than report it."""
-    if not all(torch.isfinite(t).all() for t in tensors):
-        raise InputError(f"{method}: the fit diverged (NaN or inf in the fitted parameters); lower the "
-                         f"learning rate (hyperparameters {method.hparams})")
-    if any(t.shape[-1] == 0 for t in tensors):
-        raise InputError(f"{method}: every direction was pruned (no user weighs any at least {PRUNE_THRESHOLD})")
-    return tensors[0]
-
-
 # ----------------------------------------------------------------------------------------------
-# Training and evaluation by the reference API
-# ----------------------------------------------------------------------------------------------
-
-def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
-                      learning_rate=0.01, device=None):
-    """LoRe with alpha * sum_j ||V_j - v_ref||^2 -> (W [N, K], V [F, K])."""
-    pairs = _pack_basis_input(train_features, num_basis_vectors, device)
-    model = LoRe(V_sft, alpha, pairs.n_users, pairs.n_features, num_basis_vectors, num_iterations,
-                 learning_rate, pairs.device)
-    W, V = model.train(pairs)
-    return W, V.detach()
-
-
-def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
-                              learning_rate=0.01, device=None):
-    """LoRe_regularized (cosine pull towards v_ref, pruning) -> (W [N, K'], V [F, K']), K' <= K."""
-    pairs = _pack_basis_input(train_features, num_basis_vectors, device)
-    model = LoRe_regularized(V_sft, alpha, pairs.n_users, pairs.n_features, num_basis_vectors,
-                             num_iterations, learning_rate, pairs.device)
-    W, V = model.train(pairs)
-    return W, V.detach()
-
-
-def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
-    """Weights of new users on a fixed basis V [F, K] -> list of N simplex weights [K]."""
-    pairs = pack(train_features, "train_features", device)
-    V = _check_matrix(V, "V")                                                      # [F, K]
-    if V.shape[0] != pairs.n_features:
-        raise InputError(f"V has shape {tuple(V.shape)} but the pairs have F={pairs.n_features}: V must be [F, K]")
-    fitw = PersonalizeBatch(pairs.n_users, pairs.n_features, V.shape[1], num_iterations,
-                            learning_rate, pairs.device)
-    return fitw.train(pairs, V.to(pairs.device))
-
-
-def _pack_basis_input(train_features, K, device):
-    if not _is_int(K) or K < 1:
-        raise InputError(f"a basis needs K >= 1 directions, got K={K}")
-    return pack(train_features, "train_features", device)
-
-
-def eval_multiple(W_list, V_list, test_features):
-    """Per-user accuracy of N users sharing one basis. W_list: [N, K] or a list of N weights [K];
-    V_list: the basis [F, K] (or the seed's list of N references to it); test_features: a list of
-    N tensors [m_i, F] or Pairs. Prints the mean and std; returns numpy [N]."""
-    if isinstance(V_list, (list, tuple)):
-        if len(V_list) == 0 or any(v is not V_list[0] and not torch.equal(v, V_list[0]) for v in V_list):
-            raise InputError("eval_multiple evaluates users that share one basis V (V_list holds different ones)")
-        V_list = V_list[0]
-    V = _check_matrix(V_list, "V")                                                 # [F, K]
-    W = _check_matrix(torch.stack([torch.as_tensor(w) for w in W_list])
-                      if isinstance(W_list, (list, tuple)) else W_list, "W")       # [N, K]
-    pairs = pack(test_features, "test_features", V.device)
-    if W.shape != (pairs.n_users, V.shape[1]) or V.shape[0] != pairs.n_features:
-        raise InputError(f"weights {tuple(W.shape)} and basis {tuple(V.shape)} do not fit {pairs.n_users} "
-                         f"users with F={pairs.n_features}: need W [N, K] and V [F, K]")
-    accuracies = per_user_accuracy(pairs, V, W)
-    print(f"Average accuracy: {accuracies.mean():.4f}")
-    print(f"Standard deviation of accuracy: {accuracies.std():.4f}")
-    return accuracies
-
-
-# ----------------------------------------------------------------------------------------------
-# Across processes: torchrun shards the seen users; V's gradient is summed across ranks
-# ----------------------------------------------------------------------------------------------
-
-def shard_users(pairs, rank, world):
-    """The pairs of rank's users out of `world` ranks: a contiguous block of about N / world
-    users (the pairs of a user are contiguous), still indexed among all N (W keeps N rows; the
-    other ranks' users get no gradient here), marked as a shard so that training sums V's gradient
-    across the ranks."""
-    lo_hi = torch.tensor([pairs.n_users * rank // world, pairs.n_users * (rank + 1) // world], device=pairs.device)
-    start, end = torch.searchsorted(pairs.user, lo_hi.to(pairs.user.dtype)).tolist()
-    return replace(pairs.select(slice(start, end)), shard=True)
-
-
-def _shard_seen(sets):
-    """Under torchrun (WORLD_SIZE > 1), the seen users' sets sharded across the ranks (joining the
-    process group: gloo on CPU, NCCL on CUDA). The unseen users' sets stay whole on every rank:
-    their fits are small, and so every rank draws the same shots as one process would."""
-    rank, world, _ = _distributed()
-    if world == 1:
-        return sets
-    return {name: shard_users(p, rank, world) if name.startswith("seen") else p for name, p in sets.items()}
-
-
-@contextlib.contextmanager
-def rank_run_folder(args, script, **extra):
-    """run_folder for a script that torchrun may start: rank 0 holds the run folder (the lock, the
-    all-or-nothing rename) and writes the outputs; the other ranks write into a temporary folder
-    that is dropped, and print nothing. One process (no torchrun) is run_folder itself. When rank
-    0 cannot open --out, every rank stops with that error instead of waiting for it."""
-    rank, world, local_rank = _distributed()
-    if world == 1:
-        with run_folder(args, script, **extra) as out:
-            yield out
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)   # "cuda" is this rank's GPU
-    if rank > 0:
-        if not _all_ranks(True, world, local_rank):
-            raise InputError(f"--out {args.out}: rank 0 could not open it (its error says why)")
-        with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            yield out
-        return
-    with contextlib.ExitStack() as stack:
-        try:
-            out = stack.enter_context(run_folder(args, script, **extra))
-        except BaseException:
-            _all_ranks(False, world, local_rank)
-            raise
-        _all_ranks(True, world, local_rank)
-        yield out
-
-
-# ----------------------------------------------------------------------------------------------
-# Sweeps: every method over (alpha, K), on the four pair sets; the reference pipelines
+# Sweeps: every method over (alpha, K), on the four pair sets
 # ----------------------------------------------------------------------------------------------
 
 def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods=("lore",),
@@ -695,32 +344,33 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention), then `converged`
     and `loss_fall` (fit_status)."""
-    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test, unseen_fewshot=unseen_fewshot,
-                                        unseen_test=unseen_test), device))
+    sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test,
+                                                   unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device))
     if out_dir is not None:
         check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
-        acc_ref = _gather_users(per_user_accuracy(sets["seen_test"], _check_v_ref(v_ref),
+        acc_ref = distributed.gather_users(per_user_accuracy(sets["seen_test"], check_v_ref(v_ref),
                                                   torch.ones(sets["seen_test"].n_users, 1)), sets["seen_test"])
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
-        _seed_setting(seed, method)
+        if seed is not None:   # a setting's start depends on its name alone
+            seed_fit(seed, method.name, method.K, method.alpha)
         U = checked_fit(method, sets["seen_train"])                                # [N, U]
         U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
         record, acc = method.setting(), {}
         for name in SETS:
-            acc[name] = _gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),
+            acc[name] = distributed.gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),
                                       sets[name])                                  # [N]
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         record.update(fit_status(method))
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
               + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
-            path = os.path.join(out_dir, checkpoint_name(method))
-            save_method(path, method, data_identity(sets["seen_train"]), W=U, W_unseen=U_new)
-            write_json(path.removesuffix(".safetensors") + ".fit.json", fit_report(method))
+            save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
+                        W=U, W_unseen=U_new)
+            write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
             if method.linear:
-                write_json(path.removesuffix(".safetensors") + ".report.json",
+                write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
@@ -757,9 +407,9 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     -> one record per (method, alpha, K, select, shots): unseen_fewshot and unseen_test, the mean
     over trials of the users' mean accuracy, and their `_std` over trials."""
     _check_trials(trials)
-    shots = _int_list(shots, "shots", least=1)
+    shots = int_list(shots, "shots", least=1)
     select = check_select(select)
-    sets = _shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
+    sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
                                         unseen_test=unseen_test), device))
     settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
     if "active" in select:
@@ -767,7 +417,8 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
             check_active(method)
     records = []
     for method in settings:
-        _seed_setting(seed, method)
+        if seed is not None:   # a setting's start depends on its name alone
+            seed_fit(seed, method.name, method.K, method.alpha)
         checked_fit(method, sets["seen_train"])
         pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
         for how in select:
@@ -779,7 +430,7 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
             if how == "random":
                 for n in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
                     for t in range(trials):
-                        chosen = _sample_groups(pool, n)                           # [P] bool
+                        chosen = sample_groups(pool, n)                           # [P] bool
                         measure(n, chosen, checked_fit_users(method, pool.select(chosen)), t)
             else:   # one run of max(shots) rounds per trial: its selections are nested
                 for t in tqdm(range(trials), desc=f"{method} active", leave=False, disable=None):
@@ -794,6 +445,91 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
                       f"  unseen_test {held.mean():.4f} +- {held.std():.4f}")
     return [{k: float(v) if isinstance(v, np.floating) else v for k, v in r.items()} for r in records]
 
+
+
+
+def _check_grid(K_list, alpha_list):
+    """A sweep's grid: a list of integer K and a list of alpha >= 0 (a swapped argument, such as
+    run()'s order given to run_few_shot_vary_shots, fails here with the name at fault)."""
+    int_list(K_list, "K_list", least=0)
+    if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
+        raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {short_repr(alpha_list)}")
+    for alpha in alpha_list:
+        check_alpha(alpha, "alpha_list")
+
+
+def _check_reference_data(data, N, N_unseen, device):
+    """Pack the reference pipelines' per-user lists (checking them once) and check the user counts."""
+    for name, n in (("N", N), ("N_unseen", N_unseen)):
+        if not is_int(n):
+            raise InputError(f"{name} must be an integer (a user count), got {n!r}")
+    packed = {name: pack(x, name, device) for name, x in data.items()}
+    for name, pairs in packed.items():
+        n = N_unseen if "unseen" in name else N
+        if pairs.n_users != n:
+            raise InputError(f"N={N}, N_unseen={N_unseen} but {name} has {pairs.n_users} users")
+        if pairs.n_features != packed["train_features"].n_features:
+            raise InputError(f"{name} has F={pairs.n_features}, train_features F={packed['train_features'].n_features}")
+    return packed
+
+
+def _check_trials(trials):
+    if not is_int(trials) or trials < 1:
+        raise InputError(f"trials must be an integer >= 1, got {short_repr(trials)}")
+
+
+def _check_sets(sets, device):
+    """The pair sets as checked Pairs on one device, with one F, the seen sets with the same users
+    and the unseen sets with the same users."""
+    device = resolve_device(device)
+    sets = {name: pack(pairs, name, device) for name, pairs in sets.items()}
+    F = {pairs.n_features for pairs in sets.values()}
+    if len(F) > 1:
+        raise InputError("the pair sets have different F: " + ", ".join(f"{n} F={p.n_features}" for n, p in sets.items()))
+    for group in ("seen", "unseen"):
+        users = {name: p.n_users for name, p in sets.items() if name.startswith(group)}
+        if len(set(users.values())) > 1:
+            raise InputError(f"the {group} users' pair sets have different user counts: {users}")
+    return sets
+
+
+def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
+    """The Method objects of a sweep, in order: method, then alpha, then K; checked before any fit."""
+    if isinstance(methods, str) or not methods:
+        raise InputError(f"methods must be a non-empty list of names, got {methods!r}")
+    _check_grid(K_list, alpha_list)
+    hparams = hparams or {}
+    unknown = sorted(set(hparams) - set(methods))
+    if unknown:
+        raise InputError(f"hparams for method(s) {unknown} that do not run (methods: {list(methods)})")
+    if v_ref is not None:
+        v_ref = check_v_ref(v_ref)                                                # [F, 1]
+        if v_ref.shape[0] != seen_train.n_features:
+            raise InputError(f"v_ref has {v_ref.shape[0]} features but the pairs have F={seen_train.n_features}")
+    if max(K_list) > seen_train.n_features:   # checked before any fit: a [N, K] W of K >> F never fits
+        raise InputError(f"K={max(K_list)} is more than the F={seen_train.n_features} features of the pairs: "
+                         f"a basis has at most F directions")
+    settings = []
+    for name in methods:
+        cls = get_method(name)
+        if not cls.linear and seen_train.X is not None:
+            raise InputError(f"method {name} needs both embeddings of every pair (the table form of Pairs); "
+                             f"difference rows suffice only for linear methods ({', '.join(n for n, c in METHODS.items() if c.linear)})")
+        for alpha in (alpha_list if cls.uses_alpha else [None]):
+            settings += [cls(K, alpha, v_ref, seen_train.device, **hparams.get(name, {}))
+                         for K in K_list if K >= cls.min_K]
+    if not settings:
+        raise InputError(f"no setting to fit: K_list {K_list} is below every method's smallest K")
+    if seen_train.shard and any(not isinstance(m, LoReMethod) for m in settings):
+        raise InputError(f"across torchrun processes only lore and lore_regularized train (their V's gradient "
+                         f"is summed across ranks); run {', '.join(m for m in methods if m not in ('lore', 'lore_regularized'))} "
+                         f"in one process")
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference API: the original pipelines, training and evaluation, by their positions
+# ----------------------------------------------------------------------------------------------
 
 def run(K_list, alpha_list, V_final, train_features, test_features_sparse, train_features_unseen,
         test_features_sparse_unseen, N, N_unseen, device=None, *, num_iterations=1000,
@@ -823,7 +559,7 @@ def run_few_shot_vary_shots(trials, alpha_list, K_list, num_shots, train_feature
     its std over trials, mean held-out accuracy, its std over trials."""
     _check_trials(trials)
     _check_grid(K_list, alpha_list)
-    _int_list(num_shots, "num_shots", least=1)
+    int_list(num_shots, "num_shots", least=1)
     data = _check_reference_data(dict(train_features=train_features, train_features_unseen=train_features_unseen,
                                       test_features_sparse_unseen=test_features_sparse_unseen), N, N_unseen, device)
     records = sweep_shots(K_list=K_list, alpha_list=alpha_list, shots=num_shots, trials=trials, v_ref=V_final,
@@ -857,89 +593,63 @@ def _reference_hparams(num_iterations, learning_rate, fewshot_iterations, fewsho
             "fewshot_lr": fewshot_learning_rate}
 
 
-def _check_grid(K_list, alpha_list):
-    """A sweep's grid: a list of integer K and a list of alpha >= 0 (a swapped argument, such as
-    run()'s order given to run_few_shot_vary_shots, fails here with the name at fault)."""
-    _int_list(K_list, "K_list", least=0)
-    if not isinstance(alpha_list, (list, tuple, np.ndarray)) or len(alpha_list) == 0:
-        raise InputError(f"alpha_list must be a non-empty list of numbers >= 0, got {_short(alpha_list)}")
-    for alpha in alpha_list:
-        _check_alpha(alpha, "alpha_list")
+
+def solve_regularized(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
+                      learning_rate=0.01, device=None):
+    """LoRe with alpha * sum_j ||V_j - v_ref||^2 -> (W [N, K], V [F, K])."""
+    pairs = _pack_basis_input(train_features, num_basis_vectors, device)
+    model = LoRe(V_sft, alpha, pairs.n_users, pairs.n_features, num_basis_vectors, num_iterations,
+                 learning_rate, pairs.device)
+    W, V = model.train(pairs)
+    return W, V.detach()
 
 
-def _check_reference_data(data, N, N_unseen, device):
-    """Pack the reference pipelines' per-user lists (checking them once) and check the user counts."""
-    for name, n in (("N", N), ("N_unseen", N_unseen)):
-        if not _is_int(n):
-            raise InputError(f"{name} must be an integer (a user count), got {n!r}")
-    packed = {name: pack(x, name, device) for name, x in data.items()}
-    for name, pairs in packed.items():
-        n = N_unseen if "unseen" in name else N
-        if pairs.n_users != n:
-            raise InputError(f"N={N}, N_unseen={N_unseen} but {name} has {pairs.n_users} users")
-        if pairs.n_features != packed["train_features"].n_features:
-            raise InputError(f"{name} has F={pairs.n_features}, train_features F={packed['train_features'].n_features}")
-    return packed
+def solve_regularized_simplex(V_sft, alpha, train_features, num_basis_vectors, num_iterations=1000,
+                              learning_rate=0.01, device=None):
+    """LoRe_regularized (cosine pull towards v_ref, pruning) -> (W [N, K'], V [F, K']), K' <= K."""
+    pairs = _pack_basis_input(train_features, num_basis_vectors, device)
+    model = LoRe_regularized(V_sft, alpha, pairs.n_users, pairs.n_features, num_basis_vectors,
+                             num_iterations, learning_rate, pairs.device)
+    W, V = model.train(pairs)
+    return W, V.detach()
 
 
-def _check_trials(trials):
-    if not _is_int(trials) or trials < 1:
-        raise InputError(f"trials must be an integer >= 1, got {_short(trials)}")
+def learn_multiple_few_shot(train_features, V, num_iterations=1000, learning_rate=0.01, device=None):
+    """Weights of new users on a fixed basis V [F, K] -> list of N simplex weights [K]."""
+    pairs = pack(train_features, "train_features", device)
+    V = check_matrix(V, "V")                                                      # [F, K]
+    if V.shape[0] != pairs.n_features:
+        raise InputError(f"V has shape {tuple(V.shape)} but the pairs have F={pairs.n_features}: V must be [F, K]")
+    fitw = PersonalizeBatch(pairs.n_users, pairs.n_features, V.shape[1], num_iterations,
+                            learning_rate, pairs.device)
+    return fitw.train(pairs, V.to(pairs.device))
 
 
-def _check_sets(sets, device):
-    """The pair sets as checked Pairs on one device, with one F, the seen sets with the same users
-    and the unseen sets with the same users."""
-    device = resolve_device(device)
-    sets = {name: pack(pairs, name, device) for name, pairs in sets.items()}
-    F = {pairs.n_features for pairs in sets.values()}
-    if len(F) > 1:
-        raise InputError("the pair sets have different F: " + ", ".join(f"{n} F={p.n_features}" for n, p in sets.items()))
-    for group in ("seen", "unseen"):
-        users = {name: p.n_users for name, p in sets.items() if name.startswith(group)}
-        if len(set(users.values())) > 1:
-            raise InputError(f"the {group} users' pair sets have different user counts: {users}")
-    return sets
+def _pack_basis_input(train_features, K, device):
+    if not is_int(K) or K < 1:
+        raise InputError(f"a basis needs K >= 1 directions, got K={K}")
+    return pack(train_features, "train_features", device)
 
 
-def _settings(methods, K_list, alpha_list, v_ref, hparams, seen_train):
-    """The Method objects of a sweep, in order: method, then alpha, then K; checked before any fit."""
-    if isinstance(methods, str) or not methods:
-        raise InputError(f"methods must be a non-empty list of names, got {methods!r}")
-    _check_grid(K_list, alpha_list)
-    hparams = hparams or {}
-    unknown = sorted(set(hparams) - set(methods))
-    if unknown:
-        raise InputError(f"hparams for method(s) {unknown} that do not run (methods: {list(methods)})")
-    if v_ref is not None:
-        v_ref = _check_v_ref(v_ref)                                                # [F, 1]
-        if v_ref.shape[0] != seen_train.n_features:
-            raise InputError(f"v_ref has {v_ref.shape[0]} features but the pairs have F={seen_train.n_features}")
-    if max(K_list) > seen_train.n_features:   # checked before any fit: a [N, K] W of K >> F never fits
-        raise InputError(f"K={max(K_list)} is more than the F={seen_train.n_features} features of the pairs: "
-                         f"a basis has at most F directions")
-    settings = []
-    for name in methods:
-        cls = get_method(name)
-        if not cls.linear and seen_train.X is not None:
-            raise InputError(f"method {name} needs both embeddings of every pair (the table form of Pairs); "
-                             f"difference rows suffice only for linear methods ({', '.join(n for n, c in METHODS.items() if c.linear)})")
-        for alpha in (alpha_list if cls.uses_alpha else [None]):
-            settings += [cls(K, alpha, v_ref, seen_train.device, **hparams.get(name, {}))
-                         for K in K_list if K >= cls.min_K]
-    if not settings:
-        raise InputError(f"no setting to fit: K_list {K_list} is below every method's smallest K")
-    if seen_train.shard and any(not isinstance(m, LoReMethod) for m in settings):
-        raise InputError(f"across torchrun processes only lore and lore_regularized train (their V's gradient "
-                         f"is summed across ranks); run {', '.join(m for m in methods if m not in ('lore', 'lore_regularized'))} "
-                         f"in one process")
-    return settings
-
-
-def _seed_setting(seed, method):
-    if seed is not None:
-        key = json.dumps([seed, method.name, method.K, method.alpha]).encode()
-        torch.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+def eval_multiple(W_list, V_list, test_features):
+    """Per-user accuracy of N users sharing one basis. W_list: [N, K] or a list of N weights [K];
+    V_list: the basis [F, K] (or the seed's list of N references to it); test_features: a list of
+    N tensors [m_i, F] or Pairs. Prints the mean and std; returns numpy [N]."""
+    if isinstance(V_list, (list, tuple)):
+        if len(V_list) == 0 or any(v is not V_list[0] and not torch.equal(v, V_list[0]) for v in V_list):
+            raise InputError("eval_multiple evaluates users that share one basis V (V_list holds different ones)")
+        V_list = V_list[0]
+    V = check_matrix(V_list, "V")                                                 # [F, K]
+    W = check_matrix(torch.stack([torch.as_tensor(w) for w in W_list])
+                      if isinstance(W_list, (list, tuple)) else W_list, "W")       # [N, K]
+    pairs = pack(test_features, "test_features", V.device)
+    if W.shape != (pairs.n_users, V.shape[1]) or V.shape[0] != pairs.n_features:
+        raise InputError(f"weights {tuple(W.shape)} and basis {tuple(V.shape)} do not fit {pairs.n_users} "
+                         f"users with F={pairs.n_features}: need W [N, K] and V [F, K]")
+    accuracies = per_user_accuracy(pairs, V, W)
+    print(f"Average accuracy: {accuracies.mean():.4f}")
+    print(f"Standard deviation of accuracy: {accuracies.std():.4f}")
+    return accuracies
 
 
 # ----------------------------------------------------------------------------------------------
@@ -953,20 +663,17 @@ def sample_shots(train_features_unseen, shots):
     if shots < 1:
         raise InputError(f"shots must be >= 1, got {shots}")
     if isinstance(train_features_unseen, Pairs):
-        return train_features_unseen.select(_sample_groups(train_features_unseen, shots))
+        return train_features_unseen.select(sample_groups(train_features_unseen, shots))
     pairs = pack(train_features_unseen, "train_features_unseen",
                  train_features_unseen[0].device if len(train_features_unseen) else None)
-    return pairs.select(_sample_groups(pairs, shots)).split()
+    return pairs.select(sample_groups(pairs, shots)).split()
 
 
-def _sample_groups(pairs, shots):
+def sample_groups(pairs, shots):
     """Bool mask [P] keeping `shots` random groups of every user (a group per pair by default)."""
-    P = len(pairs)
-    group = pairs.group if pairs.group is not None else torch.arange(P, device=pairs.device)
-    # one id per (user, group); rank the ids of each user in a random order, keep rank < shots
-    _, gid = torch.unique(torch.stack([pairs.user, group]), dim=1, return_inverse=True)  # [P]
-    G = int(gid.max()) + 1
-    owner = torch.zeros(G, dtype=torch.long, device=pairs.device).scatter_(0, gid, pairs.user)
+    # rank each user's groups in a random order, keep rank < shots
+    gid, owner = pairs.groups()                                                    # [P], [G]
+    G = len(owner)
     order = torch.argsort(torch.rand(G, device=pairs.device))
     order = order[torch.argsort(owner[order], stable=True)]                        # [G]
     counts = torch.bincount(owner, minlength=pairs.n_users)
@@ -995,14 +702,14 @@ def simulate_pairs(reward_tensor, W, sample_percentage, per_user=None):
     user's random draw)."""
     S, R, _ = np.shape(reward_tensor)
     idx = torch.as_tensor(_sample_prompts(len(W), S, sample_percentage, per_user))  # [N, m]
-    chosen, rejected = _simulate_choices(reward_tensor, W, idx)                    # [N, m]
+    chosen, rejected = simulate_choices(reward_tensor, W, idx)                    # [N, m]
     user = torch.arange(len(W)).repeat_interleave(idx.shape[1])                    # [P]
     prompt = idx.reshape(-1)                                                       # [P]
     return {"user": user, "prompt": prompt, "chosen": prompt * R + chosen.reshape(-1),
             "rejected": prompt * R + rejected.reshape(-1), "draw": torch.arange(idx.shape[1]).repeat(len(W))}
 
 
-def _simulate_choices(reward_tensor, W, idx=None):
+def simulate_choices(reward_tensor, W, idx=None):
     """Best and worst response of every prompt (or of prompts idx [N, m], each user its own) for
     every user: two [N, S] (or [N, m]) index tensors. Scores in float64 with the first index on
     ties (numpy's argmax/argmin convention); users in chunks so that [N, S, R] scores never exist
@@ -1039,6 +746,28 @@ def generate_popupulation(alpha, N):
     return np.random.dirichlet(alpha, N)
 
 
+
+def every_pair(pool, block, row_scores, W):
+    """PersonalLLM's `--candidates all`: every pair of the `block` responses (consecutive table rows
+    s * block .. s * block + block - 1) of each prompt s in a user's pool, answered by the user's true
+    reward row_scores[row] . W[user] (the better response chosen, the first on ties). pool: Pairs in
+    table form, row_scores [E, M], W [N, M] -> Pairs, each user's candidates by prompt, checked."""
+    if pool.X is not None:
+        raise InputError("every_pair needs the table form of the pool (rows of the embedding table)")
+    n_blocks = len(pool.table) // block + 1
+    keys = torch.unique(pool.user * n_blocks + pool.chosen // block)               # (user, prompt), sorted
+    user, prompt = keys // n_blocks, keys % n_blocks
+    a, b = torch.triu_indices(block, block, 1, device=pool.device)                 # [C]: the C pairs of a block
+    user = user.repeat_interleave(len(a))                                          # [Q]
+    ra = (prompt[:, None] * block + a).reshape(-1)                                 # [Q]
+    rb = (prompt[:, None] * block + b).reshape(-1)
+    Wu = W.to(pool.device, torch.float64)[user]                                    # [Q, M]
+    scores = row_scores.to(pool.device, torch.float64)
+    better_a = (scores[ra] * Wu).sum(-1) >= (scores[rb] * Wu).sum(-1)              # [Q]
+    return Pairs(user, pool.n_users, table=pool.table, chosen=torch.where(better_a, ra, rb),
+                 rejected=torch.where(better_a, rb, ra), checked=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference-compatible helpers that no script calls: the original API, kept for users of it
 # ----------------------------------------------------------------------------------------------
@@ -1057,7 +786,7 @@ def simulate_population(reward_tensor, features, W):
     """simulate_user for every row of W [N, M] -> dense [N, S, F]. Fine for small data; at
     PersonalLLM scale use simulate_sparse_population, which never builds this tensor."""
     features = _as_response_tensor(features)                                       # [S, R, F]
-    chosen, rejected = _simulate_choices(reward_tensor, W)                         # [N, S]
+    chosen, rejected = simulate_choices(reward_tensor, W)                         # [N, S]
     prompt = torch.arange(features.shape[0])
     return features[prompt, chosen] - features[prompt, rejected]                   # [N, S, F]
 

@@ -7,7 +7,7 @@
 
 allenai/reward-bench-2 (split test) has a row per prompt: prompt, chosen (a list of replies),
 rejected (a list), subset, id. Every reply is embedded once as [user: prompt, assistant: reply]
-(utils.embed_conversations; the replies of a prompt share its encoding), then scored as phi . h by
+(lore.extract.embed_conversations; the replies of a prompt share its encoding), then scored as phi . h by
 every head h: v_ref (always), each column of the V saved by train_basis.py (--rm-head), and with
 --user-weights KEY the personalized rewards V w_i of the rows of that weight tensor of the same file
 (W: seen users, W_unseen: unseen users; row order in the data folder's data.json) and of their mean weights.
@@ -35,7 +35,12 @@ import torch
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
+from lore.checks import InputError, resolve_device  # noqa: E402
+from lore.cli import (ArgumentParser, cache_path, command_line, data_files_arg, link_into, positive_int,
+                      run_folder)  # noqa: E402
+from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
+from lore.io import load_splits, load_tensors  # noqa: E402
+from lore.results import save_results  # noqa: E402
 
 SCRIPT = "PRISM/eval_rb2.py"
 HUB_ID = "allenai/reward-bench-2"
@@ -45,9 +50,9 @@ CONTENTS = "RewardBench 2 replies"   # what the embeddings file holds, in its me
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    p.add_argument("--model", default=utils.DEFAULT_MODEL, help="reward model: hub id or local folder")
-    p.add_argument("--data-files", type=utils.data_files_arg, nargs="+", default=None, metavar="test=PATH",
+    p = ArgumentParser(__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
+    p.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="test=PATH",
                    help="a local .json/.jsonl/.parquet file of the test split instead of the hub")
     p.add_argument("--rm-head", default=None,
                    help="a {method}_K*.safetensors fit of train_basis.py with a basis V (lore, lore_regularized): score with each column of V")
@@ -59,22 +64,22 @@ def parse_args(argv=None):
                    help="where the replies' embeddings are kept (default: OUT/rb2_embeddings.safetensors); "
                         "share one file between evaluations of several heads")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--batch-tokens", type=utils.positive_int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="the reward model's dtype (default: bfloat16 on CUDA, float32 on CPU; the original "
                         "scored in float32)")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
     if args.user_weights and not args.rm_head:
-        raise utils.InputError("--user-weights needs --rm-head (the basis file holding the weights)")
+        raise InputError("--user-weights needs --rm-head (the basis file holding the weights)")
     # locked, recovered and checked before any work; written as a whole at the end, or not at all
-    with utils.run_folder(args, SCRIPT, inputs=[p for p in (args.rm_head, args.embeddings) if p]) as out:
-        utils.resolve_device(args.device)                              # a bad --device fails before any work
+    with run_folder(args, SCRIPT, inputs=[p for p in (args.rm_head, args.embeddings) if p]) as out:
+        resolve_device(args.device)                              # a bad --device fails before any work
         names, H = heads(args)                                         # [F, B]; bad heads fail before embedding
-        data = utils.load_splits(HUB_ID, ["test"], dict(args.data_files or {}))["test"]
+        data = load_splits(HUB_ID, ["test"], dict(args.data_files or {}))["test"]
         source = dict(args.data_files)["test"] if args.data_files else HUB_ID
         rows = read_prompts(data, source)
         conversations, prompt, chosen = [], [], []
@@ -86,59 +91,59 @@ def main(args):
                 chosen.append(is_chosen)
         print(f"{source}: {len(rows)} prompts, {len(conversations)} replies")
         # outlives a failed run (the extraction resumes); linked into --out when the run succeeds
-        cache = args.embeddings or utils.cache_path(args, "rb2_embeddings.safetensors")
+        cache = args.embeddings or cache_path(args, "rb2_embeddings.safetensors")
         # contents: a file of other embeddings at --embeddings (a dataset's table) is refused, not overwritten
-        phi = utils.embed_conversations(conversations, cache, args.model, device=args.device, dtype=args.dtype,
+        phi = embed_conversations(conversations, cache, args.model, device=args.device, dtype=args.dtype,
                                         batch_tokens=args.batch_tokens, contents=CONTENTS)  # [replies, F]
         if out is None:   # torchrun: the other processes only helped embed
             return
         if phi.shape[1] != H.shape[0]:
-            raise utils.InputError(f"{args.model}: its head has F={H.shape[0]}, the embeddings in {cache} "
+            raise InputError(f"{args.model}: its head has F={H.shape[0]}, the embeddings in {cache} "
                                    f"F={phi.shape[1]}")
         scores = phi.float() @ H                                                    # [replies, B]
         stats = prompt_stats(scores, torch.tensor(prompt), torch.tensor(chosen), len(rows))
         if not args.embeddings:
-            utils.link_into(cache, out)
-        utils.save_results(summarize(names, rows, stats), out, name="rb2_results")
+            link_into(cache, out)
+        save_results(summarize(names, rows, stats), out, name="rb2_results")
 
 
 def read_prompts(data, source):
     """The dataset -> list of dicts with COLUMNS; errors name the source, row and id."""
     missing = [c for c in COLUMNS if c not in data.column_names]
     if missing:
-        raise utils.InputError(f"{source}: no column(s) {missing} (RewardBench 2 has {list(COLUMNS)})")
+        raise InputError(f"{source}: no column(s) {missing} (RewardBench 2 has {list(COLUMNS)})")
     rows = data.select_columns(list(COLUMNS)).to_list()
     for i, row in enumerate(rows):
         for key in ("chosen", "rejected"):
             replies = row[key]
             if not isinstance(replies, list) or not replies or not all(isinstance(r, str) for r in replies):
-                raise utils.InputError(f"{source}: row {i} (id {row['id']!r}): {key!r} must be a non-empty "
+                raise InputError(f"{source}: row {i} (id {row['id']!r}): {key!r} must be a non-empty "
                                        f"list of strings, got {replies!r}"[:300])
         if not isinstance(row["prompt"], str) or not isinstance(row["subset"], str):
-            raise utils.InputError(f"{source}: row {i} (id {row['id']!r}): prompt and subset must be strings")
+            raise InputError(f"{source}: row {i} (id {row['id']!r}): prompt and subset must be strings")
     return rows
 
 
 def heads(args):
     """-> (names, H [F, B]): v_ref, then the columns of V, then V w of each weight row and V mean(w)."""
-    v_ref = utils.read_reward_head(args.model)                                      # [F, 1]
+    v_ref = read_reward_head(args.model)                                      # [F, 1]
     names, columns = ["v_ref"], [v_ref]
     if args.rm_head:
-        basis = utils.load_tensors(args.rm_head, ["V"] + ([args.user_weights] if args.user_weights else []))
+        basis = load_tensors(args.rm_head, ["V"] + ([args.user_weights] if args.user_weights else []))
         V = basis["V"].float()                                                      # [F, K]
         if V.dim() != 2 or V.shape[0] != len(v_ref):
-            raise utils.InputError(f"{args.rm_head}: V has shape {tuple(V.shape)}, the model's F={len(v_ref)}")
+            raise InputError(f"{args.rm_head}: V has shape {tuple(V.shape)}, the model's F={len(v_ref)}")
         if not torch.isfinite(V).all():
-            raise utils.InputError(f"{args.rm_head}: V has NaN or inf values")
+            raise InputError(f"{args.rm_head}: V has NaN or inf values")
         names += [f"V[:, {j}]" for j in range(V.shape[1])]
         columns.append(V)
         if args.user_weights:
             W = basis[args.user_weights].float()                                    # [N, K]
             if W.dim() != 2 or W.shape[1] != V.shape[1]:
-                raise utils.InputError(f"{args.rm_head}: {args.user_weights} has shape {tuple(W.shape)}, "
+                raise InputError(f"{args.rm_head}: {args.user_weights} has shape {tuple(W.shape)}, "
                                        f"V has {V.shape[1]} columns")
             if not torch.isfinite(W).all():
-                raise utils.InputError(f"{args.rm_head}: {args.user_weights} has NaN or inf values")
+                raise InputError(f"{args.rm_head}: {args.user_weights} has NaN or inf values")
             names += [f"V {args.user_weights}[{i}]" for i in range(len(W))] + [f"V mean({args.user_weights})"]
             columns += [V @ W.T, V @ W.mean(0, keepdim=True).T]                     # [F, N], [F, 1]
     return names, torch.cat(columns, dim=1)

@@ -10,7 +10,7 @@ conversations of one turn share their history, which the extraction encodes once
 embed_conversations: the final hidden state at the last token of the chat-templated conversation).
 An interrupted run resumes where it stopped.
 
-Writes to --out (default: the --data folder) the common data layout (utils.DATA_FILES):
+Writes to --out (default: the --data folder) the common data layout (lore.data.DATA_FILES):
     embeddings.safetensors    {"embeddings": [E, F]} one row per distinct conversation
     conversations.parquet     row (of the table), messages
     pairs.parquet             one row per example: set (seen_train, seen_test: the seen users' train
@@ -31,35 +31,40 @@ import pandas as pd
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
+from lore.checks import InputError, resolve_device  # noqa: E402
+from lore.cli import (ArgumentParser, cache_path, command_line, config_of, link_into, positive_int,
+                      run_folder)  # noqa: E402
+from lore.data import write_data_folder  # noqa: E402
+from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
+from lore.io import read_table  # noqa: E402
 
 SCRIPT, PREPARE_SCRIPT = "PRISM/generate-prism-embeddings.py", "PRISM/prepare.py"
 IDS = ["split", "user", "user_group", "dialog", "turn", "rejected_index"]
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("--data", default=os.path.join(FOLDER, "data"),
                    help="what prepare.py wrote (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: --data)")
-    p.add_argument("--model", default=utils.DEFAULT_MODEL, help="reward model: hub id or local folder")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--batch-tokens", type=utils.positive_int, default=16384, help="padded tokens per forward pass")
+    p.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
     args.out = args.out or args.data
     in_place = os.path.realpath(args.out) == os.path.realpath(args.data)
     # locked, recovered and checked before any work; written as a whole at the end, or not at all.
     # Into --data itself (the default), prepare.py's files there are kept beside the new ones
-    with utils.run_folder(args, SCRIPT, keep=(PREPARE_SCRIPT,), inputs=[] if in_place else [args.data]) as out:
-        utils.resolve_device(args.device)                 # a bad --device fails before any work
-        v_ref = utils.read_reward_head(args.model)        # [F, 1]; a model without a valid reward head fails here
-        examples = utils.read_table(os.path.join(args.data, "examples.parquet"), IDS + ["chosen", "rejected"])
+    with run_folder(args, SCRIPT, keep=(PREPARE_SCRIPT,), inputs=[] if in_place else [args.data]) as out:
+        resolve_device(args.device)                 # a bad --device fails before any work
+        v_ref = read_reward_head(args.model)        # [F, 1]; a model without a valid reward head fails here
+        examples = read_table(os.path.join(args.data, "examples.parquet"), IDS + ["chosen", "rejected"])
         if len(examples) == 0:
-            raise utils.InputError(f"{os.path.join(args.data, 'examples.parquet')}: no examples")
+            raise InputError(f"{os.path.join(args.data, 'examples.parquet')}: no examples")
         # distinct conversations, a turn's chosen conversation next to its rejected ones
         row = {}
         for chosen, rejected in zip(examples["chosen"], examples["rejected"]):
@@ -67,15 +72,15 @@ def main(args):
             row.setdefault(rejected, len(row))
         conversations = [json.loads(text) for text in row]
         print(f"{len(examples)} examples, {len(conversations)} distinct conversations")
-        cache = utils.cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
-        table = utils.embed_conversations(conversations, cache, args.model, device=args.device,
+        cache = cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
+        table = embed_conversations(conversations, cache, args.model, device=args.device,
                                           batch_tokens=args.batch_tokens)   # [E, F]
         if out is None:   # torchrun: the other processes only helped embed
             return
         if v_ref.shape != (table.shape[1], 1):  # checked before any other file is written
-            raise utils.InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
+            raise InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
                                    f"F={table.shape[1]}")
-        utils.link_into(cache, out)
+        link_into(cache, out)
         sets = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test",
                 ("unseen", "train"): "unseen_fewshot", ("unseen", "test"): "unseen_test"}
         pairs = examples[IDS].assign(
@@ -84,12 +89,12 @@ def main(args):
         users = {g: examples.loc[examples["user_group"] == g, "user"].unique().tolist() for g in ("seen", "unseen")}
         for g, ids in users.items():
             if not ids:
-                raise utils.InputError(f"{os.path.join(args.data, 'examples.parquet')}: no {g} users")
+                raise InputError(f"{os.path.join(args.data, 'examples.parquet')}: no {g} users")
         split = os.path.join(args.data, "split.json")
         if not in_place and os.path.exists(split):
             shutil.copyfile(split, os.path.join(out, "split.json"))
-        utils.write_data_folder(
-            out, dataset="PRISM", users=users, v_ref=v_ref, config=utils.config_of(args),
+        write_data_folder(
+            out, dataset="PRISM", users=users, v_ref=v_ref, config=config_of(args),
             pairs=pairs[["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]],
             conversations=pd.DataFrame({"row": range(len(row)), "messages": list(row)}))
     print(f"{args.out}: {len(pairs)} pairs over {table.shape[0]} embeddings of F={table.shape[1]}")

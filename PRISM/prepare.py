@@ -40,7 +40,9 @@ import numpy as np
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.cli import ArgumentParser, command_line, config_of, run_folder, seed_int  # noqa: E402
+from lore.io import hub_reachable, read_json, read_jsonl, write_json, write_table  # noqa: E402
 
 SCRIPT, EMBED_SCRIPT = "PRISM/prepare.py", "PRISM/generate-prism-embeddings.py"
 HUB_ID = "HannahRoseKirk/prism-alignment"
@@ -51,19 +53,19 @@ ROLES = ("user", "model")  # 'model' becomes 'assistant' in the examples
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("--data-dir", default=None,
                    help="folder with survey.jsonl and conversations.jsonl (default: download them)")
     p.add_argument("--out", default=os.path.join(FOLDER, "data"), help="output folder (default: %(default)s)")
-    p.add_argument("--seed", type=utils.seed_int, default=123, help="seed of the user and dialog split")
+    p.add_argument("--seed", type=seed_int, default=123, help="seed of the user and dialog split")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
     # locked, recovered and checked before any work; written as a whole at the end, or not at all.
     # generate-prism-embeddings.py writes its data folder beside these files: its entries are kept
-    with utils.run_folder(args, SCRIPT, keep=(EMBED_SCRIPT,), inputs=[args.data_dir] if args.data_dir else []) as out:
+    with run_folder(args, SCRIPT, keep=(EMBED_SCRIPT,), inputs=[args.data_dir] if args.data_dir else []) as out:
         paths = locate(args.data_dir)
         users = read_survey(paths["survey.jsonl"])
         dialogs = read_conversations(paths["conversations.jsonl"], users)
@@ -73,8 +75,8 @@ def main(args):
         split = load_or_make_split(os.path.join(args.out, "split.json"), dialogs_of, args.seed,
                                    os.path.join(out, "split.json"))
         rows = examples(split, dialogs)
-        utils.write_table(os.path.join(out, "examples.parquet"), rows)
-        utils.write_json(os.path.join(out, "prepare_config.json"), utils.config_of(args))
+        write_table(os.path.join(out, "examples.parquet"), rows)
+        write_json(os.path.join(out, "prepare_config.json"), config_of(args))
     for side in ("train", "test"):
         for group in ("seen", "unseen"):
             n = sum(r["split"] == side and r["user_group"] == group for r in rows)
@@ -89,31 +91,31 @@ def locate(data_dir):
         paths = {name: os.path.join(data_dir, name) for name in FILES}
         for path in paths.values():
             if not os.path.isfile(path):
-                raise utils.InputError(f"{path}: no such file (--data-dir needs {' and '.join(FILES)})")
+                raise InputError(f"{path}: no such file (--data-dir needs {' and '.join(FILES)})")
         return paths
     from huggingface_hub import hf_hub_download
-    offline = not utils.hub_reachable()
+    offline = not hub_reachable()
     try:
         return {name: hf_hub_download(repo_id=HUB_ID, repo_type="dataset", filename=name,
                                       local_files_only=offline) for name in FILES}
     except Exception as e:  # the hub client raises many types for "not reachable / not cached"
-        raise utils.InputError(f"could not download {HUB_ID} ({type(e).__name__}); offline? download "
+        raise InputError(f"could not download {HUB_ID} ({type(e).__name__}); offline? download "
                                f"{' and '.join(FILES)} and pass their folder with --data-dir DIR") from None
 
 
 def field(obj, key, kind, where):
     if key not in obj:
-        raise utils.InputError(f"{where}: no field {key!r}")
+        raise InputError(f"{where}: no field {key!r}")
     if not isinstance(obj[key], kind) or isinstance(obj[key], bool) and kind is not bool:
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise utils.InputError(f"{where}: {key!r} is {obj[key]!r}, expected {names}")
+        raise InputError(f"{where}: {key!r} is {obj[key]!r}, expected {names}")
     return obj[key]
 
 
 def read_survey(path):
     """-> ids of the users with at least one completed conversation, in file order."""
     users = []
-    for n, d in utils.read_jsonl(path):
+    for n, d in read_jsonl(path):
         if field(d, "num_completed_conversations", int, f"{path}:{n}") >= 1:
             users.append(str(field(d, "user_id", (str, int), f"{path}:{n}")))
     print(f"{path}: {len(users)} users with at least one completed conversation")
@@ -124,11 +126,11 @@ def read_conversations(path, users):
     """-> {dialog id: {"user", "turns": [(user message, chosen reply, [rejected replies])]}} of the
     dialogs of `users`, in file order."""
     users, dialogs, others = set(users), {}, 0
-    for n, d in utils.read_jsonl(path):
+    for n, d in read_jsonl(path):
         where = f"{path}:{n}"
         dialog, user = (str(field(d, k, (str, int), where)) for k in ("conversation_id", "user_id"))
         if dialog in dialogs:
-            raise utils.InputError(f"{where}: conversation_id {dialog!r} appears twice")
+            raise InputError(f"{where}: conversation_id {dialog!r} appears twice")
         turns = read_turns(field(d, "conversation_history", list, where), where)
         if user in users:
             dialogs[dialog] = {"user": user, "turns": turns}
@@ -154,7 +156,7 @@ def qualified_dialogs(users, dialogs):
     print(f"dropped {unqualified} unqualified dialogs (no turn with a rejected reply) and "
           f"{len(dialogs_of) - len(kept)} users left without dialogs")
     if not any(kept.values()):
-        raise utils.InputError("no qualified dialog of a survey user in conversations.jsonl")
+        raise InputError("no qualified dialog of a survey user in conversations.jsonl")
     return kept
 
 
@@ -165,11 +167,11 @@ def read_turns(history, where):
     for i, u in enumerate(history):
         at = f"{where}: conversation_history[{i}]"
         if not isinstance(u, dict):
-            raise utils.InputError(f"{at} is not an object")
+            raise InputError(f"{at} is not an object")
         turn, role = field(u, "turn", int, at), field(u, "role", str, at)
         content = field(u, "content", str, at)
         if role not in ROLES:
-            raise utils.InputError(f"{at}: role {role!r}, expected 'user' or 'model'")
+            raise InputError(f"{at}: role {role!r}, expected 'user' or 'model'")
         t = turns.setdefault(turn, {"user": [], "chosen": [], "rejected": []})
         if role == "user":
             t["user"].append(content)
@@ -181,7 +183,7 @@ def read_turns(history, where):
         if t is None or not t["user"] or not t["chosen"]:
             break
         if len(t["user"]) > 1 or len(set(t["chosen"])) > 1:
-            raise utils.InputError(f"{where}: turn {turn} has {len(t['user'])} user messages and "
+            raise InputError(f"{where}: turn {turn} has {len(t['user'])} user messages and "
                                    f"{len(set(t['chosen']))} different chosen replies, expected one of each")
         out.append((t["user"][0], t["chosen"][0], t["rejected"]))
     return out
@@ -192,11 +194,11 @@ def load_or_make_split(path, dialogs_of, seed, save_as=None):
     save_as (default: path)."""
     save_as = save_as or path
     if os.path.exists(path):
-        split = utils.read_json(path)
+        split = read_json(path)
         print(f"{path} exists: reusing its split (seed {split.get('seed')}); delete it to recompute")
         check_split(path, split, dialogs_of, seed)
         if save_as != path:
-            utils.write_json(save_as, split)
+            write_json(save_as, split)
         return split
     rng = np.random.RandomState(seed)   # the legacy generator of np.random.seed: the original's draws
     users = np.array(list(dialogs_of))
@@ -213,24 +215,24 @@ def load_or_make_split(path, dialogs_of, seed, save_as=None):
             split[f"{group}_users"].append(user)
             split["dialogs"][user] = {"train": ids[:half].tolist(), "test": ids[half:].tolist()}
     if not split["seen_users"] or not split["unseen_users"]:
-        raise utils.InputError(f"{len(split['seen_users'])} seen and {len(split['unseen_users'])} unseen "
+        raise InputError(f"{len(split['seen_users'])} seen and {len(split['unseen_users'])} unseen "
                                f"users have more than {MIN_DIALOGS - 1} dialogs: need at least one of each")
-    utils.write_json(save_as, split)
+    write_json(save_as, split)
     print(f"{path}: new split, seed {seed}")
     return split
 
 
 def check_split(path, split, dialogs_of, seed):
     if not all(k in split for k in ("seed", "seen_users", "unseen_users", "dialogs")):
-        raise utils.InputError(f"{path}: not a split file (needs seed, seen_users, unseen_users, dialogs)")
+        raise InputError(f"{path}: not a split file (needs seed, seen_users, unseen_users, dialogs)")
     if split["seed"] != seed:
-        raise utils.InputError(f"{path} was made with seed {split['seed']}, not --seed {seed}; "
+        raise InputError(f"{path} was made with seed {split['seed']}, not --seed {seed}; "
                                f"delete it to recompute the split")
     for user in split["seen_users"] + split["unseen_users"]:
         ids = split["dialogs"].get(user, {})
         unknown = set(ids.get("train", []) + ids.get("test", [])) - set(dialogs_of.get(user, []))
         if not ids.get("train") or not ids.get("test") or unknown:
-            raise utils.InputError(f"{path}: user {user!r} has no train or test dialogs, or dialogs that are "
+            raise InputError(f"{path}: user {user!r} has no train or test dialogs, or dialogs that are "
                                    f"not its qualified dialogs in the data ({sorted(unknown)[:3]}); "
                                    f"delete it to recompute the split")
 

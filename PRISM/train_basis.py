@@ -33,13 +33,11 @@ from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT, TITLE = "PRISM/train_basis.py", "PRISM"
-K_LIST = [0, 1, 5, 10, 15, 20, 25, 50]
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "train_basis", method="lore_regularized", k_list=K_LIST, alpha_list=[1e4],
-                       iters=20000, lr=0.5, fewshot_iters=500, fewshot_lr=0.5)
+    cli.add_sweep_args(p, FOLDER, "train_basis")   # defaults: the recipe, PRISM/recipe.json
     return p.parse_args(argv)
 
 
@@ -47,7 +45,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device)
         records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                               v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,

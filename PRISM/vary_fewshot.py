@@ -33,9 +33,8 @@ SCRIPT, TITLE = "PRISM/vary_fewshot.py", "PRISM: unseen users (shots = dialogs)"
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[50], alpha_list=[0.0],
-                       iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    cli.add_shots_args(p, trials=1, shots=[1, 2, 3], unit="dialogs")
+    cli.add_sweep_args(p, FOLDER, "vary_fewshot")   # defaults: the recipe, PRISM/recipe.json
+    cli.add_shots_args(p, FOLDER)
     return p.parse_args(argv)
 
 
@@ -43,7 +42,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device)
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,

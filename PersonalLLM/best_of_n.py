@@ -45,52 +45,60 @@ import torch
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
-from lore.results import pyplot, save_figure  # noqa: E402
+from lore.results import pyplot, save_figure, save_results  # noqa: E402
+from lore.active import active_shots, check_active  # noqa: E402
+from lore.scoring import score_items  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.cli import (ArgumentParser, command_line, positive_int, run_folder, seed_int, select_list,
+                      shot_list, start_run)  # noqa: E402
+from lore.data import load_data  # noqa: E402
+from lore.io import load_tensors  # noqa: E402
+from lore.methods import featurize, load_method, method_features  # noqa: E402
 
 SCRIPT = "PersonalLLM/best_of_n.py"
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("--data", default=os.path.join(FOLDER, "data"), help="what prepare.py wrote (default: %(default)s)")
     p.add_argument("--checkpoint", default=os.path.join(FOLDER, "results", "train_basis", "lore_K5_alpha0.safetensors"),
                    help="a fit of train_basis.py on --data (default: %(default)s)")
     p.add_argument("--out", default=os.path.join(FOLDER, "results", "best_of_n"),
                    help="output folder, written as a whole when the run ends (default: %(default)s)")
-    p.add_argument("--shots", type=utils.shot_list, default=[1, 2, 5, 10, 20, 50],
+    p.add_argument("--shots", type=shot_list, default=[1, 2, 5, 10, 20, 50],
                    help="pairs per unseen user to fit its weights on, e.g. 1,5,20")
-    p.add_argument("--trials", type=utils.positive_int, default=5, help="draws of the shots per shot count")
-    p.add_argument("--select", type=utils.select_list, default=["random", "active"],
+    p.add_argument("--trials", type=positive_int, default=5, help="draws of the shots per shot count")
+    p.add_argument("--select", type=select_list, default=["random", "active"],
                    help="the personal rules: random (rule personal) and/or active (rule active) shots")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--seed", type=utils.seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--allow-other-data", action="store_true",
                    help="use a checkpoint fitted on another data folder than --data (with a warning)")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
-    device = utils.start_run(args)
+    device = start_run(args)
     # locked and checked before any work; neither the data nor the checkpoint may be inside --out
-    with utils.run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
-        data = utils.load_data(args.data, device)
-        method, tensors = utils.load_method(args.checkpoint, device, data, args.allow_other_data)
+    with run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
+        data = load_data(args.data, device)
+        method, tensors = load_method(args.checkpoint, device, data, args.allow_other_data)
         test_rows, scores, W_true = load_truth(args.data, data)                        # [S*R, F], [S, R, M], [N, M]
         S, R, _ = scores.shape
-        if utils.method_features(method) not in (None, data.table.shape[1]):
-            raise utils.InputError(f"{args.checkpoint}: fitted on F={utils.method_features(method)}, {args.data} has "
+        if method_features(method) not in (None, data.table.shape[1]):
+            raise InputError(f"{args.checkpoint}: fitted on F={method_features(method)}, {args.data} has "
                                    f"F={data.table.shape[1]}: a checkpoint of another data folder?")
-        pool = utils.featurize(method, data.sets["unseen_fewshot"])
+        pool = featurize(method, data.sets["unseen_fewshot"])
         largest = int(pool.counts().min())
         if max(args.shots) > largest:
-            raise utils.InputError(f"--shots {max(args.shots)} is more than the smallest unseen user's pool of "
+            raise InputError(f"--shots {max(args.shots)} is more than the smallest unseen user's pool of "
                                    f"{largest} few-shot pairs; draw a larger pool with prepare.py --pool-frac")
         true = torch.einsum("srm,nm->nsr", scores.double(), W_true.double())           # [N, S, R]
         print(f"{len(W_true)} unseen users x {S} test prompts x {R} responses; {method} from {args.checkpoint}")
 
         def rewards(U):                                                                # U [n, U] -> [n, S, R]
-            return utils.score_items(method, test_rows, U).reshape(len(U), S, R).double()
+            return score_items(method, test_rows, U).reshape(len(U), S, R).double()
 
         setting = method.setting()                                                     # method, K, alpha
         records = []
@@ -106,7 +114,7 @@ def main(args):
         add("oracle", 0, [pick_quality(true, true)])
         truth_path = os.path.join(args.data, "synthetic_truth.safetensors")
         if os.path.exists(truth_path):   # the ceiling of any linear reward: the true scores without their noise
-            U_true = utils.load_tensors(truth_path, ["reward_models"])["reward_models"].to(test_rows.device)  # [F, M]
+            U_true = load_tensors(truth_path, ["reward_models"])["reward_models"].to(test_rows.device)  # [F, M]
             linear = torch.cat([t.float() @ U_true for t in test_rows.split(1 << 15)]) @ W_true.T.to(U_true.device)
             add("true_linear", 0, [pick_quality(true, linear.T.reshape(-1, S, R).double().cpu())])   # [N, S, R]
         v_ref = (torch.cat([t.float() @ data.v_ref.to(t.device) for t in test_rows.split(1 << 15)])   # [S*R, 1]
@@ -118,7 +126,7 @@ def main(args):
                         "regret": float((true.max(-1).values - true.mean(-1)).mean()), "regret_std": 0.0,
                         "trials": 1, **setting})
         if "active" in args.select:
-            utils.check_active(method)
+            check_active(method)
         for shots in args.shots if "random" in args.select else []:
             results = []
             for _ in range(args.trials):
@@ -129,14 +137,14 @@ def main(args):
         if "active" in args.select:   # one run of max(shots) rounds per trial gives every shot count
             results = {shots: [] for shots in args.shots}
             for _ in range(args.trials):
-                for n, _, U in utils.active_shots(method, pool, max(args.shots)):
+                for n, _, U in active_shots(method, pool, max(args.shots)):
                     if n in results:
                         results[n].append(pick_quality(true, rewards(U)))
             for shots in args.shots:
                 add("active", shots, results[shots])
                 print(f"  active,   {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")
 
-        utils.save_results(records, out, "best_of_n")
+        save_results(records, out, "best_of_n")
         plot(records, os.path.join(out, "best_of_n.png"), f"PersonalLLM best-of-{R}, {method}")
     return records
 
@@ -145,18 +153,18 @@ def load_truth(data_dir, data):
     """-> (the test responses' embeddings [S*R, F] (a view of the table), test scores [S, R, M],
     the unseen users' true weights [N, M] in the order of data.users["unseen"])."""
     path = os.path.join(data_dir, "scores.safetensors")
-    scores = utils.load_tensors(path, ["test"])["test"]                            # [S, R, M]
-    W_true = utils.load_tensors(os.path.join(data_dir, "users.safetensors"), ["W_unseen"])["W_unseen"]   # [N, M]
+    scores = load_tensors(path, ["test"])["test"]                            # [S, R, M]
+    W_true = load_tensors(os.path.join(data_dir, "users.safetensors"), ["W_unseen"])["W_unseen"]   # [N, M]
     offsets = data.info.get("offsets")
     if offsets is None or "test" not in offsets:
-        raise utils.InputError(f"{data_dir}/data.json has no offsets: not a PersonalLLM data folder (rerun prepare.py)")
+        raise InputError(f"{data_dir}/data.json has no offsets: not a PersonalLLM data folder (rerun prepare.py)")
     S, R, M = scores.shape
     start = offsets["test"]
     if start + S * R > len(data.table):
-        raise utils.InputError(f"{path}: {S} test prompts x {R} responses from row {start} do not fit the "
+        raise InputError(f"{path}: {S} test prompts x {R} responses from row {start} do not fit the "
                                f"{len(data.table)} rows of the embeddings (rerun prepare.py)")
     if W_true.shape != (len(data.users["unseen"]), M):
-        raise utils.InputError(f"users.safetensors: W_unseen has shape {tuple(W_true.shape)}, expected "
+        raise InputError(f"users.safetensors: W_unseen has shape {tuple(W_true.shape)}, expected "
                                f"[{len(data.users['unseen'])} unseen users, {M} reward models]")
     return data.table[start:start + S * R], scores, W_true
 

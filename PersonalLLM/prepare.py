@@ -27,7 +27,7 @@ models then has a linear reward in a --rank-dimensional subspace: LoRe should cl
 --rank and then come close to the oracle (each user's true direction). v_ref is the models' mean
 direction plus noise: a generic reward, decent for everyone and personal to no one.
 
-Writes to --out (default PersonalLLM/data/) the common data layout (utils.DATA_FILES: embeddings,
+Writes to --out (default PersonalLLM/data/) the common data layout (lore.data.DATA_FILES: embeddings,
 conversations.parquet, pairs.parquet, v_ref.safetensors, data.json) and:
     scores.safetensors       {"train": [S_train, 8, 10], "test": [S_test, 8, 10]} float32, the
                              reward models in the order of REWARD_MODELS; response r of prompt s of
@@ -48,6 +48,12 @@ import torch
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
+from lore.checks import InputError, set_seed  # noqa: E402
+from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line, config_of, fraction,
+                      link_into, nonnegative_float, positive_float, positive_int, run_folder, seed_int)  # noqa: E402
+from lore.data import write_data_folder  # noqa: E402
+from lore.extract import embed_conversations, read_reward_head  # noqa: E402
+from lore.io import load_splits, read_metadata, save_tensors  # noqa: E402
 
 HUB_ID = "namkoong-lab/PersonalLLM"
 SPLITS = ("train", "test")
@@ -58,58 +64,58 @@ REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    utils.add_prepare_args(p, FOLDER)
-    p.add_argument("--seed", type=utils.seed_int, default=0,
+    p = ArgumentParser(__doc__)
+    add_prepare_args(p, FOLDER)
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="seed of the simulated users (and of the synthetic data)")
     u = p.add_argument_group("the simulated users")
-    u.add_argument("--n-users", type=utils.positive_int, default=1000, help="seen users")
-    u.add_argument("--n-unseen", type=utils.positive_int, default=500, help="unseen users")
-    u.add_argument("--dirichlet", type=utils.positive_float, default=0.1, help="users ~ Dirichlet(this * ones(10))")
-    u.add_argument("--train-frac", type=utils.fraction, default=0.005,
+    u.add_argument("--n-users", type=positive_int, default=1000, help="seen users")
+    u.add_argument("--n-unseen", type=positive_int, default=500, help="unseen users")
+    u.add_argument("--dirichlet", type=positive_float, default=0.1, help="users ~ Dirichlet(this * ones(10))")
+    u.add_argument("--train-frac", type=fraction, default=0.005,
                    help="fraction of the train prompts per seen user (seen_train)")
-    u.add_argument("--pool-frac", type=utils.fraction, default=0.01,
+    u.add_argument("--pool-frac", type=fraction, default=0.01,
                    help="fraction of the train prompts in each unseen user's few-shot pool (unseen_fewshot)")
-    u.add_argument("--test-frac", type=utils.fraction, default=1.0,
+    u.add_argument("--test-frac", type=fraction, default=1.0,
                    help="fraction of the test prompts per user (seen_test, unseen_test)")
-    u.add_argument("--seen-test-prompts", type=utils.positive_int, default=None,
+    u.add_argument("--seen-test-prompts", type=positive_int, default=None,
                    help="seen users' test sample: this many random test prompts per seen user instead of "
                         "--test-frac (seen_test; 1e5 users x 1000 prompts would be 1e8 pairs); stated in data.json")
     s = p.add_argument_group("synthetic data (--synthetic)")
     s.add_argument("--synthetic", action="store_true", help="write a planted population instead")
-    s.add_argument("--prompts-train", type=utils.positive_int, default=9402, help="prompts of the train split")
-    s.add_argument("--prompts-test", type=utils.positive_int, default=1000, help="prompts of the test split")
-    s.add_argument("--features", type=utils.positive_int, default=64, help="embedding size F")
-    s.add_argument("--rank", type=utils.positive_int, default=3, help="planted directions the 10 models mix")
+    s.add_argument("--prompts-train", type=positive_int, default=9402, help="prompts of the train split")
+    s.add_argument("--prompts-test", type=positive_int, default=1000, help="prompts of the test split")
+    s.add_argument("--features", type=positive_int, default=64, help="embedding size F")
+    s.add_argument("--rank", type=positive_int, default=3, help="planted directions the 10 models mix")
     s.add_argument("--cosine", type=float, default=-0.4,
                    help="pairwise cosine of the planted directions (negative: users disagree)")
-    s.add_argument("--norm", type=utils.positive_float, default=30.0, help="typical norm of a response embedding")
-    s.add_argument("--noise", type=utils.nonnegative_float, default=1.0,
+    s.add_argument("--norm", type=positive_float, default=30.0, help="typical norm of a response embedding")
+    s.add_argument("--noise", type=nonnegative_float, default=1.0,
                    help="score noise, relative to the spread of a model's noiseless scores")
-    s.add_argument("--direction-noise", type=utils.nonnegative_float, default=0.1,
+    s.add_argument("--direction-noise", type=nonnegative_float, default=0.1,
                    help="each u_m's component outside the planted subspace, relative to its norm")
-    s.add_argument("--ref-noise", type=utils.nonnegative_float, default=0.5,
+    s.add_argument("--ref-noise", type=nonnegative_float, default=0.5,
                    help="v_ref = mean of the u_m plus noise of this relative norm")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
-    utils.set_seed(args.seed)
+    set_seed(args.seed)
     files = [path for _, path in args.data_files or ()]
     # locked, recovered and checked before any work; written as a whole at the end, or not at all
-    with utils.run_folder(args, SCRIPT, inputs=files) as out:
+    with run_folder(args, SCRIPT, inputs=files) as out:
         if args.synthetic:
             keep_real_embeddings(args.out)
             table, scores, conversations, v_ref, truth = synthetic(args)
             if out is None:
                 return
-            utils.save_tensors(os.path.join(out, "embeddings.safetensors"), {"embeddings": table},
+            save_tensors(os.path.join(out, "embeddings.safetensors"), {"embeddings": table},
                                {"model": "synthetic", "n": str(len(table)), "dtype": "bfloat16",
-                                "config": json.dumps(utils.config_of(args))})
+                                "config": json.dumps(config_of(args))})
         else:
             # the head first: a model without one fails before anything is computed
-            v_ref = utils.read_reward_head(args.model)                             # [F, 1]
+            v_ref = read_reward_head(args.model)                             # [F, 1]
             table, scores, conversations = from_dataset(args, out)
             truth = None
             if out is None:   # torchrun: the other processes only helped embed
@@ -120,7 +126,7 @@ def main(args):
 
 def from_dataset(args, out):
     """The hub dataset (or local files in its schema) -> embeddings, scores, conversations."""
-    data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None)
+    data = load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None)
     scores, conversations = {}, []
     for split in SPLITS:
         df = data[split].to_pandas()
@@ -130,11 +136,11 @@ def from_dataset(args, out):
                                {"role": "assistant", "content": text(df, s, f"response_{r + 1}", split)}]
                               for r in range(RESPONSES)]
     keep_synthetic_embeddings(args.out)
-    cache = utils.cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
-    table = utils.embed_conversations(conversations, cache, args.model, device=args.device,
+    cache = cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
+    table = embed_conversations(conversations, cache, args.model, device=args.device,
                                       batch_tokens=args.batch_tokens)
     if out is not None:
-        utils.link_into(cache, out)
+        link_into(cache, out)
     return table, scores, conversations
 
 
@@ -143,23 +149,23 @@ def score_tensor(df, split):
     columns = [f"response_{r + 1}_{m}" for r in range(RESPONSES) for m in REWARD_MODELS]
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise utils.InputError(f"{split} split: no score column {missing[0]!r} "
+        raise InputError(f"{split} split: no score column {missing[0]!r} "
                                f"({len(missing)} of the {len(columns)} score columns missing)")
     values = df[columns].apply(pd.to_numeric, errors="coerce").to_numpy("float64")  # [S, 80]
     bad = ~np.isfinite(values)
     if bad.any():
         s, c = np.argwhere(bad)[0]
-        raise utils.InputError(f"{split} split, prompt {s}: score {columns[c]!r} is missing or not a "
+        raise InputError(f"{split} split, prompt {s}: score {columns[c]!r} is missing or not a "
                                f"number ({df[columns[c]].iloc[s]!r})")
     return torch.tensor(values.astype("float32")).reshape(len(df), RESPONSES, len(REWARD_MODELS))
 
 
 def text(df, s, column, split):
     if column not in df.columns:
-        raise utils.InputError(f"{split} split: no column {column!r}")
+        raise InputError(f"{split} split: no column {column!r}")
     value = df[column].iloc[s]
     if not isinstance(value, str):
-        raise utils.InputError(f"{split} split, prompt {s}: {column!r} is not text ({value!r})")
+        raise InputError(f"{split} split, prompt {s}: {column!r} is not text ({value!r})")
     return value
 
 
@@ -168,10 +174,10 @@ def synthetic(args):
     with u_m = D a_m + (direction noise), D [F, rank] the planted directions and a_m on the simplex."""
     F, rank, M = args.features, args.rank, len(REWARD_MODELS)
     if min(args.prompts_train, args.prompts_test, rank) < 1 or rank > F:
-        raise utils.InputError(f"need --prompts-train, --prompts-test >= 1 and 1 <= --rank <= --features, "
+        raise InputError(f"need --prompts-train, --prompts-test >= 1 and 1 <= --rank <= --features, "
                                f"got {args.prompts_train}, {args.prompts_test}, {rank}, {F}")
     if not -1 / max(rank - 1, 1) < args.cosine < 1:
-        raise utils.InputError(f"--cosine {args.cosine}: {rank} unit vectors can only have a pairwise "
+        raise InputError(f"--cosine {args.cosine}: {rank} unit vectors can only have a pairwise "
                                f"cosine in ({-1 / max(rank - 1, 1):.3g}, 1)")
     gram = torch.full((rank, rank), args.cosine).fill_diagonal_(1.0)
     D = torch.linalg.qr(torch.randn(F, rank))[0] @ torch.linalg.cholesky(gram).T   # [F, rank] unit columns
@@ -197,17 +203,17 @@ def keep_real_embeddings(out):
     """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
     path = os.path.join(out, "embeddings.safetensors")
     if os.path.exists(path):
-        model = utils.read_metadata(path).get("model")
+        model = read_metadata(path).get("model")
         if model != "synthetic":
-            raise utils.InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
+            raise InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
                                    f"them; pick another --out")
 
 
 def keep_synthetic_embeddings(out):
     """A real prepare into a folder of synthetic data is refused: pick another --out for real data."""
     path = os.path.join(out, "embeddings.safetensors")
-    if os.path.exists(path) and utils.read_metadata(path).get("model") == "synthetic":
-        raise utils.InputError(f"{path} holds synthetic embeddings: a real prepare would overwrite them; "
+    if os.path.exists(path) and read_metadata(path).get("model") == "synthetic":
+        raise InputError(f"{path} holds synthetic embeddings: a real prepare would overwrite them; "
                                f"pick another --out")
 
 
@@ -229,8 +235,8 @@ def population(args, scores):
             flag = "seen_test_prompts"
         try:
             sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag), per_user)
-        except utils.InputError as e:
-            raise utils.InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
+        except InputError as e:
+            raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
         frames.append(pd.DataFrame({
             "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
             "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
@@ -243,19 +249,19 @@ def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs
     counts = {split: len(scores[split]) for split in SPLITS}
     offsets = {"train": 0, "test": RESPONSES * counts["train"]}
     if table.shape[0] != RESPONSES * sum(counts.values()) or v_ref.shape != (table.shape[1], 1):
-        raise utils.InputError(f"{out}: {table.shape[0]} embeddings of F={table.shape[1]} and v_ref "
+        raise InputError(f"{out}: {table.shape[0]} embeddings of F={table.shape[1]} and v_ref "
                                f"{tuple(v_ref.shape)} do not fit {counts} prompts x {RESPONSES} responses")
     truth_path = os.path.join(out, "synthetic_truth.safetensors")
     files = ["scores.safetensors", "users.safetensors"]
     if truth is not None:
-        utils.save_tensors(truth_path, truth)
+        save_tensors(truth_path, truth)
         files.append("synthetic_truth.safetensors")
-    utils.save_tensors(os.path.join(out, "scores.safetensors"), {k: v.float() for k, v in scores.items()},
+    save_tensors(os.path.join(out, "scores.safetensors"), {k: v.float() for k, v in scores.items()},
                        {"reward_models": json.dumps(REWARD_MODELS), "responses": str(RESPONSES),
                         "prompts": json.dumps(counts), "offsets": json.dumps(offsets)})
-    utils.save_tensors(os.path.join(out, "users.safetensors"), W, {"reward_models": json.dumps(REWARD_MODELS)})
-    utils.write_data_folder(
-        out, dataset="PersonalLLM", users=users, pairs=pairs, v_ref=v_ref, config=utils.config_of(args),
+    save_tensors(os.path.join(out, "users.safetensors"), W, {"reward_models": json.dumps(REWARD_MODELS)})
+    write_data_folder(
+        out, dataset="PersonalLLM", users=users, pairs=pairs, v_ref=v_ref, config=config_of(args),
         conversations=pd.DataFrame({"row": np.arange(len(conversations)),
                                     "messages": [json.dumps(c, ensure_ascii=False) for c in conversations]}),
         files=files, reward_models=list(REWARD_MODELS), responses=RESPONSES, offsets=offsets, prompts=counts,

@@ -26,7 +26,7 @@ import sys
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 import utils  # noqa: E402
-from lore import cli, compare, results  # noqa: E402
+from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/train_basis.py", "PersonalLLM"
@@ -34,11 +34,7 @@ SCRIPT, TITLE = "PersonalLLM/train_basis.py", "PersonalLLM"
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5], alpha_list=[0.0],
-                       iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    compare.set_tuned_defaults(p, "PersonalLLM")   # PAL's and VPL's defaults: docs/comparisons.md
-    p.add_argument("--fewshot-pairs", type=cli.positive_int, default=9,
-                   help="the first n pairs of each unseen user's few-shot pool it fits on (0.1%% of 9402 prompts)")
+    cli.add_sweep_args(p, FOLDER, "train_basis")   # defaults: the recipe, PersonalLLM/recipe.json
     return p.parse_args(argv)
 
 
@@ -46,7 +42,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device, fewshot_pairs=args.fewshot_pairs)
         records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                               v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,

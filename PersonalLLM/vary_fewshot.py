@@ -31,18 +31,18 @@ sys.path.insert(0, os.path.join(FOLDER, ".."))
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from lore import cli, compare, results  # noqa: E402
+from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.io import load_tensors  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/vary_fewshot.py", "PersonalLLM: unseen users"
 
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0],
-                       iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    compare.set_tuned_defaults(p, "PersonalLLM")   # PAL's and VPL's defaults: docs/comparisons.md
-    cli.add_shots_args(p, trials=20, shots=[1, 2, 5, 10, 20, 50])
+    cli.add_sweep_args(p, FOLDER, "vary_fewshot")   # defaults: the recipe, PersonalLLM/recipe.json
+    cli.add_shots_args(p, FOLDER)
     p.add_argument("--candidates", choices=("pool", "all"), default="pool",
                    help="the pairs a user can be asked: its pool (the paper's) or every pair of its pool prompts")
     return p.parse_args(argv)
@@ -52,7 +52,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device)
         pool = data.sets["unseen_fewshot"] if args.candidates == "pool" else every_pair_of_pool_prompts(data)
         cli.check_shots(args.shots, pool)
@@ -71,15 +71,15 @@ def main(args):
 def every_pair_of_pool_prompts(data):
     """--candidates all: every pair of responses of the unseen users' pool prompts, answered by
     their true mixtures of the reward models' scores (utils.every_pair)."""
-    scores = utils.load_tensors(os.path.join(data.folder, "scores.safetensors"), ["train", "test"])   # [S, R, M]
-    W = utils.load_tensors(os.path.join(data.folder, "users.safetensors"), ["W_unseen"])["W_unseen"]  # [N, M]
+    scores = load_tensors(os.path.join(data.folder, "scores.safetensors"), ["train", "test"])   # [S, R, M]
+    W = load_tensors(os.path.join(data.folder, "users.safetensors"), ["W_unseen"])["W_unseen"]  # [N, M]
     R = scores["train"].shape[1]
     if data.info.get("offsets") != {"train": 0, "test": R * len(scores["train"])} or \
             R * (len(scores["train"]) + len(scores["test"])) != len(data.table):
-        raise utils.InputError(f"{data.folder}: scores.safetensors does not match the embeddings' rows (offsets "
+        raise InputError(f"{data.folder}: scores.safetensors does not match the embeddings' rows (offsets "
                                f"{data.info.get('offsets')}): not a PersonalLLM data folder, rerun prepare.py")
     if W.shape[0] != len(data.users["unseen"]):
-        raise utils.InputError(f"{data.folder}/users.safetensors: W_unseen has {W.shape[0]} users, the data "
+        raise InputError(f"{data.folder}/users.safetensors: W_unseen has {W.shape[0]} users, the data "
                                f"{len(data.users['unseen'])}: rerun prepare.py")
     row_scores = torch.cat([scores["train"], scores["test"]]).reshape(len(data.table), -1)  # [E, M]
     pool = utils.every_pair(data.sets["unseen_fewshot"], R, row_scores, W)

@@ -25,7 +25,7 @@ The workers are split once, here (the paper's recipe):
   4. every worker is tested on all of its validation comparisons (seen_test, unseen_test).
 Users are numbered in the order of step 3.
 
-Writes to --out (default RedditTLDR/data/) the common data layout (utils.DATA_FILES):
+Writes to --out (default RedditTLDR/data/) the common data layout (lore.data.DATA_FILES):
     embeddings.safetensors   {"embeddings": [E, F] bf16}: one row per distinct (post, summary)
     conversations.parquet    row (of the table), messages, post_id
     pairs.parquet            set, user (the worker), chosen and rejected (rows of the table), draw,
@@ -43,7 +43,12 @@ import pandas as pd
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
+from lore.checks import InputError, resolve_device  # noqa: E402
+from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line, config_of, link_into,
+                      nonnegative_int, positive_int, run_folder, seed_int)  # noqa: E402
+from lore.data import write_data_folder  # noqa: E402
+from lore.extract import embed_conversations, read_reward_head  # noqa: E402
+from lore.io import load_splits  # noqa: E402
 
 SCRIPT = "RedditTLDR/prepare.py"
 HUB_ID = "openai/summarize_from_feedback"
@@ -53,29 +58,29 @@ COLUMNS = ("info", "summaries", "choice", "worker")
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
-    utils.add_prepare_args(p, FOLDER)
+    p = ArgumentParser(__doc__)
+    add_prepare_args(p, FOLDER)
     s = p.add_argument_group("the worker split and the draws")
-    s.add_argument("--drop-smallest", type=utils.nonnegative_int, default=2,
+    s.add_argument("--drop-smallest", type=nonnegative_int, default=2,
                    help="how many workers with the fewest train comparisons are dropped")
-    s.add_argument("--split-seed", type=utils.seed_int, default=0,
+    s.add_argument("--split-seed", type=seed_int, default=0,
                    help="seed of the worker shuffle and the pair draws")
-    s.add_argument("--max-train-pairs", type=utils.positive_int, default=150,
+    s.add_argument("--max-train-pairs", type=positive_int, default=150,
                    help="train comparisons drawn per seen worker")
-    s.add_argument("--max-fewshot-pairs", type=utils.positive_int, default=100,
+    s.add_argument("--max-fewshot-pairs", type=positive_int, default=100,
                    help="train comparisons drawn per unseen worker, in random order (the few-shot pool)")
     return p.parse_args(argv)
 
 
-@utils.command_line
+@command_line
 def main(args):
-    device = utils.resolve_device(args.device)
+    device = resolve_device(args.device)
     files = [path for _, path in args.data_files or ()]
     # locked, recovered and checked before any work; written as a whole at the end, or not at all
-    with utils.run_folder(args, SCRIPT, inputs=files) as out:
+    with run_folder(args, SCRIPT, inputs=files) as out:
         # the head first: a model without one fails before anything is computed
-        v_ref = utils.read_reward_head(args.model)                                 # [F, 1]
-        data = utils.load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None, CONFIG)
+        v_ref = read_reward_head(args.model)                                 # [F, 1]
+        data = load_splits(HUB_ID, SPLITS, dict(args.data_files) if args.data_files else None, CONFIG)
         index, pairs = {}, []   # index: (post, summary text) -> (row of the table, post id)
         for split in SPLITS:
             pairs += comparisons(data[split], split, index)
@@ -84,17 +89,17 @@ def main(args):
         conversations = [[{"role": "user", "content": post}, {"role": "assistant", "content": summary}]
                          for post, summary in index]
         print(f"{len(pairs)} comparisons, {len(index)} distinct (post, summary) conversations to embed")
-        cache = utils.cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
-        table = utils.embed_conversations(conversations, cache, args.model, device=device,
+        cache = cache_path(args, "embeddings.safetensors")   # outlives a failed run: extraction resumes
+        table = embed_conversations(conversations, cache, args.model, device=device,
                                           batch_tokens=args.batch_tokens)
         if out is None:  # torchrun: the other processes only helped embed
             return
         if v_ref.shape != (table.shape[1], 1):
-            raise utils.InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
+            raise InputError(f"{args.model}: the head has shape {tuple(v_ref.shape)}, the embeddings "
                                    f"F={table.shape[1]}")
-        utils.link_into(cache, out)
-        utils.write_data_folder(
-            out, dataset="RedditTLDR", users=users, pairs=sets, v_ref=v_ref, config=utils.config_of(args),
+        link_into(cache, out)
+        write_data_folder(
+            out, dataset="RedditTLDR", users=users, pairs=sets, v_ref=v_ref, config=config_of(args),
             conversations=pd.DataFrame({"row": [row for row, _ in index.values()],
                                         "messages": [json.dumps(c, ensure_ascii=False) for c in conversations],
                                         "post_id": [post_id for _, post_id in index.values()]}),
@@ -140,7 +145,7 @@ def split_workers(counts, validation_workers, drop_smallest, rng):
     dropped, kept = ranked[:drop_smallest], ranked[drop_smallest:]
     common = sorted(w for w in kept if w in validation_workers)
     if len(common) < 2:
-        raise utils.InputError(f"{len(common)} workers left in both splits after dropping the {drop_smallest} "
+        raise InputError(f"{len(common)} workers left in both splits after dropping the {drop_smallest} "
                                f"with the fewest train comparisons (of {len(counts)} workers): need 2, one "
                                f"seen and one unseen (lower --drop-smallest?)")
     rng.shuffle(common)
@@ -154,7 +159,7 @@ def comparisons(dataset, split, index):
     Rows without a post are skipped and counted; a malformed row is an error naming it."""
     missing = [c for c in COLUMNS if c not in dataset.column_names]
     if missing:
-        raise utils.InputError(f"{split} split: no column {missing[0]!r} (it has {dataset.column_names})")
+        raise InputError(f"{split} split: no column {missing[0]!r} (it has {dataset.column_names})")
     df = dataset.select_columns(list(COLUMNS)).to_pandas()
     pairs, skipped, identical = [], 0, 0
     for i, (info, summaries, choice, worker) in enumerate(zip(*(df[c] for c in COLUMNS))):
@@ -165,20 +170,20 @@ def comparisons(dataset, split, index):
         texts = [s.get("text") if isinstance(s, dict) else None for s in
                  (summaries if summaries is not None else [])]
         if len(texts) != 2 or not all(isinstance(t, str) for t in texts):
-            raise utils.InputError(f"{split} split, row {i}: 'summaries' must be 2 summaries with a text, "
+            raise InputError(f"{split} split, row {i}: 'summaries' must be 2 summaries with a text, "
                                    f"got {summaries if summaries is None else list(summaries)!r}"[:300])
         if choice not in (0, 1):
-            raise utils.InputError(f"{split} split, row {i}: 'choice' must be 0 or 1, got {choice!r}")
+            raise InputError(f"{split} split, row {i}: 'choice' must be 0 or 1, got {choice!r}")
         choice = int(choice)   # a column with nulls arrives as floats
         if not isinstance(worker, str) or not worker:
-            raise utils.InputError(f"{split} split, row {i}: 'worker' must be a non-empty string, "
+            raise InputError(f"{split} split, row {i}: 'worker' must be a non-empty string, "
                                    f"got {worker!r}")
         rows = [index.setdefault((post, t), (len(index), info.get("id")))[0] for t in texts]
         identical += texts[0] == texts[1]
         pairs.append({"split": split, "user": worker, "chosen": rows[choice],
                       "rejected": rows[1 - choice], "post_id": info.get("id"), "row": i})
     if not pairs:
-        raise utils.InputError(f"{split} split: none of its {len(df)} rows has a post")
+        raise InputError(f"{split} split: none of its {len(df)} rows has a post")
     print(f"{split}: {len(pairs)} comparisons of {len({p['user'] for p in pairs})} workers; skipped {skipped} "
           f"rows without a post (CNN/DM)"
           + (f"; {identical} compare a summary with itself (kept: they count as wrong)" if identical else ""))

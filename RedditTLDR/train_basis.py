@@ -33,10 +33,7 @@ SCRIPT, TITLE = "RedditTLDR/train_basis.py", "Reddit TLDR"
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "train_basis", method="lore", k_list=[0, 1, 2, 3, 4, 5, 6], alpha_list=[0.0],
-                       iters=1000, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    p.add_argument("--fewshot-pairs", type=cli.positive_int, default=50,
-                   help="the first n drawn train comparisons of each unseen worker it fits on")
+    cli.add_sweep_args(p, FOLDER, "train_basis")   # defaults: the recipe, RedditTLDR/recipe.json
     return p.parse_args(argv)
 
 
@@ -44,7 +41,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device, fewshot_pairs=args.fewshot_pairs)
         records = utils.sweep(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,
                               v_ref=data.v_ref, hparams=cli.method_hparams(args), out_dir=out, seed=args.seed,

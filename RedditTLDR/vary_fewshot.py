@@ -30,9 +30,8 @@ SCRIPT, TITLE = "RedditTLDR/vary_fewshot.py", "Reddit TLDR: unseen workers"
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(__doc__)
-    cli.add_sweep_args(p, FOLDER, "vary_fewshot", method="lore", k_list=[5], alpha_list=[0.0],
-                       iters=500, lr=0.5, fewshot_iters=500, fewshot_lr=0.1)
-    cli.add_shots_args(p, trials=20, shots=list(range(5, 51, 5)))
+    cli.add_sweep_args(p, FOLDER, "vary_fewshot")   # defaults: the recipe, RedditTLDR/recipe.json
+    cli.add_shots_args(p, FOLDER)
     return p.parse_args(argv)
 
 
@@ -40,7 +39,7 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     # locked and checked before any work; under torchrun, rank 0 writes it
-    with utils.rank_run_folder(args, SCRIPT, device=str(device)) as out:
+    with cli.rank_run_folder(args, SCRIPT, device=str(device)) as out:
         data = load_data(args.data, device)
         cli.check_shots(args.shots, data.sets["unseen_fewshot"])
         records = utils.sweep_shots(methods=args.method, K_list=args.k_list, alpha_list=args.alpha_list,

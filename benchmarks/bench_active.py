@@ -29,6 +29,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import utils  # noqa: E402
+from lore.checks import set_seed  # noqa: E402
+from lore.data import load_data  # noqa: E402
+from lore.io import write_json  # noqa: E402
+from lore.methods import featurize, METHODS, pair_features, per_user_accuracy  # noqa: E402
 
 
 def parse_args():
@@ -54,9 +58,9 @@ def best_time(fn, repeats):
 def selection_cost(method, pool, repeats):
     """Seconds of: a random draw of one more shot, an active round's selection (no refit), a refit."""
     from lore import active
-    pool = utils.featurize(method, pool)
-    Zc, Zr = utils.pair_features(method, pool)
-    revealed = utils._sample_groups(pool, 2)                                       # [P]: 2 shots
+    pool = featurize(method, pool)
+    Zc, Zr = pair_features(method, pool)
+    revealed = utils.sample_groups(pool, 2)                                       # [P]: 2 shots
     U = method.fit_users(pool.select(revealed))                                    # the state after them
 
     def select_round():
@@ -79,26 +83,26 @@ def init_comparison(data, K, iters, seeds):
         Vs, results = [], []
         for seed in range(seeds):
             pairs = data.sets["seen_train"]
-            utils.set_seed(seed)
-            method = utils.METHODS[name](K, 0.0, data.v_ref, "cpu", iters=iters, init=init)
+            set_seed(seed)
+            method = METHODS[name](K, 0.0, data.v_ref, "cpu", iters=iters, init=init)
             model = method.model(data.v_ref, 0.0, pairs.n_users, pairs.n_features, K, iters, method.hparams["lr"],
                                  "cpu", init)
             start = time.perf_counter()
-            utils._start(model, pairs)
+            model.start(pairs)
             init_s = time.perf_counter() - start
             X, user = pairs.rows(), pairs.user
             if name == "lore":
-                weight = utils._per_user_mean(pairs)
+                weight = utils.user_mean_weights(pairs)
                 losses = [float(model.step(X, user, weight)) for _ in range(iters)]
             else:   # LoRe_regularized with alpha 0: the W half-step, then the V half-step's loss
-                weight, alpha_t = utils._per_pair_mean(pairs), torch.zeros(())
+                weight, alpha_t = utils.pair_mean_weights(pairs), torch.zeros(())
                 losses = [float(model.step(X, user, weight, alpha_t)) for _ in range(iters)]
             final = losses[-1]
             # the steps after which the loss stays within 1% of the final one
             within = 1 + max((i + 1 for i, loss in enumerate(losses) if abs(loss - final) > 0.01 * abs(final)),
                              default=0)
             W, V = torch.softmax(model.W.detach(), -1), model.V.detach()
-            acc = utils.per_user_accuracy(data.sets["seen_test"], V, W).mean()
+            acc = per_user_accuracy(data.sets["seen_test"], V, W).mean()
             Vs.append(torch.linalg.qr(V)[0])
             results.append({"seed": seed, "steps_within_1pct": within, "final_loss": final,
                             "seen_test": float(acc), "init_s": init_s, "losses": losses})
@@ -124,9 +128,9 @@ def init_comparison(data, K, iters, seeds):
 
 
 def main(args):
-    data = utils.load_data(args.data, "cpu")
-    utils.set_seed(0)
-    method = utils.METHODS["lore"](args.K, 0.0, data.v_ref, "cpu", iters=args.iters)
+    data = load_data(args.data, "cpu")
+    set_seed(0)
+    method = METHODS["lore"](args.K, 0.0, data.v_ref, "cpu", iters=args.iters)
     method.fit(data.sets["seen_train"])
     every = load_script("every")
     cost = {"pool": selection_cost(method, data.sets["unseen_fewshot"], args.repeats),
@@ -138,7 +142,7 @@ def main(args):
     result = {"device": "cpu", "threads": torch.get_num_threads(), "config": vars(args), "selection": cost,
               "init": init_comparison(data, args.K, args.iters, args.seeds)}
     if args.out:
-        utils.write_json(args.out, result)
+        write_json(args.out, result)
     return result
 
 

@@ -8,7 +8,7 @@ Writes synthetic data of PersonalLLM's real size with `prepare.py --synthetic` (
 test prompts x 8 responses, F = 4096, bf16: 680 MB, with 1000 seen + 500 unseen users: 47 000
 training pairs, 1.5 M held-out pairs; reused when --data already holds it), then runs train_basis.py
 on it in a child process and reports that process's peak resident memory and wall time, the seconds
-spent in training loops (utils._loop), in input checks (the check functions of utils and lore/, outermost
+spent in training loops (lore.steps.training_loop), in input checks (the check functions of utils and lore/, outermost
 calls only) and elsewhere, the size of the embeddings file, and what the dense [users, prompts, F]
 tensors of the reference code would take.
 Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out).
@@ -25,8 +25,8 @@ PREPARE = os.path.join(ROOT, "PersonalLLM", "prepare.py")
 TRAIN = os.path.join(ROOT, "PersonalLLM", "train_basis.py")
 GB = 1e9
 # the functions that check inputs: their time, outermost calls only, is "checks"
-CHECKS = ("_check_pairs", "_first_nonfinite_row", "_check_pairs_table", "_file_digest", "_embeddings_identity",
-          "_check_v_ref", "_check_matrix", "_check_sets")
+CHECKS = ("_check_pairs", "first_nonfinite_row", "_check_pairs_table", "_file_digest", "_embeddings_identity",
+          "check_v_ref", "check_matrix", "_check_sets")
 
 
 def parse_args():

@@ -33,6 +33,9 @@ import torch
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from lore.methods import per_user_accuracy, simplex  # noqa: E402
+from lore.pairs import Pairs  # noqa: E402
+from lore.steps import training_rows  # noqa: E402
 
 PROMPTS_TRAIN, PROMPTS_TEST, RESPONSES, PAIRS = 9402, 1000, 8, 47
 
@@ -66,13 +69,13 @@ def step_child(args):
     chosen = torch.randint(RESPONSES, (N * PAIRS,))
     rejected = (chosen + torch.randint(1, RESPONSES, (N * PAIRS,))) % RESPONSES    # never the chosen one
     user = torch.arange(N).repeat_interleave(PAIRS)                                # [P]
-    pairs = utils.Pairs(user, N, table=table, chosen=prompt * RESPONSES + chosen,
+    pairs = Pairs(user, N, table=table, chosen=prompt * RESPONSES + chosen,
                         rejected=prompt * RESPONSES + rejected, checked=True)
     del prompt, chosen, rejected
     data_s = time.perf_counter() - t
     model = utils.LoRe(None, 0.0, N, F, args.rank, 1, 0.5, "cpu")
     t = time.perf_counter()
-    rows = utils.training_rows(pairs, model.form)
+    rows = training_rows(pairs, model.form)
     weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]
     setup_s = time.perf_counter() - t
     times = []
@@ -81,7 +84,7 @@ def step_child(args):
         model.step(rows, pairs.user, weight)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    acc = utils.per_user_accuracy(pairs, model.V.detach(), utils.simplex(model.W).detach())
+    acc = per_user_accuracy(pairs, model.V.detach(), simplex(model.W).detach())
     score_s = time.perf_counter() - t
     print(json.dumps({"users": N, "pairs": len(pairs), "features": F, "K": args.rank,
                       "form": "table" if rows.chosen is not None else "pairs", "rows_read": len(rows.X),

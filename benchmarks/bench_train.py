@@ -30,6 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import utils  # noqa: E402
+from lore.baselines import PAL, VPL  # noqa: E402
+from lore.checks import set_seed  # noqa: E402
+from lore.io import write_json  # noqa: E402
+from lore.methods import simplex  # noqa: E402
+from lore.pairs import pack, Pairs  # noqa: E402
+from lore.steps import GRAPH_WARMUP, training_loop  # noqa: E402
 
 
 def parse_args():
@@ -52,7 +58,7 @@ def parse_args():
                    help="PAL and VPL steps timed (default: 50 on CPU, 200 on CUDA)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true",
-                   help="as the scripts run (utils.set_seed): deterministic CUDA kernels")
+                   help="as the scripts run (lore.checks.set_seed): deterministic CUDA kernels")
     p.add_argument("--out", default=None, help="JSON file for the results")
     return p.parse_args()
 
@@ -73,17 +79,17 @@ def timed(fn, repeats, device):
 
 
 def timed_loop(step, steps, device):
-    """Per-step wall time of utils' training loop in ms: (T(base + steps) - T(base)) / steps, so that
+    """Per-step wall time of the training loop (lore.steps) in ms: (T(base + steps) - T(base)) / steps, so that
     the fixed cost of a loop (on CUDA: eager warm-up steps and the graph capture) is left out."""
     def loop(n):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        utils._loop(n, step, device)
+        training_loop(n, step, device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t
-    base = 2 * utils._GRAPH_WARMUP
+    base = 2 * GRAPH_WARMUP
     loop(base)                                   # first use: kernels load, allocator warms up
     return 1e3 * (loop(base + steps) - loop(base)) / steps
 
@@ -91,7 +97,7 @@ def timed_loop(step, steps, device):
 def loop_lore_step(model, X_list):
     """The reference's LoRe step: a Python loop over users inside the loss."""
     model.optimizer.zero_grad()
-    Vw = model.V @ utils.simplex(model.W).T                                        # [F, N]
+    Vw = model.V @ simplex(model.W).T                                        # [F, N]
     nll = sum(-F.logsigmoid(x @ Vw[:, i] / 100).mean() for i, x in enumerate(X_list))
     (nll + model.regularizer()).backward()
     model.optimizer.step()
@@ -100,7 +106,7 @@ def loop_lore_step(model, X_list):
 def loop_regularized_step(model, X_list, weight):
     """The reference's LoRe_regularized step, with the per-user loop instead of [P x N] logits."""
     def nll():
-        Vw = model.V @ utils.simplex(model.W).T                                    # [F, N]
+        Vw = model.V @ simplex(model.W).T                                    # [F, N]
         return sum(-F.logsigmoid(x @ Vw[:, i] / 100).sum() * weight for i, x in enumerate(X_list))
     model.optimizer_W.zero_grad()
     nll().backward()
@@ -112,20 +118,20 @@ def loop_regularized_step(model, X_list, weight):
 
 def loop_personalize_step(model, X_list, V):
     model.optimizer.zero_grad()
-    nll = sum(-F.logsigmoid(x @ (V @ utils.simplex(model.w[i])) / 100).mean() for i, x in enumerate(X_list))
+    nll = sum(-F.logsigmoid(x @ (V @ simplex(model.w[i])) / 100).mean() for i, x in enumerate(X_list))
     nll.backward()
     model.optimizer.step()
 
 
 def main(args):
     if args.deterministic:
-        utils.set_seed(args.seed)
+        set_seed(args.seed)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     steps = args.steps or (200 if device.type == "cuda" else 10)
     Fdim, K = args.features, args.rank
-    seen = utils.pack(list(torch.randn(args.users, args.pairs, Fdim)), device=device)
-    unseen = utils.pack(list(torch.randn(args.unseen_users, args.unseen_pairs, Fdim)), device=device)
+    seen = pack(list(torch.randn(args.users, args.pairs, Fdim)), device=device)
+    unseen = pack(list(torch.randn(args.unseen_users, args.unseen_pairs, Fdim)), device=device)
     X, user = seen.rows(), seen.user                                               # [P, F], [P]
     v_ref = torch.randn(Fdim, 1)
     rows = []
@@ -141,14 +147,14 @@ def main(args):
         timed(lambda: torch.randn(len(unseen), device=device) @ unseen.X, args.repeats, device)
 
     model = utils.LoRe(v_ref, 0.0, args.users, Fdim, K, 1, 0.5, device)
-    weight = utils._per_user_mean(seen)
+    weight = utils.user_mean_weights(seen)
     step = timed_loop(lambda: model.step(X, user, weight), steps, device)
     X_list = seen.split()
     loop = timed(lambda: loop_lore_step(model, X_list), args.loop_repeats, device)
     record("LoRe", step, loop, floor)
 
     model = utils.LoRe_regularized(v_ref, 1e4, args.users, Fdim, K, 1, 0.5, device)
-    weight = utils._per_pair_mean(seen)
+    weight = utils.pair_mean_weights(seen)
     alpha_t = torch.tensor(1e4, device=device)
     step = timed_loop(lambda: model.step(X, user, weight, alpha_t), steps, device)
     loop = timed(lambda: loop_regularized_step(model, X_list, weight[0]), args.loop_repeats, device)
@@ -158,7 +164,7 @@ def main(args):
     # projection, amortized over the 500 steps of a fit
     V = torch.randn(Fdim, K, device=device)
     model = utils.PersonalizeBatch(args.unseen_users, Fdim, K, 1, 0.1, device)
-    weight = utils._per_user_mean(unseen)
+    weight = utils.user_mean_weights(unseen)
     Z = unseen.project(V)
     projection = timed(lambda: unseen.project(V), args.repeats, device)
     step = timed_loop(lambda: model.step(Z, unseen.user, weight), max(steps, 500), device) + projection / 500
@@ -185,7 +191,7 @@ def main(args):
         print(f"{r['step']:<18}{r['ms']:>10.3f}{r['vs_lore_step']:>8.2f}{r['steps_per_fit']:>11}{r['fit_s']:>9.2f}"
               f"{r['vs_lore_fit']:>12.2f}")
     if args.out:
-        utils.write_json(args.out, {"device": name, "config": vars(args), "results": rows, "baselines": baselines})
+        write_json(args.out, {"device": name, "config": vars(args), "results": rows, "baselines": baselines})
 
 
 def timed_steps(step, n, device):
@@ -209,9 +215,9 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
     table = torch.randn(2 * P, Fdim, dtype=torch.bfloat16, device=device)             # [2P, F]
     user = torch.arange(args.users, device=device).repeat_interleave(args.pairs)        # [P]
     rows_ = torch.arange(P, device=device)
-    seen = utils.pack(utils.Pairs(user, args.users, table=table, chosen=2 * rows_, rejected=2 * rows_ + 1))
+    seen = pack(Pairs(user, args.users, table=table, chosen=2 * rows_, rejected=2 * rows_ + 1))
     Pu = args.unseen_users * args.unseen_pairs
-    unseen = utils.pack(utils.Pairs(torch.arange(args.unseen_users, device=device).repeat_interleave(args.unseen_pairs),
+    unseen = pack(Pairs(torch.arange(args.unseen_users, device=device).repeat_interleave(args.unseen_pairs),
                                     args.unseen_users, table=table, chosen=2 * rows_[:Pu], rejected=2 * rows_[:Pu] + 1))
     out = []
 
@@ -219,7 +225,7 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
         out.append({"step": name, "ms": ms, "vs_lore_step": ms / lore_ms, "steps_per_fit": steps,
                     "fit_s": fit_s, "vs_lore_fit": fit_s / lore_fit_s})
 
-    pal = utils.PAL(args.pal_k, device=device)
+    pal = PAL(args.pal_k, device=device)
     pal.start(seen)
     batches = torch.randperm(P).to(device).split(pal.hparams["batch_size"])
     ms = timed_steps(lambda i: pal.step(seen, batches[i]), n, device)
@@ -234,7 +240,7 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
     add("PAL fit_users", 1e3 * fit_s / steps, steps, fit_s, 1e-3 * fewshot_ms)
     del pal
 
-    vpl = utils.VPL(args.vpl_k, device=device)
+    vpl = VPL(args.vpl_k, device=device)
     per_epoch = vpl.start(seen)
     target, context = vpl.draw_epoch(seen)
     B = vpl.hparams["batch_size"]

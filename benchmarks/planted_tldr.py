@@ -13,7 +13,7 @@ the simplex; it labels a pair (a, b) a > b with probability sigmoid(--beta (phi_
 annotators. Seen workers label --train pairs (seen_train) and --test pairs (seen_test), unseen
 workers a pool of --pool pairs in random order (unseen_fewshot) and --test pairs (unseen_test); every
 pair is a new post. v_ref is the workers' mean direction plus noise of --ref-noise relative norm.
-Writes the common data layout (utils.write_data_folder) to --out.
+Writes the common data layout (lore.data.write_data_folder) to --out.
 """
 import argparse
 import json
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import utils  # noqa: E402
+from lore.checks import set_seed  # noqa: E402
+from lore.data import write_data_folder  # noqa: E402
+from lore.io import save_tensors  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,7 +49,7 @@ def parse_args(argv=None):
 
 
 def main(args):
-    utils.set_seed(args.seed)
+    set_seed(args.seed)
     F, rank = args.features, args.rank
     D = torch.linalg.qr(torch.randn(F, rank))[0]                                   # [F, rank]
     W = {g: torch.distributions.Dirichlet(torch.full((rank,), args.dirichlet)).sample((n,))
@@ -76,14 +78,14 @@ def main(args):
     v_ref = (D @ torch.cat(list(W.values())).mean(0))[:, None]                     # [F, 1]
     v_ref = v_ref + args.ref_noise * v_ref.norm() * torch.randn(F, 1) / math.sqrt(F)
     os.makedirs(args.out, exist_ok=True)
-    utils.save_tensors(os.path.join(args.out, "embeddings.safetensors"), {"embeddings": table},
+    save_tensors(os.path.join(args.out, "embeddings.safetensors"), {"embeddings": table},
                        {"model": "planted_tldr", "config": json.dumps(vars(args))})
     users = {g: [f"{g}_{i}" for i in range(len(W[g]))] for g in W}
     conversations = pd.DataFrame({"row": np.arange(len(table)),
                                   "messages": [json.dumps([{"role": "user", "content": f"post {r // 2}"},
                                                            {"role": "assistant", "content": f"summary {r % 2}"}])
                                                for r in range(len(table))]})
-    utils.write_data_folder(args.out, dataset="planted_tldr", users=users, pairs=pd.concat(frames, ignore_index=True),
+    write_data_folder(args.out, dataset="planted_tldr", users=users, pairs=pd.concat(frames, ignore_index=True),
                             conversations=conversations, v_ref=v_ref, config=vars(args))
 
 

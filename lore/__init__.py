@@ -1,18 +1,23 @@
-"""Everything beyond the method, one module per concern. utils.py (the method) imports these and
-re-exports their public names; none of them imports utils. Imports run down this list, never up
-(tests/test_layout.py checks that this drawing is the real one):
+"""Everything beyond the method (utils.py), one module per concern. Import a name from the module
+that defines it (`from lore.data import load_data`, `from lore import cli`); none of these imports
+utils. Imports run down this list, never up (tests/test_layout.py checks that this drawing is the
+real one):
 
-    results    records as JSON/CSV/printed tables, figures      -> data, basis, methods, pairs, io, checks
-    pca        the closed-form basis pca, registered            -> methods, pairs, checks
-    data       the prepared data folder: write it, load it      -> methods, pairs, io, checks
-    compare    validation users, equal-budget search, CIs       -> methods, checks
-    cli        flags, exit codes, run folders                   -> extract, active, methods, io, checks
-    basis      a basis' health report, interpretation, scoring  -> extract, methods, pairs, checks
-    extract    reward-model embeddings: batched, resumable      -> io, checks
-    baselines  PAL and VPL, registered beside LoRe              -> methods, checks
-    active     active selection of a new user's pairs           -> methods, pairs, checks
-    methods    the Method interface, METHODS, evaluation        -> pairs, io, checks
-    pairs      Pairs: every user's pairs packed, checked once   -> checks
-    io         safetensors, JSON, Parquet files; hub splits     -> checks
-    checks     InputError, devices, seeds, validators           -> (none)
+    steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, methods, pairs
+    scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
+    results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
+    pca          the closed-form basis pca                                 -> checks, methods, pairs
+    data         the prepared data folder: write it, load it               -> checks, io, methods, pairs
+    compare      validation users, equal-budget search, CIs                -> checks, methods
+    cli          flags, exit codes, run folders                            -> active, checks, distributed, extract, io, methods, recipes
+    recipes      each dataset's recipe ({dataset}/recipe.json)             -> checks, io
+    extract      reward-model embeddings: batched, resumable               -> checks, distributed, io
+    distributed  torchrun: process group, shards of users, collectives     -> (none)
+    basis        a basis' health report and interpretation                 -> checks
+    baselines    PAL and VPL                                               -> checks, methods
+    active       active selection of a new user's pairs                    -> checks, methods
+    methods      the Method interface, the registry METHODS, evaluation    -> checks, io, pairs
+    pairs        Pairs: every user's pairs packed, checked once            -> checks
+    io           safetensors, JSON, Parquet files; hub splits              -> checks
+    checks       InputError, devices, seeds, validators                    -> (none)
 """

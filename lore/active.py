@@ -33,7 +33,6 @@ from torch.func import grad, vmap
 
 from lore.checks import InputError
 from lore.methods import featurize, pair_features
-from lore.pairs import Pairs
 
 SELECTIONS = ("random", "active")   # how a new user's shots are chosen: the paper's random draw, or this
 _PROTOCOL = ("free_parameters", "free_margin", "free_prior", "bt_scale")
@@ -114,13 +113,8 @@ def active_shots(method, pool, rounds):
     Zc, Zr = pair_features(method, pool)                                           # [P, Dz]
     Zr = torch.zeros_like(Zc) if Zr is None else Zr   # difference rows: linear methods, reward(0) = 0
     N, user = pool.n_users, pool.user
-    if pool.group is None:
-        gid, G = None, len(pool)
-        owner = user
-    else:
-        _, gid = torch.unique(torch.stack([user, pool.group]), dim=1, return_inverse=True)  # [P]
-        G = int(gid.max()) + 1
-        owner = torch.zeros(G, dtype=torch.long, device=user.device).scatter_(0, gid, user)  # [G]
+    gid, owner = pool.groups() if pool.group is not None else (None, user)         # [P], [G]
+    G = len(owner)
     mean, variance = method.free_prior()
     theta = mean.to(Zc.device).expand(N, -1)                                       # [N, D]: the prior mean
     asked = torch.zeros(G, dtype=torch.bool, device=user.device)
@@ -135,24 +129,3 @@ def active_shots(method, pool, rounds):
         U = method.fit_users(pool.select(revealed))                                # [N, U]
         theta = method.free_parameters(U)
         yield n, revealed, U
-
-
-def every_pair(pool, block, row_scores, W):
-    """PersonalLLM's `--candidates all`: every pair of the `block` responses (consecutive table rows
-    s * block .. s * block + block - 1) of each prompt s in a user's pool, answered by the user's true
-    reward row_scores[row] . W[user] (the better response chosen, the first on ties). pool: Pairs in
-    table form, row_scores [E, M], W [N, M] -> Pairs, each user's candidates by prompt, checked."""
-    if pool.X is not None:
-        raise InputError("every_pair needs the table form of the pool (rows of the embedding table)")
-    n_blocks = len(pool.table) // block + 1
-    keys = torch.unique(pool.user * n_blocks + pool.chosen // block)               # (user, prompt), sorted
-    user, prompt = keys // n_blocks, keys % n_blocks
-    a, b = torch.triu_indices(block, block, 1, device=pool.device)                 # [C]: the C pairs of a block
-    user = user.repeat_interleave(len(a))                                          # [Q]
-    ra = (prompt[:, None] * block + a).reshape(-1)                                 # [Q]
-    rb = (prompt[:, None] * block + b).reshape(-1)
-    Wu = W.to(pool.device, torch.float64)[user]                                    # [Q, M]
-    scores = row_scores.to(pool.device, torch.float64)
-    better_a = (scores[ra] * Wu).sum(-1) >= (scores[rb] * Wu).sum(-1)              # [Q]
-    return Pairs(user, pool.n_users, table=pool.table, chosen=torch.where(better_a, ra, rb),
-                 rejected=torch.where(better_a, rb, ra), checked=True)

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 import torch.optim as optim
 from tqdm.auto import tqdm
 
-from lore.checks import InputError, _is_int
-from lore.methods import LossCurve, Method, pair_features, register, simplex
+from lore.checks import InputError, is_int
+from lore.methods import LossCurve, Method, pair_features, simplex
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -40,10 +40,10 @@ def _need_table(method, pairs, fitting=False):
 def _check_positive(method):
     """Every hyperparameter a number > 0 of its default's kind (they are also positive flags)."""
     for hp, v in method.hparams.items():
-        ok = _is_int(v) if _is_int(method.defaults[hp]) else \
+        ok = is_int(v) if is_int(method.defaults[hp]) else \
             isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
         if not ok or v <= 0:
-            kind = "an integer" if _is_int(method.defaults[hp]) else "a number"
+            kind = "an integer" if is_int(method.defaults[hp]) else "a number"
             raise InputError(f"method {method.name}: {hp} must be {kind} > 0, got {v!r}")
 
 
@@ -63,7 +63,7 @@ def _user_slots(pairs, shuffle):
     return slots
 
 
-class _RowAdam:
+class RowAdam:
     """Adam on the rows of a user matrix W [N, K] where only the given users step, each with its
     own step count. The originals hold one Parameter per user, so a user without a pair in the
     batch gets no gradient and no step; torch's Adam on one [N, K] tensor would move every row by
@@ -87,7 +87,6 @@ class _RowAdam:
         self.W.grad = None
 
 
-@register
 class PAL(Method):
     """PAL-B (Chen et al., ICLR 2025), the frozen-LLM variant (main_pal_b_fix_llm.py), on reward-model
     embeddings. A shared projector f (3-layer GELU MLP, F -> dim) maps a response embedding into
@@ -186,7 +185,7 @@ class PAL(Method):
             {"params": self.f.parameters(), "lr": h["lr"], "weight_decay": h["weight_decay"]},
             {"params": [self.P], "lr": h["proto_lr"]},
             {"params": [self.logit_scale], "lr": h["scale_lr"]}])
-        self.w_adam = _RowAdam(self.W, h["w_lr"])
+        self.w_adam = RowAdam(self.W, h["w_lr"])
 
     def fit(self, pairs):
         self.start(pairs)
@@ -208,7 +207,7 @@ class PAL(Method):
         with torch.no_grad():
             D = self._scale() * (Zc - Zr)                                         # [P, d]; scale frozen too
         W = torch.randn(pairs.n_users, self.K).to(self.device).requires_grad_()   # [N, K]
-        adam = _RowAdam(W, self.hparams["fewshot_lr"])
+        adam = RowAdam(W, self.hparams["fewshot_lr"])
         m = int(pairs.counts().max())
         curve = LossCurve(self.hparams["fewshot_epochs"] * m, windowed=True)
         for epoch in range(self.hparams["fewshot_epochs"]):
@@ -244,7 +243,6 @@ class PAL(Method):
             self.logit_scale.copy_(tensors["logit_scale"])
 
 
-@register
 class VPL(Method):
     """VPL (Poddar et al., 2024) in its embedding mode (fixed_contexts and fixed_llm_embeddings of
     hidden_context/train_llm_vae_preference_model.py), K = the latent dimension.

@@ -1,11 +1,14 @@
 """Checks shared by the API and the command line: the one error type, devices, seeds, and the
 validators of numbers, lists and matrices that every entry point uses before any work starts."""
+import hashlib
+import json
 import math
 import os
 import random
 
 import numpy as np
 import torch
+
 
 class InputError(ValueError):
     """Bad input. The message names the file, the user or the shape at fault; scripts exit with 2."""
@@ -44,11 +47,23 @@ def set_seed(seed):
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def _is_int(v):
+def seed_from_key(seed, *key):
+    """A 63-bit seed from (seed, key...), the same on every machine: what seeds a fit, a draw or a
+    split by its name, so that its numbers do not depend on what ran before it."""
+    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_fit(seed, *key):
+    """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before."""
+    torch.manual_seed(seed_from_key(seed, *key))
+
+
+def is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
-def _check_alpha(alpha, what):
+def check_alpha(alpha, what):
     if alpha is None:
         return 0.0
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.number)) \
@@ -57,7 +72,7 @@ def _check_alpha(alpha, what):
     return float(alpha)
 
 
-def _check_v_ref(v_ref):
+def check_v_ref(v_ref):
     """v_ref as float32 [F, 1]: a [F] vector or an [F, 1] / [1, F] matrix, finite; nothing else is
     reshaped (a [F/2, 2] matrix is an error, not a column)."""
     v = torch.as_tensor(v_ref)
@@ -76,7 +91,7 @@ def _check_v_ref(v_ref):
     return v.float()
 
 
-def _check_matrix(M, name):
+def check_matrix(M, name):
     """A 2-D finite float tensor (NumPy arrays are taken as they are), else InputError naming it."""
     M = torch.as_tensor(M)
     if M.device.type == "meta":
@@ -88,7 +103,7 @@ def _check_matrix(M, name):
     return M.float()
 
 
-def _short(value):
+def short_repr(value):
     """repr for messages: a tensor or a long list is named by its type and shape, not printed."""
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return f"a {type(value).__name__} of shape {tuple(value.shape)}"
@@ -96,13 +111,13 @@ def _short(value):
     return text if len(text) <= 80 else f"a {type(value).__name__} of length {len(value)}"
 
 
-def _int_list(values, what, least):
+def int_list(values, what, least):
     """[int] from a non-empty list of integers >= least; what: 'K_list' or 'shots'."""
     item = what.removesuffix("_list")
     if not isinstance(values, (list, tuple, np.ndarray)) or len(values) == 0:
-        raise InputError(f"{what} must be a non-empty list of integers, got {_short(values)}")
+        raise InputError(f"{what} must be a non-empty list of integers, got {short_repr(values)}")
     for v in values:
-        if not _is_int(v):
+        if not is_int(v):
             raise InputError(f"{what} must be a list of integers, got {list(values)!r} ({v!r} is not an integer)")
         if v < least:
             raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
@@ -117,7 +132,7 @@ MAX_RATE = 1e6         # rates and weights: larger ones overflow float32 steps (
 
 def check_seed(seed, what="seed"):
     """An integer seed in [0, 2**32): NumPy refuses others (after files were read)."""
-    if not _is_int(seed) or not 0 <= seed <= MAX_SEED:
+    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
         raise InputError(f"{what} must be an integer in [0, 2**32), got {seed!r}")
     return int(seed)
 
@@ -133,10 +148,10 @@ def check_hparam(owner, hp, value, default, choices=None, limit=None):
         if not isinstance(value, str) or value not in choices:
             raise InputError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
-    if _is_int(default):
+    if is_int(default):
         top = limit or MAX_COUNT
-        if not _is_int(value) or not 1 <= value <= top:
-            raise InputError(f"{where} must be an integer in [1, {top:g}], got {_short(value)}")
+        if not is_int(value) or not 1 <= value <= top:
+            raise InputError(f"{where} must be an integer in [1, {top:g}], got {short_repr(value)}")
         return int(value)
     return check_rate(value, where, limit or MAX_RATE)
 
@@ -145,14 +160,14 @@ def check_rate(value, what, limit=MAX_RATE):
     """A learning rate or step size: a finite number in (0, limit]."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)) \
             or not math.isfinite(value) or not 0 < value <= limit:
-        raise InputError(f"{what} must be a finite number in (0, {limit:g}], got {_short(value)}")
+        raise InputError(f"{what} must be a finite number in (0, {limit:g}], got {short_repr(value)}")
     return float(value)
 
 
 def check_count(value, what, least=1, limit=MAX_COUNT):
     """A step count or size: an integer (not a bool, not 2.5) in [least, limit]."""
-    if not _is_int(value) or not least <= value <= limit:
-        raise InputError(f"{what} must be an integer in [{least}, {limit:g}], got {_short(value)}")
+    if not is_int(value) or not least <= value <= limit:
+        raise InputError(f"{what} must be an integer in [{least}, {limit:g}], got {short_repr(value)}")
     return int(value)
 
 
@@ -163,7 +178,7 @@ def check_tensor(x, name, dim=None, features=None):
         try:
             x = torch.as_tensor(x)
         except (TypeError, ValueError, RuntimeError):
-            raise InputError(f"{name} must be a tensor, got {_short(x)}") from None
+            raise InputError(f"{name} must be a tensor, got {short_repr(x)}") from None
     if x.device.type == "meta":
         raise InputError(f"{name} is on the meta device (no values)")
     if not x.is_floating_point():

@@ -9,12 +9,17 @@ import os
 import re
 import shutil
 import sys
+import tempfile
+
+import torch
 
 from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
-from lore.extract import DEFAULT_MODEL, is_main_process
+from lore.distributed import all_ranks, distributed, is_main_process
+from lore.extract import DEFAULT_MODEL
 from lore.io import read_json, write_json
 from lore.methods import METHODS
+from lore.recipes import load_recipe, recipe_path
 
 def command_line(main):
     """Wrap a script's main(args): bad input ends with a one-line message and exit code 2; Ctrl-C
@@ -112,9 +117,13 @@ def method_list(text):
     return names
 
 
-def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters, lr, fewshot_iters, fewshot_lr):
-    """The flags train_basis.py and vary_fewshot.py share; the defaults are the dataset's recipe.
-    Every registered method's own hyperparameters become flags --{name}-{hp} (method_hparams)."""
+def add_sweep_args(parser, folder, script):
+    """The flags train_basis.py and vary_fewshot.py share, their defaults the dataset's recipe
+    ({folder}/recipe.json, lore.recipes): its section `script` and its baselines' settings. Every
+    registered method's own hyperparameters become flags --{name}-{hp} (method_hparams); a
+    train_basis recipe with fewshot_pairs adds --fewshot-pairs."""
+    recipe = load_recipe(os.path.basename(folder))
+    r = recipe[script]
     # argparse takes '-1e4' for an option (only -1 and -1.5 look like numbers to it); a value that
     # reads as a number is a value, so --alpha-list -1e4 fails with the range error naming alpha
     parser._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|nan)$", re.I)
@@ -124,24 +133,33 @@ def add_sweep_args(parser, folder, script, *, method, k_list, alpha_list, iters,
                         help="output folder, written as a whole when the run ends (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--seed", type=seed_int, default=0)
-    parser.add_argument("--method", type=method_list, default=[method],
+    parser.add_argument("--method", type=method_list, default=list(r["method"]),
                         help=f"methods to fit, comma-separated, of: {', '.join(METHODS)} (default: %(default)s)")
-    parser.add_argument("--k-list", type=rank_list, default=k_list,
-                        help="ranks K, e.g. 0,1,2 (methods skip K below their smallest)")
-    parser.add_argument("--alpha-list", type=float_list, default=alpha_list,
-                        help="regularization strengths of the methods that use one, e.g. 0,1e4")
-    recipe = parser.add_argument_group("the LoRe entries' steps and rates (the dataset recipe)")
-    recipe.add_argument("--iters", type=positive_int, default=iters, help="basis training steps")
-    recipe.add_argument("--lr", type=positive_float, default=lr, help="basis learning rate")
-    recipe.add_argument("--fewshot-iters", type=positive_int, default=fewshot_iters,
-                        help="steps fitting unseen users' weights")
-    recipe.add_argument("--fewshot-lr", type=positive_float, default=fewshot_lr)
+    parser.add_argument("--k-list", type=rank_list, default=list(r["k_list"]),
+                        help="ranks K, e.g. 0,1,2 (methods skip K below their smallest) (default: %(default)s)")
+    parser.add_argument("--alpha-list", type=float_list, default=list(r["alpha_list"]),
+                        help="regularization strengths of the methods that use one, e.g. 0,1e4 (default: %(default)s)")
+    steps = parser.add_argument_group("the LoRe entries' steps and rates (the dataset recipe)")
+    steps.add_argument("--iters", type=positive_int, default=r["iters"], help="basis training steps (default: %(default)s)")
+    steps.add_argument("--lr", type=positive_float, default=r["lr"], help="basis learning rate (default: %(default)s)")
+    steps.add_argument("--fewshot-iters", type=positive_int, default=r["fewshot_iters"],
+                       help="steps fitting unseen users' weights (default: %(default)s)")
+    steps.add_argument("--fewshot-lr", type=positive_float, default=r["fewshot_lr"], help="(default: %(default)s)")
+    if r.get("fewshot_pairs") is not None:
+        parser.add_argument("--fewshot-pairs", type=positive_int, default=r["fewshot_pairs"],
+                            help="the first n pairs of each unseen user's few-shot pool it fits on (default: %(default)s)")
     for name, cls in METHODS.items():
         own = [hp for hp in cls.defaults if hp not in cls.recipe_hparams]
+        tuned = recipe.get("baselines", {}).get(name, {})
+        unknown = sorted(set(tuned) - set(own))
+        if unknown:
+            raise InputError(f"{recipe_path(os.path.basename(folder))}: baselines.{name} has unknown "
+                             f"hyperparameter(s) {unknown}")
         group = parser.add_argument_group(f"method {name}") if own else None
         for hp in own:
-            group.add_argument(f"--{name}-{hp}".replace("_", "-"), type=hparam_type(cls, hp), default=cls.defaults[hp],
-                               choices=cls.choices.get(hp), dest=f"{name}__{hp}", help="(default: %(default)s)")
+            group.add_argument(f"--{name}-{hp}".replace("_", "-"), type=hparam_type(cls, hp),
+                               default=tuned.get(hp, cls.defaults[hp]), choices=cls.choices.get(hp),
+                               dest=f"{name}__{hp}", help="(default: %(default)s)")
     return parser
 
 
@@ -178,10 +196,13 @@ def select_list(text):
     return names
 
 
-def add_shots_args(parser, *, trials, shots, unit="pairs"):
-    """The flags every vary_fewshot.py adds to add_sweep_args'."""
-    parser.add_argument("--trials", type=positive_int, default=trials, help="draws of the shots per shot count")
-    parser.add_argument("--shots", type=shot_list, default=shots, help=f"{unit} per unseen user, e.g. 5,10")
+def add_shots_args(parser, folder):
+    """The flags every vary_fewshot.py adds to add_sweep_args', their defaults the dataset's recipe."""
+    r = load_recipe(os.path.basename(folder))["vary_fewshot"]
+    parser.add_argument("--trials", type=positive_int, default=r["trials"],
+                        help="draws of the shots per shot count (default: %(default)s)")
+    parser.add_argument("--shots", type=shot_list, default=list(r["shots"]),
+                        help=f"{r['unit']} per unseen user, e.g. 5,10 (default: %(default)s)")
     parser.add_argument("--select", type=select_list, default=["random"],
                         help="how the shots are chosen, comma-separated: random (the paper's draw) and/or "
                              "active (each next question the most informative, lore.active) (default: random)")
@@ -278,6 +299,35 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
             shutil.rmtree(staging, ignore_errors=True)
             raise
     print(f"wrote {out}")
+
+
+@contextlib.contextmanager
+def rank_run_folder(args, script, **extra):
+    """run_folder for a script that torchrun may start: rank 0 holds the run folder (the lock, the
+    all-or-nothing rename) and writes the outputs; the other ranks write into a temporary folder
+    that is dropped, and print nothing. One process (no torchrun) is run_folder itself. When rank
+    0 cannot open --out, every rank stops with that error instead of waiting for it."""
+    rank, world, local_rank = distributed()
+    if world == 1:
+        with run_folder(args, script, **extra) as out:
+            yield out
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)   # "cuda" is this rank's GPU
+    if rank > 0:
+        if not all_ranks(True, world, local_rank):
+            raise InputError(f"--out {args.out}: rank 0 could not open it (its error says why)")
+        with tempfile.TemporaryDirectory() as out, open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            yield out
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            out = stack.enter_context(run_folder(args, script, **extra))
+        except BaseException:
+            all_ranks(False, world, local_rank)
+            raise
+        all_ranks(True, world, local_rank)
+        yield out
 
 
 def cache_path(args, name):

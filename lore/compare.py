@@ -20,25 +20,15 @@ The protocol (tools/compare.py runs it; docs/comparisons.md states it):
      every two rows on the same users, the personalization gain (best personal method minus one
      shared Bradley-Terry reward) with a plain verdict, and principal angles between the seeds' bases.
 """
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from lore.checks import InputError, _is_int
+from lore.checks import InputError, is_int, seed_fit, seed_from_key
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
-
-# Each dataset recipe's defaults for PAL and VPL, chosen by this protocol on that dataset's validation
-# users (docs/comparisons.md: the command, the search and its numbers); K stays the sweep's --k-list.
-# The papers' settings stay the classes' defaults (lore.baselines), reachable as flags.
-TUNED_DEFAULTS = {"PersonalLLM": {
-    "pal": {"dim": 64, "epochs": 4, "batch_size": 64, "lr": 2.69e-4, "proto_lr": 6.49e-3, "w_lr": 0.0321,
-            "fewshot_epochs": 200, "fewshot_lr": 0.0266},
-    "vpl": {"hidden": 64, "epochs": 8, "duplicates": 2, "batch_size": 32, "lr": 4.91e-4}}}
 
 VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
 BOOTSTRAP = 2000            # resamples of users and seeds behind every CI
@@ -60,15 +50,6 @@ def subset_users(pairs, users):
     return replace(kept, user=index[kept.user], n_users=len(users))
 
 
-def _units(pairs):
-    """Per pair its unit (a group where pairs come in groups, else the pair itself) -> (unit id [P],
-    owner of each unit [G]), units numbered in pair order."""
-    group = pairs.group if pairs.group is not None else torch.arange(len(pairs), device=pairs.device)
-    _, uid = torch.unique(torch.stack([pairs.user, group]), dim=1, return_inverse=True)   # [P]
-    owner = torch.zeros(int(uid.max()) + 1, dtype=torch.long, device=pairs.device).scatter_(0, uid, pairs.user)
-    return uid.cpu().numpy(), owner.cpu().numpy()
-
-
 def validation_split(sets, fraction=VALIDATION_FRACTION, seed=0):
     """The one rule for every dataset. From sets["seen_train"] only: round(fraction * N) seen users
     (at least 1, never all), drawn with `seed` among those with more units (pairs, or groups) than
@@ -78,16 +59,16 @@ def validation_split(sets, fraction=VALIDATION_FRACTION, seed=0):
     if not 0 < fraction < 1:
         raise InputError(f"the validation fraction must lie in (0, 1), got {fraction!r}")
     seen = sets["seen_train"]
-    _, owner_few = _units(sets["unseen_fewshot"])
+    owner_few = sets["unseen_fewshot"].groups()[1].cpu().numpy()
     m = max(1, int(np.median(np.bincount(owner_few, minlength=sets["unseen_fewshot"].n_users))))
-    uid, owner = _units(seen)
+    uid, owner = (t.cpu().numpy() for t in seen.groups())
     units = np.bincount(owner, minlength=seen.n_users)                            # [N]
     eligible = np.flatnonzero(units > m)
     n_val = min(len(eligible), max(1, round(fraction * seen.n_users)), seen.n_users - 1)
     if n_val < 1:
         raise InputError(f"no seen user can be a validation user: none has more than {m} "
                          f"{'groups' if seen.group is not None else 'pairs'} (the unseen users' few-shot size)")
-    rng = np.random.default_rng(_key(seed, "validation"))
+    rng = np.random.default_rng(seed_from_key(seed, "validation"))
     users = np.sort(rng.choice(eligible, n_val, replace=False))
     # a random rank of every unit within its user: sort by (owner, random key)
     order = np.lexsort((rng.random(len(owner)), owner))                           # [G]
@@ -112,12 +93,12 @@ def draw_configs(cls, budget, seed=0):
     alpha among the hps), drawn as cls.search says: "random" (each hp independently; a log range
     log-uniform) or "grid" (the grid's points in a seeded order; a grid smaller than the budget is
     an error, so that every method gets the same number of fits)."""
-    if not _is_int(budget) or budget < 1:
+    if not is_int(budget) or budget < 1:
         raise InputError(f"--budget must be an integer >= 1, got {budget!r}")
     space = getattr(cls, "search_space", None)
     if not space:
         raise InputError(f"method {cls.name} declares no search_space")
-    rng = np.random.default_rng(_key(seed, "search", cls.name))
+    rng = np.random.default_rng(seed_from_key(seed, "search", cls.name))
     if cls.search == "grid":
         grid = list(itertools.product(*space.values()))
         if len(grid) < budget:
@@ -140,17 +121,6 @@ def build(name, config, v_ref, device, base=None):
     cls = get_method(name)
     hp = {**(base or {}), **{k: v for k, v in config.items() if k not in ("K", "alpha")}}
     return cls(config["K"], config.get("alpha"), v_ref, device, **hp)
-
-
-def _key(seed, *key):
-    """A 63-bit seed from (seed, key...), the same on every machine."""
-    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def seed_fit(seed, *key):
-    """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before."""
-    torch.manual_seed(_key(seed, *key))
 
 
 def validate(name, config, split, v_ref, device, seed, base=None):
@@ -280,7 +250,7 @@ FIXED_ROWS = (("reference", "lore", {"K": 0, "alpha": 0.0}),   # the reward mode
 def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=VALIDATION_FRACTION, base=None):
     """The protocol on the four pair sets (see the module's docstring). base: {method: hps} that the
     searches start from (a configuration's hps replace them). -> comparison.json's dict."""
-    if not _is_int(seeds) or seeds < 1:
+    if not is_int(seeds) or seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1, got {seeds!r}")
     base = base or {}
     split = validation_split(sets, fraction, seed)
@@ -322,10 +292,3 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
             "budget": budget, "seeds": seeds, "ci": {"level": CI_LEVEL, "bootstrap": BOOTSTRAP,
                                                      "over": "users and seeds, resampled independently"},
             "search": searches, "fits": fits}
-
-
-def set_tuned_defaults(parser, dataset):
-    """Make the dataset's TUNED_DEFAULTS the defaults of the flags --{method}-{hp} that
-    cli.add_sweep_args added (their --help shows them)."""
-    parser.set_defaults(**{f"{m}__{hp}": v for m, hps in TUNED_DEFAULTS.get(dataset, {}).items() for hp, v in hps.items()})
-    return parser

@@ -21,10 +21,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from lore.checks import InputError, _check_v_ref, _short, check_count, resolve_device
+from lore.checks import InputError, check_v_ref, short_repr, check_count, resolve_device
 from lore.io import load_tensors, read_json, read_metadata, read_table, save_tensors, write_json, write_table
 from lore.methods import per_user_accuracy
-from lore.pairs import SETS, Pairs, _first_nonfinite_row
+from lore.pairs import SETS, Pairs, first_nonfinite_row
 
 def table_pairs(df, table, users, name="pairs", group=None):
     """Pairs of `users` (user index = position in that list) from a table df with columns user,
@@ -100,12 +100,12 @@ def load_data(folder, device=None, fewshot_pairs=None):
     table = load_tensors(path, ["embeddings"])["embeddings"]
     if table.dim() != 2 or not table.is_floating_point():
         raise InputError(f"{path}: embeddings has shape {tuple(table.shape)} ({table.dtype}), expected float [rows, F]")
-    bad = _first_nonfinite_row(table)
+    bad = first_nonfinite_row(table)
     if bad is not None:
         raise InputError(f"{path}: row {bad} has NaN or inf")
     v_ref_path = os.path.join(folder, "v_ref.safetensors")
     try:
-        v_ref = _check_v_ref(load_tensors(v_ref_path, ["v_ref"])["v_ref"])
+        v_ref = check_v_ref(load_tensors(v_ref_path, ["v_ref"])["v_ref"])
     except InputError as e:
         raise InputError(f"{v_ref_path}: {e}") from None
     if v_ref.shape[0] != table.shape[1]:
@@ -148,7 +148,7 @@ def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, co
         group = "unseen" if name.startswith("unseen") else "seen"
         if not set(pairs.loc[pairs["set"] == name, "user"]) <= set(users[group]):
             raise InputError(f"{folder}: {name} has pairs of users that are not {group} users")
-    save_tensors(os.path.join(folder, "v_ref.safetensors"), {"v_ref": _check_v_ref(v_ref)})
+    save_tensors(os.path.join(folder, "v_ref.safetensors"), {"v_ref": check_v_ref(v_ref)})
     write_table(os.path.join(folder, "pairs.parquet"), pairs)
     write_table(os.path.join(folder, "conversations.parquet"), pd.DataFrame(conversations))
     write_json(os.path.join(folder, "data.json"), {
@@ -210,7 +210,7 @@ def _check_info(info, path):
         ids = users.get(group)
         if not isinstance(ids, list) or not ids or not all(isinstance(u, (str, int)) and not isinstance(u, bool)
                                                            for u in ids):
-            raise InputError(f"{path}: users[{group!r}] must be a non-empty list of user ids, got {_short(ids)}")
+            raise InputError(f"{path}: users[{group!r}] must be a non-empty list of user ids, got {short_repr(ids)}")
         if len(set(ids)) != len(ids):
             twice = next(u for u in ids if ids.count(u) > 1)
             raise InputError(f"{path}: {group} user {twice!r} is listed twice")

@@ -10,8 +10,6 @@ prefix, so that each reply is encoded exactly as if alone while the prefix is en
 cut into shards written as they finish, so an interrupted run resumes where it stopped, and shards
 can be spread over processes with torchrun.
 """
-import atexit
-import datetime
 import hashlib
 import json
 import os
@@ -19,14 +17,14 @@ import shutil
 from array import array
 
 import torch
-import torch.distributed as dist
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError
 from tqdm.auto import tqdm
 
 from lore.checks import InputError, resolve_device
-from lore.io import _first_line, _open_safetensors, hub_reachable, load_tensors, read_json, save_tensors, write_json
+from lore.distributed import all_ranks, barrier, distributed, is_main_process
+from lore.io import first_line, open_safetensors, hub_reachable, load_tensors, read_json, save_tensors, write_json
 
 DEFAULT_MODEL = "Skywork/Skywork-Reward-Llama-3.1-8B-v0.2"
 
@@ -49,7 +47,7 @@ def load_reward_model(model_name_or_path=DEFAULT_MODEL, device=None, dtype=None,
         model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
                                           local_files_only=offline)
     except Exception as e:  # transformers and safetensors raise many types for a config or weights they cannot read
-        raise InputError(f"could not load reward model {source}: {_first_line(e)}") from e
+        raise InputError(f"could not load reward model {source}: {first_line(e)}") from e
     return model.to(device).eval(), tokenizer
 
 
@@ -75,7 +73,7 @@ def read_reward_head(model_name_or_path=DEFAULT_MODEL):
         path = _checkpoint_file(source, "model.safetensors", offline)
         if path is None:
             raise InputError(f"checkpoint {source} has no model.safetensors or model.safetensors.index.json")
-    with _open_safetensors(path) as f:
+    with open_safetensors(path) as f:
         if "score.weight" not in f.keys():
             raise InputError(f"checkpoint {source} has no score.weight: not a sequence-classification reward model")
         weight = f.get_tensor("score.weight")  # [1, F]
@@ -111,7 +109,7 @@ def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODE
     if batch_tokens < 1 or shard_size < 1:
         raise InputError(f"batch_tokens ({batch_tokens}) and shard_size ({shard_size}) must be >= 1")
     out_path = str(out_path)
-    rank, world, local_rank = _distributed()
+    rank, world, local_rank = distributed()
     if model is not None:
         device, dtype, name = model.device, model.dtype, model.name_or_path
     else:
@@ -146,7 +144,7 @@ def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODE
         if rank == 0:
             _open_parts(parts, {"fingerprint": fingerprint, "model": name, "dtype": str(dtype), "n": len(ids),
                                 "batch_tokens": batch_tokens, "shard_size": shard_size, "shards": len(shards)})
-        _barrier(world, local_rank)  # the shard folder is this run's
+        barrier(world, local_rank)  # the shard folder is this run's
         todo = [i for i in range(len(shards))
                 if i % world == rank and not _shard_done(_shard_path(parts, i), _shard_rows(shards[i]))]
         if todo and model is None:
@@ -162,21 +160,16 @@ def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODE
             save_tensors(_shard_path(parts, i), {"embeddings": torch.cat(embeddings), "rows": torch.tensor(rows)})
         bar.close()
 
-        _barrier(world, local_rank)  # every shard is on disk
+        barrier(world, local_rank)  # every shard is on disk
         if rank == 0:
             metadata = {"model": name, "n": str(len(ids)), "dtype": str(dtype).removeprefix("torch."),
                         "fingerprint": fingerprint}
             _merge(parts, len(shards), len(seqs), inverse, out_path,
                    {**metadata, "contents": contents} if contents is not None else metadata)
-        _barrier(world, local_rank)  # the final file is on disk
+        barrier(world, local_rank)  # the final file is on disk
         return load_tensors(out_path, ["embeddings"])["embeddings"]
     finally:
         _unlock(lock, out_path)
-
-
-def is_main_process():
-    """True unless this process is a torchrun worker of rank > 0: print and save results only when True."""
-    return _torchrun()[0] == 0
 
 
 def _resolve_dtype(dtype, device):
@@ -383,41 +376,6 @@ def _embed_batch(model, batch, seqs):
     return hidden[rows, columns]                                                    # [m, F]
 
 
-def _torchrun():
-    """-> (rank, world_size, local_rank). Only WORLD_SIZE > 1 with MASTER_ADDR set, as torchrun sets them,
-    is a multi-process run: a stray RANK (left in a shell, set by a scheduler) must not make a lone
-    process skip saving its results or wait forever for peers."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if not world.isdigit() or int(world) <= 1 or not os.environ.get("MASTER_ADDR"):
-        return 0, 1, 0
-    return int(os.environ.get("RANK", "0")), int(world), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _distributed():
-    """-> (rank, world_size, local_rank), joining the torchrun process group if there is one."""
-    rank, world, local_rank = _torchrun()
-    if world > 1 and not dist.is_initialized():
-        # A long timeout: ranks wait at a barrier until the slowest one has finished its shards.
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=datetime.timedelta(hours=12))
-        atexit.register(dist.destroy_process_group)
-    return rank, world, local_rank
-
-
-def _barrier(world, local_rank):
-    if world > 1:
-        dist.barrier(device_ids=[local_rank] if dist.get_backend() == "nccl" else None)
-
-
-def _all_ranks(ok, world, local_rank):
-    """True when `ok` holds on every torchrun rank, so that all of them stop together."""
-    if world == 1:
-        return ok
-    flag = torch.tensor([int(ok)], device=f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def _lock(out_path, rank, world, local_rank):
     """Take an exclusive flock on `<out_path>.lock` for the time of an extraction into out_path (rank 0
     takes it for a whole torchrun job), so that two runs never write into one shard folder or output: a
@@ -430,7 +388,7 @@ def _lock(out_path, rank, world, local_rank):
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             lock = open(lock_path, "a")
         except OSError as e:
-            error = InputError(f"{lock_path}: cannot create the lock file ({_first_line(e)})")
+            error = InputError(f"{lock_path}: cannot create the lock file ({first_line(e)})")
             break
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -440,7 +398,7 @@ def _lock(out_path, rank, world, local_rank):
         if error is not None or not _same_file(lock, lock_path):  # not ours, or deleted by the run that just ended
             lock.close()
             lock = None
-    if not _all_ranks(error is None, world, local_rank):
+    if not all_ranks(error is None, world, local_rank):
         raise error or InputError(f"{out_path}: rank 0 could not lock it (see its message)")
     return lock
 
@@ -538,7 +496,7 @@ def _shard_done(path, rows):
     if not os.path.exists(path):
         return False
     try:
-        with _open_safetensors(path) as f:
+        with open_safetensors(path) as f:
             shape = f.get_slice("embeddings").get_shape() if "embeddings" in f.keys() else []
             done = "rows" in f.keys() and f.get_tensor("rows").tolist() == rows and len(shape) == 2 \
                 and shape[0] == len(rows)

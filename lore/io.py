@@ -60,7 +60,7 @@ def check_folder_writable(path, what):
 def load_tensors(path, keys=()):
     """-> dict of tensors; InputError naming the file when it is missing or unreadable (truncated,
     corrupt, not safetensors), or when one of `keys` is missing."""
-    with _open_safetensors(path) as f:
+    with open_safetensors(path) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     missing = [k for k in keys if k not in tensors]
     if missing:
@@ -70,11 +70,11 @@ def load_tensors(path, keys=()):
 
 def read_metadata(path):
     """The string metadata in a safetensors file's header; InputError naming a missing or unreadable file."""
-    with _open_safetensors(path) as f:
+    with open_safetensors(path) as f:
         return f.metadata() or {}
 
 
-def _open_safetensors(path):
+def open_safetensors(path):
     """safe_open(path), which checks the header and that the file is as long as the header says: a
     missing, truncated or corrupt file is an InputError naming it."""
     from safetensors import SafetensorError
@@ -85,10 +85,10 @@ def _open_safetensors(path):
     try:
         return safe_open(path, framework="pt")
     except (SafetensorError, OSError) as e:
-        raise InputError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
 
 
-def _first_line(e):
+def first_line(e):
     """An exception as one line: its type and the first line of its message."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
@@ -128,7 +128,7 @@ def read_table(path, columns=()):
     try:
         df = pd.read_parquet(path)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}")
@@ -159,7 +159,7 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             try:
                 out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
             except Exception as e:  # datasets raises many types for unreadable files
-                raise InputError(f"{path}: cannot read it as {kind} ({_first_line(e)})")
+                raise InputError(f"{path}: cannot read it as {kind} ({first_line(e)})")
         else:
             if not hf_constants.HF_HUB_OFFLINE and not hub_reachable():  # else: retries for half a minute
                 raise InputError(f"the Hugging Face hub is unreachable, so {hub_id} cannot be downloaded; "
@@ -220,7 +220,7 @@ def _parquet_rows(path):
     try:
         return pq.ParquetFile(path).metadata.num_rows
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read it as parquet ({_first_line(e)})") from None
+        raise InputError(f"{path}: cannot read it as parquet ({first_line(e)})") from None
 
 
 def _json_or_none(text):

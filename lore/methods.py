@@ -3,26 +3,31 @@ per-user parameters, METHODS maps a name to its class (utils registers LoRe's en
 PAL and VPL), and the evaluation every method shares (item features computed once, margins,
 accuracies) and its checkpoints."""
 import contextlib
+import importlib
 import json
 import math
 import os
 import sys
+from collections.abc import MutableMapping
 from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lore.checks import MAX_COUNT, InputError, _check_alpha, _check_v_ref, _is_int, check_hparam, resolve_device
+from lore.checks import MAX_COUNT, InputError, check_alpha, check_v_ref, is_int, check_hparam, resolve_device
 from lore.io import load_tensors, read_metadata, save_tensors
 from lore.pairs import project_rows
+
+TEMPERATURE = 100.0   # a pair's Bradley-Terry logit is its margin / 100: part of the method, not a tuning knob
+
 
 def simplex(W):
     """User logits -> user weights on the simplex. The only place the softmax is taken."""
     return F.softmax(W, dim=-1)
 
 
-def mix(Z, W, user):
+def user_margins(Z, W, user):
     """s_p = z_p . w_user(p), each pair's reward margin under its own user's weights.
     Z [P, K] projections x^T V, W [N, K], user [P] -> [P]."""
     return (Z * W.index_select(0, user)).sum(-1)   # backward: index_add, not a sort-based index_put
@@ -82,14 +87,14 @@ class Method:
         unknown = sorted(set(hparams) - set(self.defaults))
         if unknown:
             raise InputError(f"method {self.name}: unknown hyperparameter(s) {unknown}; it has {sorted(self.defaults)}")
-        if not _is_int(K) or not self.min_K <= K <= MAX_COUNT:
+        if not is_int(K) or not self.min_K <= K <= MAX_COUNT:
             raise InputError(f"method {self.name}: K must be an integer >= {self.min_K}, got {K!r}")
         self.K, self.device = int(K), resolve_device(device)
-        self.alpha = _check_alpha(alpha, self.name) if self.uses_alpha else None
+        self.alpha = check_alpha(alpha, self.name) if self.uses_alpha else None
         self.hparams = {hp: check_hparam(self.name, hp, value, self.defaults[hp], self.choices.get(hp),
                                          self.limits.get(hp))
                         for hp, value in {**self.defaults, **hparams}.items()}
-        self.v_ref = None if v_ref is None else _check_v_ref(v_ref).to(self.device)   # [F, 1]
+        self.v_ref = None if v_ref is None else check_v_ref(v_ref).to(self.device)   # [F, 1]
 
     def __repr__(self):
         alpha = f", alpha={self.alpha:g}" if self.uses_alpha else ""
@@ -100,17 +105,104 @@ class Method:
         return {"method": self.name, "K": self.K, "alpha": self.alpha}
 
 
-METHODS = {}   # name -> Method subclass, by name: utils registers lore and lore_regularized, lore.baselines pal, vpl
+class LinearBasis(Method):
+    """A method whose shared part is a basis V [F, K] and whose users are points w of the simplex:
+    user i's reward of phi is phi^T V w_i (LoRe's entries and pca). U = the simplex weights [N, K].
+    New users are fitted as LoRe fits them: its few-shot model (utils.PersonalizeBatch, found
+    through the registry) on the pairs projected onto V once. Subclasses implement fit."""
+    linear = True
+    bt_scale = 1.0 / TEMPERATURE   # active selection: P(chosen wins) = sigmoid(margin / 100)
+    fewshot_model = None           # the few-shot fit's nn.Module; None: the lore entry's
+    V = None                       # [F, K], set by fit or load_state
+
+    def fit_users(self, pairs):
+        K = self.V.shape[1]
+        if K <= 1:   # one direction: nothing to adapt
+            return torch.ones(pairs.n_users, K, device=self.device)
+        # the pairs with their rows projected once: x^T V [P, K], or (table form) the used rows' [E', K]
+        projected = replace(featurize(self, pairs), featurized=None)
+        model = self.fewshot_model or get_method("lore").fewshot_model
+        fewshot = model(pairs.n_users, K, K, self.hparams["fewshot_iters"], self.hparams["fewshot_lr"], self.device)
+        W = torch.stack(fewshot.train(projected, torch.eye(K, device=self.device)))   # the projected rows' basis
+        return check_fitted(self, W)
+
+    def item_features(self, rows):
+        return project_rows(rows.float(), self.V)                                  # [n, K]
+
+    def reward(self, Z, U):
+        return (Z * U).sum(-1)                                                     # [n]
+
+    def state(self):
+        return {"V": self.V}
+
+    def load_state(self, tensors):
+        self.V = tensors["V"].to(self.device, torch.float32)
+
+    # active selection (lore.active): a user's free parameters are its logits, the fit's own
+    def free_parameters(self, U):
+        return U.clamp_min(1e-12).log()   # [N, K]: softmax(log w) = w
+
+    def free_margin(self, theta, zc, zr):
+        return ((zc - zr) * simplex(theta)).sum(-1)
+
+    def free_prior(self):
+        return torch.zeros(self.V.shape[1], device=self.device), 1.0   # the few-shot fit's start, N(0, I)
+
+
+def check_fitted(method, *tensors):
+    """A fit that diverged (a learning rate too large) gives NaN; say so rather than report it."""
+    if not all(torch.isfinite(t).all() for t in tensors):
+        raise InputError(f"{method}: the fit diverged (NaN or inf in the fitted parameters); lower the "
+                         f"learning rate (hyperparameters {method.hparams})")
+    if any(t.shape[-1] == 0 for t in tensors):
+        raise InputError(f"{method}: every direction was pruned (no user weighs any enough to keep it)")
+    return tensors[0]
+
+
+class Registry(MutableMapping):
+    """name -> Method subclass, listed by name. The project's own entries are written down here as
+    "module.Class" and imported the first time they are asked for, so that importing any module
+    gives the same METHODS whatever was imported before (utils defines LoRe's entries and imports
+    this module, so this module cannot import utils at its top). register() adds a class of yours."""
+
+    def __init__(self, entries):
+        self._entries = dict(entries)
+
+    def __getitem__(self, name):
+        entry = self._entries[name]
+        if isinstance(entry, str):   # "module.Class", imported once
+            module, cls = entry.rsplit(".", 1)
+            entry = self._entries[name] = getattr(importlib.import_module(module), cls)
+        return entry
+
+    def __setitem__(self, name, cls):
+        self._entries[name] = cls
+
+    def __delitem__(self, name):
+        del self._entries[name]
+
+    def __iter__(self):
+        return iter(sorted(self._entries))   # by name: one order wherever they are listed
+
+    def __len__(self):
+        return len(self._entries)
+
+
+# The registry: a new method is one class and one line here (or one register() call of yours).
+METHODS = Registry({
+    "lore": "utils.LoReMethod",                          # LoRe as run() fits it
+    "lore_regularized": "utils.LoReRegularizedMethod",   # LoRe as run_regularized() fits it
+    "pal": "lore.baselines.PAL",
+    "pca": "lore.pca.PCA",
+    "vpl": "lore.baselines.VPL",
+})
 
 
 def register(cls):
-    """Add a Method subclass to METHODS under its name; a class decorator. A new method is one
-    subclass and this one line."""
+    """Add a Method subclass of yours to METHODS under its name; a class decorator."""
     if not (isinstance(cls, type) and issubclass(cls, Method)) or not isinstance(cls.name, str):
         raise InputError(f"register takes a Method subclass with a name, got {cls!r}")
-    entries = sorted({**METHODS, cls.name: cls}.items())   # by name: one order wherever they are listed
-    METHODS.clear()
-    METHODS.update(entries)
+    METHODS[cls.name] = cls
     return cls
 
 
@@ -121,10 +213,12 @@ def get_method(name):
     return METHODS[name]
 
 
-def checkpoint_name(method):
-    """The file a fit is saved as: {method}_K{K}[_alpha{a}].safetensors."""
-    alpha = f"_alpha{method.alpha:g}" if method.uses_alpha else ""
-    return f"{method.name}_K{method.K}{alpha}.safetensors"
+def checkpoint_name(fit, suffix=".safetensors"):
+    """The file a fit is saved as, {method}_K{K}[_alpha{a}].safetensors, and its companions
+    ({checkpoint}.fit.json, .report.json: suffix) -- fit: a Method or a record of a sweep."""
+    setting = fit.setting() if isinstance(fit, Method) else fit
+    alpha = "" if setting["alpha"] is None else f"_alpha{setting['alpha']:g}"
+    return f"{setting['method']}_K{setting['K']}{alpha}{suffix}"
 
 
 def save_method(path, method, data=None, **users):
@@ -227,13 +321,13 @@ def per_user_accuracy(pairs, V, W):
     V, W = V.to(pairs.device, torch.float32), W.to(pairs.device, torch.float32)   # [F, K], [N, K]
     if pairs.X is None:
         used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
-        T = _chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+        T = chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
     hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
     for start in range(0, len(pairs), CHUNK):
         part = slice(start, start + CHUNK)
         Z = (project_rows(pairs.X[part], V) if pairs.X is not None
              else T.index_select(0, chosen[part]) - T.index_select(0, rejected[part]))  # [chunk, K]
-        hits += _hits(mix(Z, W, pairs.user[part]) > 0, pairs.user[part], pairs.n_users)
+        hits += _hits(user_margins(Z, W, pairs.user[part]) > 0, pairs.user[part], pairs.n_users)
     return (hits.double() / pairs.counts().double()).cpu().numpy()
 
 
@@ -253,9 +347,9 @@ def featurize(method, pairs):
         if pairs.X is not None:
             if not method.linear:
                 raise InputError(f"method {method.name} needs both embeddings of every pair (the table form of Pairs)")
-            return replace(pairs, X=_chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
+            return replace(pairs, X=chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
         used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
-        Z = _chunked(method.item_features, pairs.table, used)                      # [E', D]
+        Z = chunked(method.item_features, pairs.table, used)                      # [E', D]
         return replace(pairs, table=Z, chosen=chosen, rejected=rejected, featurized=method)
 
 
@@ -299,7 +393,7 @@ def _hits(correct, user, n_users):
     return torch.bincount(user[correct], minlength=n_users)                        # [N]
 
 
-def _chunked(fn, rows, index=None, chunk=1 << 15):
+def chunked(fn, rows, index=None, chunk=1 << 15):
     """fn over [n, F] rows (or rows[index]) in chunks, so no [n, F] float32 copy of a bf16 table exists."""
     n = len(rows) if index is None else len(index)
     parts = [fn(rows[i:i + chunk] if index is None else rows[index[i:i + chunk]]) for i in range(0, n, chunk)]

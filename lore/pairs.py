@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lore.checks import InputError, _is_int, resolve_device
+from lore.checks import InputError, is_int, resolve_device
 
 SETS = ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")
 
@@ -45,7 +45,7 @@ class Pairs:
     group: torch.Tensor = None             # [P] long, ids unique within a user
     featurized: object = None
     checked: bool = False
-    shard: bool = False                    # this torchrun rank's users only (utils.shard_users)
+    shard: bool = False                    # this torchrun rank's users only (lore.distributed.shard_users)
 
     def __len__(self):
         return self.user.numel()
@@ -60,6 +60,15 @@ class Pairs:
 
     def counts(self):
         return torch.bincount(self.user, minlength=self.n_users)                  # [N]
+
+    def groups(self):
+        """Each pair's unit of sampling: its group (PRISM's dialog) where pairs come in groups, else
+        the pair itself -> (gid [P], owner [G]): the unit of every pair, numbered by (user, group),
+        and the user of every unit."""
+        group = self.group if self.group is not None else torch.arange(len(self), device=self.device)
+        _, gid = torch.unique(torch.stack([self.user, group]), dim=1, return_inverse=True)  # [P]
+        owner = torch.zeros(int(gid.max()) + 1, dtype=torch.long, device=self.device).scatter_(0, gid, self.user)
+        return gid, owner                                                          # [P], [G]
 
     def rows(self):
         """The [P, F] float32 difference matrix (materialized for the table form)."""
@@ -137,7 +146,7 @@ def pack(features, name="features", device=None):
 
 
 def _check_pairs(pairs, name):
-    if not _is_int(pairs.n_users) or pairs.n_users <= 0:
+    if not is_int(pairs.n_users) or pairs.n_users <= 0:
         raise InputError(f"{name}: no users (n_users={pairs.n_users!r})")
     values = pairs.X if pairs.X is not None else pairs.table
     if not isinstance(values, torch.Tensor) or values.device.type == "meta" or pairs.user.device.type == "meta":
@@ -172,7 +181,7 @@ def _check_pairs(pairs, name):
     values = pairs.X if pairs.X is not None else pairs.table
     if values.dim() != 2 or not values.is_floating_point():
         raise InputError(f"{name}: the rows must be a float [rows, F] matrix, got {tuple(values.shape)} {values.dtype}")
-    bad = _first_nonfinite_row(values)
+    bad = first_nonfinite_row(values)
     if bad is not None:
         if pairs.X is not None:
             u = int(pairs.user[bad])
@@ -182,7 +191,7 @@ def _check_pairs(pairs, name):
         raise InputError(f"{name}: {where}")
 
 
-def _first_nonfinite_row(values, chunk=1 << 14):
+def first_nonfinite_row(values, chunk=1 << 14):
     """Index of the first row of [n, F] with a NaN or inf, or None. Per chunk, the largest |value|
     is finite unless some value is not (max propagates NaN): one read, no [n, F] temporary, and no
     sum that could overflow on finite values near the float32 maximum."""

@@ -24,7 +24,7 @@ lore.active expect.
 import torch
 
 from lore.checks import InputError
-from lore.methods import Method, get_method, register
+from lore.methods import LinearBasis
 from lore.pairs import project_rows
 
 
@@ -88,23 +88,12 @@ def least_squares_weights(Z, user, n_users, target, ridge=1e-3):
     return torch.where(total > 0, w / total.clamp_min(1e-30), torch.full_like(w, 1.0 / K)).float()
 
 
-def _lore(name):
-    """The lore entry's own `name`, called on a pca object: pca fits new users, scores and
-    answers active selection exactly as LoRe does (lore is registered by utils, which this module
-    may not import; METHODS holds it once utils is imported, which is how every script runs)."""
-    def call(self, *args):
-        return getattr(get_method("lore"), name)(self, *args)
-    call.__name__ = name
-    return call
-
-
-@register
-class PCA(Method):
+class PCA(LinearBasis):
     """The top-K principal directions of the seen users' difference rows as the basis V [F, K] (see
     the module's docstring: uncentered, users weighed equally, oriented, scaled), found with no
     training loop; seen and new users' simplex weights fitted on it as LoRe fits new users
-    (PersonalizeBatch, the recipe's --fewshot-iters --fewshot-lr). U = the simplex weights [N, K]."""
-    name, min_K, uses_alpha, linear = "pca", 1, False, True
+    (LinearBasis.fit_users, the recipe's --fewshot-iters --fewshot-lr)."""
+    name, min_K, uses_alpha = "pca", 1, False
     defaults = {"power_iters": 8, "fewshot_iters": 500, "fewshot_lr": 0.1}
     recipe_hparams = ("fewshot_iters", "fewshot_lr")
     # what lore.compare searches: K and the users' fit (the basis itself has nothing to tune)
@@ -112,19 +101,5 @@ class PCA(Method):
                                       "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
 
     def fit(self, pairs):
-        lore = get_method("lore")
-        self.V = principal_basis(pairs, self.K, 1.0 / lore.bt_scale, self.hparams["power_iters"])  # [F, K]
+        self.V = principal_basis(pairs, self.K, 1.0 / self.bt_scale, self.hparams["power_iters"])  # [F, K]
         return self.fit_users(pairs)
-
-    fit_users = _lore("fit_users")
-    item_features = _lore("item_features")
-    reward = _lore("reward")
-    state = _lore("state")
-    load_state = _lore("load_state")
-    free_parameters = _lore("free_parameters")
-    free_margin = _lore("free_margin")
-    free_prior = _lore("free_prior")
-
-    @property
-    def bt_scale(self):
-        return get_method("lore").bt_scale

@@ -8,6 +8,7 @@ from lore.basis import COLLAPSE_COS, COLLAPSE_RANK, basis_report_records, format
 from lore.checks import InputError
 from lore.data import oracle_accuracies
 from lore.io import read_json, write_json, write_table
+from lore.methods import checkpoint_name
 from lore.pairs import SETS
 
 def plot_basis_reports(reports, path, title=""):
@@ -52,14 +53,13 @@ def plot_basis_reports(reports, path, title=""):
 def save_basis_reports(records, out, title):
     """The health reports sweep wrote beside the checkpoints, across K: basis_reports.csv, a figure,
     and each printed (with its loud warning when a basis has collapsed)."""
-    paths = [os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
-                          + ".report.json") for r in records]
+    paths = [os.path.join(out, checkpoint_name(r, ".report.json")) for r in records]
     reports = [read_json(p) for p in paths if os.path.exists(p)]
     if not reports:
         return
     import pandas as pd
     table = basis_report_records(reports)
-    print("basis health (each fit's full report: its .report.json; utils.format_basis_report prints one):")
+    print("basis health (each fit's full report: its .report.json; lore.basis.format_basis_report prints one):")
     print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for report in reports:
         if report["collapsed"]:
@@ -201,8 +201,7 @@ def save_loss_curves(records, out, title):
     checkpoints, drawn as loss_curves.png; the fits flagged "not converged" are listed."""
     curves = {}
     for r in records:
-        path = os.path.join(out, f"{r['method']}_K{r['K']}" + ("" if r["alpha"] is None else f"_alpha{r['alpha']:g}")
-                            + ".fit.json")
+        path = os.path.join(out, checkpoint_name(r, ".fit.json"))
         if os.path.exists(path):
             report = read_json(path)
             curves[_curve_label(report) + f", K={report['K']}"] = report["curve"]

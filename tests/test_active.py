@@ -10,6 +10,12 @@ from conftest import REPO, load_script
 
 import utils
 from lore import active
+from lore.checks import InputError, set_seed
+from lore.data import load_data
+from lore.io import load_tensors, read_json
+from lore.methods import load_method, METHODS
+from lore.pairs import Pairs
+from lore.pca import principal_basis, principal_directions
 
 FOLDER = os.path.join(REPO, "PersonalLLM")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "active_prepare")
@@ -29,8 +35,8 @@ def data(tmp_path_factory):
 
 
 def fitted_lore(d, K=3):
-    utils.set_seed(0)
-    method = utils.METHODS["lore"](K, 0.0, d.v_ref, "cpu", iters=60, fewshot_iters=60)
+    set_seed(0)
+    method = METHODS["lore"](K, 0.0, d.v_ref, "cpu", iters=60, fewshot_iters=60)
     method.fit(d.sets["seen_train"])
     return method
 
@@ -66,7 +72,7 @@ def test_information_against_a_direct_computation():
 def test_lore_margin_gradient_is_the_softmax_jacobian():
     """g = d (z . softmax(theta)) / d theta = (diag(w) - w w^T) z, by torch.func for every pair at once."""
     torch.manual_seed(1)
-    method = utils.METHODS["lore"](3, 0.0, None, "cpu")
+    method = METHODS["lore"](3, 0.0, None, "cpu")
     method.V = torch.randn(8, 3)
     theta, zc, zr = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 3)
     m, g = active.margin_gradients(method, theta, zc, zr)
@@ -83,11 +89,11 @@ def test_lore_margin_gradient_is_the_softmax_jacobian():
 
 
 def test_active_reveals_one_new_pair_per_round_from_the_pool_only(data):
-    d = utils.load_data(data, "cpu")
+    d = load_data(data, "cpu")
     method = fitted_lore(d)
     pool = d.sets["unseen_fewshot"]
     size = pool.counts()                                                           # 12 per user
-    utils.set_seed(3)
+    set_seed(3)
     masks = [mask.clone() for _, mask, _ in active.active_shots(method, pool, int(size.max()) + 2)]
     for n, mask in enumerate(masks, 1):
         # n pairs per user (all of them once the pool is spent): never a pair twice, nothing outside the pool
@@ -95,13 +101,13 @@ def test_active_reveals_one_new_pair_per_round_from_the_pool_only(data):
         if n > 1:
             assert (mask >= masks[n - 2]).all()   # nested: what was revealed stays revealed
     # same seed, same choices
-    utils.set_seed(3)
+    set_seed(3)
     again = [mask.clone() for _, mask, _ in active.active_shots(method, pool, 4)]
     assert all(torch.equal(a, b) for a, b in zip(again, masks))
     # the first question does not read the answers: the pool with every pair flipped gives the same picks
     from dataclasses import replace
     flipped = replace(pool, chosen=pool.rejected, rejected=pool.chosen)
-    utils.set_seed(3)
+    set_seed(3)
     _, first, _ = next(active.active_shots(method, flipped, 1))
     assert torch.equal(first, masks[0])
 
@@ -109,7 +115,7 @@ def test_active_reveals_one_new_pair_per_round_from_the_pool_only(data):
 def test_sweep_shots_active_never_reads_the_held_out_pairs(data):
     """The held-out pairs flipped (every answer wrong): the chosen shots and their fit are the same,
     so the shots' accuracy is identical and the held-out accuracy is its complement."""
-    d = utils.load_data(data, "cpu")
+    d = load_data(data, "cpu")
     test = d.sets["unseen_test"]
     from dataclasses import replace
     flipped = replace(test, chosen=test.rejected, rejected=test.chosen)
@@ -122,22 +128,22 @@ def test_sweep_shots_active_never_reads_the_held_out_pairs(data):
 
 
 def test_a_method_without_margin_gradients_is_refused(data):
-    d = utils.load_data(data, "cpu")
-    with pytest.raises(utils.InputError, match="method pal cannot choose pairs actively"):
+    d = load_data(data, "cpu")
+    with pytest.raises(InputError, match="method pal cannot choose pairs actively"):
         utils.sweep_shots(methods=["lore", "pal"], K_list=[2], shots=[1], trials=1, select=["random", "active"],
                           seen_train=d.sets["seen_train"], unseen_fewshot=d.sets["unseen_fewshot"],
                           unseen_test=d.sets["unseen_test"])
-    with pytest.raises(utils.InputError, match="select must be"):
+    with pytest.raises(InputError, match="select must be"):
         utils.sweep_shots(methods=["lore"], K_list=[2], shots=[1], trials=1, select=["greedy"],
                           seen_train=d.sets["seen_train"], unseen_fewshot=d.sets["unseen_fewshot"],
                           unseen_test=d.sets["unseen_test"])
 
 
 def test_every_pair_offers_all_28_pairs_answered_by_the_true_mixture(data):
-    d = utils.load_data(data, "cpu")
-    scores = utils.load_tensors(os.path.join(data, "scores.safetensors"))
+    d = load_data(data, "cpu")
+    scores = load_tensors(os.path.join(data, "scores.safetensors"))
     row_scores = torch.cat([scores["train"], scores["test"]]).reshape(-1, scores["train"].shape[-1])   # [E, M]
-    W = utils.load_tensors(os.path.join(data, "users.safetensors"))["W_unseen"]
+    W = load_tensors(os.path.join(data, "users.safetensors"))["W_unseen"]
     pool = d.sets["unseen_fewshot"]
     cands = active.every_pair(pool, 8, row_scores, W)
     assert torch.equal(cands.counts(), 28 * pool.counts())   # every pool prompt once per user (no repeats here)
@@ -156,20 +162,20 @@ def planted(seed=0, N=30, m=40, F=12, K=3, E=400):
     table = torch.randn(E, K, generator=g) * torch.tensor([5.0, 3.0, 2.0]) @ D.T + 0.01 * torch.randn(E, F, generator=g)
     user = torch.arange(N).repeat_interleave(m)
     c, r = torch.randint(0, E, (2, N * m), generator=g)
-    return D, utils.Pairs(user, N, table=table, chosen=c, rejected=r)
+    return D, Pairs(user, N, table=table, chosen=c, rejected=r)
 
 
 def test_pca_recovers_a_planted_basis_in_table_and_row_form():
     D, pairs = planted()
-    V, evals = utils.principal_directions(pairs, 3)
+    V, evals = principal_directions(pairs, 3)
     cos = torch.linalg.svdvals(D.T @ V)                    # cosines of the principal angles
     assert cos.min() > 0.999 and (evals[:-1] >= evals[1:]).all()
-    rows = utils.Pairs(pairs.user, pairs.n_users, X=pairs.rows())
-    V_rows, evals_rows = utils.principal_directions(rows, 3)
+    rows = Pairs(pairs.user, pairs.n_users, X=pairs.rows())
+    V_rows, evals_rows = principal_directions(rows, 3)
     assert torch.allclose(evals_rows, evals, rtol=1e-4)
     assert torch.allclose((V_rows * V).sum(0).abs(), torch.ones(3), atol=1e-4)
     # the basis: oriented (the users' mean margin >= 0 on every column), rms margin 100
-    B = utils.principal_basis(pairs, 3, 100.0)
+    B = principal_basis(pairs, 3, 100.0)
     Z = pairs.project(B)                                                         # [P, 3]
     assert (Z.mean(0) >= 0).all() and torch.allclose(Z.pow(2).mean(0).sqrt(), torch.full((3,), 100.0), rtol=1e-3)
 
@@ -184,14 +190,14 @@ def test_pca_and_svd_init_through_the_scripts(data, tmp_path):
     for name in ("seen_test", "unseen_test"):
         assert acc[("pca", 3)][name] > acc[("lore", 0)][name] + 0.02
     assert os.path.exists(os.path.join(out, "pca_K3.report.json")) and "basis_reports.csv" in os.listdir(out)
-    method, _ = utils.load_method(os.path.join(out, "pca_K3.safetensors"))
+    method, _ = load_method(os.path.join(out, "pca_K3.safetensors"))
     assert method.name == "pca" and method.V.shape == (16, 3)
     Vs = []
     for seed in ("0", "1"):
         run = str(tmp_path / f"svd{seed}")
         train_basis.main(train_basis.parse_args(["--data", data, "--out", run, "--k-list", "3", "--seed", seed,
                                                 "--lore-init", "svd", *FAST]))
-        Vs.append(utils.load_method(os.path.join(run, "lore_K3_alpha0.safetensors"))[0].V)
+        Vs.append(load_method(os.path.join(run, "lore_K3_alpha0.safetensors"))[0].V)
     assert torch.equal(Vs[0], Vs[1])   # svd: a function of the data (full batch), whatever the seed
     vf = str(tmp_path / "vf")
     records = vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", vf, "--method", "pca",
@@ -199,16 +205,16 @@ def test_pca_and_svd_init_through_the_scripts(data, tmp_path):
                                                         "--select", "random,active", "--candidates", "all", *FAST]))
     assert [(r["select"], r["shots"]) for r in records] == [("random", 1), ("random", 3), ("active", 1), ("active", 3)]
     assert "accuracy_vs_shots.png" in os.listdir(vf)
-    assert utils.read_json(os.path.join(vf, "config.json"))["candidates"] == "all"
+    assert read_json(os.path.join(vf, "config.json"))["candidates"] == "all"
 
 
 def test_init_svd_for_both_entries_and_bad_values(data):
-    d = utils.load_data(data, "cpu")
+    d = load_data(data, "cpu")
     for name in ("lore", "lore_regularized"):
         Vs = []
         for seed in (0, 1):
-            utils.set_seed(seed)
-            method = utils.METHODS[name](3, 0.0, d.v_ref, "cpu", iters=30, init="svd")
+            set_seed(seed)
+            method = METHODS[name](3, 0.0, d.v_ref, "cpu", iters=30, init="svd")
             method.fit(d.sets["seen_train"])
             Vs.append(method.V)
         assert torch.equal(Vs[0], Vs[1]), name
@@ -217,8 +223,8 @@ def test_init_svd_for_both_entries_and_bad_values(data):
         _, mask, U = next(active.active_shots(method, pool, 1))
         assert torch.equal(torch.bincount(pool.user[mask], minlength=pool.n_users), torch.ones(pool.n_users).long())
         assert U.shape == (pool.n_users, method.V.shape[1])
-    with pytest.raises(utils.InputError, match="init must be one of"):
-        utils.METHODS["lore"](3, 0.0, d.v_ref, "cpu", init="zeros")
+    with pytest.raises(InputError, match="init must be one of"):
+        METHODS["lore"](3, 0.0, d.v_ref, "cpu", init="zeros")
     with pytest.raises(SystemExit) as e:
         train_basis.parse_args(["--lore-init", "zeros"])
     assert e.value.code == 2

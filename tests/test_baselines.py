@@ -9,12 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import utils  # noqa: E402
 from lore import baselines  # noqa: E402
-from utils import InputError  # noqa: E402
+
+from lore.checks import InputError, set_seed  # noqa: E402
+from lore.methods import (accuracy, checkpoint_name, featurize, load_method, METHODS, pair_margins,
+                          per_user_accuracy, save_method, simplex)  # noqa: E402
+from lore.pairs import pack, Pairs, SETS  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -27,7 +31,7 @@ def random_table_pairs(n_users=4, n_items=30, n_features=6, lo=3, hi=9, seed=0):
     user = torch.arange(n_users).repeat_interleave(counts)
     chosen = torch.randint(n_items, (len(user),), generator=g)
     rejected = (chosen + 1 + torch.randint(n_items - 1, (len(user),), generator=g)) % n_items
-    return utils.pack(utils.Pairs(user, n_users, table=table, chosen=chosen, rejected=rejected))
+    return pack(Pairs(user, n_users, table=table, chosen=chosen, rejected=rejected))
 
 
 def nll(s):
@@ -73,8 +77,8 @@ def ref_pal_loss(pairs, idx, f_params, P, logit_scale, W):
 
 def test_pal_loss_and_gradient_equal_loop_form():
     pairs = random_table_pairs()
-    utils.set_seed(0)
-    m = utils.PAL(3, dim=5)
+    set_seed(0)
+    m = baselines.PAL(3, dim=5)
     m.start(pairs)
     idx = torch.tensor([0, 3, 5, 6, 11, 14, 16])   # pairs of several users, not in order of users
     loss = m.loss(pairs, idx)
@@ -90,15 +94,15 @@ def test_pal_loss_and_gradient_equal_loop_form():
     # only the users of the batch have a gradient
     assert (m.W.grad.abs().sum(1) > 0).tolist() == [bool((pairs.user[idx] == i).any()) for i in range(4)]
     # scoring goes through item_features and reward: the same margins
-    U = utils.simplex(m.W).detach()
+    U = simplex(m.W).detach()
     ref = [ref_pal_margin(pairs, p, layers, ref_params["P"], ref_params["logit_scale"], U[int(pairs.user[p])].double())
            for p in range(len(pairs))]
-    torch.testing.assert_close(utils.pair_margins(m, pairs, U).double(), torch.stack(ref).detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pair_margins(m, pairs, U).double(), torch.stack(ref).detach(), rtol=1e-4, atol=1e-5)
 
 
 def test_pal_scale_is_clamped_at_100():
     pairs = random_table_pairs(seed=1)
-    m = utils.PAL(2, dim=4)
+    m = baselines.PAL(2, dim=4)
     m.start(pairs)
     with torch.no_grad():
         m.logit_scale.fill_(math.log(150.0))
@@ -108,13 +112,13 @@ def test_pal_scale_is_clamped_at_100():
 
 
 def test_row_adam_equals_one_adam_per_user():
-    """_RowAdam on [N, K] == torch Adam on one Parameter per user where a user outside the batch has
+    """RowAdam on [N, K] == torch Adam on one Parameter per user where a user outside the batch has
     no gradient (the originals' ParameterDict)."""
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(5, 3, generator=g)
     W = W0.clone().requires_grad_()
     rows = [torch.nn.Parameter(w.clone()) for w in W0]
-    row_adam = baselines._RowAdam(W, 0.05)
+    row_adam = baselines.RowAdam(W, 0.05)
     adams = [torch.optim.Adam([r], lr=0.05) for r in rows]
     for _ in range(6):
         active = torch.rand(5, generator=g) < 0.5
@@ -180,8 +184,8 @@ def ref_vpl_loss(m, pairs, target, context, eps, step, p):
 
 def test_vpl_loss_and_gradient_equal_loop_form():
     pairs = random_table_pairs(n_features=5, seed=2)
-    utils.set_seed(0)
-    m = utils.VPL(3, hidden=6, kl_weight=0.5, context_max=4)
+    set_seed(0)
+    m = baselines.VPL(3, hidden=6, kl_weight=0.5, context_max=4)
     m.start(pairs)
     target, context = m.draw_epoch(pairs)
     target, context = target[:9], context[:9]
@@ -204,14 +208,14 @@ def test_vpl_loss_and_gradient_equal_loop_form():
                  for i in range(pairs.n_users)]
         torch.testing.assert_close(U.double(), torch.stack(means), rtol=1e-4, atol=1e-6)
         ref = [ref_vpl_margin(pairs, t, U[int(pairs.user[t])].double(), ref_params) for t in range(len(pairs))]
-        torch.testing.assert_close(utils.pair_margins(m, pairs, U).double(), torch.stack(ref), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(pair_margins(m, pairs, U).double(), torch.stack(ref), rtol=1e-4, atol=1e-5)
 
 
 def test_vpl_contexts_are_other_pairs_of_the_same_user():
     pairs = random_table_pairs(n_users=6, lo=1, hi=12, seed=3)
     counts = pairs.counts()
-    m = utils.VPL(2, duplicates=3, context_min=2, context_max=5)
-    utils.set_seed(0)
+    m = baselines.VPL(2, duplicates=3, context_min=2, context_max=5)
+    set_seed(0)
     target, context = m.draw_epoch(pairs)
     assert torch.equal(torch.bincount(target, minlength=len(pairs)), torch.full((len(pairs),), 3))
     for t, ctx in zip(target.tolist(), context.tolist()):
@@ -227,7 +231,7 @@ def test_vpl_contexts_are_other_pairs_of_the_same_user():
 
 
 def test_vpl_annealing_and_schedule():
-    m = utils.VPL(2, anneal_steps=100, batch_size=1, duplicates=10)
+    m = baselines.VPL(2, anneal_steps=100, batch_size=1, duplicates=10)
     assert m.kl_slope(0) == pytest.approx(0.1) and m.kl_slope(50) == pytest.approx(0.55)
     assert m.kl_slope(99) == pytest.approx(1.0, abs=1e-3) and m.kl_slope(100) == pytest.approx(0.1)   # cyclical
     pairs = random_table_pairs(n_users=5, seed=4)
@@ -261,7 +265,7 @@ def planted_table(seed=0, n_features=16, rank=3, n_items=2000, n_seen=100, n_uns
         user = torch.arange(len(W)).repeat_interleave(m)
         a, b = torch.randint(n_items, (2, len(user)), generator=g)
         first = torch.rand(len(user), generator=g) < torch.sigmoid(2 * ((R[a] - R[b]) * W[user]).sum(-1))
-        return utils.pack(utils.Pairs(user, len(W), table=table, chosen=torch.where(first, a, b),
+        return pack(Pairs(user, len(W), table=table, chosen=torch.where(first, a, b),
                                       rejected=torch.where(first, b, a)))
     W_seen, W_unseen = (torch.tensor(rng.dirichlet([0.3] * rank, n), dtype=torch.float32) for n in (n_seen, n_unseen))
     d = dict(train=pairs(W_seen, n_train), test=pairs(W_seen, n_test), fewshot=pairs(W_unseen, n_fewshot),
@@ -269,7 +273,7 @@ def planted_table(seed=0, n_features=16, rank=3, n_items=2000, n_seen=100, n_uns
              v_ref=V.mean(1, keepdim=True) + torch.randn(n_features, 1, generator=g))
     t = d["test_unseen"]
     d["oracle"] = float((((R[t.chosen] - R[t.rejected]) * W_unseen[t.user]).sum(-1) > 0).float().mean())
-    d["reference"] = float(utils.per_user_accuracy(t, d["v_ref"], torch.ones(n_unseen, 1)).mean())
+    d["reference"] = float(per_user_accuracy(t, d["v_ref"], torch.ones(n_unseen, 1)).mean())
     return d
 
 
@@ -285,8 +289,8 @@ def planted():
     d = planted_table()
     fits = {}
     for name, (K, hp) in PLANTED_FITS.items():
-        utils.set_seed(0)
-        m = utils.METHODS[name](K, **hp)
+        set_seed(0)
+        m = METHODS[name](K, **hp)
         U = m.fit(d["train"])
         fits[name] = (m, U, m.fit_users(d["fewshot"]))
     d["fits"] = fits
@@ -298,8 +302,8 @@ def test_planted_population_beats_the_reference_model(planted, name):
     d = planted
     m, U, U_new = d["fits"][name]
     assert d["oracle"] > 0.93 and d["reference"] < 0.73
-    unseen = utils.accuracy(m, d["test_unseen"], U_new).mean()
-    seen = utils.accuracy(m, d["test"], U).mean()
+    unseen = accuracy(m, d["test_unseen"], U_new).mean()
+    seen = accuracy(m, d["test"], U).mean()
     assert unseen > d["reference"] + 0.08, (unseen, d["reference"])
     assert seen > d["reference"] + 0.08, (seen, d["reference"])
 
@@ -308,11 +312,11 @@ def test_planted_population_beats_the_reference_model(planted, name):
 def test_planted_accuracy_rises_with_shots(planted, name):
     d = planted
     m = d["fits"][name][0]
-    pool, test = utils.featurize(m, d["fewshot"]), utils.featurize(m, d["test_unseen"])
+    pool, test = featurize(m, d["fewshot"]), featurize(m, d["test_unseen"])
     acc = []
     for shots in (1, 5, 50):
-        utils.set_seed(1)
-        acc.append(utils.accuracy(m, test, m.fit_users(utils.sample_shots(pool, shots))).mean())
+        set_seed(1)
+        acc.append(accuracy(m, test, m.fit_users(utils.sample_shots(pool, shots))).mean())
     assert acc[0] < acc[1] < acc[2], acc
 
 
@@ -320,16 +324,16 @@ def test_planted_accuracy_rises_with_shots(planted, name):
 def test_save_load_gives_the_same_scores(planted, name, tmp_path):
     d = planted
     m, U, U_new = d["fits"][name]
-    path = tmp_path / utils.checkpoint_name(m)
-    utils.save_method(path, m, W=U, W_unseen=U_new)
-    loaded, tensors = utils.load_method(path)
+    path = tmp_path / checkpoint_name(m)
+    save_method(path, m, W=U, W_unseen=U_new)
+    loaded, tensors = load_method(path)
     assert type(loaded) is type(m) and loaded.hparams == m.hparams and loaded.K == m.K
-    assert torch.equal(utils.pair_margins(loaded, d["test_unseen"], tensors["W_unseen"]),
-                       utils.pair_margins(m, d["test_unseen"], U_new))
+    assert torch.equal(pair_margins(loaded, d["test_unseen"], tensors["W_unseen"]),
+                       pair_margins(m, d["test_unseen"], U_new))
     shots = utils.sample_shots(d["fewshot"], 5)
-    utils.set_seed(3)
+    set_seed(3)
     again = loaded.fit_users(shots)
-    utils.set_seed(3)
+    set_seed(3)
     assert torch.equal(again, m.fit_users(shots))
 
 
@@ -337,9 +341,9 @@ def test_save_load_gives_the_same_scores(planted, name, tmp_path):
 def test_new_user_fitted_twice_with_one_seed_gets_the_same_weights(planted, name):
     m = planted["fits"][name][0]
     shots = utils.sample_shots(planted["fewshot"], 5)
-    utils.set_seed(7)
+    set_seed(7)
     first = m.fit_users(shots)
-    utils.set_seed(7)
+    set_seed(7)
     assert torch.equal(first, m.fit_users(shots))
     assert first.shape == (60, m.K)
 
@@ -354,8 +358,8 @@ def test_same_seed_same_fit(name):
     pairs = random_table_pairs(n_users=5, seed=5)
     out = []
     for _ in range(2):
-        utils.set_seed(11)
-        m = utils.METHODS[name](2, **SMALL[name])
+        set_seed(11)
+        m = METHODS[name](2, **SMALL[name])
         out.append((m.fit(pairs), m.state()))
     assert torch.equal(out[0][0], out[1][0])
     assert all(torch.equal(out[0][1][k], out[1][1][k]) for k in out[0][1])
@@ -368,23 +372,23 @@ def test_sweep_runs_the_baselines_beside_lore():
                           unseen_test=d["test_unseen"], hparams={"lore": {"iters": 20}, **SMALL})
     assert [(r["method"], r["K"], r["alpha"]) for r in records] == \
         [("lore", 0, 0.0), ("lore", 2, 0.0), ("pal", 2, None), ("vpl", 2, None)]
-    assert all(0 <= r[s] <= 1 for r in records for s in utils.SETS)
+    assert all(0 <= r[s] <= 1 for r in records for s in SETS)
 
 
 def test_baselines_reject_difference_rows_and_bad_hyperparameters():
     X = [torch.randn(4, 6) for _ in range(3)]
-    pairs = utils.pack(X)
+    pairs = pack(X)
     for name in ("pal", "vpl"):
-        m = utils.METHODS[name](2)
+        m = METHODS[name](2)
         with pytest.raises(InputError, match=f"method {name} needs both embeddings of every pair"):
             m.fit(pairs)
         with pytest.raises(InputError, match=f"method {name} needs both embeddings"):
             utils.sweep(methods=[name], K_list=[2], seen_train=X, seen_test=X, unseen_fewshot=X, unseen_test=X)
         with pytest.raises(InputError, match=r"K must be an integer >= 1"):
-            utils.METHODS[name](0)
+            METHODS[name](0)
     with pytest.raises(InputError, match=r"method pal: batch_size must be an integer in \[1, 1e\+09\], got 0"):
-        utils.PAL(2, batch_size=0)
+        baselines.PAL(2, batch_size=0)
     with pytest.raises(InputError, match=r"method vpl: lr must be a finite number in \(0, 1e\+06\]"):
-        utils.VPL(2, lr=float("nan"))
+        baselines.VPL(2, lr=float("nan"))
     with pytest.raises(InputError, match=r"context_min 5 > context_max 3"):
-        utils.VPL(2, context_min=5, context_max=3)
+        baselines.VPL(2, context_min=5, context_max=3)

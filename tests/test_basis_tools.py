@@ -12,6 +12,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
 from conftest import load_script  # noqa: E402
+from lore.basis import (DIVERSITY_MAX_PAIRS, basis_report, basis_report_records, format_basis_report,  # noqa: E402
+                        format_interpretation, interpret_basis)
+from lore.scoring import fit_new_users, score_items  # noqa: E402
+from lore.checks import InputError, set_seed  # noqa: E402
+from lore.extract import embed_conversations  # noqa: E402
+from lore.io import load_tensors, read_metadata, write_table  # noqa: E402
+from lore.methods import METHODS, save_method  # noqa: E402
+from lore.results import plot_basis_reports  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -31,7 +39,7 @@ def test_copies_of_one_direction_are_a_collapsed_basis():
     v = torch.randn(64, 1, generator=g)
     V = v * torch.tensor([[1.0, -2.0, 3.0, 0.5, 10.0]])          # 5 copies, different lengths and signs
     W = torch.softmax(torch.randn(200, 5, generator=g), dim=1)
-    report = utils.basis_report(V, W, v_ref=v)
+    report = basis_report(V, W, v_ref=v)
     assert report["effective_rank"] == pytest.approx(1.0, abs=1e-4)
     assert report["rank_95"] == 1
     assert report["user_effective_rank"] == pytest.approx(1.0, abs=1e-4)
@@ -40,7 +48,7 @@ def test_copies_of_one_direction_are_a_collapsed_basis():
     assert report["collapsed"] is True
     assert any("effective rank" in w for w in report["collapse_reasons"])
     assert any("|cos|" in w for w in report["collapse_reasons"])
-    text = utils.format_basis_report(report)
+    text = format_basis_report(report)
     assert "WARNING: the basis has collapsed" in text
     json.dumps(report)  # JSON-serializable as it is
 
@@ -50,28 +58,28 @@ def test_orthonormal_basis_with_uniform_users_has_full_rank():
     V = orthonormal(40, K)
     for W in (torch.full((50, K), 1.0 / K),                                         # everyone equal
               torch.distributions.Dirichlet(torch.ones(K)).sample((300,))):        # uniform on the simplex
-        report = utils.basis_report(V, W)
+        report = basis_report(V, W)
         assert report["effective_rank"] == pytest.approx(K, abs=1e-6)
         assert report["rank_95"] == K
         assert report["max_abs_cos"] == pytest.approx(0.0, abs=1e-9)
         assert report["columns_in_use"] == K
         assert report["collapsed"] is False and report["collapse_reasons"] == []
-        assert "WARNING" not in utils.format_basis_report(report)
+        assert "WARNING" not in format_basis_report(report)
     # all users tied on every column: each column gets 1/K of every user
-    tied = utils.basis_report(V, torch.full((50, K), 1.0 / K))
+    tied = basis_report(V, torch.full((50, K), 1.0 / K))
     assert tied["usage"]["top_users"] == pytest.approx([50 / K] * K)
 
 
 def test_one_column_for_everyone_is_collapse():
     V = orthonormal(30, 4)
     W = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 96 + [[0.1, 0.7, 0.1, 0.1]] * 4)  # 96% on column 0
-    report = utils.basis_report(V, W)
+    report = basis_report(V, W)
     assert report["effective_rank"] == pytest.approx(4.0)
     assert report["collapsed"] is True
     assert report["collapse_reasons"] == [r for r in report["collapse_reasons"] if "column 0 is the largest" in r]
     assert report["columns_in_use"] == 2
     # K = 1 (or the reference model) is never "collapsed": it has nothing to collapse
-    assert utils.basis_report(V[:, :1], torch.ones(10, 1))["collapsed"] is False
+    assert basis_report(V[:, :1], torch.ones(10, 1))["collapsed"] is False
 
 
 def test_report_numbers_equal_loops():
@@ -86,7 +94,7 @@ def test_report_numbers_equal_loops():
     acc_ref = acc.copy()
     acc_ref[:10] += 0.1
     acc_ref[10:15] -= 0.05
-    report = utils.basis_report(V, W, v_ref, acc, acc_ref, setting={"method": "LoRe", "K": K, "alpha": 0.0})
+    report = basis_report(V, W, v_ref, acc, acc_ref, setting={"method": "LoRe", "K": K, "alpha": 0.0})
 
     def cos(a, b):
         return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -121,19 +129,19 @@ def test_report_numbers_equal_loops():
     assert report["setting"] == {"method": "LoRe", "K": K, "alpha": 0.0}
     # the same seed gives the same sampled diversity; the sample is used when there are many pairs
     big = torch.softmax(torch.randn(800, K, generator=g, dtype=torch.float64), dim=1)
-    a, b = utils.basis_report(V, big, seed=3), utils.basis_report(V, big, seed=3)
-    assert a["diversity"]["sampled"] and a["diversity"]["pairs"] == utils.DIVERSITY_MAX_PAIRS
+    a, b = basis_report(V, big, seed=3), basis_report(V, big, seed=3)
+    assert a["diversity"]["sampled"] and a["diversity"]["pairs"] == DIVERSITY_MAX_PAIRS
     assert a["diversity"] == b["diversity"]
 
 
 def test_report_rejects_bad_shapes():
     V = orthonormal(10, 3)
-    with pytest.raises(utils.InputError, match="W has shape"):
-        utils.basis_report(V, torch.ones(5, 4) / 4)
-    with pytest.raises(utils.InputError, match="v_ref has 9 features"):
-        utils.basis_report(V, v_ref=torch.ones(9, 1))
-    with pytest.raises(utils.InputError, match="NaN"):
-        utils.basis_report(V * float("nan"))
+    with pytest.raises(InputError, match="W has shape"):
+        basis_report(V, torch.ones(5, 4) / 4)
+    with pytest.raises(InputError, match="v_ref has 9 features"):
+        basis_report(V, v_ref=torch.ones(9, 1))
+    with pytest.raises(InputError, match="NaN"):
+        basis_report(V * float("nan"))
 
 
 def planted_rank3(seed=0, n_features=32, rank=3, n_users=100, n_pairs=100):
@@ -150,12 +158,12 @@ def planted_rank3(seed=0, n_features=32, rank=3, n_users=100, n_pairs=100):
 
 def test_planted_rank_shows_in_the_users_effective_rank():
     train, V_true, W_true = planted_rank3()
-    truth = utils.basis_report(V_true, W_true)
+    truth = basis_report(V_true, W_true)
     assert 2.5 <= truth["user_effective_rank"] <= 3.0 and truth["user_rank_95"] == 3
-    utils.set_seed(0)
+    set_seed(0)
     W, V = utils.solve_regularized(torch.randn(32, 1), 0.0, train, 5, num_iterations=1000, learning_rate=0.5,
                                    device=CPU)
-    report = utils.basis_report(V, W)
+    report = basis_report(V, W)
     assert 2.5 <= report["user_effective_rank"] <= 3.6
     assert report["user_rank_95"] == 3
     assert report["user_effective_rank"] < report["effective_rank"]   # 5 columns, 3 used directions
@@ -164,20 +172,20 @@ def test_planted_rank_shows_in_the_users_effective_rank():
 
 def test_records_and_figure(tmp_path):
     V = orthonormal(16, 3)
-    reports = [utils.basis_report(V[:, :K], torch.full((20, K), 1.0 / K), setting={"method": "LoRe", "K": K,
+    reports = [basis_report(V[:, :K], torch.full((20, K), 1.0 / K), setting={"method": "LoRe", "K": K,
                                                                                    "alpha": 0.0})
                for K in (1, 2, 3)]
-    reports.append(utils.basis_report(V[:, :1].repeat(1, 3), torch.full((20, 3), 1 / 3),
+    reports.append(basis_report(V[:, :1].repeat(1, 3), torch.full((20, 3), 1 / 3),
                                       setting={"method": "LoRe", "K": 3, "alpha": 1e4}))
-    reports.append(utils.basis_report(V[:, :1], setting={"method": "reference", "K": 0}))
-    records = utils.basis_report_records(reports)
+    reports.append(basis_report(V[:, :1], setting={"method": "reference", "K": 0}))
+    records = basis_report_records(reports)
     assert [(r["method"], r["K"], r["alpha"]) for r in records] == [
         ("LoRe", 1, 0.0), ("LoRe", 2, 0.0), ("LoRe", 3, 0.0), ("LoRe", 3, 1e4), ("reference", 0, None)]
     assert [r["collapsed"] for r in records] == [False, False, False, True, False]
     assert records[2]["effective_rank"] == pytest.approx(3.0)
     json.dumps(records)
-    utils.write_table(str(tmp_path / "basis.csv"), records)
-    utils.plot_basis_reports(reports, str(tmp_path / "basis.png"))
+    write_table(str(tmp_path / "basis.csv"), records)
+    plot_basis_reports(reports, str(tmp_path / "basis.png"))
     assert os.path.getsize(tmp_path / "basis.png") > 1000
 
 
@@ -202,7 +210,7 @@ def test_interpret_basis_equals_loops():
                          {"role": "assistant", "content": f"reply {e} " + "x" * 500}] for e in range(E)}
     import pandas as pd
     pairs = pd.DataFrame({"chosen": [0, 1, 2, 3, 4, 5, 6, 7, 0] * 3, "rejected": [8, 9, 10, 11, 12, 13, 14, 15, 8] * 3})
-    records = utils.interpret_basis(V, table, conversations, v_ref, pairs, top=3, max_chars=50)
+    records = interpret_basis(V, table, conversations, v_ref, pairs, top=3, max_chars=50)
     phi = table.float()
     for j in range(2):
         s = [float(phi[e] @ V[:, j]) for e in range(E)]
@@ -223,11 +231,11 @@ def test_interpret_basis_equals_loops():
             assert r["margin"] * r["margin_ref"] < 0
     top = next(r for r in records if r["kind"] == "highest")
     assert top["context"] == f"user: prompt {top['row'] // 4}" and len(top["reply"]) == 50 and top["reply"].endswith("...")
-    assert "column 1" in utils.format_interpretation(records)
+    assert "column 1" in format_interpretation(records)
 
 
 def lore_method(V, **hparams):
-    method = utils.METHODS["lore"](V.shape[1], 0.0, None, CPU, **hparams)
+    method = METHODS["lore"](V.shape[1], 0.0, None, CPU, **hparams)
     method.V = V.float()
     return method
 
@@ -242,23 +250,23 @@ def test_fit_new_users_recovers_planted_users_in_any_order():
     better = ((a - b) @ V * W_true[user]).sum(1) > 0
     chosen, rejected = torch.where(better[:, None], a, b), torch.where(better[:, None], b, a)
     method = lore_method(V, fewshot_iters=200, fewshot_lr=0.1)
-    utils.set_seed(0)
-    W = utils.fit_new_users(method, chosen, rejected, user, N)
+    set_seed(0)
+    W = fit_new_users(method, chosen, rejected, user, N)
     assert W.shape == (N, K) and torch.allclose(W.sum(1), torch.ones(N))
     assert (W.argmax(1) == torch.arange(N) % K).all()
     # the same pairs sorted by user give the same weights: the order of the lines does not matter
     order = torch.argsort(user, stable=True)
-    utils.set_seed(0)
-    assert torch.equal(utils.fit_new_users(method, chosen[order], rejected[order], user[order], N), W)
+    set_seed(0)
+    assert torch.equal(fit_new_users(method, chosen[order], rejected[order], user[order], N), W)
     # every user's score of an item is phi^T V w
     items = torch.randn(5, F, generator=g).bfloat16()
-    scores = utils.score_items(method, items, W)
+    scores = score_items(method, items, W)
     assert scores.shape == (N, 5)
     for i in range(N):
         for c in range(5):
             assert float(scores[i, c]) == pytest.approx(float(items[c].float() @ V @ W[i]), rel=1e-5, abs=1e-4)
-    with pytest.raises(utils.InputError, match="has no pairs"):
-        utils.fit_new_users(method, chosen[:3], rejected[:3], torch.tensor([0, 2, 2]), 3)
+    with pytest.raises(InputError, match="has no pairs"):
+        fit_new_users(method, chosen[:3], rejected[:3], torch.tensor([0, 2, 2]), 3)
 
 
 def write_jsonl(path, rows):
@@ -271,7 +279,7 @@ def test_personalize_command_scores_are_phi_V_w(tiny_model_dir, tmp_path, capsys
     F, K = 64, 3
     method = lore_method(torch.randn(F, K, generator=torch.Generator().manual_seed(4)), fewshot_iters=50)
     ckpt = str(tmp_path / "lore_K3_alpha0.safetensors")
-    utils.save_method(ckpt, method, W=torch.full((4, K), 1 / K), W_unseen=torch.full((2, K), 1 / K))
+    save_method(ckpt, method, W=torch.full((4, K), 1 / K), W_unseen=torch.full((2, K), 1 / K))
     conv = lambda prompt, reply: [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]  # noqa: E731
     prefs = [{"user": u, "chosen": conv(f"w{i} w7", f"w{i + 10} w{u == 'bob'}"), "rejected": conv(f"w{i} w7", f"w{i + 40}")}
              for u in ("bob", "alice") for i in range(3)]
@@ -283,10 +291,10 @@ def test_personalize_command_scores_are_phi_V_w(tiny_model_dir, tmp_path, capsys
     personalize_cli.main(personalize_cli.parse_args([
         "--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs", str(tmp_path / "prefs.jsonl"),
         "--candidates", str(tmp_path / "cands.jsonl"), "--out", out, "--device", "cpu"]))
-    saved = utils.load_tensors(os.path.join(out, "weights.safetensors"), ["W"])["W"]   # [2, K]
-    users = json.loads(utils.read_metadata(os.path.join(out, "weights.safetensors"))["users"])
+    saved = load_tensors(os.path.join(out, "weights.safetensors"), ["W"])["W"]   # [2, K]
+    users = json.loads(read_metadata(os.path.join(out, "weights.safetensors"))["users"])
     assert users == ["bob", "alice"] and saved.shape == (2, K)
-    phi = utils.embed_conversations([c["messages"] for c in candidates], str(tmp_path / "phi.safetensors"),
+    phi = embed_conversations([c["messages"] for c in candidates], str(tmp_path / "phi.safetensors"),
                                     tiny_model_dir, device="cpu")                   # [4, F]
     import pandas as pd
     scores = pd.read_csv(os.path.join(out, "scores.csv"))

@@ -16,6 +16,14 @@ import utils  # noqa: E402
 from lore import compare  # noqa: E402
 from tests.conftest import load_script  # noqa: E402
 from tests.test_baselines import planted_table  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.cli import method_hparams  # noqa: E402
+from lore.recipes import load_recipe  # noqa: E402
+from lore.io import read_json  # noqa: E402
+from lore.methods import (checked_fit, checked_fit_users, converged, CONVERGED_FALL, last_tenth_fall,
+                          LossCurve, METHODS)  # noqa: E402
+from lore.pairs import pack, Pairs  # noqa: E402
+from lore.steps import training_loop  # noqa: E402
 
 compare_tool = load_script(os.path.join(REPO, "tools", "compare.py"), "tools_compare")
 
@@ -33,20 +41,20 @@ def sets_of(d):
 
 def test_loop_keeps_100_evenly_spaced_losses():
     i = iter(range(10 ** 6))
-    curve = utils._loop(1000, lambda: torch.tensor(float(next(i))), torch.device("cpu"))
+    curve = training_loop(1000, lambda: torch.tensor(float(next(i))), torch.device("cpu"))
     expected = np.linspace(0, 999, 100).round().astype(int).tolist()
     assert curve == {"step": expected, "loss": [float(s) for s in expected], "windowed": False}
     i = iter(range(10 ** 6))
-    assert utils._loop(7, lambda: torch.tensor(float(next(i))), torch.device("cpu"))["step"] == list(range(7))
+    assert training_loop(7, lambda: torch.tensor(float(next(i))), torch.device("cpu"))["step"] == list(range(7))
 
 
 def test_windowed_curve_keeps_the_mean_since_the_previous_point():
-    curve = utils.LossCurve(10, windowed=True)
+    curve = LossCurve(10, windowed=True)
     for i in range(10):
         curve.add(i, torch.tensor(float(i)))
     points = curve.result()
     assert points["step"] == list(range(10)) and points["loss"] == [float(i) for i in range(10)]
-    curve = utils.LossCurve(1000, windowed=True)
+    curve = LossCurve(1000, windowed=True)
     for i in range(1000):
         curve.add(i, torch.tensor(float(i)))
     steps, loss = curve.result()["step"], curve.result()["loss"]
@@ -56,36 +64,36 @@ def test_windowed_curve_keeps_the_mean_since_the_previous_point():
 
 def test_last_tenth_fall_known_answers():
     steps = list(range(0, 1000, 10))
-    assert utils.last_tenth_fall({"step": steps, "loss": [1.0] * 100}) == 0.0
-    assert utils.converged({"step": steps, "loss": [1.0] * 100}) is True
+    assert last_tenth_fall({"step": steps, "loss": [1.0] * 100}) == 0.0
+    assert converged({"step": steps, "loss": [1.0] * 100}) is True
     # loss = 2 - t: the tenth before the last averages ~1.15, the last ~1.05: a fall of ~9%
     loss = [2 - s / 990 for s in steps]
-    fall = utils.last_tenth_fall({"step": steps, "loss": loss})
+    fall = last_tenth_fall({"step": steps, "loss": loss})
     before = np.mean([v for s, v in zip(steps, loss) if 0.8 < s / 990 <= 0.9])
     last = np.mean([v for s, v in zip(steps, loss) if s / 990 > 0.9])
-    assert fall == pytest.approx((before - last) / before) and utils.converged({"step": steps, "loss": loss}) is False
-    assert utils.converged(None) is None
+    assert fall == pytest.approx((before - last) / before) and converged({"step": steps, "loss": loss}) is False
+    assert converged(None) is None
 
 
 def test_too_short_fit_is_flagged_not_converged_and_its_curve_saved(small, tmp_path):
     common = dict(K_list=[0, 2], v_ref=small["v_ref"], seed=0, device="cpu", out_dir=str(tmp_path), **sets_of(small))
     short, = [r for r in utils.sweep(hparams={"lore": {"iters": 15, "fewshot_iters": 20}}, **common) if r["K"] == 2]
-    assert short["converged"] is False and short["loss_fall"] > utils.CONVERGED_FALL
-    report = utils.read_json(str(tmp_path / "lore_K2_alpha0.fit.json"))
+    assert short["converged"] is False and short["loss_fall"] > CONVERGED_FALL
+    report = read_json(str(tmp_path / "lore_K2_alpha0.fit.json"))
     assert report["converged"] is False and report["curve"]["step"] == list(range(15))
     assert len(report["fewshot_curve"]["step"]) == 20 and report["hparams"]["iters"] == 15
-    assert utils.read_json(str(tmp_path / "lore_K0_alpha0.fit.json"))["curve"] is None   # K = 0: no training loop
+    assert read_json(str(tmp_path / "lore_K0_alpha0.fit.json"))["curve"] is None   # K = 0: no training loop
 
 
 @pytest.mark.parametrize("name", ["pal", "vpl"])
 def test_baselines_record_their_curves(small, name):
-    m = utils.METHODS[name](2, **({"dim": 16} if name == "pal" else {"hidden": 16}))
+    m = METHODS[name](2, **({"dim": 16} if name == "pal" else {"hidden": 16}))
     torch.manual_seed(0)
-    utils.checked_fit(m, small["train"])
+    checked_fit(m, small["train"])
     # 240 pairs: PAL 1 epoch of batches of 4, VPL 2 epochs of 4 x 240 targets in batches of 32: 60 steps each
     assert m.curve["step"] == list(range(60)) and all(np.isfinite(m.curve["loss"]))
     if name == "pal":
-        utils.checked_fit_users(m, small["fewshot"])
+        checked_fit_users(m, small["fewshot"])
         assert m.fewshot_curve["step"][-1] == 20 * 6 - 1   # 20 epochs of 6 slots
 
 
@@ -100,21 +108,21 @@ def test_baselines_record_their_curves(small, name):
 ])
 def test_diverged_or_unmoved_fit_is_an_error_naming_method_and_hyperparameters(small, name, hp, alpha, message):
     d = planted_table(n_items=100, n_seen=6, n_unseen=3, n_train=8, n_fewshot=4, n_test=4)
-    with pytest.raises(utils.InputError, match="with {") as e:
+    with pytest.raises(InputError, match="with {") as e:
         utils.sweep(K_list=[2], methods=[name], alpha_list=[alpha or 0.0], hparams={name: hp}, v_ref=d["v_ref"],
                     seed=0, device="cpu", **sets_of(d))
     assert message in str(e.value) and name in str(e.value)
 
 
 def test_a_loss_that_never_decreased_is_an_error(small):
-    class Stuck(utils.METHODS["lore"]):
+    class Stuck(METHODS["lore"]):
         """LoRe whose training loop reports a loss that never goes below its first value."""
         def fit(self, pairs):
-            utils._loop(30, lambda: torch.tensor(5.0 + 0.0 * len(pairs)), self.device)
+            training_loop(30, lambda: torch.tensor(5.0 + 0.0 * len(pairs)), self.device)
             self.V = torch.randn(pairs.n_features, self.K)
             return torch.full((pairs.n_users, self.K), 1.0 / self.K)
-    with pytest.raises(utils.InputError, match=r"lore\(K=2, alpha=0\) with .* did not move .* first value 5"):
-        utils.checked_fit(Stuck(2, 0.0), small["train"])
+    with pytest.raises(InputError, match=r"lore\(K=2, alpha=0\) with .* did not move .* first value 5"):
+        checked_fit(Stuck(2, 0.0), small["train"])
 
 
 # ---- validation users ------------------------------------------------------------------------------
@@ -144,8 +152,8 @@ def test_validation_split_by_groups():
     user = torch.tensor([0] * 6 + [1] * 6 + [2] * 2)
     group = torch.tensor([0, 0, 1, 1, 2, 2] * 2 + [0, 0])
     table = torch.randn(20, 4)
-    seen = utils.pack(utils.Pairs(user, 3, table=table, chosen=torch.arange(14), rejected=torch.arange(14) + 1, group=group))
-    few = utils.pack(utils.Pairs(torch.tensor([0, 0]), 1, table=table, chosen=torch.tensor([0, 1]),
+    seen = pack(Pairs(user, 3, table=table, chosen=torch.arange(14), rejected=torch.arange(14) + 1, group=group))
+    few = pack(Pairs(torch.tensor([0, 0]), 1, table=table, chosen=torch.tensor([0, 1]),
                                  rejected=torch.tensor([2, 3]), group=torch.tensor([0, 0])))
     split = compare.validation_split({"seen_train": seen, "unseen_fewshot": few}, 0.5, seed=0)
     assert split["shots"] == 1 and len(split["users"]) == 2 and 2 not in split["users"]  # user 2 has one group
@@ -155,7 +163,7 @@ def test_validation_split_by_groups():
 # ---- search -----------------------------------------------------------------------------------------
 
 def test_draws_are_seeded_inside_the_declared_space():
-    for name, cls in utils.METHODS.items():
+    for name, cls in METHODS.items():
         a, b = compare.draw_configs(cls, 5, seed=3), compare.draw_configs(cls, 5, seed=3)
         assert a == b and len(a) == 5 and a != compare.draw_configs(cls, 5, seed=4)
         for config in a:
@@ -163,9 +171,9 @@ def test_draws_are_seeded_inside_the_declared_space():
             for hp, spec in cls.search_space.items():
                 ok = spec[1] * 0.99 <= config[hp] <= spec[2] * 1.01 if isinstance(spec, tuple) else config[hp] in spec
                 assert ok, (name, hp, config[hp])
-    grid = type("G", (utils.METHODS["lore"],), {"search": "grid", "search_space": {"K": [2, 3], "alpha": [0.0]}})
+    grid = type("G", (METHODS["lore"],), {"search": "grid", "search_space": {"K": [2, 3], "alpha": [0.0]}})
     assert sorted(c["K"] for c in compare.draw_configs(grid, 2)) == [2, 3]
-    with pytest.raises(utils.InputError, match="fewer than --budget 3"):
+    with pytest.raises(InputError, match="fewer than --budget 3"):
         compare.draw_configs(grid, 3)
 
 
@@ -180,12 +188,12 @@ def run_compare(d, seeds=1):
 @pytest.fixture(scope="module")
 def cheap_spaces():
     """Search spaces cut to what the test data needs (a few fast fits), restored afterwards."""
-    saved = {n: utils.METHODS[n].search_space for n in ("lore", "pal")}
-    utils.METHODS["lore"].search_space = {"K": [2, 3], "alpha": [0.0], "iters": [100, 200], "lr": ("log", 0.1, 1.0)}
-    utils.METHODS["pal"].search_space = {"K": [2, 3], "dim": [16], "epochs": [1, 2], "w_lr": ("log", 5e-3, 0.2)}
+    saved = {n: METHODS[n].search_space for n in ("lore", "pal")}
+    METHODS["lore"].search_space = {"K": [2, 3], "alpha": [0.0], "iters": [100, 200], "lr": ("log", 0.1, 1.0)}
+    METHODS["pal"].search_space = {"K": [2, 3], "dim": [16], "epochs": [1, 2], "w_lr": ("log", 5e-3, 0.2)}
     yield
     for n, space in saved.items():
-        utils.METHODS[n].search_space = space
+        METHODS[n].search_space = space
 
 
 def flip(pairs):
@@ -262,14 +270,14 @@ def test_compare_tool_end_to_end(tmp_path):
     prepare.main(prepare.parse_args(["--synthetic", "--out", data, "--prompts-train", "300", "--prompts-test", "50",
                                      "--features", "16", "--n-users", "20", "--n-unseen", "10", "--train-frac", "0.1",
                                      "--pool-frac", "0.05"]))
-    saved = utils.METHODS["lore"].search_space
-    utils.METHODS["lore"].search_space = {"K": [2, 3], "iters": [100], "fewshot_iters": [50]}
+    saved = METHODS["lore"].search_space
+    METHODS["lore"].search_space = {"K": [2, 3], "iters": [100], "fewshot_iters": [50]}
     try:
         out = str(tmp_path / "cmp")
         compare_tool.main(compare_tool.parse_args(["--data", data, "--method", "lore", "--budget", "2", "--seeds", "2",
                                                    "--out", out, "--device", "cpu"]))
     finally:
-        utils.METHODS["lore"].search_space = saved
+        METHODS["lore"].search_space = saved
     assert {"comparison.json", "comparison.csv", "comparison.md", "comparison.png", "loss_curves.png",
             "config.json"} <= set(os.listdir(out))
     result = json.load(open(os.path.join(out, "comparison.json")))
@@ -282,13 +290,13 @@ def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reac
     pllm = load_script(os.path.join(REPO, "PersonalLLM", "train_basis.py"), "pllm_train_basis_defaults")
     tldr = load_script(os.path.join(REPO, "RedditTLDR", "train_basis.py"), "tldr_train_basis_defaults")
     args = pllm.parse_args(["--method", "pal,vpl"])
-    hp = utils.method_hparams(args)
+    hp = method_hparams(args)
     for name in ("pal", "vpl"):
-        tuned = utils.TUNED_DEFAULTS["PersonalLLM"][name]
+        tuned = load_recipe("PersonalLLM")["baselines"][name]
         assert tuned and {k: hp[name][k] for k in tuned} == tuned
-    assert utils.method_hparams(tldr.parse_args(["--method", "pal,vpl"])) == {
-        n: dict(utils.METHODS[n].defaults) for n in ("pal", "vpl")}
+    assert method_hparams(tldr.parse_args(["--method", "pal,vpl"])) == {
+        n: dict(METHODS[n].defaults) for n in ("pal", "vpl")}
     papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-epochs", "1", "--pal-batch-size", "4",
                               "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
                               "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
-    assert utils.method_hparams(papers)["pal"] == utils.METHODS["pal"].defaults
+    assert method_hparams(papers)["pal"] == METHODS["pal"].defaults

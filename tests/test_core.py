@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import lore.io  # noqa: E402
 import utils  # noqa: E402
-from utils import InputError  # noqa: E402
+
+from lore.checks import InputError, set_seed  # noqa: E402
+from lore.methods import check_fitted  # noqa: E402
+from lore.io import load_tensors  # noqa: E402
+from lore.pairs import pack, Pairs  # noqa: E402
+from lore.results import save_results  # noqa: E402
+from lore.steps import user_scores  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -83,7 +88,7 @@ def test_user_scores_gradient():
     user = torch.tensor([0] * 5 + [1] * 9 + [2] * 6)
     V = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(3, 3, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda V, W: utils.user_scores(X, V, W, user), (V, W))
+    assert torch.autograd.gradcheck(lambda V, W: user_scores(X, V, W, user), (V, W))
 
 
 def loop_lore_step(V, W, opt, X, v_ref, alpha):
@@ -199,7 +204,7 @@ def test_eval_multiple_equals_loop_and_ties_count_as_wrong():
 
 def test_table_form_projects_like_rows():
     table = torch.randn(10, 6).to(torch.bfloat16)
-    pairs = utils.Pairs(torch.tensor([0, 0, 1, 2]), 3, table=table,
+    pairs = Pairs(torch.tensor([0, 0, 1, 2]), 3, table=table,
                         chosen=torch.tensor([1, 2, 3, 9]), rejected=torch.tensor([0, 5, 4, 8]))
     V = torch.randn(6, 2)
     torch.testing.assert_close(pairs.project(V), pairs.rows() @ V)
@@ -225,7 +230,7 @@ def test_sample_shots_rows_and_counts():
 def test_sample_shots_takes_whole_groups():
     user = torch.tensor([0, 0, 0, 0, 1, 1, 1])
     group = torch.tensor([0, 0, 1, 2, 5, 5, 7])
-    pairs = utils.Pairs(user, 2, X=torch.arange(7.0)[:, None], group=group)
+    pairs = Pairs(user, 2, X=torch.arange(7.0)[:, None], group=group)
     for seed in range(5):
         torch.manual_seed(seed)
         s = utils.sample_shots(pairs, 1)
@@ -320,7 +325,7 @@ def planted():
 
 def test_planted_population_is_recovered(planted):
     d = planted
-    utils.set_seed(0)
+    set_seed(0)
     res = utils.run([1, 3], [0], torch.randn(32, 1), d["train"], d["test"], d["fewshot"],
                     d["test_unseen"], 100, 60, CPU)
     seen, unseen = res[1], res[3]
@@ -331,7 +336,7 @@ def test_planted_population_is_recovered(planted):
 
 def test_fewshot_accuracy_rises_with_shots(planted):
     d = planted
-    utils.set_seed(0)
+    set_seed(0)
     res = utils.run_few_shot_vary_shots(3, [0], [3], [1, 5, 20, 50], d["train"], d["fewshot"],
                                         d["test_unseen"], torch.randn(32, 1), 100, 60, CPU)
     held_out = res[2][0]
@@ -355,7 +360,7 @@ def sweep(d, fn=utils.run, K_list=(0, 1, 2), alpha_list=(0.0, 0.5), **kw):
 
 def test_run_shapes_order_and_reference_model(small):
     d = small
-    utils.set_seed(0)
+    set_seed(0)
     res = sweep(d)
     assert len(res) == 8 and all(r.shape == (6,) for r in res)
     # K = 0 is the reference reward model for every user, at positions 0 and 3 (alpha outer, K inner)
@@ -370,9 +375,9 @@ def test_run_shapes_order_and_reference_model(small):
 
 def test_k1_unseen_users_get_unit_weight(small, tmp_path):
     d = small
-    utils.set_seed(0)
+    set_seed(0)
     res = sweep(d, K_list=[1], alpha_list=[0.0], out_dir=str(tmp_path))
-    saved = utils.load_tensors(str(tmp_path / "lore_K1_alpha0.safetensors"), ["V", "W", "W_unseen"])
+    saved = load_tensors(str(tmp_path / "lore_K1_alpha0.safetensors"), ["V", "W", "W_unseen"])
     assert torch.equal(saved["W_unseen"], torch.ones(5, 1)) and torch.equal(saved["W"], torch.ones(8, 1))
     V = saved["V"]
     assert res[3][0] == pytest.approx(np.mean([ref_accuracy(x, V, torch.ones(1)) for x in d["test_unseen"]]))
@@ -380,21 +385,21 @@ def test_k1_unseen_users_get_unit_weight(small, tmp_path):
 
 def test_run_regularized_saves_every_setting(small, tmp_path):
     d = small
-    utils.set_seed(0)
+    set_seed(0)
     res = sweep(d, utils.run_regularized, K_list=[0, 1, 3], alpha_list=[0.0, 10.0], out_dir=str(tmp_path))
     assert len(res) == 8 and all(r.shape == (6,) for r in res)
     names = sorted(os.listdir(tmp_path))
     assert names == sorted(f"lore_regularized_K{K}_alpha{a}{ext}" for a in ("0", "10") for K in (0, 1, 3)
                            for ext in (".safetensors", ".report.json", ".fit.json"))
-    t = utils.load_tensors(str(tmp_path / "lore_regularized_K3_alpha10.safetensors"))
+    t = load_tensors(str(tmp_path / "lore_regularized_K3_alpha10.safetensors"))
     K_kept = t["V"].shape[1]
     assert 1 <= K_kept <= 3 and t["W"].shape == (8, K_kept) and t["W_unseen"].shape == (5, K_kept)
-    torch.testing.assert_close(utils.load_tensors(str(tmp_path / "lore_regularized_K0_alpha0.safetensors"))["V"], d["v_ref"])
+    torch.testing.assert_close(load_tensors(str(tmp_path / "lore_regularized_K0_alpha0.safetensors"))["V"], d["v_ref"])
 
 
 def test_vary_shots_shapes(small):
     d = small
-    utils.set_seed(0)
+    set_seed(0)
     res = utils.run_few_shot_vary_shots(2, [0.0, 1.0], [0, 2], [1, 3, 5], d["train"], d["fewshot"],
                                         d["test_unseen"], d["v_ref"], 8, 5, CPU, num_iterations=20)
     assert len(res) == 4 and all(r.shape == (4, 3) for r in res)
@@ -406,7 +411,7 @@ def test_vary_shots_shapes(small):
 def test_same_seed_same_numbers(small):
     outs = []
     for _ in range(2):
-        utils.set_seed(123)
+        set_seed(123)
         outs.append(np.concatenate(sweep(small, utils.run_regularized, K_list=[2], alpha_list=[1.0])))
     np.testing.assert_array_equal(outs[0], outs[1])
 
@@ -448,61 +453,6 @@ def test_bad_inputs_raise_clear_errors(small):
                                       d["v_ref"], 8, 5, CPU)
     with pytest.raises(InputError, match="K >= 1"):
         utils.solve(d["train"], 0)
-
-
-# ---- I/O and command-line helpers --------------------------------------------------------------------
-
-def test_tensor_files_roundtrip_and_errors(tmp_path):
-    path = str(tmp_path / "sub" / "t.safetensors")
-    utils.save_tensors(path, {"V": torch.arange(6.0).reshape(3, 2)}, {"K": "2"})
-    assert os.listdir(tmp_path / "sub") == ["t.safetensors"]
-    assert torch.equal(utils.load_tensors(path, ["V"])["V"], torch.arange(6.0).reshape(3, 2))
-    with pytest.raises(InputError, match=r"t.safetensors: missing tensor\(s\) \['W'\]"):
-        utils.load_tensors(path, ["W"])
-    with pytest.raises(InputError, match="nope.safetensors: no such file"):
-        utils.load_tensors(str(tmp_path / "nope.safetensors"))
-
-
-def test_command_line_helpers(tmp_path, capsys):
-    import argparse
-    assert utils.rank_list("0,1,5") == [0, 1, 5]
-    assert utils.float_list("0,1e4") == [0.0, 1e4]
-    for bad in ("-1,2", "a", "", "2,2", "1.5"):
-        with pytest.raises(argparse.ArgumentTypeError):
-            utils.rank_list(bad)
-    assert utils.shot_list("1,5") == [1, 5] and utils.positive_int("20") == 20
-    for fn, bad in ((utils.shot_list, "0,5"), (utils.positive_int, "0"), (utils.positive_int, "2,3")):
-        with pytest.raises(argparse.ArgumentTypeError):
-            fn(bad)
-
-    @utils.command_line
-    def main(args):
-        raise InputError("data/x.safetensors: no such file")
-    with pytest.raises(SystemExit) as e:
-        main(None)
-    assert e.value.code == 2
-    assert capsys.readouterr().err.strip() == "error: data/x.safetensors: no such file"
-
-    records = [{"method": "lore", "K": K, "alpha": 0.0, **{m: 0.1 * K for m in utils.SETS},
-                **{f"{m}_std": 0.01 for m in utils.SETS}} for K in (0, 2)]
-    utils.save_results(records, str(tmp_path))
-    utils.plot_accuracy_vs_rank(records, str(tmp_path / "accuracy_vs_rank.png"))
-    assert utils.read_json(str(tmp_path / "results.json")) == records
-    assert sorted(os.listdir(tmp_path)) == ["accuracy_vs_rank.png", "results.csv", "results.json"]
-
-
-def test_load_splits_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(lore.io, "hub_reachable", lambda: False)
-    monkeypatch.setattr(lore.io.hf_constants, "HF_HUB_OFFLINE", False)
-    with pytest.raises(InputError, match="unreachable.*--data-files train=PATH"):
-        utils.load_splits("some/dataset", ["train"])
-    with pytest.raises(InputError, match=r"t.json: no such file \(the train split\)"):
-        utils.load_splits("some/dataset", ["train"], {"train": str(tmp_path / "t.json")})
-    path = tmp_path / "t.jsonl"
-    path.write_text('{"a": 1}\n{"a": 2}\n')
-    with pytest.raises(InputError, match="no test=PATH"):
-        utils.load_splits("some/dataset", ["train", "test"], {"train": str(path)})
-    assert utils.load_splits("some/dataset", ["train"], {"train": str(path)})["train"]["a"] == [1, 2]
 
 
 def test_reference_pipelines_reject_float_K_and_swapped_arguments(small):
@@ -557,50 +507,21 @@ def test_api_values_are_checked_where_they_enter(small):
     # table indices: negative or past the end is an error naming the pair, not a wrapped row
     table = torch.randn(6, F)
     for bad in (-1, 6):
-        pairs = utils.Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([0, bad, 2]),
+        pairs = Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([0, bad, 2]),
                             rejected=torch.tensor([1, 2, 3]))
         with pytest.raises(InputError, match=f"pair 1 \\(user 0\\) has chosen row {bad}, outside the 6 rows"):
-            utils.pack(pairs)
+            pack(pairs)
     # finite rows near the float32 maximum are finite (no overflowing row sum)
     big = [torch.full((3, F), 3e38)] * 2
-    assert utils.pack(big).checked
+    assert pack(big).checked
 
 
 def test_a_diverged_fit_is_an_error_not_a_result(small):
     d = small
     method = utils.LoReMethod(2, 0.0, d["v_ref"])
     with pytest.raises(InputError, match=r"lore\(K=2, alpha=0\): the fit diverged .* lower the learning rate"):
-        utils._check_fitted(method, torch.tensor([[0.5, float("nan")]]))
+        check_fitted(method, torch.tensor([[0.5, float("nan")]]))
     with pytest.raises(InputError, match="every direction was pruned"):
-        utils._check_fitted(method, torch.zeros(3, 0), torch.zeros(10, 0))
+        check_fitted(method, torch.zeros(3, 0), torch.zeros(10, 0))
     with pytest.raises(InputError, match=r"lore, alpha=0, K=2: \['seen_test'\] is not a finite number"):
-        utils.save_results([{"method": "lore", "K": 2, "alpha": 0.0, "seen_test": float("nan")}], "/nonexistent")
-
-
-def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
-    import argparse
-    out = tmp_path / "results"
-    args = argparse.Namespace(out=str(out), seed=0)
-    with utils.run_folder(args, "a.py") as staging:
-        open(os.path.join(staging, "first.txt"), "w").write("1")
-    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]
-
-    @utils.command_line
-    def interrupted(args):
-        with utils.run_folder(args, "a.py") as staging:
-            open(os.path.join(staging, "second.txt"), "w").write("2")
-            raise KeyboardInterrupt  # Ctrl-C in the middle of a run
-    with pytest.raises(SystemExit) as e:
-        interrupted(args)
-    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
-    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
-    # a run killed with -9 leaves its staging folder: the next run removes it
-    os.makedirs(tmp_path / ".results.partial-99999")
-    with utils.run_folder(args, "a.py") as staging:
-        # while a run holds the folder, a second one is refused at once
-        with pytest.raises(InputError, match="is in use by another run"):
-            with utils.run_folder(args, "a.py"):
-                pass
-    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
-    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run
+        save_results([{"method": "lore", "K": 2, "alpha": 0.0, "seen_test": float("nan")}], "/nonexistent")

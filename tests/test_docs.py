@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO, load_script
 
+from lore.methods import METHODS
+
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 
 
@@ -32,12 +34,16 @@ def workdir(tmp_path_factory):
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)])
 def test_snippets_run(page, workdir, monkeypatch):
     monkeypatch.chdir(workdir)
-    namespace = {"__name__": f"snippets of {page}"}
-    for i, block in enumerate(python_blocks(page)):
-        try:
-            exec(compile(block, f"{page} python block {i + 1}", "exec"), namespace)
-        except Exception as e:   # name the page and block, not only the line inside it
-            raise AssertionError(f"{page}, python block {i + 1} fails: {type(e).__name__}: {e}") from e
+    namespace, registered = {"__name__": f"snippets of {page}"}, set(METHODS)
+    try:
+        for i, block in enumerate(python_blocks(page)):
+            try:
+                exec(compile(block, f"{page} python block {i + 1}", "exec"), namespace)
+            except Exception as e:   # name the page and block, not only the line inside it
+                raise AssertionError(f"{page}, python block {i + 1} fails: {type(e).__name__}: {e}") from e
+    finally:   # a page's own methods do not outlive it
+        for name in set(METHODS) - registered:
+            del METHODS[name]
 
 
 @pytest.mark.parametrize("page", PAGES)

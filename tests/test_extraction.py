@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForSequenceClassification, LlamaModel
 
-import utils
 from lore import extract as ex
 from conftest import REPO
-from utils import (InputError, embed_conversations, is_main_process, load_reward_model,
-                                read_reward_head)
+from lore.checks import InputError
+from lore.distributed import is_main_process
+from lore.io import read_metadata
 
 
 def mixed_conversations(seed=0):
@@ -67,7 +67,7 @@ def one_at_a_time(model, tokenizer, conversations):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
-    return load_reward_model(tiny_model_dir, device="cpu")
+    return ex.load_reward_model(tiny_model_dir, device="cpu")
 
 
 @pytest.mark.parametrize("batch_tokens", [40, 200, 10**6])
@@ -75,7 +75,7 @@ def test_matches_one_at_a_time(loaded, tmp_path, batch_tokens):
     model, tokenizer = loaded
     conversations = mixed_conversations()
     out = tmp_path / "emb.safetensors"
-    embeddings = embed_conversations(conversations, out, model=model, tokenizer=tokenizer,
+    embeddings = ex.embed_conversations(conversations, out, model=model, tokenizer=tokenizer,
                                      batch_tokens=batch_tokens, shard_size=7)
     reference = one_at_a_time(model, tokenizer, conversations)
     assert embeddings.dtype == torch.float32 and embeddings.shape == reference.shape
@@ -83,14 +83,14 @@ def test_matches_one_at_a_time(loaded, tmp_path, batch_tokens):
     file = load_file(out)
     assert torch.equal(file["embeddings"], embeddings)
     assert not os.path.exists(f"{out}.parts")
-    metadata = utils.read_metadata(out)
+    metadata = read_metadata(out)
     assert (metadata["n"], metadata["F"], metadata["model"]) == (str(len(conversations)), "64", model.name_or_path)
 
 
 def test_eager_attention_matches_one_at_a_time(tiny_model_dir, tmp_path):
-    model, tokenizer = load_reward_model(tiny_model_dir, device="cpu", attn_implementation="eager")
+    model, tokenizer = ex.load_reward_model(tiny_model_dir, device="cpu", attn_implementation="eager")
     conversations = mixed_conversations(seed=2)
-    embeddings = embed_conversations(conversations, tmp_path / "emb.safetensors", model=model, tokenizer=tokenizer,
+    embeddings = ex.embed_conversations(conversations, tmp_path / "emb.safetensors", model=model, tokenizer=tokenizer,
                                      batch_tokens=200, shard_size=7)
     torch.testing.assert_close(embeddings, one_at_a_time(model, tokenizer, conversations), atol=1e-5, rtol=1e-5)
 
@@ -108,7 +108,7 @@ def test_shared_prefix_is_encoded_once(loaded, tmp_path):
 
     hook = model.register_forward_pre_hook(count_tokens, with_kwargs=True)
     try:
-        embed_conversations(conversations, tmp_path / "emb.safetensors", model=model, tokenizer=tokenizer)
+        ex.embed_conversations(conversations, tmp_path / "emb.safetensors", model=model, tokenizer=tokenizer)
     finally:
         hook.remove()
     ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in tldr_pairs()]
@@ -121,13 +121,13 @@ def test_shared_prefix_is_encoded_once(loaded, tmp_path):
 
 def test_reward_is_embedding_times_head(tiny_model_dir, tiny_sharded_model_dir, tmp_path):
     conversations = mixed_conversations(seed=3)[:12]
-    embeddings = embed_conversations(conversations, tmp_path / "emb.safetensors", tiny_model_dir, device="cpu")
-    v_ref = read_reward_head(tiny_model_dir)
+    embeddings = ex.embed_conversations(conversations, tmp_path / "emb.safetensors", tiny_model_dir, device="cpu")
+    v_ref = ex.read_reward_head(tiny_model_dir)
     assert v_ref.shape == (64, 1) and v_ref.dtype == torch.float32
-    assert torch.equal(read_reward_head(tiny_sharded_model_dir), v_ref)
+    assert torch.equal(ex.read_reward_head(tiny_sharded_model_dir), v_ref)
     assert len([f for f in os.listdir(tiny_sharded_model_dir) if f.endswith(".safetensors")]) > 1
     reward_model = LlamaForSequenceClassification.from_pretrained(tiny_model_dir).eval()
-    _, tokenizer = load_reward_model(tiny_model_dir, device="cpu")
+    _, tokenizer = ex.load_reward_model(tiny_model_dir, device="cpu")
     with torch.inference_mode():
         rewards = torch.stack([reward_model(**tokenizer.apply_chat_template(c, tokenize=True, return_dict=True,
                                                                             return_tensors="pt")).logits[0]
@@ -139,7 +139,7 @@ def test_resume_gives_identical_bytes(loaded, tmp_path, monkeypatch):
     model, tokenizer = loaded
     conversations = mixed_conversations(seed=5)
     settings = dict(model=model, tokenizer=tokenizer, batch_tokens=200, shard_size=5)
-    embed_conversations(conversations, tmp_path / "full.safetensors", **settings)
+    ex.embed_conversations(conversations, tmp_path / "full.safetensors", **settings)
 
     out = tmp_path / "resumed.safetensors"
     save = ex.save_tensors
@@ -153,13 +153,13 @@ def test_resume_gives_identical_bytes(loaded, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ex, "save_tensors", interrupted_after_two)
     with pytest.raises(KeyboardInterrupt):
-        embed_conversations(conversations, out, **settings)
+        ex.embed_conversations(conversations, out, **settings)
     parts = f"{out}.parts"
     assert sorted(os.listdir(parts)) == ["manifest.json", "shard_000000.safetensors", "shard_000001.safetensors"]
 
     writes.clear()
     monkeypatch.setattr(ex, "save_tensors", lambda *a: (writes.append(a[0]), save(*a)))
-    embed_conversations(conversations, out, **settings)
+    ex.embed_conversations(conversations, out, **settings)
     assert all(os.path.basename(p) not in ("shard_000000.safetensors", "shard_000001.safetensors") for p in writes)
     assert writes[-1] == str(out) and not os.path.exists(parts)
     assert out.read_bytes() == (tmp_path / "full.safetensors").read_bytes()
@@ -168,7 +168,7 @@ def test_resume_gives_identical_bytes(loaded, tmp_path, monkeypatch):
         raise AssertionError("recomputed an existing output")
 
     monkeypatch.setattr(ex, "_embed_batch", no_compute)  # same inputs and settings: the file is reused
-    assert torch.equal(embed_conversations(conversations, out, **settings), load_file(out)["embeddings"])
+    assert torch.equal(ex.embed_conversations(conversations, out, **settings), load_file(out)["embeddings"])
 
 
 TORCHRUN_SCRIPT = """
@@ -213,27 +213,27 @@ def test_torchrun_two_processes_match_one(tiny_model_dir, tmp_path):
 def test_input_errors(tiny_model_dir, tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(InputError, match="no_such_model"):
-        load_reward_model(missing)
+        ex.load_reward_model(missing)
     with pytest.raises(InputError, match="no_such_model"):
-        read_reward_head(missing)
+        ex.read_reward_head(missing)
     start = time.time()
     with pytest.raises(InputError, match="lore-test-nobody/no-such-model.*--model PATH"):
-        load_reward_model("lore-test-nobody/no-such-model")
+        ex.load_reward_model("lore-test-nobody/no-such-model")
     assert time.time() - start < 30
 
     base = tmp_path / "base_model"
     LlamaModel(LlamaForSequenceClassification.from_pretrained(tiny_model_dir).config).save_pretrained(base)
     with pytest.raises(InputError, match=f"{base}.*score.weight"):
-        read_reward_head(base)
+        ex.read_reward_head(base)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InputError, match=f"{empty}.*safetensors"):
-        read_reward_head(empty)
+        ex.read_reward_head(empty)
 
     with pytest.raises(InputError, match="no conversations.*out.safetensors"):
-        embed_conversations([], tmp_path / "out.safetensors", tiny_model_dir)
+        ex.embed_conversations([], tmp_path / "out.safetensors", tiny_model_dir)
     with pytest.raises(InputError, match="conversation 1 has no messages"):
-        embed_conversations([[{"role": "user", "content": "w1"}], []], tmp_path / "out.safetensors", tiny_model_dir)
+        ex.embed_conversations([[{"role": "user", "content": "w1"}], []], tmp_path / "out.safetensors", tiny_model_dir)
 
 
 def test_is_main_process(monkeypatch):
@@ -250,6 +250,6 @@ def test_benchmark_smoke(tmp_path):
                              "--pairs", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["methods"]) == {"one per forward", "embed_conversations"}
+    assert set(report["methods"]) == {"one per forward", "ex.embed_conversations"}
     assert report["speedup"] > 0 and report["max_abs_diff"] < 1e-4
     assert "speedup" in result.stdout

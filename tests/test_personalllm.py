@@ -20,6 +20,11 @@ from conftest import REPO, load_script
 
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.data import DATA_FILES, load_data  # noqa: E402
+from lore.extract import embed_conversations, read_reward_head  # noqa: E402
+from lore.io import load_tensors, read_json, read_metadata, read_table, save_tensors  # noqa: E402
+from lore.pairs import SETS  # noqa: E402
 
 FOLDER = os.path.join(REPO, "PersonalLLM")
 TRAIN_BASIS = os.path.join(FOLDER, "train_basis.py")
@@ -31,7 +36,7 @@ TINY = ["--prompts-train", "400", "--prompts-test", "100", "--features", "16"]
 USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-frac", "0.05"]
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
 QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +68,14 @@ def snapshot(folder):
 
 
 def embeddings(folder):
-    return utils.load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+    return load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
 
 
 def test_synthetic_files(data):
     table = embeddings(data)
-    v_ref = utils.load_tensors(os.path.join(data, "v_ref.safetensors"), ["v_ref"])["v_ref"]
+    v_ref = load_tensors(os.path.join(data, "v_ref.safetensors"), ["v_ref"])["v_ref"]
     assert table.dtype == torch.bfloat16 and table.shape == (8 * 500, 16) and v_ref.shape == (16, 1)
-    scores = utils.load_tensors(os.path.join(data, "scores.safetensors"), ["train", "test"])
+    scores = load_tensors(os.path.join(data, "scores.safetensors"), ["train", "test"])
     assert scores["train"].shape == (400, 8, 10) and scores["test"].shape == (100, 8, 10)
     assert scores["train"].dtype == torch.float32 and torch.isfinite(scores["train"]).all()
     with safe_open(os.path.join(data, "scores.safetensors"), "pt") as f:
@@ -78,20 +83,20 @@ def test_synthetic_files(data):
     assert json.loads(meta["offsets"]) == {"train": 0, "test": 3200}
     assert json.loads(meta["prompts"]) == {"train": 400, "test": 100}
     assert json.loads(meta["reward_models"]) == list(prepare.REWARD_MODELS)
-    truth = utils.load_tensors(os.path.join(data, "synthetic_truth.safetensors"))
+    truth = load_tensors(os.path.join(data, "synthetic_truth.safetensors"))
     assert truth["reward_models"].shape == (16, 10) and truth["directions"].shape == (16, 3)
     assert torch.allclose(truth["mixing"].sum(1), torch.ones(10))
     # the planted directions are unit vectors with pairwise cosine -0.4
     D = truth["directions"]
     assert torch.allclose(D.T @ D, torch.full((3, 3), -0.4).fill_diagonal_(1.0), atol=1e-5)
     # the simulated users: Dirichlet mixtures of the 10 reward models
-    users = utils.load_tensors(os.path.join(data, "users.safetensors"), ["W_seen", "W_unseen"])
+    users = load_tensors(os.path.join(data, "users.safetensors"), ["W_seen", "W_unseen"])
     assert users["W_seen"].shape == (60, 10) and users["W_unseen"].shape == (40, 10)
     assert torch.allclose(users["W_seen"].sum(1), torch.ones(60)) and (users["W_unseen"] >= 0).all()
 
 
 def test_layout(data):
-    info = utils.read_json(os.path.join(data, "data.json"))
+    info = read_json(os.path.join(data, "data.json"))
     assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config", "reward_models",
                          "responses", "offsets", "prompts", "test_sample"}
     assert info["dataset"] == "PersonalLLM"
@@ -101,16 +106,16 @@ def test_layout(data):
     assert info["reward_models"] == list(prepare.REWARD_MODELS)
     assert (info["config"]["n_users"], info["config"]["pool_frac"], info["config"]["synthetic"]) == (60, 0.05, True)
     # every file is hashed, the embeddings named by their size and header
-    assert sorted(info["files"]) == sorted([*utils.DATA_FILES, "scores.safetensors", "users.safetensors",
+    assert sorted(info["files"]) == sorted([*DATA_FILES, "scores.safetensors", "users.safetensors",
                                             "synthetic_truth.safetensors"])
     for name, digest in info["files"].items():
         assert hashlib.sha256(open(os.path.join(data, name), "rb").read()).hexdigest() == digest, name
     path = os.path.join(data, "embeddings.safetensors")
-    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": utils.read_metadata(path),
+    assert info["embeddings"] == {"bytes": os.path.getsize(path), "metadata": read_metadata(path),
                                   "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
 
     # conversations.parquet: one row per row of the table; row offset(split) + 8 s + r is response r of prompt s
-    conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
+    conversations = read_table(os.path.join(data, "conversations.parquet"))
     assert list(conversations.columns) == ["row", "messages"]
     assert conversations["row"].tolist() == list(range(len(embeddings(data))))
     for row, split, s, r in ((0, "train", 0, 0), (8 * 7 + 3, "train", 7, 3), (3200 + 8 * 99 + 7, "test", 99, 7)):
@@ -120,9 +125,9 @@ def test_layout(data):
 
     # pairs.parquet: the four sets; seen users 10% of the train prompts and every test prompt, unseen
     # users a pool of 5% in draw order and every test prompt
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     assert list(pairs.columns) == ["set", "user", "split", "prompt", "chosen", "rejected", "draw"]
-    assert pairs["set"].unique().tolist() == list(utils.SETS)
+    assert pairs["set"].unique().tolist() == list(SETS)
     per_user = {"seen_train": 40, "seen_test": 100, "unseen_fewshot": 20, "unseen_test": 100}
     for name, n in per_user.items():
         part = pairs[pairs["set"] == name]
@@ -133,8 +138,8 @@ def test_layout(data):
         assert (part["split"] == ("test" if name.endswith("test") else "train")).all()
         assert part.groupby("user", sort=False)["draw"].apply(list).tolist() == [list(range(n))] * len(part["user"].unique())
     # a user's pair is the best and the worst of the prompt's 8 responses under the user's mixture
-    scores = utils.load_tensors(os.path.join(data, "scores.safetensors"))
-    W = utils.load_tensors(os.path.join(data, "users.safetensors"))
+    scores = load_tensors(os.path.join(data, "scores.safetensors"))
+    W = load_tensors(os.path.join(data, "users.safetensors"))
     for split, group in (("train", "seen"), ("test", "unseen")):
         part = pairs[(pairs["split"] == split) & pairs["user"].str.startswith(f"{group}_")]
         w = W[f"W_{group}"].double()[[int(u.split("_")[1]) for u in part["user"]]]        # [P, 10]
@@ -145,12 +150,12 @@ def test_layout(data):
 
 
 def test_load_data(data):
-    loaded = utils.load_data(data, "cpu")
-    info = utils.read_json(os.path.join(data, "data.json"))
+    loaded = load_data(data, "cpu")
+    info = read_json(os.path.join(data, "data.json"))
     assert loaded.users == info["users"] and loaded.info == info and loaded.folder == data
     assert torch.equal(loaded.table, embeddings(data)) and loaded.v_ref.shape == (16, 1)
-    assert list(loaded.sets) == list(utils.SETS)
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    assert list(loaded.sets) == list(SETS)
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     for name, p in loaded.sets.items():
         users = loaded.users["unseen" if name.startswith("unseen") else "seen"]
         part = pairs[pairs["set"] == name]
@@ -159,7 +164,7 @@ def test_load_data(data):
         assert [users[u] for u in p.user.tolist()] == part["user"].tolist()
         assert p.chosen.tolist() == part["chosen"].tolist() and p.rejected.tolist() == part["rejected"].tolist()
     # the recipe's few-shot size: the first n pairs of each user's drawn pool
-    few = utils.load_data(data, "cpu", fewshot_pairs=5).sets["unseen_fewshot"]
+    few = load_data(data, "cpu", fewshot_pairs=5).sets["unseen_fewshot"]
     pool = pairs[(pairs["set"] == "unseen_fewshot") & (pairs["draw"] < 5)]
     assert few.counts().tolist() == [5] * 40 and few.chosen.tolist() == pool["chosen"].tolist()
 
@@ -170,8 +175,8 @@ def test_synthetic_scores_are_linear_in_the_embeddings(tmp_path):
                                      "--prompts-train", "20", "--prompts-test", "5", "--features", "8",
                                      "--n-users", "3", "--n-unseen", "2", "--train-frac", "0.5", "--pool-frac", "0.5"]))
     table = embeddings(out)
-    scores = utils.load_tensors(os.path.join(out, "scores.safetensors"))
-    truth = utils.load_tensors(os.path.join(out, "synthetic_truth.safetensors"))
+    scores = load_tensors(os.path.join(out, "scores.safetensors"))
+    truth = load_tensors(os.path.join(out, "synthetic_truth.safetensors"))
     expected = (table.float() @ truth["reward_models"]).reshape(25, 8, 10)
     assert torch.allclose(torch.cat([scores["train"], scores["test"]]), expected, atol=1e-5)
     # without direction noise every reward model lies in the span of the planted directions
@@ -188,19 +193,19 @@ def test_train_basis_end_to_end_from_another_directory(data, tmp_path):
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "oracle.json", "basis_reports.csv",
          "basis_health.png", "loss_curves.png",
          *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 3) for ext in (".safetensors", ".report.json", ".fit.json"))])
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 3)]
     assert set(records[0]) == RECORD_KEYS
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 3
-    config = utils.read_json(os.path.join(out, "config.json"))
+    config = read_json(os.path.join(out, "config.json"))
     assert config["script"] == "PersonalLLM/train_basis.py" and config["fewshot_pairs"] == 20
     acc = {r["K"]: r["unseen_test"] for r in records}
     assert acc[3] > acc[1] + 0.1                     # the planted rank beats a single direction
-    oracle = utils.read_json(os.path.join(out, "oracle.json"))
-    assert set(oracle) == set(utils.SETS) and acc[3] > oracle["unseen_test"] - 0.05
-    basis = utils.load_tensors(os.path.join(out, "lore_K3_alpha0.safetensors"), ["V", "W", "W_unseen"])
+    oracle = read_json(os.path.join(out, "oracle.json"))
+    assert set(oracle) == set(SETS) and acc[3] > oracle["unseen_test"] - 0.05
+    basis = load_tensors(os.path.join(out, "lore_K3_alpha0.safetensors"), ["V", "W", "W_unseen"])
     assert basis["V"].shape == (16, 3) and basis["W"].shape == (60, 3) and basis["W_unseen"].shape == (40, 3)
-    assert utils.read_metadata(os.path.join(out, "lore_K3_alpha0.safetensors"))["method"] == "lore"
+    assert read_metadata(os.path.join(out, "lore_K3_alpha0.safetensors"))["method"] == "lore"
     # the defaults: the recipe, results under PersonalLLM/results/
     defaults = train_basis.parse_args([])
     assert defaults.out == os.path.join(FOLDER, "results", "train_basis") and defaults.fewshot_pairs == 9
@@ -213,12 +218,12 @@ def test_train_basis_fits_unseen_users_on_the_first_fewshot_pairs(data, tmp_path
                                              "--k-list", "0", *QUICK]))
     # K = 0 is v_ref: unseen_fewshot is its accuracy on each unseen user's first 3 drawn pairs
     table = embeddings(data).float()
-    v_ref = utils.load_tensors(os.path.join(data, "v_ref.safetensors"))["v_ref"]
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    v_ref = load_tensors(os.path.join(data, "v_ref.safetensors"))["v_ref"]
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     first = pairs[(pairs["set"] == "unseen_fewshot") & (pairs["draw"] < 3)]
     reward = (table @ v_ref)[:, 0].numpy()
     right = pd.Series(reward[first["chosen"]] > reward[first["rejected"]]).groupby(first["user"].to_numpy()).mean()
-    record = utils.read_json(os.path.join(out, "results.json"))[0]
+    record = read_json(os.path.join(out, "results.json"))[0]
     assert record["unseen_fewshot"] == pytest.approx(right.mean())
     assert record["unseen_fewshot_std"] == pytest.approx(0.25 * right.std(ddof=0))
 
@@ -232,8 +237,8 @@ def test_prepare_and_train_basis_are_deterministic_and_never_build_the_dense_ten
     for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
         folders[name] = str(tmp_path / name)
         prepare.main(prepare.parse_args(["--synthetic", "--out", folders[name], *TINY, *USERS, "--seed", seed]))
-    read = lambda name, file: utils.read_table(os.path.join(folders[name], file))
-    users = lambda name: utils.load_tensors(os.path.join(folders[name], "users.safetensors"))["W_seen"]
+    read = lambda name, file: read_table(os.path.join(folders[name], file))
+    users = lambda name: load_tensors(os.path.join(folders[name], "users.safetensors"))["W_seen"]
     assert read("a", "pairs.parquet").equals(read("b", "pairs.parquet")) and torch.equal(users("a"), users("b"))
     assert torch.equal(embeddings(folders["a"]), embeddings(folders["b"]))
     assert not read("a", "pairs.parquet").equals(read("c", "pairs.parquet")) and not torch.equal(users("a"), users("c"))
@@ -243,8 +248,8 @@ def test_prepare_and_train_basis_are_deterministic_and_never_build_the_dense_ten
         train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--fewshot-pairs", "20",
                                                  "--k-list", "0,2", "--iters", "30", "--fewshot-iters", "30",
                                                  "--device", "cpu", "--seed", "3"]))
-        runs.append((utils.read_json(os.path.join(out, "results.json")),
-                     utils.load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"))))
+        runs.append((read_json(os.path.join(out, "results.json")),
+                     load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"))))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in ("V", "W", "W_unseen"))
 
@@ -255,14 +260,14 @@ def test_vary_fewshot(data, tmp_path):
                                                "--shots", "1,5,20", *FAST]))
     assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "oracle.json",
                                        "results.csv", "results.json"]
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"], r["shots"]) for r in records] == [("lore", 3, 1), ("lore", 3, 5), ("lore", 3, 20)]
     assert set(records[0]) == {"method", "K", "alpha", "select", "shots", "unseen_fewshot", "unseen_fewshot_std",
                                "unseen_test", "unseen_test_std"}
     held_out = [r["unseen_test"] for r in records]
     assert held_out[2] > held_out[0] + 0.02          # more shots, better held-out accuracy
     assert all(0 <= r["unseen_test_std"] < 0.1 for r in records)
-    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "PersonalLLM/vary_fewshot.py"
+    assert read_json(os.path.join(out, "config.json"))["script"] == "PersonalLLM/vary_fewshot.py"
 
 
 def hub_frame(n_prompts, first_word):
@@ -296,32 +301,32 @@ def test_prepare_hub_schema_with_the_tiny_model(tmp_path, tiny_model_dir):
     out = str(tmp_path / "data")
     prepare.main(prepare.parse_args(["--out", out, "--model", tiny_model_dir, "--device", "cpu", *HUB_USERS,
                                      "--data-files", *write_hub_files(tmp_path, train, test)]))
-    loaded = utils.load_data(out, "cpu")
+    loaded = load_data(out, "cpu")
     table, v_ref = loaded.table, loaded.v_ref
     assert table.shape[0] == 8 * 5 and v_ref.shape == (table.shape[1], 1)
-    assert torch.equal(v_ref, utils.read_reward_head(tiny_model_dir))
+    assert torch.equal(v_ref, read_reward_head(tiny_model_dir))
     assert not os.path.exists(os.path.join(out, "synthetic_truth.safetensors"))
-    scores = utils.load_tensors(os.path.join(out, "scores.safetensors"), ["train", "test"])
+    scores = load_tensors(os.path.join(out, "scores.safetensors"), ["train", "test"])
     s, r, m = np.meshgrid(np.arange(2), np.arange(8), np.arange(10), indexing="ij")
     assert torch.equal(scores["test"], torch.tensor(100.0 * s + 10 * r + m, dtype=torch.float32))
     assert scores["train"].shape == (3, 8, 10)
-    info = utils.read_json(os.path.join(out, "data.json"))
+    info = read_json(os.path.join(out, "data.json"))
     assert info["prompts"] == {"train": 3, "test": 2} and info["offsets"] == {"train": 0, "test": 24}
     # row offset(split) + 8 s + r is [user: prompt s, assistant: response r] of that split
     conversations = [[{"role": "user", "content": df["prompt"][s]},
                       {"role": "assistant", "content": df[f"response_{r + 1}"][s]}]
                      for df in (train, test) for s in range(len(df)) for r in range(8)]
-    stored = utils.read_table(os.path.join(out, "conversations.parquet"))
+    stored = read_table(os.path.join(out, "conversations.parquet"))
     assert stored["row"].tolist() == list(range(40))
     assert [json.loads(m) for m in stored["messages"]] == conversations
     # every user prefers the response with the highest scores (r = 7) to the lowest (r = 0)
-    pairs = utils.read_table(os.path.join(out, "pairs.parquet"))
+    pairs = read_table(os.path.join(out, "pairs.parquet"))
     base = pairs["split"].map(info["offsets"]) + 8 * pairs["prompt"]
     assert ((pairs["chosen"] - base) == 7).all() and ((pairs["rejected"] - base) == 0).all()
     assert pairs.groupby("set")["user"].nunique().to_dict() == {"seen_train": 4, "seen_test": 4,
                                                                 "unseen_fewshot": 3, "unseen_test": 3}
     # embed the 40 conversations in reverse order, one call, and compare row by row
-    reverse = utils.embed_conversations(conversations[::-1], str(tmp_path / "reverse.safetensors"),
+    reverse = embed_conversations(conversations[::-1], str(tmp_path / "reverse.safetensors"),
                                         tiny_model_dir, device="cpu")
     assert torch.allclose(table.float(), reverse.flip(0).float(), atol=1e-4)
     distance = torch.cdist(table.float(), table.float()) + torch.eye(40)
@@ -343,7 +348,7 @@ def test_bad_scores_are_clear_errors(tmp_path, tiny_model_dir, capsys):
 
 def test_bad_inputs_exit_with_2(data, tmp_path, capsys):
     real = tmp_path / "real"
-    utils.save_tensors(str(real / "embeddings.safetensors"), {"embeddings": torch.zeros(8, 4)},
+    save_tensors(str(real / "embeddings.safetensors"), {"embeddings": torch.zeros(8, 4)},
                        {"model": "rm"})
     code, err = exit_code_and_message(capsys, prepare.main,
                                       prepare.parse_args(["--synthetic", "--out", str(real)]))
@@ -389,8 +394,8 @@ def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
     second = snapshot(out)
     assert sorted(second) == sorted(set(first) - {"lore_K2_alpha0.safetensors", "lore_K2_alpha0.report.json",
                                                   "lore_K2_alpha0.fit.json"})
-    assert utils.read_json(os.path.join(out, "config.json"))["k_list"] == [0, 1]
-    assert [r["K"] for r in utils.read_json(os.path.join(out, "results.json"))] == [0, 1]
+    assert read_json(os.path.join(out, "config.json"))["k_list"] == [0, 1]
+    assert [r["K"] for r in read_json(os.path.join(out, "results.json"))] == [0, 1]
     # no staging folder is left beside --out, only the lock
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
     # a file as --out, or a folder of files no run of this script wrote: refused, left as they are
@@ -414,10 +419,10 @@ def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
 def test_a_file_of_another_run_is_refused(data, other_data, tmp_path, capsys, name):
     mixed = str(tmp_path / "mixed")
     shutil.copytree(data, mixed)
-    utils.load_data(mixed, "cpu")                                # a copy is fine
+    load_data(mixed, "cpu")                                # a copy is fine
     shutil.copyfile(os.path.join(other_data, name), os.path.join(mixed, name))
-    with pytest.raises(utils.InputError, match="rerun prepare.py") as e:
-        utils.load_data(mixed, "cpu")
+    with pytest.raises(InputError, match="rerun prepare.py") as e:
+        load_data(mixed, "cpu")
     assert os.path.join(mixed, name) in str(e.value)
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", mixed, "--out", str(tmp_path / "r"), "--k-list", "0", *QUICK]))

@@ -25,6 +25,11 @@ from conftest import REPO, load_script
 
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.data import DATA_FILES, load_data  # noqa: E402
+from lore.extract import read_reward_head  # noqa: E402
+from lore.io import load_tensors, read_json, read_table, save_tensors, write_json, write_table  # noqa: E402
+from lore.pairs import SETS  # noqa: E402
 
 FOLDER = os.path.join(REPO, "PRISM")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "prism_prepare")
@@ -38,7 +43,7 @@ COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "c
 PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
 TURN = {"user": True, "chosen": True}
 
 
@@ -153,7 +158,7 @@ def exit_code_and_message(capsys, main, args):
 
 def test_split_is_the_originals(raw, data):
     _, survey, conversations, expected = raw
-    split = utils.read_json(os.path.join(data, "split.json"))
+    split = read_json(os.path.join(data, "split.json"))
     assert split == original_split(survey, conversations, set(expected))
     assert len(split["seen_users"]) >= 2 and len(split["unseen_users"]) >= 2   # the fixture covers both
     kept = split["seen_users"] + split["unseen_users"]
@@ -170,8 +175,8 @@ def test_split_is_the_originals(raw, data):
 
 def test_examples(raw, data):
     _, _, _, expected = raw
-    split = utils.read_json(os.path.join(data, "split.json"))
-    df = utils.read_table(os.path.join(data, "examples.parquet"))
+    split = read_json(os.path.join(data, "split.json"))
+    df = read_table(os.path.join(data, "examples.parquet"))
     assert list(df.columns) == COLUMNS
     side = {d: s for u in split["dialogs"] for s in ("train", "test") for d in split["dialogs"][u][s]}
     group = {u: g for g in ("seen", "unseen") for u in split[f"{g}_users"]}
@@ -191,7 +196,7 @@ def test_examples(raw, data):
 
 
 def test_chosen_and_rejected_differ_only_in_the_last_reply(data):
-    df = utils.read_table(os.path.join(data, "examples.parquet"))
+    df = read_table(os.path.join(data, "examples.parquet"))
     for chosen, rejected in zip(df["chosen"], df["rejected"]):
         chosen, rejected = json.loads(chosen), json.loads(rejected)
         assert len(chosen) == len(rejected) and len(chosen) % 2 == 0 and chosen[:-1] == rejected[:-1]
@@ -209,41 +214,41 @@ def test_split_is_reused_and_deterministic(raw, data, tmp_path, capsys):
     with open(os.path.join(data, "split.json")) as a, open(os.path.join(out, "split.json")) as b:
         assert a.read() == b.read()
     # a split.json already there is used as it is: swap one user's halves
-    split = utils.read_json(os.path.join(out, "split.json"))
+    split = read_json(os.path.join(out, "split.json"))
     user = split["seen_users"][0]
     split["dialogs"][user] = {"train": split["dialogs"][user]["test"], "test": split["dialogs"][user]["train"]}
-    utils.write_json(os.path.join(out, "split.json"), split)
+    write_json(os.path.join(out, "split.json"), split)
     capsys.readouterr()
     prepare.main(prepare.parse_args(["--data-dir", raw[0], "--out", out]))
     assert "reusing" in capsys.readouterr().out
-    df = utils.read_table(os.path.join(out, "examples.parquet"))
+    df = read_table(os.path.join(out, "examples.parquet"))
     mine = df[df["user"] == user]
     assert set(mine.loc[mine["split"] == "train", "dialog"]) == set(split["dialogs"][user]["train"])
     code, message = exit_code_and_message(capsys, prepare.main, prepare.parse_args(
         ["--data-dir", raw[0], "--out", out, "--seed", "7"]))
     assert code == 2 and "seed 123" in message and "--seed 7" in message
     split["dialogs"][user]["train"].append("c99_0")
-    utils.write_json(os.path.join(out, "split.json"), split)
+    write_json(os.path.join(out, "split.json"), split)
     code, message = exit_code_and_message(capsys, prepare.main,
                                           prepare.parse_args(["--data-dir", raw[0], "--out", out]))
     assert code == 2 and "c99_0" in message and user in message
 
 
 def table_of(folder):
-    return utils.load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+    return load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
 
 
 def v_ref_of(folder):
-    return utils.load_tensors(os.path.join(folder, "v_ref.safetensors"), ["v_ref"])["v_ref"]
+    return load_tensors(os.path.join(folder, "v_ref.safetensors"), ["v_ref"])["v_ref"]
 
 
 def test_embeddings_and_pairs(data, tiny_model_dir):
-    examples = utils.read_table(os.path.join(data, "examples.parquet"))
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    examples = read_table(os.path.join(data, "examples.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     table, v_ref = table_of(data), v_ref_of(data)
     distinct = set(examples["chosen"]) | set(examples["rejected"])
     assert table.shape == (len(distinct), 64) and torch.isfinite(table.float()).all()
-    assert torch.equal(v_ref, utils.read_reward_head(tiny_model_dir))
+    assert torch.equal(v_ref, read_reward_head(tiny_model_dir))
     # one pair per example, in its order: the set from (user group, split), the dialog as the group
     assert list(pairs.columns) == PAIR_COLUMNS
     assert pairs["set"].tolist() == [SET_OF[k] for k in zip(examples["user_group"], examples["split"])]
@@ -252,7 +257,7 @@ def test_embeddings_and_pairs(data, tiny_model_dir):
     assert pairs[ids].equals(examples[ids])
     # conversations.parquet: one row per row of the table, holding the conversation embedded there;
     # the same row wherever the conversation appears
-    conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
+    conversations = read_table(os.path.join(data, "conversations.parquet"))
     assert list(conversations.columns) == ["row", "messages"]
     assert conversations["row"].tolist() == list(range(len(table)))
     assert set(conversations["messages"]) == distinct
@@ -271,16 +276,16 @@ def test_embeddings_and_pairs(data, tiny_model_dir):
 
 
 def test_layout_and_load_data(data):
-    split = utils.read_json(os.path.join(data, "split.json"))
-    info = utils.read_json(os.path.join(data, "data.json"))
+    split = read_json(os.path.join(data, "split.json"))
+    info = read_json(os.path.join(data, "data.json"))
     assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config"}
-    assert info["dataset"] == "PRISM" and sorted(info["files"]) == sorted(utils.DATA_FILES)
+    assert info["dataset"] == "PRISM" and sorted(info["files"]) == sorted(DATA_FILES)
     assert info["users"] == {"seen": split["seen_users"], "unseen": split["unseen_users"]}
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
-    assert info["pairs"] == {name: int((pairs["set"] == name).sum()) for name in utils.SETS}
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
+    assert info["pairs"] == {name: int((pairs["set"] == name).sum()) for name in SETS}
     assert all(info["pairs"].values())
-    loaded = utils.load_data(data, "cpu")
-    assert loaded.users == info["users"] and list(loaded.sets) == list(utils.SETS)
+    loaded = load_data(data, "cpu")
+    assert loaded.users == info["users"] and list(loaded.sets) == list(SETS)
     assert torch.equal(loaded.table, table_of(data))
     for name, p in loaded.sets.items():
         users = info["users"]["unseen" if name.startswith("unseen") else "seen"]
@@ -297,11 +302,11 @@ def test_layout_and_load_data(data):
 def test_a_changed_file_is_refused(data, tmp_path, capsys):
     mixed = str(tmp_path / "mixed")
     shutil.copytree(data, mixed)
-    conversations = utils.read_table(os.path.join(mixed, "conversations.parquet"))
+    conversations = read_table(os.path.join(mixed, "conversations.parquet"))
     conversations.loc[0, "messages"] = "[]"
-    utils.write_table(os.path.join(mixed, "conversations.parquet"), conversations)
-    with pytest.raises(utils.InputError, match="conversations.parquet is not the file data.json was written with"):
-        utils.load_data(mixed, "cpu")
+    write_table(os.path.join(mixed, "conversations.parquet"), conversations)
+    with pytest.raises(InputError, match="conversations.parquet is not the file data.json was written with"):
+        load_data(mixed, "cpu")
     code, message = exit_code_and_message(capsys, vary_fewshot.main, vary_fewshot.parse_args(
         ["--data", mixed, "--out", str(tmp_path / "r"), *FAST]))
     assert code == 2 and os.path.join(mixed, "conversations.parquet") in message
@@ -315,23 +320,23 @@ def results(data, tmp_path_factory):
 
 
 def test_train_basis(data, results, tmp_path, capsys):
-    records = utils.read_json(os.path.join(results, "results.json"))
+    records = read_json(os.path.join(results, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore_regularized", 1e4, k) for k in (0, 1, 2)]
     assert set(records[0]) == RECORD_KEYS
     assert sorted(os.listdir(results)) == sorted([".lore-run.json", "results.json", "results.csv", "accuracy_vs_rank.png",
                                                   "config.json", "basis_reports.csv", "basis_health.png", "loss_curves.png",
                                                   *(f"lore_regularized_K{k}_alpha10000{ext}" for k in (0, 1, 2)
                                                     for ext in (".safetensors", ".report.json", ".fit.json"))])
-    assert utils.read_json(os.path.join(results, "config.json"))["script"] == "PRISM/train_basis.py"
-    split = utils.read_json(os.path.join(data, "split.json"))
-    basis = utils.load_tensors(os.path.join(results, "lore_regularized_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])
+    assert read_json(os.path.join(results, "config.json"))["script"] == "PRISM/train_basis.py"
+    split = read_json(os.path.join(data, "split.json"))
+    basis = load_tensors(os.path.join(results, "lore_regularized_K2_alpha10000.safetensors"), ["V", "W", "W_unseen"])
     assert basis["W"].shape[0] == len(split["seen_users"]) and basis["W_unseen"].shape[0] == len(split["unseen_users"])
     # K = 0 is the reward model: per user, the fraction of its pairs that v_ref orders right
     table, v_ref = table_of(data), v_ref_of(data)
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     reward = (table.float() @ v_ref)[:, 0].numpy()
     pairs["right"] = reward[pairs["chosen"]] > reward[pairs["rejected"]]
-    for name in utils.SETS:
+    for name in SETS:
         per_user = pairs[pairs["set"] == name].groupby("user")["right"].mean()
         assert records[0][name] == pytest.approx(per_user.mean(), abs=1e-6)
         assert records[0][f"{name}_std"] == pytest.approx(0.25 * per_user.std(ddof=0), abs=1e-6)
@@ -349,10 +354,10 @@ def test_train_basis(data, results, tmp_path, capsys):
 def test_train_basis_is_deterministic(data, results, tmp_path):
     out = str(tmp_path / "again")
     train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--k-list", "0,1,2", *FAST]))
-    read = lambda folder: utils.read_json(os.path.join(folder, "results.json"))
+    read = lambda folder: read_json(os.path.join(folder, "results.json"))
     assert read(out) == read(results)
     name = "lore_regularized_K2_alpha10000.safetensors"
-    assert (utils.load_tensors(os.path.join(out, name))["V"] == utils.load_tensors(os.path.join(results, name))["V"]).all()
+    assert (load_tensors(os.path.join(out, name))["V"] == load_tensors(os.path.join(results, name))["V"]).all()
 
 
 def test_prepare_from_another_directory(raw, data, tmp_path):
@@ -362,12 +367,12 @@ def test_prepare_from_another_directory(raw, data, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "split.json").read_text() == open(os.path.join(data, "split.json")).read()
-    assert utils.read_table(str(tmp_path / "out" / "examples.parquet")).equals(
-        utils.read_table(os.path.join(data, "examples.parquet")))
+    assert read_table(str(tmp_path / "out" / "examples.parquet")).equals(
+        read_table(os.path.join(data, "examples.parquet")))
 
 
 def test_shots_are_dialogs(data):
-    pool = utils.load_data(data, "cpu").sets["unseen_fewshot"]
+    pool = load_data(data, "cpu").sets["unseen_fewshot"]
     for shots in (1, 2):
         sampled = utils.sample_shots(pool, shots)
         for user in range(pool.n_users):
@@ -381,7 +386,7 @@ def test_vary_fewshot(data, tmp_path):
     out = str(tmp_path / "fewshot")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "0,2", "--shots", "1,3",
                                                "--trials", "2", "--select", "random,active", *FAST]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["K"], r["select"], r["shots"]) for r in records] == [
         (K, how, s) for K in (0, 2) for how in ("random", "active") for s in (1, 3)]
     # active asks whole dialogs, as random draws them: the same K = 0 accuracy (nothing to fit)
@@ -392,7 +397,7 @@ def test_vary_fewshot(data, tmp_path):
     assert records[0]["unseen_test"] == records[1]["unseen_test"]
     assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "results.csv",
                                        "results.json"]
-    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "PRISM/vary_fewshot.py"
+    assert read_json(os.path.join(out, "config.json"))["script"] == "PRISM/vary_fewshot.py"
     defaults = vary_fewshot.parse_args([])
     assert (defaults.k_list, defaults.alpha_list, defaults.shots, defaults.trials) == ([50], [0.0], [1, 2, 3], 1)
 
@@ -483,13 +488,13 @@ def expected_record(rows, scores, sign=1.0):
 
 def test_eval_rb2_planted_accuracy(rb2, tiny_model_dir, tmp_path):
     path, rows, scores = rb2
-    v_ref = utils.read_reward_head(tiny_model_dir)
+    v_ref = read_reward_head(tiny_model_dir)
     head = str(tmp_path / "basis.safetensors")       # V = [v_ref, -v_ref]; users: w = e0, e1
-    utils.save_tensors(head, {"V": torch.cat([v_ref, -v_ref], 1), "W": torch.eye(2)})
+    save_tensors(head, {"V": torch.cat([v_ref, -v_ref], 1), "W": torch.eye(2)})
     out = str(tmp_path / "rb2")
     eval_rb2.main(eval_rb2.parse_args(["--model", tiny_model_dir, "--data-files", f"test={path}", "--rm-head", head,
                                        "--user-weights", "W", "--out", out, "--device", "cpu"]))
-    records = utils.read_json(os.path.join(out, "rb2_results.json"))
+    records = read_json(os.path.join(out, "rb2_results.json"))
     assert [r["head"] for r in records] == ["v_ref", "V[:, 0]", "V[:, 1]", "V W[0]", "V W[1]", "V mean(W)"]
     plain, flipped = expected_record(rows, scores), expected_record(rows, scores, -1.0)
     # the plan: 1, 1/2, 0, 1, 1/2 and Ties: 2 of 3 ref and 1 of 3 tied prompts right
@@ -508,7 +513,7 @@ def test_eval_rb2_reference_head_alone(rb2, tiny_model_dir, tmp_path):
     out = str(tmp_path / "rb2")
     eval_rb2.main(eval_rb2.parse_args(["--model", tiny_model_dir, "--data-files", f"test={path}", "--out", out,
                                        "--device", "cpu"]))
-    records = utils.read_json(os.path.join(out, "rb2_results.json"))
+    records = read_json(os.path.join(out, "rb2_results.json"))
     assert len(records) == 1
     assert records[0] == pytest.approx({"head": "v_ref", **expected_record(rows, scores)}, abs=1e-6)
 
@@ -581,11 +586,11 @@ def test_every_method_runs_on_the_dialogs(data, tmp_path):
     out = str(tmp_path / "tb")
     train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--k-list", "0,2", *FAST,
                                              "--method", "lore_regularized,pal,vpl", *baselines]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"]) for r in records] == [("lore_regularized", 0), ("lore_regularized", 2),
                                                         ("pal", 2), ("vpl", 2)]
     out = str(tmp_path / "vf")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "2", *FAST, "--shots", "1,2",
                                                "--method", "lore,pal,vpl", *baselines]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]

@@ -1,4 +1,4 @@
-"""A new method is one class plus one entry of utils.METHODS: this test registers one (a fixed
+"""A new method is one class plus one entry of lore.methods.METHODS: this test registers one (a fixed
 random basis, new users fitted as LoRe fits them) and runs it through the sweeps, both scripts'
 outputs, the checkpoints and the command-line flags."""
 import json
@@ -12,6 +12,10 @@ import torch
 from conftest import REPO, load_script
 
 import utils
+from lore.checks import set_seed
+from lore.data import load_data
+from lore.io import read_json
+from lore.methods import accuracy, load_method, METHODS
 
 
 class RandomBasis(utils.LoReMethod):
@@ -28,7 +32,7 @@ class RandomBasis(utils.LoReMethod):
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setitem(utils.METHODS, "random_basis", RandomBasis)
+    monkeypatch.setitem(METHODS, "random_basis", RandomBasis)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +46,8 @@ def data(tmp_path_factory):
 
 
 def test_sweep_runs_a_registered_method(registered, data, tmp_path):
-    d = utils.load_data(data, "cpu", fewshot_pairs=10)
-    utils.set_seed(0)
+    d = load_data(data, "cpu", fewshot_pairs=10)
+    set_seed(0)
     records = utils.sweep(methods=["lore", "random_basis"], K_list=[0, 2], alpha_list=[0.0], v_ref=d.v_ref,
                           hparams={"lore": {"iters": 30}, "random_basis": {"scale": 2.0}},
                           out_dir=str(tmp_path), **d.sets)
@@ -55,11 +59,11 @@ def test_sweep_runs_a_registered_method(registered, data, tmp_path):
                                              "lore_K2_alpha0.report.json", "lore_K2_alpha0.safetensors",
                                              "random_basis_K2.fit.json", "random_basis_K2.report.json",
                                              "random_basis_K2.safetensors"]
-    method, tensors = utils.load_method(str(tmp_path / "random_basis_K2.safetensors"))
+    method, tensors = load_method(str(tmp_path / "random_basis_K2.safetensors"))
     assert isinstance(method, RandomBasis) and method.hparams["scale"] == 2.0
     assert torch.allclose(method.V.norm(dim=0), torch.full((2,), 2.0))
     # the record's accuracy is the loaded method's, recomputed from its checkpoint
-    acc = utils.accuracy(method, d.sets["unseen_test"], tensors["W_unseen"])
+    acc = accuracy(method, d.sets["unseen_test"], tensors["W_unseen"])
     assert records[2]["unseen_test"] == pytest.approx(acc.mean())
     shots = utils.sweep_shots(methods=["random_basis"], K_list=[2], shots=[1, 5], trials=2, v_ref=d.v_ref,
                               seen_train=d.sets["seen_train"], unseen_fewshot=d.sets["unseen_fewshot"],
@@ -73,14 +77,14 @@ def test_both_scripts_run_a_registered_method(registered, data, tmp_path):
     out = str(tmp_path / "tb")
     train_basis.main(train_basis.parse_args(["--data", data, "--out", out, "--method", "lore,random_basis",
                                              "--k-list", "0,3", "--iters", "20", "--random-basis-scale", "3"]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"]) for r in records] == [("lore", 0), ("lore", 3), ("random_basis", 3)]
     assert json.load(open(os.path.join(out, "config.json")))["random_basis__scale"] == 3.0
     assert "random_basis_K3.safetensors" in os.listdir(out) and "accuracy_vs_rank.png" in os.listdir(out)
     out = str(tmp_path / "vf")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--method", "random_basis,lore",
                                                "--k-list", "2", "--iters", "20", "--shots", "1,3", "--trials", "2"]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["shots"]) for r in records] == [("random_basis", 1), ("random_basis", 3),
                                                             ("lore", 1), ("lore", 3)]
     assert "accuracy_vs_shots.png" in os.listdir(out)

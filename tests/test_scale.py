@@ -16,7 +16,12 @@ from conftest import REPO, load_script
 sys.path.insert(0, REPO)
 import lore.methods  # noqa: E402
 import utils  # noqa: E402
-from utils import InputError  # noqa: E402
+
+from lore.checks import InputError  # noqa: E402
+from lore.distributed import shard_users  # noqa: E402
+from lore.methods import accuracy, get_method, pair_margins, per_user_accuracy  # noqa: E402
+from lore.pairs import pack, Pairs  # noqa: E402
+from lore.steps import training_rows, user_scores  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -28,7 +33,7 @@ def shared_table_pairs(n_users=30, per_user=7, rows=16, n_features=10, seed=0):
     chosen = torch.randint(0, rows, (n_users * per_user,), generator=g)
     rejected = (chosen + torch.randint(1, rows, chosen.shape, generator=g)) % rows  # never the chosen row
     user = torch.arange(n_users).repeat_interleave(per_user)
-    return utils.pack(utils.Pairs(user, n_users, table=table, chosen=chosen, rejected=rejected))
+    return pack(Pairs(user, n_users, table=table, chosen=chosen, rejected=rejected))
 
 
 def fit(model_cls, form, pairs, *args, V=None):
@@ -44,7 +49,7 @@ def test_table_form_fit_equals_pair_form(cls, alpha):
     args = (v_ref, alpha, pairs.n_users, 10, 3, 60, 0.1, CPU)
     W_t, V_t = fit(cls, "table", pairs, *args)
     W_p, V_p = fit(cls, "pairs", pairs, *args)
-    W_x, V_x = fit(cls, None, utils.pack(pairs.split()), *args)   # the seed's list format: difference rows
+    W_x, V_x = fit(cls, None, pack(pairs.split()), *args)   # the seed's list format: difference rows
     assert W_t.shape == (30, 3) and V_t.shape == (10, 3)
     for W, V in ((W_p, V_p), (W_x, V_x)):
         torch.testing.assert_close(W_t, W, rtol=1e-5, atol=1e-5)
@@ -54,27 +59,27 @@ def test_table_form_fit_equals_pair_form(cls, alpha):
 
 def test_table_form_gradient():
     pairs = shared_table_pairs(n_users=5, per_user=4, rows=6, n_features=7)
-    rows = utils.training_rows(pairs.to(CPU), "table")
+    rows = training_rows(pairs.to(CPU), "table")
     rows.X = rows.X.double()
     g = torch.Generator().manual_seed(1)
     V = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
     assert rows.X.shape[0] <= 6 and rows.chosen is not None
-    assert torch.autograd.gradcheck(lambda V, W: utils.user_scores(rows, V, W, pairs.user), (V, W))
+    assert torch.autograd.gradcheck(lambda V, W: user_scores(rows, V, W, pairs.user), (V, W))
 
 
 def test_form_is_chosen_by_shapes():
     shared = shared_table_pairs()                       # 210 pairs on 16 rows: the table form
-    assert utils.training_rows(shared).chosen is not None
+    assert training_rows(shared).chosen is not None
     table = torch.randn(500, 4)                         # 3 pairs on 6 of 500 rows: the pair rows
-    few = utils.pack(utils.Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([1, 2, 3]),
+    few = pack(Pairs(torch.tensor([0, 0, 1]), 2, table=table, chosen=torch.tensor([1, 2, 3]),
                                  rejected=torch.tensor([4, 5, 6])))
-    rows = utils.training_rows(few)
+    rows = training_rows(few)
     assert rows.chosen is None and torch.equal(rows.X, table[[1, 2, 3]] - table[[4, 5, 6]])
     with pytest.raises(InputError, match="table-form Pairs"):
-        utils.training_rows(utils.pack(few.split()), "table")
+        training_rows(pack(few.split()), "table")
     with pytest.raises(InputError, match="form must be"):
-        utils.training_rows(few, "dense")
+        training_rows(few, "dense")
 
 
 def test_fewshot_fit_table_form_equals_pair_form():
@@ -82,10 +87,10 @@ def test_fewshot_fit_table_form_equals_pair_form():
     W = {form: fit(utils.PersonalizeBatch, form, pairs, 30, 10, 4, 80, 0.1, CPU, V=V) for form in ("table", "pairs")}
     torch.testing.assert_close(torch.stack(W["table"]), torch.stack(W["pairs"]), rtol=1e-5, atol=1e-5)
     # a method's few-shot fit on the table form (projected used rows) equals the one on difference rows
-    method = utils.get_method("lore")(4, 0.0, None, CPU, fewshot_iters=80)
+    method = get_method("lore")(4, 0.0, None, CPU, fewshot_iters=80)
     method.V = V
     U = {}
-    for name, p in (("table", pairs), ("rows", utils.pack(pairs.split()))):
+    for name, p in (("table", pairs), ("rows", pack(pairs.split()))):
         torch.manual_seed(0)
         U[name] = method.fit_users(p)
     # the rows are x = phi(chosen) - phi(rejected): the table form must fit on both sides, not one
@@ -97,18 +102,18 @@ def test_evaluation_streams_in_chunks(monkeypatch):
     W = torch.softmax(torch.randn(30, 3), -1)
     margins = (pairs.rows() @ V * W[pairs.user]).sum(-1)                           # [P], the loop-free reference
     ref = np.array([(margins[pairs.user == i] > 0).double().mean().item() for i in range(30)])
-    method = utils.get_method("lore")(3, 0.0, None, CPU)
+    method = get_method("lore")(3, 0.0, None, CPU)
     method.V = V
     monkeypatch.setattr(lore.methods, "CHUNK", 17)    # 210 pairs in 13 chunks, users split across chunks
-    np.testing.assert_allclose(utils.accuracy(method, pairs, W), ref)
-    np.testing.assert_allclose(utils.per_user_accuracy(pairs, V, W), ref)
-    np.testing.assert_allclose(utils.per_user_accuracy(utils.pack(pairs.split()), V, W), ref)
-    torch.testing.assert_close(utils.pair_margins(method, pairs, W), margins)
+    np.testing.assert_allclose(accuracy(method, pairs, W), ref)
+    np.testing.assert_allclose(per_user_accuracy(pairs, V, W), ref)
+    np.testing.assert_allclose(per_user_accuracy(pack(pairs.split()), V, W), ref)
+    torch.testing.assert_close(pair_margins(method, pairs, W), margins)
 
 
 def test_shard_users_splits_users_into_blocks():
     pairs = shared_table_pairs(n_users=7, per_user=3)
-    shards = [utils.shard_users(pairs, r, 3) for r in range(3)]
+    shards = [shard_users(pairs, r, 3) for r in range(3)]
     assert [sorted(set(s.user.tolist())) for s in shards] == [[0, 1], [2, 3], [4, 5, 6]]
     assert all(s.shard and s.n_users == 7 for s in shards)
     assert torch.equal(torch.cat([s.chosen for s in shards]), pairs.chosen)
@@ -184,7 +189,7 @@ def test_seen_test_sample_is_drawn_and_stated(data):
 def test_simulated_pairs_of_drawn_prompts_equal_the_dense_choices():
     np.random.seed(0)
     rewards, W = np.random.randn(30, 8, 10), np.random.dirichlet(np.ones(10), 9)
-    best, worst = utils._simulate_choices(rewards, W)                              # [N, S] every prompt
+    best, worst = utils.simulate_choices(rewards, W)                              # [N, S] every prompt
     np.random.seed(1)
     sim = utils.simulate_pairs(rewards, W, 0.5, per_user=4)
     assert len(sim["user"]) == 9 * 4

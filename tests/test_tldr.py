@@ -18,6 +18,11 @@ from conftest import REPO, load_script
 
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.data import DATA_FILES, load_data, write_data_folder  # noqa: E402
+from lore.extract import embed_conversations, read_reward_head  # noqa: E402
+from lore.io import load_tensors, read_json, read_table, save_tensors  # noqa: E402
+from lore.pairs import SETS  # noqa: E402
 
 FOLDER = os.path.join(REPO, "RedditTLDR")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "tldr_prepare")
@@ -32,7 +37,7 @@ COMMON = ["w2", "w3", "w4", "w5", "w7"]
 BY_COUNT = sorted(COMMON, key=TRAIN.get)          # the order of the draws (and of the users)
 DRAWS = ["--max-train-pairs", "4"]                # seen workers draw 4; unseen workers a pool of all (<= 100)
 FAST = ["--k-list", "0,1,2", "--iters", "20", "--fewshot-iters", "20", "--device", "cpu", "--fewshot-pairs", "3"]
-RECORD_KEYS = {"method", "K", "alpha", *utils.SETS, *(f"{s}_std" for s in utils.SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
 
 
 def hub_rows(counts, split, n_posts, first_post):
@@ -89,11 +94,11 @@ def exit_code_and_message(capsys, main, args):
 
 
 def table_of(folder):
-    return utils.load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
+    return load_tensors(os.path.join(folder, "embeddings.safetensors"), ["embeddings"])["embeddings"]
 
 
 def v_ref_of(folder):
-    return utils.load_tensors(os.path.join(folder, "v_ref.safetensors"), ["v_ref"])["v_ref"]
+    return load_tensors(os.path.join(folder, "v_ref.safetensors"), ["v_ref"])["v_ref"]
 
 
 def expected_split(split_seed=0, max_train=4, max_fewshot=100):
@@ -124,13 +129,13 @@ def test_prepare_files(hub, data, tiny_model_dir, tmp_path):
     train, validation, _ = hub
     table = table_of(data)
     v_ref = v_ref_of(data)
-    assert torch.equal(v_ref, utils.read_reward_head(str(tiny_model_dir)))
+    assert torch.equal(v_ref, read_reward_head(str(tiny_model_dir)))
     source = {"train": train, "validation": validation}
     kept = [r for r in train + validation if r["info"]["post"] is not None]
     distinct = {(r["info"]["post"], s["text"]) for r in kept for s in r["summaries"]}
     assert table.shape == (len(distinct), v_ref.shape[0]) and len(kept) == len(train) + len(validation) - 1
     # conversations.parquet: row i of the table is [user: post, assistant: summary]
-    conversations = utils.read_table(os.path.join(data, "conversations.parquet"))
+    conversations = read_table(os.path.join(data, "conversations.parquet"))
     assert list(conversations.columns) == ["row", "messages", "post_id"]
     assert conversations["row"].tolist() == list(range(len(table)))
     messages = [json.loads(m) for m in conversations["messages"]]
@@ -139,7 +144,7 @@ def test_prepare_files(hub, data, tiny_model_dir, tmp_path):
     summary = pd.Series([m[1]["content"] for m in messages])
     post = pd.Series([m[0]["content"] for m in messages])
     # pairs.parquet: every pair is its source comparison, by (split, row)
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     assert list(pairs.columns) == ["set", "user", "chosen", "rejected", "draw", "split", "row", "post_id"]
     rows = [source[s][i] for s, i in zip(pairs["split"], pairs["row"])]
     assert pairs["user"].tolist() == [r["worker"] for r in rows]
@@ -155,24 +160,24 @@ def test_prepare_files(hub, data, tiny_model_dir, tmp_path):
     assert pairs.groupby("chosen")["user"].nunique().max() > 1
     assert conversations.groupby(summary)["post_id"].nunique().max() > 1
     i = int(pairs["chosen"].iloc[-1])
-    alone = utils.embed_conversations([messages[i]], str(tmp_path / "one.safetensors"), str(tiny_model_dir),
+    alone = embed_conversations([messages[i]], str(tmp_path / "one.safetensors"), str(tiny_model_dir),
                                       device="cpu")
     assert torch.allclose(table[i].float(), alone[0].float(), atol=1e-2, rtol=1e-2)
     assert not torch.allclose(table[i - 1].float(), alone[0].float(), atol=1e-2, rtol=1e-2)
 
 
 def test_layout_split_and_draws(data):
-    info = utils.read_json(os.path.join(data, "data.json"))
+    info = read_json(os.path.join(data, "data.json"))
     assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config", "dropped"}
-    assert info["dataset"] == "RedditTLDR" and sorted(info["files"]) == sorted(utils.DATA_FILES)
+    assert info["dataset"] == "RedditTLDR" and sorted(info["files"]) == sorted(DATA_FILES)
     assert info["dropped"] == {"w0": 1, "w1": 2}
     config = info["config"]
     assert (config["split_seed"], config["drop_smallest"], config["max_train_pairs"], config["max_fewshot_pairs"]) \
         == (0, 2, 4, 100)
     seen, unseen, draws = expected_split()
     assert info["users"] == {"seen": seen, "unseen": unseen}
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
-    assert sorted(pairs["set"].unique()) == sorted(utils.SETS)
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
+    assert sorted(pairs["set"].unique()) == sorted(SETS)
     assert info["pairs"] == pairs.groupby("set").size().to_dict()
     # the draws: the workers by ascending train count, each with its drawn comparisons in draw order
     for name, group in (("seen_train", seen), ("unseen_fewshot", unseen)):
@@ -192,12 +197,12 @@ def test_layout_split_and_draws(data):
 
 
 def test_load_data(data):
-    loaded = utils.load_data(data, "cpu")
-    info = utils.read_json(os.path.join(data, "data.json"))
+    loaded = load_data(data, "cpu")
+    info = read_json(os.path.join(data, "data.json"))
     assert loaded.users == info["users"] and loaded.info == info
     assert torch.equal(loaded.table, table_of(data)) and torch.equal(loaded.v_ref, v_ref_of(data))
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
-    assert list(loaded.sets) == list(utils.SETS)
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
+    assert list(loaded.sets) == list(SETS)
     for name, p in loaded.sets.items():
         users = info["users"]["unseen" if name.startswith("unseen") else "seen"]
         assert p.n_users == len(users) and p.group is None
@@ -211,8 +216,8 @@ def test_load_data(data):
 def test_fewshot_pairs_are_the_first_draws(data, tmp_path, monkeypatch):
     """train_basis --fewshot-pairs n fits each unseen worker on exactly its first n drawn comparisons
     (all of them when its pool is smaller)."""
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
-    unseen = utils.read_json(os.path.join(data, "data.json"))["users"]["unseen"]
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
+    unseen = read_json(os.path.join(data, "data.json"))["users"]["unseen"]
     seen_sets = []
     sweep = utils.sweep
     monkeypatch.setattr(utils, "sweep", lambda **kw: seen_sets.append(kw) or sweep(**kw))
@@ -242,7 +247,7 @@ def test_prepare_log_counts_the_skipped_rows_and_reruns_give_the_same_files(hub,
     assert os.path.getmtime(os.path.join(data, "embeddings.safetensors")) == embedded
     for name, content in before.items():
         assert open(os.path.join(data, name), "rb").read() == content, name
-    utils.load_data(data, "cpu")
+    load_data(data, "cpu")
 
 
 def test_split_rule():
@@ -266,7 +271,7 @@ def test_split_rule():
     other = prepare.split_workers(counts, validation, 2, random.Random(1))
     assert sorted(other[0] + other[1]) == common and other[0] != seen
     assert prepare.split_workers(counts, validation, 0, random.Random(0))[2] == []
-    with pytest.raises(utils.InputError, match="1 workers left in both splits after dropping the 9"):
+    with pytest.raises(InputError, match="1 workers left in both splits after dropping the 9"):
         prepare.split_workers(counts, validation, 9, random.Random(0))
 
 
@@ -288,15 +293,15 @@ def test_train_basis_from_another_directory(data, tmp_path):
         ["config.json", "results.json", "results.csv", "accuracy_vs_rank.png", "basis_reports.csv", "basis_health.png",
          "loss_curves.png", *(f"lore_K{K}_alpha0{ext}" for K in (0, 1, 2)
                               for ext in (".safetensors", ".report.json", ".fit.json"))])
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["alpha"], r["K"]) for r in records] == [("lore", 0.0, 0), ("lore", 0.0, 1), ("lore", 0.0, 2)]
     assert set(records[0]) == RECORD_KEYS
     assert len(pd.read_csv(os.path.join(out, "results.csv"))) == 3
-    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "RedditTLDR/train_basis.py"
+    assert read_json(os.path.join(out, "config.json"))["script"] == "RedditTLDR/train_basis.py"
 
     # K = 0 is the reward model's head: its four accuracies by hand, from the prepared split
     seen, unseen, _ = expected_split()
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     table, v_ref = table_of(data), v_ref_of(data)
     for name, workers in (("seen_train", seen), ("seen_test", seen), ("unseen_fewshot", unseen),
                           ("unseen_test", unseen)):
@@ -305,7 +310,7 @@ def test_train_basis_from_another_directory(data, tmp_path):
             rows = rows[rows["draw"] < 3]
         mean, std = reference_accuracy(table, v_ref, rows, workers)
         assert records[0][name] == pytest.approx(mean) and records[0][f"{name}_std"] == pytest.approx(std)
-    basis = utils.load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"), ["V", "W", "W_unseen"])
+    basis = load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"), ["V", "W", "W_unseen"])
     assert basis["V"].shape == (table.shape[1], 2) and basis["W"].shape == (2, 2) and basis["W_unseen"].shape == (3, 2)
     defaults = train_basis.parse_args([])
     assert defaults.out == os.path.join(FOLDER, "results", "train_basis") and defaults.fewshot_pairs == 50
@@ -319,8 +324,8 @@ def test_train_basis_is_deterministic_and_the_split_seed_alone_moves_the_split(h
     def run(name, *flags):
         out = str(tmp_path / name)
         train_basis.main(train_basis.parse_args(["--data", data, "--out", out, *FAST, "--k-list", "2", *flags]))
-        return (utils.read_json(os.path.join(out, "results.json")),
-                utils.load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"))["V"])
+        return (read_json(os.path.join(out, "results.json")),
+                load_tensors(os.path.join(out, "lore_K2_alpha0.safetensors"))["V"])
     a, b, c = run("a"), run("b"), run("c", "--seed", "5")
     assert a[0] == b[0] and torch.equal(a[1], b[1])
     assert not torch.equal(c[1], a[1])                   # --seed: the same data, another initialization
@@ -329,7 +334,7 @@ def test_train_basis_is_deterministic_and_the_split_seed_alone_moves_the_split(h
     os.makedirs(tmp_path / ".other.cache")   # the extraction cache of --out other: the same embeddings, reused
     shutil.copyfile(os.path.join(data, "embeddings.safetensors"), tmp_path / ".other.cache" / "embeddings.safetensors")
     run_prepare(hub, tiny_model_dir, other, "--split-seed", "3")
-    users = lambda folder: utils.read_json(os.path.join(folder, "data.json"))["users"]
+    users = lambda folder: read_json(os.path.join(folder, "data.json"))["users"]
     seen, unseen, _ = expected_split(3)
     assert users(other) == {"seen": seen, "unseen": unseen} and users(other)["seen"] != users(data)["seen"]
     assert torch.equal(table_of(other), table_of(data))
@@ -342,14 +347,14 @@ def test_vary_fewshot(data, tmp_path):
                                                "--device", "cpu", "--select", "random,active"]))
     assert sorted(os.listdir(out)) == [".lore-run.json", "accuracy_vs_shots.png", "config.json", "results.csv",
                                        "results.json"]
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["K"], r["select"], r["shots"]) for r in records] == [
         (K, how, s) for K in (0, 2) for how in ("random", "active") for s in (1, 2, 5)]
     records = [r for r in records if r["select"] == "random"]
-    assert utils.read_json(os.path.join(out, "config.json"))["script"] == "RedditTLDR/vary_fewshot.py"
+    assert read_json(os.path.join(out, "config.json"))["script"] == "RedditTLDR/vary_fewshot.py"
     # K = 0 does not adapt: held-out accuracy is the head's, the same in every trial
     _, unseen, _ = expected_split()
-    pairs = utils.read_table(os.path.join(data, "pairs.parquet"))
+    pairs = read_table(os.path.join(data, "pairs.parquet"))
     mean, _ = reference_accuracy(table_of(data), v_ref_of(data), pairs[pairs["set"] == "unseen_test"], unseen)
     for r in records[:3]:
         assert r["unseen_test"] == pytest.approx(mean) and r["unseen_test_std"] == 0
@@ -404,14 +409,14 @@ def test_bad_splits_exit_with_2(hub, data, tiny_model_dir, tmp_path, capsys):
     assert e.value.code == 2 and "distinct shots >= 1" in capsys.readouterr().err
     # held-out is required: a listed worker without validation comparisons is named
     folder = str(tmp_path / "no_held_out")
-    utils.save_tensors(os.path.join(folder, "embeddings.safetensors"), {"embeddings": torch.randn(6, 4)})
-    utils.write_data_folder(
+    save_tensors(os.path.join(folder, "embeddings.safetensors"), {"embeddings": torch.randn(6, 4)})
+    write_data_folder(
         folder, dataset="RedditTLDR", users={"seen": ["a", "b"], "unseen": ["c"]}, v_ref=torch.randn(4, 1), config={},
         pairs=pd.DataFrame({"set": ["seen_train", "seen_train", "seen_test", "unseen_fewshot", "unseen_test"],
                             "user": ["a", "b", "a", "c", "c"], "chosen": [0, 2, 4, 0, 2], "rejected": [1, 3, 5, 1, 3]}),
         conversations=pd.DataFrame({"row": range(6), "messages": ["[]"] * 6}))
-    with pytest.raises(utils.InputError, match="seen_test: user 'b' has no pairs"):
-        utils.load_data(folder, "cpu")
+    with pytest.raises(InputError, match="seen_test: user 'b' has no pairs"):
+        load_data(folder, "cpu")
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(
         ["--data", folder, "--out", str(tmp_path / "t"), *FAST]))
     assert code == 2 and "seen_test: user 'b' has no pairs" in err
@@ -439,14 +444,14 @@ def test_every_method_runs_on_the_workers(data, tmp_path):
     out = str(tmp_path / "tb")
     train_basis.main(train_basis.parse_args(["--data", data, "--out", out, *FAST, "--method", "lore,pal,vpl",
                                              *BASELINES]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"]) for r in records] == [("lore", 0), ("lore", 1), ("lore", 2), ("pal", 1),
                                                         ("pal", 2), ("vpl", 1), ("vpl", 2)]
-    assert all(0 <= r[s] <= 1 for r in records for s in utils.SETS)
+    assert all(0 <= r[s] <= 1 for r in records for s in SETS)
     out = str(tmp_path / "vf")
     vary_fewshot.main(vary_fewshot.parse_args(["--data", data, "--out", out, "--k-list", "2", "--iters", "20",
                                                "--fewshot-iters", "20", "--shots", "1,2", "--trials", "1",
                                                "--method", "lore,pal,vpl", *BASELINES]))
-    records = utils.read_json(os.path.join(out, "results.json"))
+    records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]
     assert "accuracy_vs_shots.png" in os.listdir(out)

@@ -33,12 +33,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import utils  # noqa: E402
 from lore import cli, compare, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
+from lore.io import read_json, write_json  # noqa: E402
+from lore.recipes import load_recipe, recipe_path  # noqa: E402
 
 SCRIPT = "tools/compare.py"
-RECIPE_FEWSHOT = {"PersonalLLM": 9, "RedditTLDR": 50, "PRISM": None}   # each train_basis.py's --fewshot-pairs
 
 
 def parse_args(argv=None):
@@ -65,15 +65,22 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
-        info = utils.read_json(os.path.join(args.data, "data.json")) if os.path.isfile(os.path.join(args.data, "data.json")) else {}
-        fewshot = args.fewshot_pairs if args.fewshot_pairs is not None else RECIPE_FEWSHOT.get(info.get("dataset"))
+        info = read_json(os.path.join(args.data, "data.json")) if os.path.isfile(os.path.join(args.data, "data.json")) else {}
+        fewshot = args.fewshot_pairs if args.fewshot_pairs is not None else recipe_fewshot_pairs(info.get("dataset"))
         data = load_data(args.data, device, fewshot_pairs=fewshot)
         result = compare.compare(data.sets, data.v_ref, args.method, args.budget, args.seeds, args.seed, device,
                                  args.validation)
         result["data"] = {"folder": os.path.abspath(args.data), "dataset": data.info["dataset"], "fewshot_pairs": fewshot}
-        utils.write_json(os.path.join(out, "comparison.json"), result)
+        write_json(os.path.join(out, "comparison.json"), result)
         results.save_comparison(result, out, f"{data.info['dataset']}: budget {args.budget}, {args.seeds} seeds")
     return result
+
+
+def recipe_fewshot_pairs(dataset):
+    """The dataset's train_basis recipe's few-shot pairs (None: whole pools, or a dataset without a recipe)."""
+    if not isinstance(dataset, str) or not os.path.isfile(recipe_path(dataset)):
+        return None
+    return load_recipe(dataset)["train_basis"]["fewshot_pairs"]
 
 
 if __name__ == "__main__":

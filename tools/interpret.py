@@ -24,21 +24,27 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import utils  # noqa: E402
+from lore.basis import format_interpretation, interpret_basis, TEXT_CHARS  # noqa: E402
+from lore.checks import InputError  # noqa: E402
+from lore.cli import ArgumentParser, command_line, positive_int, run_folder, seed_int, start_run  # noqa: E402
+from lore.data import load_data  # noqa: E402
+from lore.io import read_table, write_table  # noqa: E402
+from lore.methods import load_method, method_basis  # noqa: E402
+from lore.pairs import SETS  # noqa: E402
 
 SCRIPT = "tools/interpret.py"
 
 
 def parse_args(argv=None):
-    p = utils.ArgumentParser(__doc__)
+    p = ArgumentParser(__doc__)
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="{method}_K{K}[_alpha{a}].safetensors")
     p.add_argument("--data", required=True, help="the data folder the checkpoint was fitted on")
-    p.add_argument("--top", type=utils.positive_int, default=5, help="conversations and pairs per column and kind")
-    p.add_argument("--set", choices=utils.SETS, default=None, help="disagreements among this set's pairs only")
-    p.add_argument("--chars", type=utils.positive_int, default=utils.TEXT_CHARS, help="characters kept per message")
+    p.add_argument("--top", type=positive_int, default=5, help="conversations and pairs per column and kind")
+    p.add_argument("--set", choices=SETS, default=None, help="disagreements among this set's pairs only")
+    p.add_argument("--chars", type=positive_int, default=TEXT_CHARS, help="characters kept per message")
     p.add_argument("--out", default=None, help="output folder (default: interpret/<name>/ beside the checkpoint's folder)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda if available)")
-    p.add_argument("--seed", type=utils.seed_int, default=0, help="(nothing is random; kept for the contract)")
+    p.add_argument("--seed", type=seed_int, default=0, help="(nothing is random; kept for the contract)")
     p.add_argument("--allow-other-data", action="store_true",
                    help="use a checkpoint fitted on another data folder than --data (with a warning)")
     args = p.parse_args(argv)
@@ -49,25 +55,25 @@ def parse_args(argv=None):
     return args
 
 
-@utils.command_line
+@command_line
 def main(args):
-    device = utils.start_run(args)
+    device = start_run(args)
     # locked and checked before any work; neither the data nor the checkpoint may be inside --out
-    with utils.run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
-        data = utils.load_data(args.data, device)   # checks that the folder's files belong together
-        method, _ = utils.load_method(args.checkpoint, device, data, args.allow_other_data)
-        V = utils.method_basis(method)                                             # [F, K]
+    with run_folder(args, SCRIPT, inputs=[args.data, args.checkpoint], device=str(device)) as out:
+        data = load_data(args.data, device)   # checks that the folder's files belong together
+        method, _ = load_method(args.checkpoint, device, data, args.allow_other_data)
+        V = method_basis(method)                                             # [F, K]
         if V.shape[0] != data.table.shape[1]:
-            raise utils.InputError(f"{args.checkpoint}: V has F={V.shape[0]}, the embeddings of {args.data} "
+            raise InputError(f"{args.checkpoint}: V has F={V.shape[0]}, the embeddings of {args.data} "
                                    f"F={data.table.shape[1]}: another data folder?")
-        conversations = utils.read_table(os.path.join(args.data, "conversations.parquet"), ["row", "messages"])
-        pairs = utils.read_table(os.path.join(args.data, "pairs.parquet"), ["set", "chosen", "rejected"])
+        conversations = read_table(os.path.join(args.data, "conversations.parquet"), ["row", "messages"])
+        pairs = read_table(os.path.join(args.data, "pairs.parquet"), ["set", "chosen", "rejected"])
         if args.set:
             pairs = pairs[pairs["set"] == args.set]
-        records = utils.interpret_basis(V, data.table, conversations, data.v_ref, pairs, args.top, args.chars)
-        text = f"{args.checkpoint}: {method}, V [{V.shape[0]} x {V.shape[1]}]\n" + utils.format_interpretation(records)
+        records = interpret_basis(V, data.table, conversations, data.v_ref, pairs, args.top, args.chars)
+        text = f"{args.checkpoint}: {method}, V [{V.shape[0]} x {V.shape[1]}]\n" + format_interpretation(records)
         print(text)
-        utils.write_table(os.path.join(out, "interpretation.csv"), records)
+        write_table(os.path.join(out, "interpretation.csv"), records)
         with open(os.path.join(out, "interpretation.txt"), "w") as f:
             f.write(text + "\n")
     return records

@@ -1,8 +1,8 @@
-"""Faults of embedding extraction, the I/O helpers and the data-reading scripts. Each test first builds
+"""Files: the I/O helpers (safetensors, JSON, Parquet, the hub's splits), embedding extraction's cache
+and the data-reading scripts, and their faults. Each fault test first builds
 the fault itself (new weights at the same path, orphan or truncated shards, a held lock, a corrupt or
 foreign file, a bad flag), then checks the correct result, or exit code 2 with one line naming the
 culprit, and that files written before are unchanged."""
-import fcntl
 import json
 import os
 import random
@@ -15,10 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import utils
 from conftest import REPO, load_script, tiny_reward_model
+import lore.io  # noqa: E402  (monkeypatched)
 from lore import extract
 from benchmarks.bench_embed import tiny_chat_tokenizer
+from lore.checks import InputError, resolve_device
+from lore.distributed import is_main_process
+from lore.io import load_splits, load_tensors, read_json, read_metadata, read_table, save_tensors, write_table
 
 FOLDER = os.path.join(REPO, "PRISM")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "faults_prism_prepare")
@@ -90,10 +93,10 @@ def truncate(path, keep=64):
 def test_new_weights_at_the_same_path_are_recomputed(tiny_model_dir, tmp_path):
     model_dir, texts = copy_model(tiny_model_dir, tmp_path), conversations()
     out = tmp_path / "emb.safetensors"
-    old = utils.embed_conversations(texts, out, model_dir, **SETTINGS)
+    old = extract.embed_conversations(texts, out, model_dir, **SETTINGS)
     save_new_weights(model_dir, seed=1)
-    new = utils.embed_conversations(texts, out, model_dir, **SETTINGS)
-    fresh = utils.embed_conversations(texts, tmp_path / "fresh.safetensors", copy_model(model_dir, tmp_path, "m2"),
+    new = extract.embed_conversations(texts, out, model_dir, **SETTINGS)
+    fresh = extract.embed_conversations(texts, tmp_path / "fresh.safetensors", copy_model(model_dir, tmp_path, "m2"),
                                       **SETTINGS)
     assert not torch.allclose(old, new)
     torch.testing.assert_close(new, fresh, atol=0, rtol=0)
@@ -105,12 +108,12 @@ def test_resume_after_new_weights_does_not_mix_models(tiny_model_dir, tmp_path, 
     out = tmp_path / "emb.safetensors"
     save = interrupted(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
-        utils.embed_conversations(texts, out, model_dir, **SETTINGS)
+        extract.embed_conversations(texts, out, model_dir, **SETTINGS)
     assert len([f for f in os.listdir(f"{out}.parts") if f.startswith("shard_")]) == 2
     monkeypatch.setattr(extract, "save_tensors", save)
     save_new_weights(model_dir, seed=1)
-    resumed = utils.embed_conversations(texts, out, model_dir, **SETTINGS)
-    fresh = utils.embed_conversations(texts, tmp_path / "fresh.safetensors", model_dir, **SETTINGS)
+    resumed = extract.embed_conversations(texts, out, model_dir, **SETTINGS)
+    fresh = extract.embed_conversations(texts, tmp_path / "fresh.safetensors", model_dir, **SETTINGS)
     assert torch.equal(resumed, fresh)
 
 
@@ -126,44 +129,44 @@ def test_orphan_shards_without_manifest_are_not_mixed_in(tiny_model_dir, tmp_pat
     texts, out = conversations(40), tmp_path / "emb.safetensors"
     save = interrupted(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
-        utils.embed_conversations(texts, out, model_a, **SETTINGS)
+        extract.embed_conversations(texts, out, model_a, **SETTINGS)
     os.remove(f"{out}.parts/manifest.json")
     monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
-    mixed = utils.embed_conversations(texts, out, model_b, **SETTINGS)
+    mixed = extract.embed_conversations(texts, out, model_b, **SETTINGS)
     assert "without a valid manifest" in capsys.readouterr().out
-    assert torch.equal(mixed, utils.embed_conversations(texts, tmp_path / "fresh.safetensors", model_b, **SETTINGS))
+    assert torch.equal(mixed, extract.embed_conversations(texts, tmp_path / "fresh.safetensors", model_b, **SETTINGS))
 
 
 def test_shards_of_other_settings_are_cleared_and_restarted(tiny_model_dir, tmp_path, monkeypatch, capsys):
     texts, out = conversations(40), tmp_path / "emb.safetensors"
     save = interrupted(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
-        utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+        extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
     other = {**SETTINGS, "batch_tokens": 300}
-    result = utils.embed_conversations(texts, out, tiny_model_dir, **other)
+    result = extract.embed_conversations(texts, out, tiny_model_dir, **other)
     assert "shards of another run" in capsys.readouterr().out
     fresh = tmp_path / "fresh.safetensors"
-    assert torch.equal(result, utils.embed_conversations(texts, fresh, tiny_model_dir, **other))
+    assert torch.equal(result, extract.embed_conversations(texts, fresh, tiny_model_dir, **other))
     assert out.read_bytes() == fresh.read_bytes()
 
 
 def test_truncated_shard_is_recomputed(tiny_model_dir, tmp_path, monkeypatch, capsys):
     texts, out = conversations(40), tmp_path / "emb.safetensors"
     full = tmp_path / "full.safetensors"
-    utils.embed_conversations(texts, full, tiny_model_dir, **SETTINGS)
+    extract.embed_conversations(texts, full, tiny_model_dir, **SETTINGS)
     save = interrupted(monkeypatch, after=2)
     with pytest.raises(KeyboardInterrupt):
-        utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+        extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     shard = f"{out}.parts/shard_000001.safetensors"
     truncate(shard)                                            # a full disk, a copy cut short
-    with pytest.raises(utils.InputError, match="shard_000001"):
-        utils.load_tensors(shard)
+    with pytest.raises(InputError, match="shard_000001"):
+        load_tensors(shard)
     monkeypatch.setattr(extract, "save_tensors", save)
     capsys.readouterr()
-    utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+    extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     assert "shard_000001.safetensors: not a readable safetensors file" in capsys.readouterr().out
     assert out.read_bytes() == full.read_bytes()
 
@@ -182,13 +185,13 @@ def test_a_second_extraction_into_the_same_path_fails_at_once(tiny_model_dir, tm
     other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, f"{out}.lock"], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline() == "locked\n"           # another extraction is running into out
-        with pytest.raises(utils.InputError, match=f"{out}: another run is using it"):
-            utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+        with pytest.raises(InputError, match=f"{out}: another run is using it"):
+            extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
         assert not os.path.exists(f"{out}.parts") and not out.exists()
     finally:
         other.kill()                                           # kill -9: the OS releases its lock
         other.wait()
-    result = utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+    result = extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     assert torch.equal(result, load_file(out)["embeddings"])
     assert sorted(os.listdir(tmp_path)) == ["emb.safetensors"]  # the lock file is gone too
 
@@ -196,6 +199,7 @@ def test_a_second_extraction_into_the_same_path_fails_at_once(tiny_model_dir, tm
 SLOW_SCRIPT = """
 import os, runpy, sys, time
 sys.path.insert(0, {repo!r})
+import lore.io  # noqa: E402  (monkeypatched)
 from lore import extract
 def stalled(path, tensors, metadata=None):  # stops before its first write, as long as the test wants
     print("writing", flush=True)
@@ -235,7 +239,7 @@ def test_two_script_runs_at_once_then_kill_9(tiny_model_dir, tmp_path):
     rerun = subprocess.run([sys.executable, *command, "--out", str(tmp_path / "second")],
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    fresh = utils.embed_conversations([[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": r}]
+    fresh = extract.embed_conversations([[{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": r}]
                                        for row in rows for r in row["chosen"] + row["rejected"]],
                                       tmp_path / "fresh.safetensors", tiny_model_dir, device="cpu",
                                       contents=eval_rb2.CONTENTS)
@@ -249,43 +253,43 @@ def test_two_script_runs_at_once_then_kill_9(tiny_model_dir, tmp_path):
 
 def test_corrupt_safetensors_parquet_and_json_name_the_file(tmp_path):
     good = tmp_path / "good.safetensors"
-    utils.save_tensors(good, {"x": torch.arange(100.0)}, {"k": "v"})
+    save_tensors(good, {"x": torch.arange(100.0)}, {"k": "v"})
     cut, garbage = tmp_path / "cut.safetensors", tmp_path / "garbage.safetensors"
     cut.write_bytes(good.read_bytes()[:-10])
     garbage.write_bytes(b"not safetensors at all")
     for bad in (cut, garbage):
-        with pytest.raises(utils.InputError, match=f"{bad}: not a readable safetensors file"):
-            utils.load_tensors(bad)
-        with pytest.raises(utils.InputError, match=f"{bad}: not a readable safetensors file"):
-            utils.read_metadata(bad)
-    assert utils.read_metadata(good) == {"k": "v"} and torch.equal(utils.load_tensors(good)["x"], torch.arange(100.0))
+        with pytest.raises(InputError, match=f"{bad}: not a readable safetensors file"):
+            load_tensors(bad)
+        with pytest.raises(InputError, match=f"{bad}: not a readable safetensors file"):
+            read_metadata(bad)
+    assert read_metadata(good) == {"k": "v"} and torch.equal(load_tensors(good)["x"], torch.arange(100.0))
 
     table = tmp_path / "t.parquet"
-    utils.write_table(str(table), [{"a": 1}, {"a": 2}])
+    write_table(str(table), [{"a": 1}, {"a": 2}])
     cut_table = tmp_path / "cut.parquet"
     cut_table.write_bytes(table.read_bytes()[:-20])
-    with pytest.raises(utils.InputError, match=f"{cut_table}: not a readable Parquet file"):
-        utils.read_table(str(cut_table))
+    with pytest.raises(InputError, match=f"{cut_table}: not a readable Parquet file"):
+        read_table(str(cut_table))
     empty = tmp_path / "empty.parquet"
     pd.DataFrame({"a": pd.Series([], dtype="int64")}).to_parquet(empty)
-    assert len(utils.read_table(str(empty), ["a"])) == 0          # zero rows is read: callers decide
+    assert len(read_table(str(empty), ["a"])) == 0          # zero rows is read: callers decide
 
     bad_json, latin = tmp_path / "bad.json", tmp_path / "latin.json"
     bad_json.write_text('{\n  "a": 1,\n  "b": oops\n}\n')
     latin.write_bytes('{\n"a": "caf\u00e9"\n}\n'.encode("latin-1"))
-    with pytest.raises(utils.InputError, match=f"{bad_json}:3: not valid JSON"):
-        utils.read_json(bad_json)
-    with pytest.raises(utils.InputError, match=f"{latin}:2: not UTF-8"):
-        utils.read_json(latin)
+    with pytest.raises(InputError, match=f"{bad_json}:3: not valid JSON"):
+        read_json(bad_json)
+    with pytest.raises(InputError, match=f"{latin}:2: not UTF-8"):
+        read_json(latin)
 
 
 def test_corrupt_final_cache_is_recomputed(tiny_model_dir, tmp_path, capsys):
     texts, out = conversations(), tmp_path / "emb.safetensors"
-    utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+    extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     good = out.read_bytes()
     out.write_bytes(good[:-100])                               # the header survives, the tensors do not
     capsys.readouterr()
-    result = utils.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
+    result = extract.embed_conversations(texts, out, tiny_model_dir, **SETTINGS)
     assert "not a readable safetensors file" in capsys.readouterr().out
     assert out.read_bytes() == good and torch.equal(result, load_file(out)["embeddings"])
 
@@ -293,27 +297,27 @@ def test_corrupt_final_cache_is_recomputed(tiny_model_dir, tmp_path, capsys):
 def test_reward_head_and_weights_faults(tiny_model_dir, tiny_sharded_model_dir, tmp_path):
     single = copy_model(tiny_model_dir, tmp_path, "single")
     truncate(single / "model.safetensors", keep=1000)
-    with pytest.raises(utils.InputError, match=f"{single / 'model.safetensors'}: not a readable safetensors"):
-        utils.read_reward_head(single)
-    with pytest.raises(utils.InputError, match=f"could not load reward model {single}:.*SafetensorError"):
-        utils.load_reward_model(single, device="cpu")
+    with pytest.raises(InputError, match=f"{single / 'model.safetensors'}: not a readable safetensors"):
+        extract.read_reward_head(single)
+    with pytest.raises(InputError, match=f"could not load reward model {single}:.*SafetensorError"):
+        extract.load_reward_model(single, device="cpu")
 
     sharded = copy_model(tiny_sharded_model_dir, tmp_path, "sharded")
     index = sharded / "model.safetensors.index.json"
     shard = json.loads(index.read_text())["weight_map"]["score.weight"]
     truncate(sharded / shard)
-    with pytest.raises(utils.InputError, match=f"{sharded / shard}: not a readable safetensors"):
-        utils.read_reward_head(sharded)
+    with pytest.raises(InputError, match=f"{sharded / shard}: not a readable safetensors"):
+        extract.read_reward_head(sharded)
     index.write_text(index.read_text()[:50])
-    with pytest.raises(utils.InputError, match=f"{index}:.*not valid JSON"):
-        utils.read_reward_head(sharded)
+    with pytest.raises(InputError, match=f"{index}:.*not valid JSON"):
+        extract.read_reward_head(sharded)
 
     nan = copy_model(tiny_model_dir, tmp_path, "nan")
     weights = load_file(nan / "model.safetensors")
     weights["score.weight"][0, 3] = float("nan")
     save_file(weights, nan / "model.safetensors", {"format": "pt"})
-    with pytest.raises(utils.InputError, match=f"score.weight of {nan} has 1 NaN or inf"):
-        utils.read_reward_head(nan)
+    with pytest.raises(InputError, match=f"score.weight of {nan} has 1 NaN or inf"):
+        extract.read_reward_head(nan)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,16 +338,16 @@ def test_load_splits_names_path_and_line(tmp_path):
     }
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(utils.InputError, match=message):
-            utils.load_splits("nobody/none", ["train"], {"train": str(tmp_path / name)})
+        with pytest.raises(InputError, match=message):
+            load_splits("nobody/none", ["train"], {"train": str(tmp_path / name)})
     # the good forms still load: a JSON list, JSON lines in a .json file, a zero-row Parquet file
     (tmp_path / "list.json").write_text(json.dumps(rows))
     (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name in ("list.json", "lines.json"):
-        data = utils.load_splits("nobody/none", ["train"], {"train": str(tmp_path / name)})["train"]
+        data = load_splits("nobody/none", ["train"], {"train": str(tmp_path / name)})["train"]
         assert data.to_list() == rows
     pd.DataFrame({"a": pd.Series([], dtype="int64")}).to_parquet(tmp_path / "zero.parquet")
-    assert len(utils.load_splits("nobody/none", ["train"], {"train": str(tmp_path / "zero.parquet")})["train"]) == 0
+    assert len(load_splits("nobody/none", ["train"], {"train": str(tmp_path / "zero.parquet")})["train"]) == 0
 
 
 def test_scripts_report_bad_data_files_in_one_line(tiny_model_dir, tmp_path, capsys):
@@ -369,18 +373,18 @@ def test_scripts_report_bad_data_files_in_one_line(tiny_model_dir, tmp_path, cap
 # ------------------------------------------------------------------------------------------------
 
 def test_resolve_device(monkeypatch):
-    assert utils.resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert utils.resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(utils.InputError, match="--device foo: not a device"):
-        utils.resolve_device("foo")
+    assert resolve_device(None) == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="--device foo: not a device"):
+        resolve_device("foo")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(utils.InputError, match="--device cuda: CUDA is not available on this machine"):
-        utils.resolve_device("cuda")
+    with pytest.raises(InputError, match="--device cuda: CUDA is not available on this machine"):
+        resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert utils.resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(utils.InputError, match="--device cuda:7: this machine has 2 CUDA device"):
-        utils.resolve_device("cuda:7")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(InputError, match="--device cuda:7: this machine has 2 CUDA device"):
+        resolve_device("cuda:7")
 
 
 def test_bad_device_fails_before_anything_is_written(tiny_model_dir, tmp_path, capsys):
@@ -398,22 +402,22 @@ def test_model_folder_without_tokenizer(tiny_model_dir, tmp_path):
     for file in os.listdir(bare):
         if file.startswith(("tokenizer", "special_tokens", "chat_template")):
             os.remove(bare / file)
-    with pytest.raises(utils.InputError, match=f"could not load the tokenizer of {bare}"):
-        utils.load_reward_model(bare, device="cpu")
-    with pytest.raises(utils.InputError, match=f"could not load the tokenizer of {bare}"):
-        utils.embed_conversations(conversations(), tmp_path / "emb.safetensors", bare, **SETTINGS)
+    with pytest.raises(InputError, match=f"could not load the tokenizer of {bare}"):
+        extract.load_reward_model(bare, device="cpu")
+    with pytest.raises(InputError, match=f"could not load the tokenizer of {bare}"):
+        extract.embed_conversations(conversations(), tmp_path / "emb.safetensors", bare, **SETTINGS)
     assert not (tmp_path / "emb.safetensors").exists()
 
 
 def test_stray_rank_variables_are_not_torchrun(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert utils.is_main_process()
+    assert is_main_process()
     monkeypatch.setenv("WORLD_SIZE", "2")                     # no MASTER_ADDR: not torchrun either
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert utils.is_main_process()
+    assert is_main_process()
     out = tmp_path / "emb.safetensors"                         # runs alone, does not wait for a rank 0
-    result = utils.embed_conversations(conversations(), out, tiny_model_dir, **SETTINGS)
+    result = extract.embed_conversations(conversations(), out, tiny_model_dir, **SETTINGS)
     assert torch.equal(result, load_file(out)["embeddings"])
 
 
@@ -424,22 +428,22 @@ def test_stray_rank_variables_are_not_torchrun(tiny_model_dir, tmp_path, monkeyp
 def test_foreign_file_at_out_path_is_refused(tiny_model_dir, tmp_path):
     texts = conversations()
     synthetic = tmp_path / "synthetic.safetensors"              # PersonalLLM --synthetic's table
-    utils.save_tensors(synthetic, {"embeddings": torch.zeros(len(texts), 64)}, {"model": "synthetic"})
+    save_tensors(synthetic, {"embeddings": torch.zeros(len(texts), 64)}, {"model": "synthetic"})
     garbage = tmp_path / "notes.safetensors"
     garbage.write_text("my notes")
     folder = tmp_path / "folder.safetensors"
     folder.mkdir()
     for path in (synthetic, garbage, folder):
         before = path.read_bytes() if path.is_file() else None
-        with pytest.raises(utils.InputError, match=f"{path} exists and is not an embeddings cache"):
-            utils.embed_conversations(texts, path, tiny_model_dir, **SETTINGS)
+        with pytest.raises(InputError, match=f"{path} exists and is not an embeddings cache"):
+            extract.embed_conversations(texts, path, tiny_model_dir, **SETTINGS)
         assert (path.read_bytes() if path.is_file() else None) == before
     assert sorted(os.listdir(tmp_path)) == ["folder.safetensors", "notes.safetensors", "synthetic.safetensors"]
 
 
 def test_eval_rb2_never_overwrites_a_datasets_embeddings(tiny_model_dir, tmp_path, capsys):
     dataset = tmp_path / "data" / "embeddings.safetensors"      # what a prepare.py wrote with this very model
-    utils.embed_conversations(conversations(), dataset, tiny_model_dir, **SETTINGS)
+    extract.embed_conversations(conversations(), dataset, tiny_model_dir, **SETTINGS)
     before = dataset.read_bytes()
     rb2 = tmp_path / "rb2.jsonl"
     rb2.write_text(json.dumps({"prompt": "w1 w2", "chosen": ["w3"], "rejected": ["w4"], "subset": "Math",
@@ -454,12 +458,12 @@ def test_eval_rb2_never_overwrites_a_datasets_embeddings(tiny_model_dir, tmp_pat
     eval_rb2.main(eval_rb2.parse_args(["--model", tiny_model_dir, "--data-files", f"test={rb2}", "--out", str(out),
                                        "--device", "cpu"]))
     cache = out / "rb2_embeddings.safetensors"
-    with pytest.raises(utils.InputError, match=f"{cache} holds the embeddings of RewardBench 2 replies"):
-        utils.embed_conversations(conversations(), cache, tiny_model_dir, **SETTINGS)
+    with pytest.raises(InputError, match=f"{cache} holds the embeddings of RewardBench 2 replies"):
+        extract.embed_conversations(conversations(), cache, tiny_model_dir, **SETTINGS)
 
 
 def test_non_finite_heads_fail_before_any_file_is_written(tiny_model_dir, tmp_path, capsys):
-    v_ref = utils.read_reward_head(tiny_model_dir)
+    v_ref = extract.read_reward_head(tiny_model_dir)
     V = torch.cat([v_ref, -v_ref], 1)
     W = torch.eye(2)
     out = tmp_path / "out"
@@ -467,7 +471,7 @@ def test_non_finite_heads_fail_before_any_file_is_written(tiny_model_dir, tmp_pa
             ("nan_V", {"V": V.clone().index_fill_(0, torch.tensor([5]), float("nan")), "W": W}, [], "V has NaN"),
             ("inf_W", {"V": V, "W": W.clone().fill_diagonal_(float("inf"))}, ["--user-weights", "W"], "W has NaN")]:
         head = tmp_path / f"{name}.safetensors"
-        utils.save_tensors(head, tensors)
+        save_tensors(head, tensors)
         code, err = exit_code_and_message(capsys, eval_rb2.main, eval_rb2.parse_args(
             ["--model", tiny_model_dir, "--rm-head", str(head), "--out", str(out), "--device", "cpu", *extra]))
         assert code == 2 and one_line(err) == f"error: {head}: {culprit} or inf values" and not out.exists()
@@ -482,3 +486,30 @@ def test_non_finite_heads_fail_before_any_file_is_written(tiny_model_dir, tmp_pa
                                                                     "--model", str(nan_model), "--device", "cpu"]))]:
         code, err = exit_code_and_message(capsys, main, args)
         assert code == 2 and f"score.weight of {nan_model} has 1 NaN or inf" in one_line(err) and not out.exists()
+
+
+# ---- the I/O helpers ----------------------------------------------------------------------------
+
+def test_tensor_files_roundtrip_and_errors(tmp_path):
+    path = str(tmp_path / "sub" / "t.safetensors")
+    save_tensors(path, {"V": torch.arange(6.0).reshape(3, 2)}, {"K": "2"})
+    assert os.listdir(tmp_path / "sub") == ["t.safetensors"]
+    assert torch.equal(load_tensors(path, ["V"])["V"], torch.arange(6.0).reshape(3, 2))
+    with pytest.raises(InputError, match=r"t.safetensors: missing tensor\(s\) \['W'\]"):
+        load_tensors(path, ["W"])
+    with pytest.raises(InputError, match="nope.safetensors: no such file"):
+        load_tensors(str(tmp_path / "nope.safetensors"))
+
+
+def test_load_splits_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(lore.io, "hub_reachable", lambda: False)
+    monkeypatch.setattr(lore.io.hf_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(InputError, match="unreachable.*--data-files train=PATH"):
+        load_splits("some/dataset", ["train"])
+    with pytest.raises(InputError, match=r"t.json: no such file \(the train split\)"):
+        load_splits("some/dataset", ["train"], {"train": str(tmp_path / "t.json")})
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n')
+    with pytest.raises(InputError, match="no test=PATH"):
+        load_splits("some/dataset", ["train", "test"], {"train": str(path)})
+    assert load_splits("some/dataset", ["train"], {"train": str(path)})["train"]["a"] == [1, 2]

@@ -1,7 +1,7 @@
-"""The second round of faults (issue 16): each test builds a fault that once passed silently or ended
-in a traceback, and checks exit code 2 with one line naming the culprit (or the correct result), and
-that nothing of the user's or of another script changed. Numbers in the comments are the issue's
-failure classes."""
+"""Run folders and what the scripts write: outputs that land whole or not at all, folders and
+checkpoints that belong to their run, and the faults around them. Each fault test builds a fault
+that once passed silently or ended in a traceback, and checks exit code 2 with one line naming the
+culprit (or the correct result), and that nothing of the user's or of another script changed."""
 import argparse
 import errno
 import fcntl
@@ -17,7 +17,15 @@ from safetensors.torch import save_file
 import utils
 from conftest import REPO, load_script
 from lore import cli, io as lore_io
+from lore.cli import command_line, run_folder
 from lore.checks import InputError
+from lore.scoring import fit_new_users, score_items
+from lore.data import load_data
+from lore.extract import embed_conversations
+from lore.io import load_tensors, save_tensors
+from lore.methods import get_method, load_method, Method
+from lore.pairs import pack, Pairs
+from lore.results import save_results
 
 PERSONALLLM = os.path.join(REPO, "PersonalLLM")
 prepare = load_script(os.path.join(PERSONALLLM, "prepare.py"), "round2_prepare")
@@ -188,7 +196,7 @@ def test_checkpoint_of_other_data_is_refused(data, other_data, results, tmp_path
 
 def test_checkpoint_metadata_and_shapes_must_agree(data, results, tmp_path, capsys):
     ckpt = os.path.join(results, "lore_K2_alpha0.safetensors")
-    method, _ = utils.load_method(ckpt, "cpu")
+    method, _ = load_method(ckpt, "cpu")
     assert method.K == 2 and method.V.shape == (8, 2)
     cases = [(dict(K="5"), "V has shape (8, 2), but its metadata says K=5"),
              (dict(hparams=json.dumps({**method.hparams, "fewshot_iters": 0})), "fewshot_iters must be an integer"),
@@ -197,11 +205,11 @@ def test_checkpoint_metadata_and_shapes_must_agree(data, results, tmp_path, caps
     for meta, message in cases:
         bad = edit_checkpoint(ckpt, tmp_path / "bad.safetensors", **meta)
         with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-            utils.load_method(bad, "cpu")
+            load_method(bad, "cpu")
     # 14: no V; V and W columns that disagree (the shapes record removed, as in a hand-made file)
     with safe_open(ckpt, "pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != "shapes"}
-    tensors = utils.load_tensors(ckpt)
+    tensors = load_tensors(ckpt)
     save_file({k: v for k, v in tensors.items() if k != "V"}, tmp_path / "no_v.safetensors", meta)
     save_file({**tensors, "W": torch.rand(12, 3)}, tmp_path / "cols.safetensors", meta)
     for path, message in [(str(tmp_path / "no_v.safetensors"), "no tensor V"),
@@ -215,7 +223,7 @@ def test_checkpoint_metadata_and_shapes_must_agree(data, results, tmp_path, caps
             assert message in fails(capsys, main, parse(args))
     # 18: a folder given as a checkpoint
     with pytest.raises(InputError, match="is a folder, not a checkpoint file"):
-        utils.load_method(results, "cpu")
+        load_method(results, "cpu")
 
 
 # 6., 13. and 17. Hand edits of a data folder
@@ -238,19 +246,19 @@ def test_hand_edits_of_data_json_and_the_table(data, tmp_path):
         edit(changed)
         (d / "data.json").write_text(json.dumps(changed))
         with pytest.raises(InputError, match=message):
-            utils.load_data(str(d), "cpu")
+            load_data(str(d), "cpu")
     (d / "data.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="a JSON list, not an object"):
-        utils.load_data(str(d), "cpu")
+        load_data(str(d), "cpu")
     # the table's sign flipped in place: the same size and header, other content
     (d / "data.json").write_text(json.dumps(info))
     path = str(d / "embeddings.safetensors")
     with safe_open(path, "pt") as f:
         table, meta = f.get_tensor("embeddings"), f.metadata()
-    utils.save_tensors(path, {"embeddings": -table}, meta)
+    save_tensors(path, {"embeddings": -table}, meta)
     assert os.path.getsize(path) == info["embeddings"]["bytes"]
     with pytest.raises(InputError, match="is not the content data.json was written with"):
-        utils.load_data(str(d), "cpu")
+        load_data(str(d), "cpu")
 
 
 # 7. kill -9 at any instant of the final swap
@@ -339,17 +347,17 @@ def test_api_checks_what_the_command_line_checks(data, tmp_path):
         utils.sweep(K_list=[1], **{**sets, "seen_train": [torch.randn(6, 4, device="meta")] * 3})
     for dtype in (torch.float16, torch.float64):
         with pytest.raises(InputError, match="X must be float32"):
-            utils.sweep(K_list=[1], **{**sets, "seen_train": utils.Pairs(torch.arange(3), 3, X=torch.randn(3, 4, dtype=dtype))})
+            utils.sweep(K_list=[1], **{**sets, "seen_train": Pairs(torch.arange(3), 3, X=torch.randn(3, 4, dtype=dtype))})
     with pytest.raises(InputError, match="group must be"):
-        utils.sweep(K_list=[1], **{**sets, "seen_train": utils.Pairs(torch.arange(3), 3, X=torch.randn(3, 4),
+        utils.sweep(K_list=[1], **{**sets, "seen_train": Pairs(torch.arange(3), 3, X=torch.randn(3, 4),
                                                                      group=torch.arange(2))})
     with pytest.raises(InputError, match="fewshot_pairs must be an integer"):
-        utils.load_data(data, "cpu", fewshot_pairs="3")
+        load_data(data, "cpu", fewshot_pairs="3")
     torch.manual_seed(0)
-    method = utils.get_method("lore")(2, 0.0, None, "cpu", iters=5, fewshot_iters=5)
-    method.fit(utils.pack(X))
+    method = get_method("lore")(2, 0.0, None, "cpu", iters=5, fewshot_iters=5)
+    method.fit(pack(X))
     W = torch.full((1, 2), 0.5)
-    assert utils.score_items(method, torch.randn(3, 4), W).shape == (1, 3)
+    assert score_items(method, torch.randn(3, 4), W).shape == (1, 3)
     for embeddings, U, message in [(torch.randn(4), W, "must have 2 dimensions"),
                                    (torch.full((2, 4), float("nan")), W, "has NaN or inf"),
                                    (torch.randn(2, 5), W, "has 5 features, expected F=4"),
@@ -357,9 +365,9 @@ def test_api_checks_what_the_command_line_checks(data, tmp_path):
                                    (torch.randn(2, 4, device="meta"), W, "meta device"),
                                    (torch.randn(2, 4), torch.ones(1, 3), "U has 3 columns")]:
         with pytest.raises(InputError, match=message):
-            utils.score_items(method, embeddings, U)
+            score_items(method, embeddings, U)
     with pytest.raises(InputError, match="chosen has 5 features"):
-        utils.fit_new_users(method, torch.randn(2, 5), torch.randn(2, 5))
+        fit_new_users(method, torch.randn(2, 5), torch.randn(2, 5))
 
 
 # 10. I/O errors: one line, exit 2, nothing half-written
@@ -440,7 +448,7 @@ def test_eval_rb2_ties_never_crash(tmp_path, capsys):
         rows = ties_rows(ids, counts)
         records = eval_rb2.summarize(["h"], rows, stats_of(rows))
         assert records[0]["Ties_rb2"] is None and note in records[0]["Ties_rb2_note"]
-        utils.save_results(records, str(tmp_path))                # no KeyError, valid JSON with null
+        save_results(records, str(tmp_path))                # no KeyError, valid JSON with null
         assert json.loads((tmp_path / "results.json").read_text())[0]["overall_rb2"] is None
 
 
@@ -457,14 +465,14 @@ def test_ctrl_c_during_prepare_leaves_the_old_folder_whole(data, tmp_path, capsy
         if len(calls) == 3:          # after a few files of the new folder are written
             raise KeyboardInterrupt
         return save(*args, **kwargs)
-    save = utils.save_tensors
+    save = save_tensors
     monkeypatch.setattr(utils, "save_tensors", interrupted)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         prepare.main(prepare.parse_args(["--synthetic", "--out", str(d), *TINY, "--seed", "3"]))
     assert e.value.code == 130 and "nothing of this run was written" in capsys.readouterr().err
     assert tree(d) == before
-    utils.load_data(str(d), "cpu")           # and it is still a valid data folder, not refused
+    load_data(str(d), "cpu")           # and it is still a valid data folder, not refused
 
 
 # 19. A busy --out is refused before any data is read
@@ -490,7 +498,7 @@ def test_tokenizer_error_is_whole_and_one_line(tiny_model_dir, tmp_path):
         if name.startswith(("tokenizer", "special_tokens", "chat_template")):
             os.remove(bare / name)
     with pytest.raises(InputError) as e:
-        utils.embed_conversations([[{"role": "user", "content": "a"}]], tmp_path / "e.safetensors", str(bare),
+        embed_conversations([[{"role": "user", "content": "a"}]], tmp_path / "e.safetensors", str(bare),
                                   device="cpu")
     message = str(e.value)
     assert "\n" not in message and "(1) a `tokenizers` library serialization file" in message
@@ -499,7 +507,7 @@ def test_tokenizer_error_is_whole_and_one_line(tiny_model_dir, tmp_path):
 def test_string_hyperparameters_with_declared_choices():
     """A method may declare a string-valued hyperparameter (e.g. init in {random, svd}): its values
     are checked by the same validator for the API and the flags."""
-    cls = type("WithInit", (utils.Method,), {"name": "with_init", "defaults": {"init": "random", "iters": 5},
+    cls = type("WithInit", (Method,), {"name": "with_init", "defaults": {"init": "random", "iters": 5},
                                              "choices": {"init": ("random", "svd")}})
     assert cls(1, device="cpu").hparams == {"init": "random", "iters": 5}
     assert cls(1, device="cpu", init="svd").hparams["init"] == "svd"
@@ -509,4 +517,33 @@ def test_string_hyperparameters_with_declared_choices():
     with pytest.raises(argparse.ArgumentTypeError, match="init must be one of random, svd"):
         cli.hparam_type(cls, "init")("pca")
     with pytest.raises(InputError, match="its class must list its values in choices"):   # refused, not guessed
-        type("NoChoices", (utils.Method,), {"name": "no_choices", "defaults": {"init": "random"}})(1, device="cpu")
+        type("NoChoices", (Method,), {"name": "no_choices", "defaults": {"init": "random"}})(1, device="cpu")
+
+
+def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
+    import argparse
+    out = tmp_path / "results"
+    args = argparse.Namespace(out=str(out), seed=0)
+    with run_folder(args, "a.py") as staging:
+        open(os.path.join(staging, "first.txt"), "w").write("1")
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]
+
+    @command_line
+    def interrupted(args):
+        with run_folder(args, "a.py") as staging:
+            open(os.path.join(staging, "second.txt"), "w").write("2")
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a run
+    with pytest.raises(SystemExit) as e:
+        interrupted(args)
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
+    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
+    # a run killed with -9 leaves its staging folder: the next run removes it
+    os.makedirs(tmp_path / ".results.partial-99999")
+    with run_folder(args, "a.py") as staging:
+        # while a run holds the folder, a second one is refused at once
+        with pytest.raises(InputError, match="is in use by another run"):
+            with run_folder(args, "a.py"):
+                pass
+    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
+    assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run

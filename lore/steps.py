@@ -1,0 +1,155 @@
+"""What a training step reads and how steps are run: the pair rows in either form, the custom
+autograd of a step's scores (one read of the rows forward, one backward), Adam, and the loop (a
+CUDA graph on GPU). utils.py's models call these; the method itself (the loss, the models, their
+fits) stays there.
+
+Two forms of the rows a step reads. Pair form: X [P, F], the difference rows of the pairs. Table
+form: X [E', F], the rows of the embedding table that the pairs use, and each pair's chosen and
+rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads E' rows
+instead of P, which is what makes many users rating the same responses cheap."""
+from dataclasses import dataclass
+
+import torch
+import torch.optim as optim
+from tqdm.auto import tqdm
+
+from lore.checks import InputError
+from lore.distributed import sum_over_shards
+from lore.methods import LossCurve, user_margins
+from lore.pairs import project_rows
+
+
+@dataclass
+class TrainingRows:
+    """What a training step reads: pair form (X [P, F], chosen None) or table form (X [E', F] and
+    the pairs' rows in it)."""
+    X: torch.Tensor
+    chosen: torch.Tensor = None            # [P] long rows of X (table form only)
+    rejected: torch.Tensor = None          # [P]
+    shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
+
+    def project(self, V):
+        """-> x_p^T V [P, K]."""
+        Z = project_rows(self.X, V)                                                # [P or E', K]
+        if self.chosen is None:
+            return Z
+        return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
+
+    def grad_V(self, g, W, user):
+        """d/dV of sum_p g_p x_p^T V w_user(p) -> [F, K], one streaming read of X; summed over the
+        torchrun ranks for a shard (the regularizer's gradient, the same on every rank, is not)."""
+        return sum_over_shards(self._grad_V(g, W, user), self.shard)
+
+    def _grad_V(self, g, W, user):
+        if self.chosen is not None:
+            # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
+            # chosen row, - on the rejected one (index_add, no loop)
+            Gp = g[:, None] * W.index_select(0, user)                              # [P, K]
+            G = torch.zeros(len(self.X), Gp.shape[1], device=Gp.device, dtype=Gp.dtype)
+            G.index_add_(0, self.chosen, Gp).index_add_(0, self.rejected, Gp, alpha=-1)  # [E', K]
+            return (G.t() @ self.X).t()          # as [K, E'] [E', F]: X^T G is ~10x slower on CPU
+        if self.X.is_cuda:
+            return self.X.t() @ (g[:, None] * W[user])                             # [F, K]
+        # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
+        # streaming pass over X. The dense small-K GEMM is ~2x slower on CPU, autograd's
+        # default X^T G ~10x.
+        A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user), device=user.device)]), g,
+                                    (len(W), len(user)), check_invariants=False)
+        return (A @ self.X).t() @ W                                                # [F, N] [N, K]
+
+
+def as_rows(X):
+    """TrainingRows of X: TrainingRows as they are, a [P, F] tensor as the pair form."""
+    return X if isinstance(X, TrainingRows) else TrainingRows(X)
+
+
+def training_rows(pairs, form=None):
+    """The TrainingRows a training step reads for checked Pairs. form: "pairs" (the [P, F]
+    difference rows), "table" (the E' table rows the pairs use, float32, with the pairs' indices
+    into them; table-form Pairs only) or None: the table form when it reads fewer rows (E' < P), as
+    when many users rate the same responses. Both give the same fit up to float rounding."""
+    if form not in (None, "pairs", "table"):
+        raise InputError(f"form must be 'pairs', 'table' or None, got {form!r}")
+    if pairs.X is not None:
+        if form == "table":
+            raise InputError("form='table' needs table-form Pairs (an embedding table and row indices)")
+        return TrainingRows(pairs.X, shard=pairs.shard)
+    used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
+    if form == "pairs" or (form is None and len(used) >= len(pairs)):
+        return TrainingRows(pairs.rows(), shard=pairs.shard)                       # [P, F]
+    X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
+    return TrainingRows(X, chosen, rejected, shard=pairs.shard)
+
+
+def user_scores(X, V, W, user, Z=None):
+    """user_margins(X V, W, user) -> [P], differentiable in V and W, reading X once forward and
+    once backward. X: the pair rows [P, F] or TrainingRows (either form). Z: X V when it is already
+    computed for this very V (skips the forward read)."""
+    return _UserScores.apply(as_rows(X), V, W, user, Z)
+
+
+class _UserScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, V, W, user, Z):
+        Z = rows.project(V) if Z is None else Z                                    # [P, K]
+        ctx.rows = rows
+        ctx.save_for_backward(Z, W, user)
+        return user_margins(Z, W, user)                                            # [P]
+
+    @staticmethod
+    def backward(ctx, g):                                                          # g [P]
+        Z, W, user = ctx.saved_tensors
+        dV = ctx.rows.grad_V(g, W, user) if ctx.needs_input_grad[1] else None      # [F, K]
+        dW = None
+        if ctx.needs_input_grad[2]:
+            dW = torch.zeros_like(W).index_add_(0, user, g[:, None] * Z)            # [N, K]
+        return None, dV, dW, None, None
+
+
+def data_loss(X, nll):
+    """A step's data loss for the loss curve: summed over the torchrun ranks when X is one rank's
+    shard, so that one process and several record the same curve."""
+    return sum_over_shards(nll.detach(), getattr(X, "shard", False))
+
+
+def adam(params, learning_rate, device):
+    """Adam, capturable on CUDA (its step count stays on the GPU, as a CUDA graph needs)."""
+    return optim.Adam(params, lr=learning_rate, capturable=device.type == "cuda")
+
+
+GRAPH_WARMUP = 3   # eager steps on a side stream before a CUDA graph is captured
+
+
+def training_loop(num_iterations, step, device, desc=None, before=None):
+    """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given;
+    step() returns the step's loss tensor, kept at ~100 evenly spaced steps (a LossCurve, collected
+    by lore.methods.recording) -> the curve {"step": [...], "loss": [...]}.
+    On CUDA the step is captured once as a CUDA graph and replayed: a step is ~100 small kernels
+    around two reads of X, and launching them one by one from Python takes longer than running
+    them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> docs/performance.md). The first steps run
+    eagerly on a side stream, as graph capture requires. The captured step's loss tensor is static:
+    each replay overwrites it, so the curve copies it right after the replay of a recorded step."""
+    graphed = device.type == "cuda" and num_iterations > GRAPH_WARMUP
+    side, graph, loss = (torch.cuda.Stream(device), None, None) if graphed else (None, None, None)
+    curve = LossCurve(num_iterations)
+    # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
+    for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
+        if before is not None:
+            before(i)
+        if graph is not None:
+            graph.replay()
+            curve.add(i, loss)
+        elif graphed and i == GRAPH_WARMUP:
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                loss = step()
+            graph.replay()
+            curve.add(i, loss)
+        elif graphed:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                curve.add(i, step())   # the copy on the side stream, after the step that made it
+        else:
+            curve.add(i, step())
+    return curve.result()
