@@ -5,6 +5,7 @@ train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen 
     nice -n 10 python benchmarks/bench_scale.py --out benchmarks/results/bench_scale_cpu.json
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
     python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
+    python benchmarks/bench_scale.py --table benchmarks/results/bench_scale_cpu.json   # docs/scale.md's table
 
 Two measurements, each size in a child process of its own (so that its peak RSS is its own):
   - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with
@@ -58,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--torch-ops", action="store_true", help="the step as torch ops (user_scores), not fused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--table", default=None, help="print the step table of a results JSON and exit")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)   # users: one step measurement
     return p.parse_args(argv)
 
@@ -205,6 +207,9 @@ def machine():
 def main(args):
     if args.child is not None:
         return step_child(args)
+    if args.table is not None:
+        with open(args.table) as f:
+            return print(table(json.load(f)["step"]))
     sizes = step_sizes(args)
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "load": load(), "config": vars(args),
               "step": sizes, "step_growth_exponent_from_1e4": growth_exponent(sizes),

@@ -3,7 +3,7 @@ that defines it (`from lore.data import load_data`, `from lore import cli`); non
 utils. Imports run down this list, never up (tests/test_layout.py checks that this drawing is the
 real one):
 
-    steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, methods, pairs
+    steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, fused, methods, pairs
     scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
     results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
     pca          the closed-form basis pca                                 -> checks, methods, pairs
@@ -16,8 +16,9 @@ real one):
     basis        a basis' health report and interpretation                 -> checks
     baselines    PAL and VPL                                               -> checks, methods
     active       active selection of a new user's pairs                    -> checks, methods
-    methods      the Method interface, the registry METHODS, evaluation    -> checks, io, pairs
+    methods      the Method interface, the registry METHODS, evaluation    -> checks, fused, io, pairs
     pairs        Pairs: every user's pairs packed, checked once            -> checks
+    fused        the pair work of a step and scoring in one pass (CPU, C)  -> (none)
     io           safetensors, JSON, Parquet files; hub splits              -> checks
     checks       InputError, devices, seeds, validators                    -> (none)
 """
