@@ -70,24 +70,11 @@ def pair_mean_weights(pairs):
 
 class FitModule(nn.Module):
     """An nn.Module whose train(X, ...) fits it to X and returns the fit, as the original's models
-    do; train(mode) with a bool is still nn.Module's (eval() calls train(False))."""
+    do; train(mode) with a bool is still nn.Module's (eval() calls train(False)). Subclasses set
+    n_users, n_features and device, and implement fit."""
 
     def train(self, X=True, *args):
         return super().train(X) if isinstance(X, bool) else self.fit(X, *args)
-
-
-class LowRankModel(FitModule):
-    """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
-    as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
-    any device), the pairs checked against the sizes the model was built for, and init="svd"."""
-    form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
-
-    def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
-        super().__init__()
-        self.device = resolve_device(device)
-        self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
-        self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
-        self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
 
     def packed(self, X):
         """X (a list of [m_i, F] or Pairs) as checked Pairs of this model's users and F."""
@@ -96,6 +83,20 @@ class LowRankModel(FitModule):
             raise InputError(f"the model was built for {self.n_users} users x F={self.n_features}, the "
                              f"data has {pairs.n_users} users x F={pairs.n_features}")
         return pairs
+
+
+class LowRankModel(FitModule):
+    """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
+    as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
+    any device), v_ref as a column, and init="svd"."""
+    form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
+
+    def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
+        super().__init__()
+        self.device = resolve_device(device)
+        self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
+        self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
+        self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
 
     def column(self, v_ref):
         """v_ref as an [F, 1] column of this model's F, on its device."""
@@ -244,9 +245,6 @@ class PersonalizeBatch(FitModule):
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
         self.optimizer = steps.adam(self.parameters(), learning_rate, self.device)
 
-    def packed(self, X):
-        return LowRankModel.packed(self, X)
-
     def forward(self, X, V):
         pairs = self.packed(X)
         return bt_nll(user_margins(pairs.project(V.detach()), simplex(self.w), pairs.user), user_mean_weights(pairs))
@@ -355,8 +353,8 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         if seed is not None:   # a setting's start depends on its name alone
             seed_fit(seed, method.name, method.K, method.alpha)
-        U = checked_fit(method, sets["seen_train"])                                # [N, U]
-        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
+        U = checked_fit(method, sets["seen_train"])                                # [N, Q]
+        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', Q]
         record, acc = method.setting(), {}
         for name in SETS:
             acc[name] = distributed.gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),

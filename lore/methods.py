@@ -37,7 +37,7 @@ def user_margins(Z, W, user):
 class Method:
     """A way to personalize a reward, the value of an entry of METHODS. User i's reward of a
     response with embedding phi is reward(item_features(phi), u_i): a shared part (this object,
-    fitted on the seen users) and per-user parameters u_i (a row of U [N, U]), which a new user
+    fitted on the seen users) and per-user parameters u_i (a row of U [N, Q]), which a new user
     fits from a few pairs with the shared part fixed. A new method is one subclass and one entry;
     the sweeps, the scripts, the checkpoints and the evaluation then work for it unchanged.
 
@@ -64,11 +64,11 @@ class Method:
                     methods need the table form of Pairs (both embeddings of every pair)
 
     Methods to implement; Pairs reach them checked (pack / load_data), on self.device:
-        fit(pairs) -> U [N, U]        fit the shared part and the seen users' parameters
-        fit_users(pairs) -> U [N, U]  new users' parameters, shared part fixed; pairs may be
+        fit(pairs) -> U [N, Q]        fit the shared part and the seen users' parameters
+        fit_users(pairs) -> U [N, Q]  new users' parameters, shared part fixed; pairs may be
                                       featurized (see featurize): use pair_features(self, pairs)
         item_features(rows) -> [n, D] user-independent features of embeddings rows [n, F]
-        reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, U]
+        reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, Q]
         state() -> {name: tensor}     the shared part, saved in checkpoints; load_state(tensors)
     Optional, for active selection of new users' pairs (lore.active; a method without them is
     refused there): free_parameters(U) -> [N, D] the parameters fit_users optimizes, free_margin(
@@ -363,7 +363,7 @@ def pair_features(method, pairs):
 
 
 def pair_margins(method, pairs, U):
-    """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, U] -> [P]."""
+    """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, Q] -> [P]."""
     return torch.cat([m for _, m in _margin_chunks(method, pairs, U)])             # [P]
 
 
@@ -384,7 +384,7 @@ def _margin_chunks(method, pairs, U):
         for start in range(0, len(pairs), CHUNK):
             part = slice(start, start + CHUNK)
             Zc, Zr = pair_features(method, pairs.select(part))
-            Uu = U.index_select(0, pairs.user[part])                               # [chunk, U]
+            Uu = U.index_select(0, pairs.user[part])                               # [chunk, Q]
             m = method.reward(Zc, Uu)
             yield part, (m if Zr is None else m - method.reward(Zr, Uu))
 

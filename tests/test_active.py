@@ -145,7 +145,7 @@ def test_every_pair_offers_all_28_pairs_answered_by_the_true_mixture(data):
     row_scores = torch.cat([scores["train"], scores["test"]]).reshape(-1, scores["train"].shape[-1])   # [E, M]
     W = load_tensors(os.path.join(data, "users.safetensors"))["W_unseen"]
     pool = d.sets["unseen_fewshot"]
-    cands = active.every_pair(pool, 8, row_scores, W)
+    cands = utils.every_pair(pool, 8, row_scores, W)
     assert torch.equal(cands.counts(), 28 * pool.counts())   # every pool prompt once per user (no repeats here)
     true = lambda rows: (row_scores[rows].double() * W[cands.user].double()).sum(-1)
     assert (true(cands.chosen) >= true(cands.rejected)).all()

@@ -17,7 +17,6 @@ from safetensors.torch import save_file
 import utils
 from conftest import REPO, load_script
 from lore import cli, io as lore_io
-from lore.cli import command_line, run_folder
 from lore.checks import InputError
 from lore.scoring import fit_new_users, score_items
 from lore.data import load_data
@@ -524,13 +523,13 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     import argparse
     out = tmp_path / "results"
     args = argparse.Namespace(out=str(out), seed=0)
-    with run_folder(args, "a.py") as staging:
+    with cli.run_folder(args, "a.py") as staging:
         open(os.path.join(staging, "first.txt"), "w").write("1")
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]
 
-    @command_line
+    @cli.command_line
     def interrupted(args):
-        with run_folder(args, "a.py") as staging:
+        with cli.run_folder(args, "a.py") as staging:
             open(os.path.join(staging, "second.txt"), "w").write("2")
             raise KeyboardInterrupt  # Ctrl-C in the middle of a run
     with pytest.raises(SystemExit) as e:
@@ -540,10 +539,10 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
     # a run killed with -9 leaves its staging folder: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
-    with run_folder(args, "a.py") as staging:
+    with cli.run_folder(args, "a.py") as staging:
         # while a run holds the folder, a second one is refused at once
         with pytest.raises(InputError, match="is in use by another run"):
-            with run_folder(args, "a.py"):
+            with cli.run_folder(args, "a.py"):
                 pass
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run
