@@ -15,8 +15,8 @@ one shared Bradley-Terry reward) are then fitted on all seen users with --seeds 
 seen_test and unseen_test.
 
 Reads a prepared data folder (--data; --fewshot-pairs as the dataset's train_basis.py: PersonalLLM 9,
-RedditTLDR 50, PRISM all). Writes to --out (default: results/compare beside --data), as a whole when
-the run ends:
+RedditTLDR 50, PRISM and CommunityAlignment all, MultiPref 10 prompts). Writes to --out (default:
+results/compare beside --data), as a whole when the run ends:
     comparison.json   {"methods": [rows: method, selected, validation, seen_test, seen_test_ci,
                       unseen_test, unseen_test_ci, converged], "paired": [a - b per set: mean, ci],
                       "personalization_gain": {method, vs "bt", per set mean, ci, verdict},
@@ -38,7 +38,8 @@ from lore import cli, compare, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 
 SCRIPT = "tools/compare.py"
-RECIPE_FEWSHOT = {"PersonalLLM": 9, "RedditTLDR": 50, "PRISM": None}   # each train_basis.py's --fewshot-pairs
+# each train_basis.py's few-shot size (None: all; MultiPref's counts prompts, which its draw ranks)
+RECIPE_FEWSHOT = {"PersonalLLM": 9, "RedditTLDR": 50, "PRISM": None, "CommunityAlignment": None, "MultiPref": 10}
 
 
 def parse_args(argv=None):
