@@ -1,7 +1,7 @@
 """Community Alignment, step 1: every turn's pairs, the annotator split by conversation, the embeddings.
 
     python CommunityAlignment/prepare.py                 # facebook/community-alignment-dataset, split train
-    python CommunityAlignment/prepare.py --data-files train=ca.parquet --lang en,fr   # a local copy (.parquet/.csv/.jsonl)
+    python CommunityAlignment/prepare.py --data-files train=ca.parquet --lang en,fr   # a local copy (or .csv, .jsonl)
     torchrun --nproc-per-node 8 CommunityAlignment/prepare.py     # the extraction spread over 8 GPUs
 
 A row of the hub's dataset is one conversation of one annotator (a user of LoRe): conversation_id,
@@ -185,7 +185,8 @@ def conversation_pairs(dataset, langs, index):
     print(f"train: {counts['rows']} rows; {counts['other_language']} of another language than "
           f"{','.join(langs)} skipped; {counts['conversations']} conversations ({counts['conversations_without_pairs']} "
           f"without a pair, dropped), {counts['turns']} turns read, {counts['turns_cut']} not read (from the first "
-          f"turn without a prompt or a preferred response with text on); candidates dropped: {counts['empty_string']} '{EMPTY_STRING}', "
+          f"turn without a prompt or a preferred response with text on); candidates dropped: "
+          f"{counts['empty_string']} '{EMPTY_STRING}', "
           f"{counts['empty']} empty, {counts['duplicate']} duplicates; {len(pairs)} pairs")
     if not pairs:
         raise InputError(f"train split: no pairs among its {counts['rows']} rows (language {','.join(langs)})")

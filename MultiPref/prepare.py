@@ -13,12 +13,12 @@ JSON text.) --workers (default normal,expert) picks the lists read; --aspect (de
 judgement: helpful, truthful or harmless instead.
 
 A judgement is a pair: the preferred completion against the other, each embedded as [user: text,
-assistant: completion], each distinct (prompt, completion) once. Ties are dropped, counted; the strength
-(clearly or slightly) is kept as a column. --min-strength clearly keeps only the clear preferences. (The
-strength is not a pair weight: every method here weighs a user's pairs alike, and a weight would have to
-enter LoRe's, PAL's and VPL's losses and the few-shot fits together; docs/multipref.md.) An annotation
-without a judgement for the aspect (null) is skipped, counted; a second annotation of one comparison by
-the same evaluator is dropped, counted. A malformed row (no prompt_id, a completion that is not text,
+assistant: completion], each distinct (prompt, completion) once. Ties are dropped, counted; the
+strength (clearly or slightly) is kept as a column, and --min-strength clearly keeps only the clear
+preferences. (The strength is not a pair weight: every method here weighs a user's pairs alike, and a
+weight would have to enter LoRe's, PAL's and VPL's losses and the few-shot fits together; see
+docs/datasets.md#multipref.) An annotation without a judgement for the aspect (null) is skipped,
+counted; a second annotation of one comparison by the same evaluator is dropped, counted. A malformed row (no prompt_id, a completion that is not text,
 an annotation without an evaluator, a judgement that is not one of the five) is an error naming it.
 
 The split, made once here with random.Random(--seed), BY PROMPT: the sorted prompt_ids are shuffled and
@@ -216,11 +216,12 @@ def judgement_pairs(dataset, args, index):
                               "prompt_id": ids["prompt_id"], "strength": strength, "worker": worker,
                               "comparison_id": ids["comparison_id"], "row": i})
     counts["pairs"] = len(pairs)
+    slight = f", {counts['slight_dropped']} slight preferences" if args.min_strength == "clearly" else ""
+    identical = (f" ({counts['identical_completions']} comparisons of a completion with itself: kept, they count "
+                 f"as wrong)" if counts["identical_completions"] else "")
     print(f"train: {counts['rows']} comparisons, {counts['annotations']} {'+'.join(args.workers)} annotations; "
-          f"dropped {counts['ties']} ties, {counts['no_judgement']} without a judgement ({key}), {counts['repeated']} repeated by "
-          f"their evaluator" + (f", {counts['slight_dropped']} slight preferences" if args.min_strength == "clearly" else "")
-          + f"; {len(pairs)} pairs" + (f" ({counts['identical_completions']} comparisons of a completion with itself: "
-                                       f"kept, they count as wrong)" if counts["identical_completions"] else ""))
+          f"dropped {counts['ties']} ties, {counts['no_judgement']} without a judgement ({key}), "
+          f"{counts['repeated']} repeated by their evaluator{slight}; {len(pairs)} pairs{identical}")
     if not pairs:
         raise InputError(f"train split: no {args.aspect} preference (other than ties) among its {counts['rows']} rows")
     return pairs, counts

@@ -210,7 +210,8 @@ def test_split_rule_seed_and_min_conversations(hub):
         ids = list(convs[user])
         rng.shuffle(ids)
         mine = sets[sets["user"] == user]
-        assert mine.loc[mine["draw"] >= 0].drop_duplicates("conversation_id")["conversation_id"].tolist() == ids[:len(ids) // 2]
+        train = mine.loc[mine["draw"] >= 0].drop_duplicates("conversation_id")
+        assert train["conversation_id"].tolist() == ids[:len(ids) // 2]
         assert set(mine.loc[mine["draw"] < 0, "conversation_id"]) == set(ids[len(ids) // 2:])
     assert prepare.split(records, args)[2].equals(sets)                         # same seed, same split
     assert prepare.split(records, prepare.parse_args(["--seed", "4", "--min-conversations", "5"]))[0] != users

@@ -146,7 +146,8 @@ def test_pairs_ties_and_strengths(hub, data):
     counts = info["counts"]
     labels = [a["overall_pref"] for r in rows for w in ("normal", "expert") for a in r[f"{w}_worker_annotations"]]
     assert counts["annotations"] == len(labels) and counts["no_judgement"] == 1 and counts["repeated"] == 1
-    assert counts["ties"] == sum(l == "Tie" for l in labels) - (rows[5]["normal_worker_annotations"][-1]["overall_pref"] == "Tie")
+    repeated = rows[5]["normal_worker_annotations"][-1]["overall_pref"]   # counted as repeated, not as a tie
+    assert counts["ties"] == sum(label == "Tie" for label in labels) - (repeated == "Tie")
     assert counts["identical_completions"] == 1 and counts["pairs"] == len(reference)
     assert info["dataset"] == "MultiPref" and "rare" in info["dropped"]
     table = load_tensors(os.path.join(data, "embeddings.safetensors"))["embeddings"]
