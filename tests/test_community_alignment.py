@@ -15,6 +15,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import REPO, load_script
 
@@ -126,7 +127,7 @@ def exit_code_and_message(capsys, main, args):
     return e.value.code, capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_pairs_are_every_turns_winner_against_each_usable_loser(hub, data):
+def test_pairs_are_every_turns_winner_against_each_usable_loser(hub, data, tiny_model_dir):
     rows, expected, _ = hub
     pairs = read_table(os.path.join(data, "pairs.parquet"))
     assert list(pairs.columns) == prepare.PAIR_COLUMNS
@@ -148,7 +149,17 @@ def test_pairs_are_every_turns_winner_against_each_usable_loser(hub, data):
     assert pairs["group"].equals(pairs["conversation_id"])
     # a table row holds the conversation it was embedded from: phi . v_ref is the model's own score
     table = load_tensors(os.path.join(data, "embeddings.safetensors"))["embeddings"]
+    v_ref = load_tensors(os.path.join(data, "v_ref.safetensors"))["v_ref"]
     assert table.shape == (len(messages), 64)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    last = pairs.loc[pairs["turn"].idxmax()]                              # a later turn: a history of several messages
+    for row in (int(last["chosen"]), int(last["rejected"])):
+        assert len(messages[row]) > 2
+        ids = tokenizer.apply_chat_template(messages[row], return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            score = model(**ids).logits[0, 0]
+        assert torch.allclose(table[row].float() @ v_ref[:, 0], score, atol=1e-4)
     info = read_json(os.path.join(data, "data.json"))
     assert info["dataset"] == "CommunityAlignment" and info["dropped"] == {"a8": 3}
     counts = info["counts"]
@@ -215,7 +226,7 @@ def test_split_rule_seed_and_min_conversations(hub):
         assert set(mine.loc[mine["draw"] < 0, "conversation_id"]) == set(ids[len(ids) // 2:])
     assert prepare.split(records, args)[2].equals(sets)                         # same seed, same split
     assert prepare.split(records, prepare.parse_args(["--seed", "4", "--min-conversations", "5"]))[0] != users
-    # --lang all keeps the French conversation; the local file's forms (CSV, JSON lines) read the same
+    # --lang all keeps the French conversation
     assert len(prepare.conversation_pairs(load_splits(None, ("train",), {"train": hub[2]})["train"], ["all"], {})[0]) \
         > len(records)
 
