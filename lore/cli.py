@@ -231,7 +231,7 @@ def add_prepare_args(parser, folder):
     parser.add_argument("--out", default=os.path.join(folder, "data"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
     parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH",
-                        help="local .json/.jsonl/.parquet files in the hub's schema instead of the hub")
+                        help="local .json/.jsonl/.parquet/.csv files in the hub's schema instead of the hub")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
     return parser

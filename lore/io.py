@@ -136,7 +136,7 @@ def read_table(path, columns=()):
 
 
 def load_splits(hub_id, splits, data_files=None, config=None):
-    """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet})
+    """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet/.csv})
     or else from the Hugging Face hub. Errors name the split or file at fault, and the line of a
     local JSON / JSON-lines file."""
     import datasets
@@ -149,7 +149,7 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             path = data_files[split]
             if not os.path.isfile(path):
                 raise InputError(f"{path}: no such file (the {split} split)")
-            kind = "parquet" if path.endswith(".parquet") else "json"
+            kind = "parquet" if path.endswith(".parquet") else "csv" if path.endswith(".csv") else "json"
             if path.endswith((".json", ".jsonl")):
                 _check_json_rows(path)
             datasets.disable_progress_bars()   # a bar on stderr before an error line is not one line

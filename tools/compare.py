@@ -15,8 +15,8 @@ one shared Bradley-Terry reward) are then fitted on all seen users with --seeds 
 seen_test and unseen_test.
 
 Reads a prepared data folder (--data; --fewshot-pairs as the dataset's train_basis.py: PersonalLLM 9,
-RedditTLDR 50, PRISM all). Writes to --out (default: results/compare beside --data), as a whole when
-the run ends:
+RedditTLDR 50, PRISM and CommunityAlignment all, MultiPref 10 prompts). Writes to --out (default:
+results/compare beside --data), as a whole when the run ends:
     comparison.json   {"methods": [rows: method, selected, validation, seen_test, seen_test_ci,
                       unseen_test, unseen_test_ci, converged], "paired": [a - b per set: mean, ci],
                       "personalization_gain": {method, vs "bt", per set mean, ci, verdict},
