@@ -2,6 +2,7 @@
 re-exports their public names; none of them imports utils. Imports run down this list, never up
 (tests/test_layout.py checks that this drawing is the real one):
 
+    reward     a personalized reward in use, learned online     -> extract, active, methods, checks
     results    records as JSON/CSV/printed tables, figures      -> data, basis, methods, pairs, io, checks
     pca        the closed-form basis pca, registered            -> methods, pairs, checks
     data       the prepared data folder: write it, load it      -> methods, pairs, io, checks
