@@ -14,7 +14,7 @@ P(chosen wins) = sigmoid(s m(theta)), s = bt_scale, m the pair's margin.
 - The weights after n answers: the posterior mode (MAP), found by Fisher scoring from mu: each step
   solves H d = gradient with H = I / variance + sum_p lambda_p g_p g_p^T, the precision of
   lore.active's Laplace approximation (g_p = dm_p/dtheta, lambda_p = s^2 sigmoid'(s m_p)). It starts
-  from mu every time, so a user's weights are a function of its answers alone: refitting the stored
+  from mu every time, so a user's weights are a function of its answers alone (to TOLERANCE): refitting the stored
   answers after a restart gives them again, and all users refit at once (vectorized over users).
 - The next question: among all pairs of the candidate responses, the one whose answer adds the
   most information, log(1 + lambda g^T H^-1 g) at the mode (lore.active.information).
@@ -37,8 +37,9 @@ from lore.checks import InputError, resolve_device
 from lore.extract import embed_now, load_reward_model
 from lore.methods import load_method, method_features, simplex
 
-FIT_STEPS = 30          # Fisher scoring steps from the prior: converged to ~1e-10 on the tests' users
-MAX_STEP = 2.0          # the largest step in logits (the linearization holds near theta only)
+FIT_STEPS = 50          # Fisher scoring steps from the prior at most ...
+TOLERANCE = 1e-10       # ... stopping once no user's step is longer (in logits)
+HALVINGS = 30           # step halvings at most before a user's step is given up
 MAX_BATCH = 256         # conversations per forward of the embedding worker
 MAX_USER_CHARS = 128    # a user id
 ROLES = ("system", "user", "assistant")
@@ -99,6 +100,11 @@ class PersonalReward:
                               simplex(probe), atol=1e-5):
             raise InputError(f"method {method.name}: its user parameters are not the simplex weights of its free "
                              f"parameters, which this reward assumes")
+        zc, zr = torch.randn(2, 3, method.V.shape[1], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        theirs = margin_gradients(method, probe.double(), zc, zr)
+        if not all(torch.allclose(a, b, atol=1e-8) for a, b in zip(theirs, simplex_margins(probe.double(), zc - zr))):
+            raise InputError(f"method {method.name}: its margin is not (zc - zr) . softmax(theta), which this reward "
+                             f"computes in closed form")
         if model.config.hidden_size != F:
             raise InputError(f"the reward model {model.name_or_path} gives F={model.config.hidden_size}, the "
                              f"checkpoint was fitted on F={F}: use the reward model its data was embedded with")
@@ -248,21 +254,40 @@ class PersonalReward:
     def fit(self, Zc, Zr, user, n_users):
         """The posterior mode of every user and its precision: Zc, Zr [P, D] item features of the
         answers' chosen and rejected responses (float64), user [P] in 0..N-1 -> (theta [N, D],
-        H [N, D, D]), by FIT_STEPS Fisher-scoring steps from the prior mean, all users at once."""
-        method, s = self.method, self.method.bt_scale
-        theta = self.prior_mean.expand(n_users, -1).clone()                         # [N, D]
+        H [N, D, D]). Fisher scoring from the prior mean, all users at once: each step solves
+        H d = gradient and is halved, user by user, until that user's objective falls (H is
+        positive definite, so d descends); it stops when no user's step exceeds TOLERANCE (at most
+        FIT_STEPS steps)."""
+        X, s, n = Zc - Zr, self.method.bt_scale, n_users                            # [P, D]
         everything = torch.ones(len(user), dtype=torch.bool)
-        for _ in range(FIT_STEPS + 1):
-            m, g = margin_gradients(method, theta[user], Zc, Zr)                    # [P], [P, D]
-            H = posterior_precision(fisher_weight(method, m), g, user, n_users, self.variance, everything)
-            if _ == FIT_STEPS:   # the precision at the final mode
-                return theta, H
-            # gradient of the negative log posterior: prior pull minus the answers' push
-            push = (s * torch.sigmoid(-s * m))[:, None] * g                         # [P, D]
+
+        def objective(theta):   # the negative log posterior of every user [N]
+            m, _ = simplex_margins(theta[user], X)
+            prior = ((theta - self.prior_mean) ** 2).sum(1) / (2 * self.variance)
+            return prior.index_add(0, user, torch.nn.functional.softplus(-s * m))
+
+        theta = self.prior_mean.expand(n, -1).clone()                               # [N, D]
+        value = objective(theta)
+        for _ in range(FIT_STEPS):
+            m, g = simplex_margins(theta[user], X)                                  # [P], [P, D]
+            H = posterior_precision(fisher_weight(self.method, m), g, user, n, self.variance, everything)
+            push = (s * torch.sigmoid(-s * m))[:, None] * g                         # [P, D]: the answers' pull
             gradient = (theta - self.prior_mean) / self.variance - torch.zeros_like(theta).index_add_(0, user, push)
-            step = torch.linalg.solve(H, gradient)                                  # [N, D]
-            norm = step.norm(dim=1, keepdim=True)
-            theta = theta - step * (MAX_STEP / norm.clamp_min(MAX_STEP))
+            move = torch.linalg.solve(H, gradient)                                  # [N, D]
+            scale = torch.ones(n, 1, dtype=theta.dtype)
+            for _ in range(HALVINGS):
+                trial = theta - scale * move
+                new = objective(trial)
+                worse = new > value
+                if not worse.any():
+                    break
+                scale[worse] /= 2
+            scale[worse] = 0    # no descent found in HALVINGS halvings: that user stays
+            theta, value = theta - scale * move, torch.where(worse, value, new)
+            if (scale * move).norm(dim=1).max() < TOLERANCE:   # every user has converged
+                break
+        m, g = simplex_margins(theta[user], X)                                      # the precision at the mode
+        return theta, posterior_precision(fisher_weight(self.method, m), g, user, n, self.variance, everything)
 
     # ------------------------------------------------------------------ rewards and questions
 
@@ -302,7 +327,7 @@ class PersonalReward:
         state = self.users.get(user)
         theta, H = (self.prior_mean, self.prior_precision) if state is None else (state.theta, state.H)
         i, j = torch.triu_indices(len(responses), len(responses), 1)                # [Q] each
-        m, g = margin_gradients(self.method, theta.expand(len(i), -1), Z[i], Z[j])   # [Q], [Q, D]
+        m, g = simplex_margins(theta.expand(len(i), -1), Z[i] - Z[j])               # [Q], [Q, D]
         info = information(fisher_weight(self.method, m), g, torch.zeros_like(i), H[None])   # [Q]
         if state is not None:   # a pair answered before is asked again only when every pair was
             keys = [key_of(c) for c in candidates]
@@ -316,6 +341,15 @@ class PersonalReward:
         """Stop the embedding worker once the batches queued before are done."""
         self.work.put(None)
         self.worker.join()
+
+
+def simplex_margins(theta, X):
+    """The margins m = x . softmax(theta) of pairs x = zc - zr [P, D] and their gradients in theta,
+    g = w * (x - m) (w = softmax(theta) [P, D]): lore.active.margin_gradients of the LoRe entries
+    in closed form, without torch.func's per-call cost (checked equal at construction)."""
+    w = simplex(theta)                                                             # [P, D]
+    m = (X * w).sum(-1)                                                            # [P]
+    return m, w * (X - m[:, None])                                                 # [P], [P, D]
 
 
 def check_user(user):

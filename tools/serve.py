@@ -131,6 +131,10 @@ class AnswerStore:
         with self.lock:
             return self.db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
 
+    def close(self):
+        with self.lock:
+            self.db.close()
+
 
 def file_sha256(path):
     h = hashlib.sha256()
@@ -301,13 +305,14 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
-@command_line
-def main(args):
-    import uvicorn
+def build(args):
+    """-> (app, reward, store): the checked flags, the database opened and checked, every stored
+    answer refitted, the app ready to serve (main runs it with uvicorn; the tests too, in a thread)."""
     token = None
     if args.token_file is not None:
         try:
-            token = open(args.token_file).read().strip()
+            with open(args.token_file) as f:
+                token = f.read().strip()
         except OSError as e:
             raise InputError(f"--token-file {args.token_file}: {e.strerror}") from None
         if not token or not token.isprintable() or any(c.isspace() for c in token):
@@ -318,21 +323,31 @@ def main(args):
         raise InputError(f"--port {args.port}: not a port")
     if args.cache_size < 0:
         raise InputError(f"--cache-size {args.cache_size}: must be >= 0")
-    reward = PersonalReward.from_checkpoint(args.checkpoint, args.model, args.device, cache_size=args.cache_size,
-                                            batch_tokens=args.batch_tokens)
-    store = AnswerStore(args.db)
-    model = model_identity(reward.model)
-    identity = {"checkpoint": file_sha256(args.checkpoint), "checkpoint_path": os.path.abspath(args.checkpoint),
-                "model": model["model"], "model_weights": model["weights"]}
-    store.check_identity(identity, args.migrate)
-    store.put_meta({"schema": SCHEMA, "config": json.dumps(vars(args))})
-    answers = store.answers()
-    reward.restore(answers)
+    store = AnswerStore(args.db)   # first: a database in use is refused before the model loads
+    try:
+        reward = PersonalReward.from_checkpoint(args.checkpoint, args.model, args.device,
+                                                cache_size=args.cache_size, batch_tokens=args.batch_tokens)
+        model = model_identity(reward.model)
+        identity = {"checkpoint": file_sha256(args.checkpoint), "checkpoint_path": os.path.abspath(args.checkpoint),
+                    "model": model["model"], "model_weights": model["weights"]}
+        store.check_identity(identity, args.migrate)
+        store.put_meta({"schema": SCHEMA, "config": json.dumps(vars(args))})
+        answers = store.answers()
+        reward.restore(answers)
+    except BaseException:
+        store.close()
+        raise
     print(f"{len(answers)} answers of {len(reward.user_ids())} users refitted from {args.db}", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and token is None:
         print(f"warning: serving on {args.host} without --token-file: anyone who can reach it can write answers",
               file=sys.stderr)
-    app = create_app(reward, store, identity, token, args.max_body)
+    return create_app(reward, store, identity, token, args.max_body), reward, store
+
+
+@command_line
+def main(args):
+    import uvicorn
+    app, _, _ = build(args)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
 
 
