@@ -121,6 +121,7 @@ class PersonalReward:
         self.prior_weights = simplex(self.prior_mean)                               # [K]
         self.users, self.users_lock = {}, threading.Lock()
         self.cache = EmbeddingCache(cache_size)
+        self.forwards = self.embedded = 0   # the worker's batches and the conversations in them
         self.work = queue.Queue()
         self.worker = threading.Thread(target=self._embed_loop, daemon=True, name="lore-embed")
         self.worker.start()
@@ -149,6 +150,7 @@ class PersonalReward:
             todo = [conversations[rows[0]] for rows in missing.values()]
             self.work.put((todo, texts, future))
             for (k, rows), phi in zip(missing.items(), future.result()):
+                phi = phi.clone()   # its own storage: a view would keep the whole batch alive in the cache
                 self.cache.put(k, phi)
                 for i in rows:
                     out[i] = phi
@@ -181,6 +183,8 @@ class PersonalReward:
                     for j in batch:
                         j[2].set_exception(e)
                     continue
+                self.forwards += 1
+                self.embedded += len(phi)
                 start = 0
                 for conversations, _, future in batch:
                     future.set_result(phi[start:start + len(conversations)])

@@ -15,13 +15,15 @@ after kill -9 or not, gives the same weights. A database written with another ch
 is refused; --migrate refits its answers on this one and records it. One server per database.
 
 JSON endpoints (OpenAPI docs at /docs; a prompt is a string or a list of {"role", "content"}):
-    GET  /health                       status, checkpoint, model, K, F, users, answers, cache
+    GET  /health                       status, checkpoint, model, K, F, users, answers, cache, embedding
+                                       (batches run and conversations in them: requests batched together)
     POST /v1/rewards                   {"user": optional, "prompt", "responses": [...]} -> {"rewards": [...]}
     POST /v1/users/{user}/preferences  {"prompt", "chosen", "rejected"} -> {"user", "weights", "answers"}
     POST /v1/users/{user}/question     {"prompt", "responses": [...]} -> {"pair": [i, j], "information"}
     GET  /v1/users/{user}              {"user", "weights", "answers", "prior"}
     POST /get_reward                   OpenRLHF's remote reward model: {"query": [texts], "user": optional}
-                                       -> {"rewards": [...]} (queries as the policy rendered them)
+                                       -> {"rewards": [...], "scores": the same} (queries as the policy
+                                       rendered them, tokenized as they are)
 Safe by default: it binds 127.0.0.1; with --token-file every request needs `Authorization: Bearer
 <token>` (else 401); bodies over --max-body bytes get 413; bad fields get 422 with a JSON error
 naming the field; no traceback is ever sent.
@@ -217,7 +219,8 @@ def create_app(reward, store, identity, token=None, max_body=MAX_BODY):
     def health():
         return {"status": "ok", "checkpoint": identity["checkpoint_path"], "checkpoint_sha256": identity["checkpoint"],
                 "model": identity["model"], "K": reward.K, "F": reward.method.V.shape[0],
-                "users": len(reward.user_ids()), "answers": store.count(), "cache": reward.cache.stats()}
+                "users": len(reward.user_ids()), "answers": store.count(), "cache": reward.cache.stats(),
+                "embedding": {"batches": reward.forwards, "conversations": reward.embedded}}
 
     @app.post("/v1/rewards")
     def rewards(body: RewardsRequest):
@@ -247,7 +250,8 @@ def create_app(reward, store, identity, token=None, max_body=MAX_BODY):
         users = body.user if isinstance(body.user, list) else [body.user] * len(body.query)
         if len(users) != len(body.query):
             raise InputError(f"user has {len(users)} entries for {len(body.query)} queries")
-        return {"rewards": reward.rewards(users, body.query, texts=True)}
+        scores = reward.rewards(users, body.query, texts=True)
+        return {"rewards": scores, "scores": scores, "extra_logs": {}}   # newer OpenRLHF reads "scores"
 
     return Guard(app, token, max_body)
 
