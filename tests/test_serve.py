@@ -63,14 +63,17 @@ class Client:
 class Process(Client):
     """tools/serve.py as its own process (what kill -9 is tried on)."""
 
-    def __init__(self, checkpoint, model, db, *flags):
+    def __init__(self, checkpoint, model, db, *flags):   # started, not waited for: see ready()
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen([sys.executable, SERVE, "--checkpoint", checkpoint, "--model", model, "--db", db,
                                       "--port", self.url.rsplit(":", 1)[1], "--device", "cpu", *flags],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def ready(self):
         self.wait(lambda: self.proc.poll() is None)
         if self.proc.poll() is not None:
             raise AssertionError(f"the server exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+        return self
 
     def kill(self):
         self.proc.kill()   # SIGKILL: no cleanup of any kind
@@ -109,7 +112,17 @@ def setup(tmp_path_factory, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(setup):
+def process(setup):
+    """The server process the last test kills, started with the module so that its seconds of
+    imports overlap the other tests."""
+    p = Process(setup["checkpoint"][0], setup["model"], str(setup["folder"] / "kill.db"), *setup["token"])
+    yield p
+    if p.proc.poll() is None:
+        p.kill()
+
+
+@pytest.fixture(scope="module")
+def server(setup, process):
     s = Thread(setup["checkpoint"][0], setup["model"], setup["db"], *setup["token"])
     yield s
     s.stop()
@@ -295,12 +308,12 @@ def test_a_planted_user_answering_the_questions_reaches_20_random_shots_in_10(se
     assert mean(active) >= mean(random_20) and mean(active) > mean(prior) + 0.05
 
 
-def test_kill_9_loses_no_acknowledged_answer_and_a_restart_gives_the_same_weights(setup, tmp_path, capsys):
+def test_kill_9_loses_no_acknowledged_answer_and_a_restart_gives_the_same_weights(setup, process, tmp_path, capsys):
     """A server process is killed (SIGKILL) while 4 clients write; the restarted one has every
     acknowledged answer and the same weights; a second server on the database and another
     checkpoint are refused (one line, exit 2); --migrate refits on the other checkpoint."""
-    db, checkpoint, model, token = str(tmp_path / "kill.db"), setup["checkpoint"][0], setup["model"], setup["token"]
-    first = Process(checkpoint, model, db, *token)
+    db, checkpoint, model, token = str(setup["folder"] / "kill.db"), setup["checkpoint"][0], setup["model"], setup["token"]
+    first = process.ready()
     rng, acked, stop = random.Random(7), [], threading.Event()
     for u in range(3):
         for _ in range(u + 1):

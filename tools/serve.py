@@ -152,7 +152,7 @@ def file_sha256(path):
 
 def create_app(reward, store, identity, token=None, max_body=MAX_BODY):
     """The FastAPI app of a PersonalReward and its AnswerStore."""
-    from fastapi import FastAPI, Path, Request
+    from fastapi import FastAPI, Path
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -233,8 +233,8 @@ def create_app(reward, store, identity, token=None, max_body=MAX_BODY):
     def preference(user: UserPath, body: Preference):
         if body.chosen == body.rejected:
             raise InputError("chosen and rejected are the same response: the answer tells nothing")
-        reward.add_preference(user, prompt_value(body.prompt), body.chosen, body.rejected, store=store.add)
-        return weights_of(user)
+        w, n = reward.add_preference(user, prompt_value(body.prompt), body.chosen, body.rejected, store=store.add)
+        return {"user": user, "weights": w.tolist(), "answers": n, "prior": False}   # this answer's fit
 
     @app.post("/v1/users/{user}/question")
     def question(user: UserPath, body: Question):
