@@ -4,6 +4,7 @@ utils. Imports run down this list, never up (tests/test_layout.py checks that th
 real one):
 
     steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, methods, pairs
+    reward       a personalized reward in use, learned online   -> active, checks, extract, methods
     scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
     results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
     pca          the closed-form basis pca                                 -> checks, methods, pairs
