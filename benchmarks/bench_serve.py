@@ -39,7 +39,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import utils  # noqa: E402,F401  (registers LoRe's entries)
 from benchmarks.bench_embed import tiny_chat_tokenizer  # noqa: E402
 from lore.io import write_json  # noqa: E402
 from lore.methods import get_method, save_method  # noqa: E402

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import utils  # noqa: F401  (registers LoRe's entries)
 from lore.checks import InputError
 from lore.extract import embed_conversations, load_reward_model
 from lore.methods import get_method, load_method, save_method

@@ -17,7 +17,6 @@ import pytest
 import requests
 import torch
 
-import utils  # noqa: F401  (registers LoRe's entries)
 from conftest import REPO, load_script
 from lore.scoring import fit_new_users
 from lore.checks import InputError, set_seed
