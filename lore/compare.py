@@ -177,23 +177,26 @@ def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
 
 
 def t_quantile(q, df):
-    """The q-quantile (q in (0.5, 1)) of Student's t with df > 0 degrees of freedom (df may be
-    fractional: Satterthwaite's): Newton's method on its CDF, the CDF integrated by Simpson's rule
-    (no scipy; exact to ~1e-9 for df >= 1)."""
-    df = min(df, 1e7)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    def pdf(t):
-        return np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
-    def cdf(x):   # 1/2 + the integral over [0, x] of the density, Simpson's rule on 4001 points
-        f = pdf(np.linspace(0.0, x, 4001))
-        return 0.5 + x / 12000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-    x = 2.0
-    for _ in range(50):
-        step = (cdf(x) - q) / pdf(x)
-        x = max(x - step, x / 2)   # never past 0
-        if abs(step) < 1e-10:
+    """The q-quantile (q in (0.5, 1)) of Student's t with df >= 1 degrees of freedom (df may be
+    fractional: Satterthwaite's; capped at 1e7, where t is the normal to 1e-7). No scipy: with
+    t = sqrt(df) tan(theta), P(0 < T < t) = c int_0^theta cos(u)^(df - 1) du, c = Gamma((df + 1) / 2)
+    / (Gamma(df / 2) sqrt(pi)), a bounded integrand (Simpson's rule, 1001 points), and theta is
+    found by Newton's method kept inside a shrinking bracket (bisection where Newton would leave it)."""
+    df = min(max(df, 1.0), 1e7)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    def mass(theta):   # P(0 < T < sqrt(df) tan(theta))
+        f = np.cos(np.linspace(0.0, theta, 1001)) ** (df - 1)
+        return c * theta / 3000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, math.atan((40.0 if df >= 10 else 1e7) / math.sqrt(df))   # t < 40 for df >= 10, q < 1 - 1e-8
+    theta = math.atan(2.0 / math.sqrt(df))
+    for _ in range(100):
+        g = mass(theta) - (q - 0.5)
+        lo, hi = (theta, hi) if g < 0 else (lo, theta)
+        step = g / (c * math.cos(theta) ** (df - 1))
+        if abs(step) < 1e-13 or hi - lo < 1e-15:
             break
-    return float(x)
+        theta = theta - step if lo < theta - step < hi else (lo + hi) / 2
+    return math.sqrt(df) * math.tan(theta)
 
 
 def variance_components(A):
