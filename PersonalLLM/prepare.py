@@ -32,7 +32,8 @@ direction plus noise: a generic reward, decent for everyone and personal to no o
 planted population grants LoRe, so that the comparison is not won by construction:
   - the 10 reward models are nonlinear in the embeddings: s_m(phi) = sum_j b_mj tanh(g a_mj . phi / sd
     + c_mj), 16 tanh units each (--hidden-gain g), standardized; data.json states each model's R^2
-    under its best linear fit on the embeddings;
+    under its best linear fit on the embeddings; --noise adds per-response score noise as in the
+    planted population (no embedding carries it: with the default 1.0, half of a score's variance);
   - users are not mixtures of a few directions: --clusters cluster centres (Dirichlet(0.3) mixtures
     of the 10 models) plus each user's own Gaussian offset (--individual, signed: off the simplex),
     so the users' rewards are 10 nonlinear functions mixed with signed weights;
@@ -276,11 +277,13 @@ def misspecified(args):
                      for split in SPLITS for s in range(S[split]) for r in range(RESPONSES)]
     about = {"name": "misspecified",
              "about": f"10 reward models, each a sum of {HIDDEN} tanh units of the embeddings (gain "
-                      f"{args.hidden_gain}); users: {args.clusters} cluster centres (Dirichlet(0.3) mixtures) plus "
+                      f"{args.hidden_gain}), standardized, plus score noise of sd {args.noise} that no embedding "
+                      f"carries; users: {args.clusters} cluster centres (Dirichlet(0.3) mixtures) plus "
                       f"a signed Gaussian offset of sd {args.individual} per weight; arbitrary pairs of two "
                       f"responses; labels ~ Bernoulli(sigma({args.bt_beta} (r_a - r_b) / sd_i)); ties "
                       f"(|r_a - r_b| < {args.tie_margin} sd_i) recorded in ties.parquet and excluded",
-             "linear_r2_of_reward_models": [round(float(v), 4) for v in r2]}
+             "linear_r2_of_reward_models": [round(float(v), 4) for v in r2],   # of the noiseless scores
+             "score_noise": args.noise}
     return table, scores, conversations, v_ref, about
 
 
