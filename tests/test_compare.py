@@ -1,6 +1,6 @@
 """Comparisons: loss curves and the convergence flag, the checked fit (diverged or unmoved fits are
 errors for every method), validation users, searches with equal budgets that never read the test
-sets, bootstrap CIs, principal angles, and tools/compare.py end to end."""
+sets, the random-effects CIs (mean_ci), principal angles, and tools/compare.py end to end."""
 import json
 import os
 import sys
