@@ -1,8 +1,9 @@
 """Compare methods as a reviewer would trust: validation users carved out of the seen side, the same
 search budget for every method, selection by validation accuracy alone, refits with several seeds,
-bootstrap CIs over users and seeds, paired differences and the personalization gain.
+CIs over users and seeds (a two-way random-effects t interval), paired differences and the
+personalization gain.
 
-    python tools/compare.py --data PersonalLLM/data --method lore,pal,vpl --budget 4 --seeds 2 --out PersonalLLM/results/compare
+    python tools/compare.py --data PersonalLLM/data --method lore,pal,vpl --budget 4 --seeds 5 --out PersonalLLM/results/compare
     python tools/compare.py --data RedditTLDR/data --method lore,pal,vpl --budget 8 --seeds 3 --device cuda
 
 The protocol (lore/compare.py; docs/comparisons.md): a --validation fraction of the seen users,
@@ -47,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--method", type=cli.method_list, default=["lore", "pal", "vpl"],
                    help="methods to search and compare (default: %(default)s)")
     p.add_argument("--budget", type=cli.positive_int, default=4, help="configurations tried per method")
-    p.add_argument("--seeds", type=cli.positive_int, default=2, help="refits of each selected configuration")
+    p.add_argument("--seeds", type=cli.positive_int, default=5,
+                   help="refits of each selected configuration (default: %(default)s; the CIs' seed term has "
+                        "seeds - 1 degrees of freedom, so fewer seeds give wide, honest intervals)")
     p.add_argument("--validation", type=cli.fraction, default=compare.VALIDATION_FRACTION,
                    help="fraction of the seen users held out for validation (default: %(default)s)")
     p.add_argument("--fewshot-pairs", type=cli.positive_int, default=None,
