@@ -133,6 +133,7 @@ class PAL(Method):
         "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "batch_size": [16, 32, 64],
         "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
         "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2),
+        "weight_decay": ("log", 1e-2, 10.0),   # the L2 on f: 3 beats 0.01 on 15 pairs a user (PersonalLLM/recipe.json)
         "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
@@ -307,7 +308,7 @@ class VPL(Method):
     limits = {"warmup": 1.0, "hidden": 1 << 16}
     search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
         "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "duplicates": [1, 2, 4],
-        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2),
+        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2), "weight_decay": ("log", 1e-3, 30.0),
         "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
