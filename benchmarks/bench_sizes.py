@@ -14,7 +14,8 @@ few-shot pairs and scores unseen_test. Per row: the mean accuracy, the paired ga
 reference (per user, mean over seeds) with its 95% bootstrap CI over users and seeds
 (lore.compare.bootstrap_ci), whether the CI excludes 0, the fits' steps, passes, seconds, how they
 stopped and whether they converged. Writes --out (JSON, with the machine's load and threads) and
-prints the Markdown table that docs/comparisons.md shows.
+prints the Markdown table that docs/comparisons.md shows. Sizes already in --out and not in --sizes
+are kept (each size states its own seeds and load).
 """
 import argparse
 import os
@@ -112,10 +113,15 @@ def main(args):
     if args.table:
         print(table(read_json(args.table)), end="")
         return
-    hparams, sizes, start = recipe_hparams(), [], time.time()
+    hparams, start = recipe_hparams(), time.time()
+    # sizes measured before (another --sizes run into the same --out) are kept, unless measured again
+    kept = read_json(args.out)["sizes"] if os.path.isfile(args.out) else []
+    sizes = [s for s in kept if s["seen_users"] not in args.sizes]
     load = os.getloadavg()
     for n in args.sizes:
-        sizes.append(measure(n, args.seeds, args.work, hparams))
+        sizes.append({**measure(n, args.seeds, args.work, hparams), "seeds": args.seeds,
+                      "load_average_at_start": load, "load_average_at_end": os.getloadavg()})
+        sizes.sort(key=lambda s: s["seen_users"])
         result = {"sizes": sizes, "seeds": args.seeds, "command": " ".join(sys.argv),
                   "machine": {"cpus": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                               "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
