@@ -399,17 +399,17 @@ def fit_status(method):
     """What a record says of a checked fit's convergence: converged (False when its loss still fell
     by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
     (that fall, relative); the stopping rule (stop), how the fit ended (stopped: fixed, early or
-    cap), its optimizer steps, its passes over the training pairs and its seconds."""
+    cap), its optimizer steps and its passes over the training pairs. (Its seconds go in the fit
+    report, beside the checkpoint: a record stays the same for the same seed.)"""
     fall, curve = last_tenth_fall(method.curve), method.curve or {}
     return {"converged": converged(method.curve), "loss_fall": fall, "stop": method.hparams.get("stop"),
-            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes"),
-            "fit_seconds": method.fit_seconds}
+            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes")}
 
 
 def fit_report(method):
     """A checked fit's report, written beside its checkpoint: setting, hyperparameters, the loss
     curves of the fit and of the last new users' fit, and the convergence verdict."""
-    return {**method.setting(), "hparams": method.hparams, **fit_status(method),
+    return {**method.setting(), "hparams": method.hparams, **fit_status(method), "fit_seconds": method.fit_seconds,
             "converged_rule": "converged: stopped by the held-out rule before its cap (stop=early: lore.steps)"
                               if method.hparams.get("stop") == "early" else
                               f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "

@@ -135,7 +135,7 @@ def test_records_and_the_comparison_table_state_the_steps():
                           hparams={"lore": {"iters": 30, "stop": "early"}}, seed=0)
     r = records[0]
     assert r["stop"] == "early" and r["stopped"] == "cap" and r["steps"] == 30 and r["passes"] == 30.0
-    assert r["converged"] is False and r["fit_seconds"] > 0
+    assert r["converged"] is False and "fit_seconds" not in r   # seconds: in the fit report, not the record
     row = {"method": "pal", "selected": {"K": 3}, "validation": 0.8, "seen_test": 0.9, "seen_test_ci": [0.8, 1.0],
            "unseen_test": 0.85, "unseen_test_ci": [0.8, 0.9], "converged": False, "at_cap": True,
            "steps": 20000.0, "passes": 12.5, "fit_seconds": 3.25}
