@@ -134,8 +134,9 @@ def validate(name, config, split, v_ref, device, seed, base=None):
         checked_fit(method, split["train"])
         U = checked_fit_users(method, split["fewshot"])
         record.update(validation=float(accuracy(method, split["test"], U).mean()), error=None)
+        # a search record is the same for the same seed: its seconds are left out (the refits state theirs)
         record.update(converged=converged(method.curve), loss_fall=last_tenth_fall(method.curve),
-                      **fit_length(method), curve=method.curve)
+                      **{k: v for k, v in fit_length(method).items() if k != "fit_seconds"}, curve=method.curve)
     except InputError as e:
         record.update(validation=None, error=str(e), converged=None, loss_fall=None, curve=None)
     print(f"search {name} {config}: validation " + (f"{record['validation']:.4f}" if record["error"] is None
