@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lore import distributed, steps
+from lore import distributed, pca, steps, stopping
 from lore.active import active_shots, check_active, check_select
 from lore.basis import basis_report
 from lore.checks import (InputError, check_alpha, check_matrix, check_v_ref, int_list, is_int, resolve_device,
@@ -40,7 +40,6 @@ from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, acc
                           checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
                           per_user_accuracy, save_method, simplex, user_margins)
 from lore.pairs import SETS, Pairs, pack
-from lore.pca import least_squares_weights, principal_basis
 
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
 STD_FACTOR = 0.25        # the reference reports std across users times 0.25
@@ -91,10 +90,13 @@ class LowRankModel(FitModule):
     any device), v_ref as a column, and init="svd"."""
     form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
 
-    def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
+    def __init__(self, n_users, n_features, K, iters, device, init, draw_W, stop="fixed"):
         super().__init__()
+        if stop not in stopping.STOPS:
+            raise InputError(f"stop must be one of {', '.join(stopping.STOPS)}, got {stop!r}")
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
+        self.stop = stop
         self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
         self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
 
@@ -104,6 +106,18 @@ class LowRankModel(FitModule):
         if v.shape[0] != self.n_features:
             raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={self.n_features}")
         return v.to(self.device)
+
+    def stopping(self, pairs, weights):
+        """-> (the pairs to train on, the EarlyStop or None): stop="fixed" trains on every pair for
+        iters steps; stop="early" holds out a slice of every user's pairs (lore.stopping.holdout) and
+        stops when their loss (weighed by `weights`, as the fit's) no longer falls, iters the cap."""
+        if self.stop == "fixed":
+            return pairs, None
+        train, held = stopping.holdout(pairs)
+        Xh, wh = steps.training_rows(held, self.form), weights(held)                # rows, [P_held]
+        loss = lambda: steps.data_loss(Xh, bt_nll(user_margins(steps.as_rows(Xh).project(self.V), simplex(self.W),
+                                                                held.user), wh))
+        return train, stopping.EarlyStop(loss, [self.V, self.W])
 
     def start(self, pairs):
         """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
@@ -118,8 +132,8 @@ class LowRankModel(FitModule):
         if pairs.shard:   # each process would start from the basis of its own users
             raise InputError("init=svd reads every seen user's pairs: run it in one process (not under torchrun)")
         with torch.no_grad():
-            V = principal_basis(pairs, self.K, TEMPERATURE)                        # [F, K]
-            w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
+            V = pca.principal_basis(pairs, self.K, TEMPERATURE)                        # [F, K]
+            w = pca.least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
             self.V.copy_(V)
             self.W.copy_(w.clamp_min(1e-3).log())   # softmax(log w) = w; 1e-3 keeps the logits finite
 
@@ -131,8 +145,8 @@ class LoRe(LowRankModel):
     train(X) -> (softmax(W) [N, K], V [F, K])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None, init="random"):
-        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn)
+                 learning_rate, device=None, init="random", stop="fixed"):
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn, stop)
         self.alpha = alpha
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
@@ -151,10 +165,10 @@ class LoRe(LowRankModel):
         return bt_nll(s, user_mean_weights(pairs)), self.regularizer()
 
     def fit(self, X):
-        pairs = self.packed(X)
+        pairs, stop = self.stopping(self.packed(X), user_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, user_mean_weights(pairs)   # rows, [P], [P]
-        steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}")
+        steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
@@ -176,8 +190,8 @@ class LoRe_regularized(LowRankModel):
     train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None, init="random"):
-        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand)
+                 learning_rate, device=None, init="random", stop="fixed"):
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand, stop)
         self.alpha = alpha
         self.v_ref_unit = F.normalize(self.column(V_sft), dim=0)                   # [F, 1]
         self.optimizer_W = steps.adam([self.W], learning_rate, self.device)
@@ -202,12 +216,12 @@ class LoRe_regularized(LowRankModel):
         return nll, alpha_curr * self.regularizer()
 
     def fit(self, X):
-        pairs = self.packed(X)
+        pairs, stop = self.stopping(self.packed(X), pair_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, pair_mean_weights(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
         steps.training_loop(self.iters, lambda: self.step(X, user, weight, alpha_t), self.device,
-                      f"LoRe_regularized K={self.K}", before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
+                      f"LoRe_regularized K={self.K}", before=lambda i: alpha_t.fill_(self.alpha_at_step(i)), stop=stop)
         W = distributed.gather_users(simplex(self.W).detach(), pairs)                          # [N, K]
         kept = W.max(dim=0).values >= PRUNE_THRESHOLD                              # [K]
         print(f"kept {int(kept.sum())}/{self.K} directions (max user weight >= {PRUNE_THRESHOLD})")
@@ -279,9 +293,11 @@ class LoReMethod(LinearBasis):
     U = the users' simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1]
     for everyone); K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
     name, min_K, uses_alpha = "lore", 0, True
-    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random"}
-    choices = {"init": ("random", "svd")}   # the paper's random start, or LowRankModel.start's deterministic one
-    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
+    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random", "stop": "fixed"}
+    # the paper's random start, or LowRankModel.start's deterministic one; the paper's fixed
+    # iters, or the stopping rule (lore.steps: a held-out slice of the seen pairs, iters the cap)
+    choices = {"init": ("random", "svd"), "stop": stopping.STOPS}
+    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr", "stop")
     model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
@@ -297,7 +313,8 @@ class LoReMethod(LinearBasis):
         if self.v_ref is None and self.alpha:
             raise InputError(f"{self.name} with alpha = {self.alpha:g} pulls V towards v_ref: it needs v_ref")
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
-                           self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"])
+                           self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"],
+                           self.hparams["stop"])
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
         self.trainer = model   # its optimizer state, which checked_fit inspects
         return check_fitted(self, W, self.V)
@@ -308,7 +325,7 @@ class LoReRegularizedMethod(LoReMethod):
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
     weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
     name, prunes = "lore_regularized", True
-    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random"}
+    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random", "stop": "fixed"}
     model = LoRe_regularized
     search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
                     "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0)}
@@ -362,6 +379,7 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         record.update(fit_status(method))
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
+              + ("" if record["steps"] is None else f"  {record['steps']} steps ({record['stopped']})")
               + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
             save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
@@ -377,16 +395,21 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
 def fit_status(method):
     """What a record says of a checked fit's convergence: converged (False when its loss still fell
     by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
-    (that fall, relative)."""
-    fall = last_tenth_fall(method.curve)
-    return {"converged": converged(method.curve), "loss_fall": fall}
+    (that fall, relative); the stopping rule (stop), how the fit ended (stopped: fixed, early or
+    cap), its optimizer steps and its passes over the training pairs. (Its seconds go in the fit
+    report, beside the checkpoint: a record stays the same for the same seed.)"""
+    fall, curve = last_tenth_fall(method.curve), method.curve or {}
+    return {"converged": converged(method.curve), "loss_fall": fall, "stop": method.hparams.get("stop"),
+            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes")}
 
 
 def fit_report(method):
     """A checked fit's report, written beside its checkpoint: setting, hyperparameters, the loss
     curves of the fit and of the last new users' fit, and the convergence verdict."""
-    return {**method.setting(), "hparams": method.hparams, **fit_status(method),
-            "converged_rule": f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
+    return {**method.setting(), "hparams": method.hparams, **fit_status(method), "fit_seconds": method.fit_seconds,
+            "converged_rule": "converged: stopped by the held-out rule before its cap (stop=early: lore.steps)"
+                              if method.hparams.get("stop") == "early" else
+                              f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
                               f"(relative) below its mean over the tenth before",
             "curve": method.curve, "fewshot_curve": method.fewshot_curve}
 

@@ -20,6 +20,7 @@ from lore.extract import DEFAULT_MODEL
 from lore.io import read_json, write_json
 from lore.methods import METHODS
 from lore.recipes import load_recipe, recipe_path
+from lore.stopping import STOPS
 
 def command_line(main):
     """Wrap a script's main(args): bad input ends with a one-line message and exit code 2; Ctrl-C
@@ -145,6 +146,9 @@ def add_sweep_args(parser, folder, script):
     steps.add_argument("--fewshot-iters", type=positive_int, default=r["fewshot_iters"],
                        help="steps fitting unseen users' weights (default: %(default)s)")
     steps.add_argument("--fewshot-lr", type=positive_float, default=r["fewshot_lr"], help="(default: %(default)s)")
+    steps.add_argument("--stop", choices=STOPS, default=r.get("stop", "fixed"),
+                       help="fixed: --iters steps (the paper's); early: stop when the loss on a held-out slice "
+                            "of the seen users' pairs stops improving, --iters the cap (default: %(default)s)")
     if r.get("fewshot_pairs") is not None:
         parser.add_argument("--fewshot-pairs", type=positive_int, default=r["fewshot_pairs"],
                             help="the first n pairs of each unseen user's few-shot pool it fits on (default: %(default)s)")

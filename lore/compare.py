@@ -134,8 +134,9 @@ def validate(name, config, split, v_ref, device, seed, base=None):
         checked_fit(method, split["train"])
         U = checked_fit_users(method, split["fewshot"])
         record.update(validation=float(accuracy(method, split["test"], U).mean()), error=None)
+        # a search record is the same for the same seed: its seconds are left out (the refits state theirs)
         record.update(converged=converged(method.curve), loss_fall=last_tenth_fall(method.curve),
-                      curve=method.curve)
+                      **{k: v for k, v in fit_length(method).items() if k != "fit_seconds"}, curve=method.curve)
     except InputError as e:
         record.update(validation=None, error=str(e), converged=None, loss_fall=None, curve=None)
     print(f"search {name} {config}: validation " + (f"{record['validation']:.4f}" if record["error"] is None
@@ -172,8 +173,16 @@ def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
             acc[set_name].append(accuracy(method, sets[set_name], U if set_name.startswith("seen") else U_new))
         methods.append(method)
         fits.append({"seed": s, "converged": converged(method.curve), "loss_fall": last_tenth_fall(method.curve),
-                     "curve": method.curve})
+                     **fit_length(method), "curve": method.curve})
     return {k: np.stack(v) for k, v in acc.items()}, methods, fits
+
+
+def fit_length(method):
+    """How long a checked fit ran: optimizer steps, passes over its training pairs, seconds, and
+    how it ended (stopped: fixed, early or cap; None without a training loop)."""
+    curve = method.curve or {}
+    return {"steps": curve.get("steps"), "passes": curve.get("passes"), "fit_seconds": method.fit_seconds,
+            "stopped": curve.get("stopped")}
 
 
 def t_quantile(q, df):
@@ -280,6 +289,12 @@ def row(name, selected, validation, acc):
     return out
 
 
+def mean_length(fits):
+    """The refits' mean steps, passes and fit seconds (None for fits without a training loop)."""
+    mean = lambda k: None if any(f[k] is None for f in fits) else float(np.mean([f[k] for f in fits]))
+    return {k: mean(k) for k in ("steps", "passes", "fit_seconds")}
+
+
 def paired(a, b, acc_a, acc_b, set_name, comparisons=1):
     """a minus b on the same users and seeds (per-user accuracies [S, N] each): the mean, its CI, and
     the Bonferroni CI at level 1 - (1 - CI_LEVEL) / comparisons (all `comparisons` paired CIs hold
@@ -328,7 +343,8 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
         acc[label], methods_fitted, fits[label] = refit(name, config, sets, v_ref, device, seeds, seed, base.get(name))
         stability[label] = basis_stability(methods_fitted)
         rows.append({**row(name, config, validation, acc[label]), "method": label, "fit_of": name,
-                     "converged": all(f["converged"] is not False for f in fits[label])})
+                     "converged": all(f["converged"] is not False for f in fits[label]),
+                     "at_cap": any(f["stopped"] == "cap" for f in fits[label]), **mean_length(fits[label])})
         print(f"{label}: selected {config}, validation {validation:.4f}, "
               + ", ".join(f"{s} {rows[-1][s]:.4f} [{rows[-1][s + '_ci'][0]:.4f}, {rows[-1][s + '_ci'][1]:.4f}]"
                           for s in TRUSTED_SETS))

@@ -43,7 +43,8 @@ def test_loop_keeps_100_evenly_spaced_losses():
     i = iter(range(10 ** 6))
     curve = training_loop(1000, lambda: torch.tensor(float(next(i))), torch.device("cpu"))
     expected = np.linspace(0, 999, 100).round().astype(int).tolist()
-    assert curve == {"step": expected, "loss": [float(s) for s in expected], "windowed": False}
+    assert curve == {"step": expected, "loss": [float(s) for s in expected], "windowed": False,
+                     "steps": 1000, "passes": 1000.0, "stopped": "fixed", "cap": None}
     i = iter(range(10 ** 6))
     assert training_loop(7, lambda: torch.tensor(float(next(i))), torch.device("cpu"))["step"] == list(range(7))
 
@@ -314,7 +315,8 @@ def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reac
         assert tuned and {k: hp[name][k] for k in tuned} == tuned
     assert method_hparams(tldr.parse_args(["--method", "pal,vpl"])) == {
         n: dict(METHODS[n].defaults) for n in ("pal", "vpl")}
-    papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-epochs", "1", "--pal-batch-size", "4",
+    papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-stop", "fixed", "--pal-weight-decay", "0.01",
+                              "--pal-epochs", "1", "--pal-batch-size", "4",
                               "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
                               "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
     assert method_hparams(papers)["pal"] == METHODS["pal"].defaults

@@ -36,7 +36,8 @@ TINY = ["--prompts-train", "400", "--prompts-test", "100", "--features", "16"]
 USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-frac", "0.05"]
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
 QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
-RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
+               "stop", "stopped", "steps", "passes"}
 
 
 @pytest.fixture(scope="module")

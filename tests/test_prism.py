@@ -43,7 +43,8 @@ COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "c
 PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
-RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
+               "stop", "stopped", "steps", "passes"}
 TURN = {"user": True, "chosen": True}
 
 
