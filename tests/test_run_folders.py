@@ -299,6 +299,8 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
     for kind, text in (("old", "previous"), ("ready", "new")):
         os.makedirs(tmp_path / f".R.{kind}-4242")
         (tmp_path / f".R.{kind}-4242" / "v.txt").write_text(text)
+        record = {"folder": str(out), "pid": 4242 if kind == "ready" else 1, "complete": True, "entries": {}}
+        (tmp_path / f".R.{kind}-4242" / cli.MANIFEST).write_text(json.dumps(record))
     out.mkdir()                                             # something created R meanwhile
     with pytest.raises(InputError, match="was created while the swap of a killed run was unfinished"):
         with cli.run_folder(namespace(out), "a.py"):
@@ -466,7 +468,7 @@ def test_ctrl_c_during_prepare_leaves_the_old_folder_whole(data, tmp_path, capsy
             raise KeyboardInterrupt
         return save(*args, **kwargs)
     save = save_tensors
-    monkeypatch.setattr(utils, "save_tensors", interrupted)
+    monkeypatch.setattr(prepare, "save_tensors", interrupted)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         prepare.main(prepare.parse_args(["--synthetic", "--out", str(d), *TINY, "--seed", "3"]))
@@ -538,8 +540,10 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
-    # a run killed with -9 leaves its staging folder: the next run removes it
+    # a run killed with -9 leaves its staging folder, with its record: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
+    (tmp_path / ".results.partial-99999" / cli.MANIFEST).write_text(
+        json.dumps({"folder": str(out), "pid": 99999, "script": "a.py", "entries": {}}))
     with run_folder(args, "a.py") as staging:
         # while a run holds the folder, a second one is refused at once
         with pytest.raises(InputError, match="is in use by another run"):
@@ -547,3 +551,62 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
                 pass
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run
+
+
+# Leftovers are recognised by their exact name and the record inside them, never by a prefix
+
+def test_a_sibling_whose_name_starts_like_a_leftover_is_never_touched(tmp_path):
+    """`r.old-1` is a folder of its own: its staging folder, lock and cache are not `r`'s leftovers;
+    neither is a folder named exactly like one of `r`'s but without its record."""
+    X, r = tmp_path, tmp_path / "r"
+    (X / ".r.old-1.cache").mkdir()
+    (X / ".r.old-1.cache" / "embeddings.safetensors").write_text("cache of r.old-1")
+    (X / ".r.partial-7").mkdir()                                # a user's folder, no record
+    (X / ".r.partial-7" / "mine.txt").write_text("mine")
+    with cli.run_folder(namespace(X / "r.old-1"), "a.py") as first:
+        open(os.path.join(first, "lore_K0.txt"), "w").write("first")
+        with cli.run_folder(namespace(r), "a.py") as second:   # runs to its end meanwhile
+            open(os.path.join(second, "v.txt"), "w").write("second")
+        assert os.path.isfile(os.path.join(first, "lore_K0.txt"))
+    assert (X / "r.old-1" / "lore_K0.txt").read_text() == "first" and (r / "v.txt").read_text() == "second"
+    assert (X / ".r.old-1.cache" / "embeddings.safetensors").read_text() == "cache of r.old-1"
+    assert (X / ".r.partial-7" / "mine.txt").read_text() == "mine"
+    assert sorted(os.listdir(X)) == [".r.lock", ".r.old-1.cache", ".r.old-1.lock", ".r.partial-7", "r", "r.old-1"]
+
+
+def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
+    """A ready folder named like r's whose record names another folder is not put in place as r."""
+    other = tmp_path / ".r.ready-55"
+    other.mkdir()
+    (other / cli.MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
+                                                  "entries": {}}))
+    with cli.run_folder(namespace(tmp_path / "r"), "a.py") as staging:
+        assert not (tmp_path / "r").exists()
+        open(os.path.join(staging, "v.txt"), "w").write("mine")
+    assert other.is_dir() and (tmp_path / "r" / "v.txt").read_text() == "mine"
+
+
+# --out a symlink written `link/`, or a loop
+
+def test_out_link_with_a_trailing_slash_is_the_link(tmp_path):
+    target = tmp_path / "target"
+    with cli.run_folder(namespace(target), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("1")
+    link = tmp_path / "links" / "RL"
+    link.parent.mkdir()
+    os.symlink(target, link)
+    with cli.run_folder(namespace(str(link) + "/"), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("2")
+    assert os.path.islink(link) and (target / "v.txt").read_text() == "2"
+    assert os.listdir(tmp_path / "links") == ["RL"]
+    assert sorted(os.listdir(tmp_path)) == [".target.lock", "links", "target"]
+
+
+def test_out_symlink_loop_is_refused(tmp_path):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    for out in (tmp_path / "a", str(tmp_path / "a") + "/"):
+        with pytest.raises(InputError, match="symlink"):
+            with cli.run_folder(namespace(out), "a.py"):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
