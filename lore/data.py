@@ -156,7 +156,7 @@ def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, co
         "pairs": {name: int((pairs["set"] == name).sum()) for name in SETS},
         "embeddings": _embeddings_identity(os.path.join(folder, "embeddings.safetensors")),
         "files": {name: _file_digest(os.path.join(folder, name)) for name in (*DATA_FILES, *files)},
-        "config": config, **extra})
+        "config": config, **extra}, canonical=True)   # the same data, the same bytes: its hash is the identity
     print(f"{folder}: " + ", ".join(f"{name} {int((pairs['set'] == name).sum())} pairs" for name in SETS)
           + f" of {len(users['seen'])} seen and {len(users['unseen'])} unseen users")
 

@@ -94,11 +94,13 @@ def first_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def write_json(path, obj):
+def write_json(path, obj, canonical=False):
+    """JSON, atomically. canonical: keys sorted, so that the same content gives the same bytes (a
+    dict from safetensors' header, such as an embeddings file's metadata, has no stable order)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _atomic(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(obj, f, indent=2, sort_keys=canonical)
 
 
 def read_json(path):
