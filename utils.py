@@ -35,7 +35,7 @@ from lore.basis import basis_report
 from lore.checks import (InputError, check_alpha, check_matrix, check_v_ref, int_list, is_int, resolve_device,
                          seed_fit, short_repr)
 from lore.data import data_identity
-from lore.io import check_folder_writable, write_json
+from lore.io import check_folder_writable, check_not_owned, write_json
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
                           checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
                           per_user_accuracy, save_method, simplex, user_margins)
@@ -346,7 +346,8 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     and `loss_fall` (fit_status)."""
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test,
                                                    unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device))
-    if out_dir is not None:
+    if out_dir is not None:   # the ownership rule of --out: never another run's folder, nor a data folder
+        check_not_owned(out_dir, "out_dir")
         check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports

@@ -17,7 +17,7 @@ from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
 from lore.distributed import all_ranks, distributed, is_main_process
 from lore.extract import DEFAULT_MODEL
-from lore.io import read_json, write_json
+from lore.io import MANIFEST, run_record, write_json
 from lore.methods import METHODS
 from lore.recipes import load_recipe, recipe_path
 
@@ -250,10 +250,6 @@ def start_run(args):
     return device
 
 
-MANIFEST = ".lore-run.json"   # in every folder a run wrote: {"entries": {name: the script that wrote it}}
-# and the record of whose it is: {"folder": --out, "pid": the writing process, "script": its script}
-
-
 def _record(out, script):
     return {"folder": out, "pid": os.getpid(), "script": script}
 
@@ -427,19 +423,9 @@ def _check_out(out, inputs):
                              f"pick another --out")
 
 
-def _manifest(folder):
-    """A folder's MANIFEST as a dict ({} when there is none or it is unreadable)."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        record = read_json(path) if os.path.isfile(path) else {}
-    except InputError:
-        record = {}
-    return record if isinstance(record, dict) else {}
-
-
 def _owners(out):
     """{entry: the script that wrote it} of a folder, from its MANIFEST ({} when there is none)."""
-    entries = _manifest(out).get("entries")
+    entries = run_record(out).get("entries")
     return entries if isinstance(entries, dict) else {}
 
 
@@ -517,7 +503,7 @@ def leftovers(out):
         path = os.path.join(parent, name)
         if m is None or m["base"] != base or os.path.islink(path) or not os.path.isdir(path):
             continue
-        record = _manifest(path)
+        record = run_record(path)
         if record.get("folder") != out:
             continue
         kind, pid = m["kind"], int(m["pid"])

@@ -300,7 +300,7 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
         os.makedirs(tmp_path / f".R.{kind}-4242")
         (tmp_path / f".R.{kind}-4242" / "v.txt").write_text(text)
         record = {"folder": str(out), "pid": 4242 if kind == "ready" else 1, "complete": True, "entries": {}}
-        (tmp_path / f".R.{kind}-4242" / cli.MANIFEST).write_text(json.dumps(record))
+        (tmp_path / f".R.{kind}-4242" / lore_io.MANIFEST).write_text(json.dumps(record))
     out.mkdir()                                             # something created R meanwhile
     with pytest.raises(InputError, match="was created while the swap of a killed run was unfinished"):
         with cli.run_folder(namespace(out), "a.py"):
@@ -542,7 +542,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
     # a run killed with -9 leaves its staging folder, with its record: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
-    (tmp_path / ".results.partial-99999" / cli.MANIFEST).write_text(
+    (tmp_path / ".results.partial-99999" / lore_io.MANIFEST).write_text(
         json.dumps({"folder": str(out), "pid": 99999, "script": "a.py", "entries": {}}))
     with run_folder(args, "a.py") as staging:
         # while a run holds the folder, a second one is refused at once
@@ -578,7 +578,7 @@ def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
     """A ready folder named like r's whose record names another folder is not put in place as r."""
     other = tmp_path / ".r.ready-55"
     other.mkdir()
-    (other / cli.MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
+    (other / lore_io.MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
                                                   "entries": {}}))
     with cli.run_folder(namespace(tmp_path / "r"), "a.py") as staging:
         assert not (tmp_path / "r").exists()
@@ -610,3 +610,31 @@ def test_out_symlink_loop_is_refused(tmp_path):
             with cli.run_folder(namespace(out), "a.py"):
                 pass
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# Every output path of the API and of --embeddings follows the ownership rule of --out
+
+def test_sweep_out_dir_in_another_run_or_data_folder_is_refused(data, results, tmp_path):
+    d = load_data(data, "cpu")
+    sets = {name: d.sets[name] for name in ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")}
+    before_results, before_data = tree(results), tree(data)
+    for out_dir in (results, data, os.path.join(results, "sub")):
+        with pytest.raises(InputError, match="the output folder of another run"):
+            utils.sweep(**sets, K_list=[1], hparams={"lore": {"iters": 5, "fewshot_iters": 5}}, device="cpu", out_dir=out_dir)
+    assert tree(results) == before_results and tree(data) == before_data
+    mine = tmp_path / "mine"
+    utils.sweep(**sets, K_list=[1], hparams={"lore": {"iters": 5, "fewshot_iters": 5}}, device="cpu", out_dir=str(mine))
+    assert any(name.endswith(".safetensors") for name in os.listdir(mine))
+
+
+def test_eval_rb2_embeddings_in_another_run_or_data_folder_is_refused(tiny_model_dir, data, results, tmp_path,
+                                                                     capsys):
+    rb2 = tmp_path / "rb2.jsonl"
+    rb2.write_text("".join(json.dumps({"prompt": f"w{i} w2", "chosen": ["w3"], "rejected": ["w4"],
+                                       "subset": "Math", "id": str(i)}) + "\n" for i in range(3)))
+    flags = ["--model", tiny_model_dir, "--data-files", f"test={rb2}", "--device", "cpu", "--out", str(tmp_path / "B")]
+    before_results, before_data = tree(results), tree(data)
+    for where in (os.path.join(results, "rb2_embeddings.safetensors"), os.path.join(data, "x.safetensors")):
+        line = fails(capsys, eval_rb2.main, eval_rb2.parse_args([*flags, "--embeddings", where]))
+        assert "--embeddings" in line and "another run" in line
+    assert tree(results) == before_results and tree(data) == before_data and not (tmp_path / "B").exists()
