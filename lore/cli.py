@@ -255,7 +255,7 @@ def _record(out, script):
 
 
 @contextlib.contextmanager
-def run_folder(args, script, *, keep=(), inputs=None, **extra):
+def run_folder(args, script, *, keep=(), keep_if=None, inputs=None, **extra):
     """The output folder of a run (args.out), written as a whole when the run succeeds, or not at all.
 
     Yields a staging folder beside --out to write every output into (None on torchrun ranks > 0, which
@@ -268,7 +268,9 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
       - every entry of an existing --out must be one this script wrote there (the folder's MANIFEST
         records who wrote what) or one of a script in `keep` (PRISM's prepare.py and
         generate-prism-embeddings.py share a folder); anything else (a user's file, another
-        script's folder, a data folder) is refused, named, and nothing is touched.
+        script's folder, a data folder) is refused, named, and nothing is touched;
+        keep_if(staging, out) -> bool, when given, says at the end whether the kept entries still
+        belong with the new ones (PRISM: made from the same examples); if not, they are dropped.
     When the block ends without error, config.json (config_of(args), the script's name, the time)
     and the MANIFEST are added, the kept scripts' entries are linked in, the ownership check is made
     again (something may have appeared in --out meanwhile) and the folder replaces --out (swap). On
@@ -291,8 +293,10 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
                        {**config_of(args, **extra), "script": script,
                         "finished": datetime.datetime.now().isoformat(timespec="seconds")})
             entries = {name: script for name in os.listdir(staging) if name != MANIFEST}
-            for name, owner in _check_owned(out, script, keep).items():
-                if owner != script and name not in entries:   # a kept script's entry: linked, not copied
+            owned = _check_owned(out, script, keep)
+            keeping = keep_if is None or not owned or keep_if(staging, out)
+            for name, owner in owned.items():
+                if owner != script and name not in entries and keeping:   # a kept script's entry: linked, not copied
                     _link_tree(os.path.join(out, name), os.path.join(staging, name))
                     entries[name] = owner
             write_json(os.path.join(staging, MANIFEST),
