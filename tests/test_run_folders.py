@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -638,3 +639,78 @@ def test_eval_rb2_embeddings_in_another_run_or_data_folder_is_refused(tiny_model
         line = fails(capsys, eval_rb2.main, eval_rb2.parse_args([*flags, "--embeddings", where]))
         assert "--embeddings" in line and "another run" in line
     assert tree(results) == before_results and tree(data) == before_data and not (tmp_path / "B").exists()
+
+
+# The protocol as a property: random runs, kills and leftovers over sibling folders
+
+FOLDERS = ("r", "r.old-1", "s")
+TRAPS = {".r.partial-999": "a user's folder named like a leftover", ".r.old-1.cache": "another folder's cache"}
+
+
+def run_in_child(out, token, kill):
+    """A run into `out` writing v.txt = token, in a child process killed (os._exit: no cleanup) inside
+    its block (kill 'block') or after `kill` renames of its swap; -> (pid, whether it was killed)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            calls, rename = [], os.rename
+
+            def dying_rename(src, dst):
+                rename(src, dst)
+                calls.append(dst)
+                if len(calls) == kill:
+                    os._exit(9)
+            os.rename = dying_rename
+            with cli.run_folder(namespace(out), "a.py") as staging:
+                open(os.path.join(staging, "v.txt"), "w").write(token)
+                if kill == "block":
+                    os._exit(9)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) in (0, 9)
+    return pid, os.WEXITSTATUS(status) == 9
+
+
+def snapshot(parent, names):
+    return {name: tree(os.path.join(parent, name)) if os.path.isdir(os.path.join(parent, name)) else None
+            for name in names}
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from(FOLDERS), st.sampled_from([None, "block", 1, 2, 3])),
+                min_size=1, max_size=6))
+def test_run_folder_protocol_never_loses_a_result_nor_touches_another_folder(ops):
+    import tempfile
+    with tempfile.TemporaryDirectory() as parent:
+        for name, what in TRAPS.items():
+            os.makedirs(os.path.join(parent, name))
+            open(os.path.join(parent, name, "f.txt"), "w").write(what)
+        allowed = {f: {None} for f in FOLDERS}   # what --out may hold once recovered
+        pids = {f: set() for f in FOLDERS}
+        for i, (f, kill) in enumerate(ops):
+            mine = {f, f".{f}.lock"}
+            others = [n for n in os.listdir(parent) if n not in mine
+                      and not any(n == f".{f}.{k}-{p}" for k in ("partial", "ready", "old") for p in pids[f])]
+            before = snapshot(parent, others)
+            pid, killed = run_in_child(os.path.join(parent, f), f"{f}:{i}", kill)
+            pids[f].add(pid)
+            # a run touches nothing but its folder, its lock and its own leftovers
+            ours = {n for n in os.listdir(parent) if n.startswith(f".{f}.") and n.endswith(f"-{pid}")}
+            assert snapshot(parent, [n for n in others]) == before, (f, kill)
+            assert not ours - {f".{f}.{k}-{pid}" for k in ("partial", "ready", "old")}
+            if not killed:
+                allowed[f] = {f"{f}:{i}"}                # a completed result: nothing less from now on
+            elif kill != "block":
+                allowed[f] = allowed[f] | {f"{f}:{i}"}   # a swap under way may finish at recovery
+        for f in FOLDERS:
+            with cli.run_folder(namespace(os.path.join(parent, f)), "a.py") as staging:   # recovers first
+                path = os.path.join(parent, f, "v.txt")
+                found = open(path).read() if os.path.exists(path) else None
+                open(os.path.join(staging, "v.txt"), "w").write("final")
+            assert found in allowed[f], (f, found, allowed[f], ops)
+        for name, what in TRAPS.items():
+            assert open(os.path.join(parent, name, "f.txt")).read() == what
+        left = sorted(n for n in os.listdir(parent) if n not in TRAPS)
+        assert left == sorted([*FOLDERS, *(f".{f}.lock" for f in FOLDERS)]), left
