@@ -121,6 +121,9 @@ def int_list(values, what, least):
             raise InputError(f"{what} must be a list of integers, got {list(values)!r} ({v!r} is not an integer)")
         if v < least:
             raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
+    if len(set(int(v) for v in values)) != len(values):   # as the flags: a repeat would be a second, wrong record
+        twice = next(v for v in values if list(values).count(v) > 1)
+        raise InputError(f"{what} must not repeat a value, got {list(values)!r} ({twice} twice)")
     return [int(v) for v in values]
 
 
