@@ -29,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lore import distributed, steps
+from lore import distributed, io, steps
 from lore.active import active_shots, check_active, check_select
 from lore.basis import basis_report
-from lore.checks import (InputError, check_alpha, check_count, check_matrix, check_rate, check_seed, check_v_ref,
-                         int_list, is_int, resolve_device, seed_fit, short_repr)
+from lore.checks import (InputError, check_alpha, check_matrix, check_model, check_v_ref, int_list, is_int,
+                         resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
-from lore.io import check_folder_writable, check_not_owned, write_json
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
                           checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
                           per_user_accuracy, save_method, simplex, user_margins)
@@ -76,15 +75,6 @@ class FitModule(nn.Module):
         return super().train(X) if isinstance(X, bool) else self.fit(X, *args)
 
 
-def check_sizes(n_users, n_features, K, iters, what):
-    """A model's sizes and step count, checked as the command line checks them: integers, K >= 1,
-    iters >= 1 (0 steps would return the random start as a fit)."""
-    check_count(n_users, f"{what}: num_classes")
-    check_count(n_features, f"{what}: num_features")
-    check_count(K, f"{what}: num_basis_vectors")
-    check_count(iters, f"{what}: num_iterations")
-
-
 class LowRankModel(FitModule):
     """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
     as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
@@ -93,7 +83,6 @@ class LowRankModel(FitModule):
 
     def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
         super().__init__()
-        check_sizes(n_users, n_features, K, iters, type(self).__name__)
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
         self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
@@ -142,8 +131,8 @@ class LoRe(LowRankModel):
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn)
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe")
         self.alpha = check_alpha(alpha, "LoRe")
-        check_rate(learning_rate, "LoRe: learning_rate")
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
@@ -188,8 +177,8 @@ class LoRe_regularized(LowRankModel):
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random"):
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand)
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe_regularized")
         self.alpha = check_alpha(alpha, "LoRe_regularized")
-        check_rate(learning_rate, "LoRe_regularized: learning_rate")
         if V_sft is None:
             raise InputError("LoRe_regularized pulls V towards V_sft: V_sft (v_ref) is needed, got None")
         self.v_ref_unit = F.normalize(self.column(V_sft), dim=0)                   # [F, 1]
@@ -253,8 +242,7 @@ class PersonalizeBatch(FitModule):
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
                  device=None):
         super().__init__()
-        check_sizes(num_classes, num_features, num_basis_vectors, num_iterations, "PersonalizeBatch")
-        check_rate(learning_rate, "PersonalizeBatch: learning_rate")
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "PersonalizeBatch")
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters = num_classes, num_features, num_basis_vectors, num_iterations
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
@@ -364,13 +352,11 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     -> one record per fit: method, K, alpha, then for each set its mean accuracy over users and
     `{set}_std`, the std across users times 0.25 (the reference's convention), then `converged`
     and `loss_fall` (fit_status)."""
-    if seed is not None:
-        check_seed(seed)
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test,
                                                    unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device))
     if out_dir is not None:   # the ownership rule of --out: never another run's folder, nor a data folder
-        check_not_owned(out_dir, "out_dir")
-        check_folder_writable(out_dir, "out_dir")
+        io.check_not_owned(out_dir, "out_dir")
+        io.check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
         acc_ref = distributed.gather_users(per_user_accuracy(sets["seen_test"], check_v_ref(v_ref),
@@ -391,9 +377,9 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
         if out_dir is not None:
             save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
                         W=U, W_unseen=U_new)
-            write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
+            io.write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
             if method.linear:
-                write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
+                io.write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
@@ -432,8 +418,6 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     _check_trials(trials)
     shots = int_list(shots, "shots", least=1)
     select = check_select(select)
-    if seed is not None:
-        check_seed(seed)
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
                                         unseen_test=unseen_test), device))
     pool = sets["unseen_fewshot"]
@@ -689,7 +673,7 @@ def sample_shots(train_features_unseen, shots):
     """Per user, `shots` random rows drawn without replacement (all rows when the user has fewer).
     Pairs with a `group` are sampled by group: `shots` groups per user, each with all its pairs.
     A list in gives a list out; Pairs in gives Pairs out. Kept rows stay in their original order."""
-    check_count(shots, "shots")
+    shots = int_list([shots], "shots", least=1)[0]
     if isinstance(train_features_unseen, Pairs):
         return train_features_unseen.select(sample_groups(train_features_unseen, shots))
     pairs = pack(train_features_unseen, "train_features_unseen",

@@ -566,3 +566,15 @@ def test_reference_api_checks_its_inputs_as_the_flags_do():
         utils.sweep_shots(shots=[100], **shots)
     with pytest.raises(InputError, match="load_data"):
         load_data(None)
+
+
+def test_tools_api_refuses_what_the_flags_refuse():
+    from lore.basis import interpret_basis
+    from lore.compare import compare
+    from lore.methods import load_method
+    with pytest.raises(InputError, match="top"):
+        interpret_basis(torch.randn(4, 2), torch.randn(5, 4), {}, top=-2)
+    with pytest.raises(InputError, match="methods must be a non-empty list"):
+        compare(None, None, "lore", 1, 1)
+    with pytest.raises(InputError, match="allow_other_data must be True or False"):
+        load_method("x.safetensors", allow_other_data="no")

@@ -1,5 +1,6 @@
 """The data folder as prepare.py makes it: canonical data.json, every populated value checked where
 it is made, caches that an edit of the data cannot reach, and PRISM's two steps kept together."""
+import argparse
 import os
 
 import numpy as np
@@ -50,9 +51,9 @@ def test_cache_and_output_are_copies_not_links(tmp_path):
     """cache_path seeds the cache from --out's file and link_into puts it back: never the same inode,
     so an edit of the data folder's file in place does not reach the cache."""
     out = tmp_path / "D"
-    with cli.run_folder(cli.argparse.Namespace(out=str(out), seed=0), "a.py") as staging:
+    with cli.run_folder(argparse.Namespace(out=str(out), seed=0), "a.py") as staging:
         (open(os.path.join(staging, "embeddings.safetensors"), "w")).write("table")
-    args = cli.argparse.Namespace(out=str(out))
+    args = argparse.Namespace(out=str(out))
     cache = cli.cache_path(args, "embeddings.safetensors")
     assert open(cache).read() == "table" and os.stat(cache).st_ino != os.stat(out / "embeddings.safetensors").st_ino
     copy = cli.link_into(cache, str(tmp_path))

@@ -17,13 +17,12 @@ from safetensors.torch import save_file
 
 import utils
 from conftest import REPO, load_script
-from lore import cli, io as lore_io
-from lore.cli import command_line, run_folder
+from lore.cli import command_line, hparam_type, run_folder
 from lore.checks import InputError
 from lore.scoring import fit_new_users, score_items
 from lore.data import load_data
 from lore.extract import embed_conversations
-from lore.io import load_tensors, save_tensors
+from lore.io import MANIFEST, load_tensors, save_tensors
 from lore.methods import get_method, load_method, Method
 from lore.pairs import pack, Pairs
 from lore.results import save_results
@@ -120,10 +119,10 @@ def test_rerun_refuses_entries_it_did_not_write(data, results, tmp_path, capsys)
 
 def test_something_appearing_in_out_during_a_run_is_kept(tmp_path):
     out = tmp_path / "R"
-    with cli.run_folder(namespace(out), "a.py") as staging:
+    with run_folder(namespace(out), "a.py") as staging:
         open(os.path.join(staging, "a.txt"), "w").write("1")
     with pytest.raises(InputError, match="holds 'late'"):
-        with cli.run_folder(namespace(out), "a.py") as staging:
+        with run_folder(namespace(out), "a.py") as staging:
             open(os.path.join(staging, "a.txt"), "w").write("2")
             os.makedirs(out / "late")                        # another run's output, made meanwhile
             (out / "late" / "x").write_text("theirs")
@@ -269,7 +268,7 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
     """A child process dies (os._exit, as under kill -9: no cleanup) after `renames` renames of the
     swap; the next run finds --out holding the old results or the new ones, whole, and no leftovers."""
     out = tmp_path / "R"
-    with cli.run_folder(namespace(out), "a.py") as staging:
+    with run_folder(namespace(out), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("old")
     pid = os.fork()
     if pid == 0:   # the child: a run that is killed in its swap
@@ -282,13 +281,13 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
                 if len(calls) == renames:
                     os._exit(9)
             os.rename = dying_rename
-            with cli.run_folder(namespace(out), "a.py") as staging:
+            with run_folder(namespace(out), "a.py") as staging:
                 open(os.path.join(staging, "v.txt"), "w").write("new")
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 9
-    with cli.run_folder(namespace(out), "a.py") as staging:   # the next run recovers first
+    with run_folder(namespace(out), "a.py") as staging:   # the next run recovers first
         recovered = open(out / "v.txt").read() if (out / "v.txt").exists() else None
         open(os.path.join(staging, "v.txt"), "w").write("next")
     assert recovered == ("new" if renames >= 2 else "old")
@@ -301,10 +300,10 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
         os.makedirs(tmp_path / f".R.{kind}-4242")
         (tmp_path / f".R.{kind}-4242" / "v.txt").write_text(text)
         record = {"folder": str(out), "pid": 4242 if kind == "ready" else 1, "complete": True, "entries": {}}
-        (tmp_path / f".R.{kind}-4242" / lore_io.MANIFEST).write_text(json.dumps(record))
+        (tmp_path / f".R.{kind}-4242" / MANIFEST).write_text(json.dumps(record))
     out.mkdir()                                             # something created R meanwhile
     with pytest.raises(InputError, match="was created while the swap of a killed run was unfinished"):
-        with cli.run_folder(namespace(out), "a.py"):
+        with run_folder(namespace(out), "a.py"):
             pass
     assert (tmp_path / ".R.old-4242" / "v.txt").read_text() == "previous"
     assert (tmp_path / ".R.ready-4242" / "v.txt").read_text() == "new"
@@ -314,12 +313,12 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
 
 def test_out_symlink_replaces_its_target(tmp_path):
     target = tmp_path / "target"
-    with cli.run_folder(namespace(target), "a.py") as staging:
+    with run_folder(namespace(target), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("1")
     link = tmp_path / "links" / "RL"
     link.parent.mkdir()
     os.symlink(target, link)
-    with cli.run_folder(namespace(link), "a.py") as staging:
+    with run_folder(namespace(link), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("2")
     assert os.path.islink(link) and (link / "v.txt").read_text() == "2" and (target / "v.txt").read_text() == "2"
     assert os.listdir(tmp_path / "links") == ["RL"]
@@ -388,7 +387,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(data, results, tmp_path, capsy
             f.close()
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return f
-    monkeypatch.setattr(lore_io, "open", full_disk, raising=False)
+    monkeypatch.setattr("lore.io.open", full_disk, raising=False)
     line = fails(capsys, train_basis.main, train_basis.parse_args(["--data", data, "--out", str(R), *QUICK]))
     assert line.startswith("error: ") and "No space left on device (ENOSPC)" in line and "results.json" in line
     assert tree(R) == before and sorted(os.listdir(tmp_path)) == [".R.lock", "R"]
@@ -516,9 +515,9 @@ def test_string_hyperparameters_with_declared_choices():
     assert cls(1, device="cpu", init="svd").hparams["init"] == "svd"
     with pytest.raises(InputError, match="method with_init: init must be one of random, svd, got 'pca'"):
         cls(1, device="cpu", init="pca")
-    assert cli.hparam_type(cls, "init")("svd") == "svd"
+    assert hparam_type(cls, "init")("svd") == "svd"
     with pytest.raises(argparse.ArgumentTypeError, match="init must be one of random, svd"):
-        cli.hparam_type(cls, "init")("pca")
+        hparam_type(cls, "init")("pca")
     with pytest.raises(InputError, match="its class must list its values in choices"):   # refused, not guessed
         type("NoChoices", (Method,), {"name": "no_choices", "defaults": {"init": "random"}})(1, device="cpu")
 
@@ -543,7 +542,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
     # a run killed with -9 leaves its staging folder, with its record: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
-    (tmp_path / ".results.partial-99999" / lore_io.MANIFEST).write_text(
+    (tmp_path / ".results.partial-99999" / MANIFEST).write_text(
         json.dumps({"folder": str(out), "pid": 99999, "script": "a.py", "entries": {}}))
     with run_folder(args, "a.py") as staging:
         # while a run holds the folder, a second one is refused at once
@@ -564,9 +563,9 @@ def test_a_sibling_whose_name_starts_like_a_leftover_is_never_touched(tmp_path):
     (X / ".r.old-1.cache" / "embeddings.safetensors").write_text("cache of r.old-1")
     (X / ".r.partial-7").mkdir()                                # a user's folder, no record
     (X / ".r.partial-7" / "mine.txt").write_text("mine")
-    with cli.run_folder(namespace(X / "r.old-1"), "a.py") as first:
+    with run_folder(namespace(X / "r.old-1"), "a.py") as first:
         open(os.path.join(first, "lore_K0.txt"), "w").write("first")
-        with cli.run_folder(namespace(r), "a.py") as second:   # runs to its end meanwhile
+        with run_folder(namespace(r), "a.py") as second:   # runs to its end meanwhile
             open(os.path.join(second, "v.txt"), "w").write("second")
         assert os.path.isfile(os.path.join(first, "lore_K0.txt"))
     assert (X / "r.old-1" / "lore_K0.txt").read_text() == "first" and (r / "v.txt").read_text() == "second"
@@ -579,9 +578,9 @@ def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
     """A ready folder named like r's whose record names another folder is not put in place as r."""
     other = tmp_path / ".r.ready-55"
     other.mkdir()
-    (other / lore_io.MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
+    (other / MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
                                                   "entries": {}}))
-    with cli.run_folder(namespace(tmp_path / "r"), "a.py") as staging:
+    with run_folder(namespace(tmp_path / "r"), "a.py") as staging:
         assert not (tmp_path / "r").exists()
         open(os.path.join(staging, "v.txt"), "w").write("mine")
     assert other.is_dir() and (tmp_path / "r" / "v.txt").read_text() == "mine"
@@ -591,12 +590,12 @@ def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
 
 def test_out_link_with_a_trailing_slash_is_the_link(tmp_path):
     target = tmp_path / "target"
-    with cli.run_folder(namespace(target), "a.py") as staging:
+    with run_folder(namespace(target), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("1")
     link = tmp_path / "links" / "RL"
     link.parent.mkdir()
     os.symlink(target, link)
-    with cli.run_folder(namespace(str(link) + "/"), "a.py") as staging:
+    with run_folder(namespace(str(link) + "/"), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("2")
     assert os.path.islink(link) and (target / "v.txt").read_text() == "2"
     assert os.listdir(tmp_path / "links") == ["RL"]
@@ -608,7 +607,7 @@ def test_out_symlink_loop_is_refused(tmp_path):
     os.symlink(tmp_path / "a", tmp_path / "b")
     for out in (tmp_path / "a", str(tmp_path / "a") + "/"):
         with pytest.raises(InputError, match="symlink"):
-            with cli.run_folder(namespace(out), "a.py"):
+            with run_folder(namespace(out), "a.py"):
                 pass
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
@@ -661,7 +660,7 @@ def run_in_child(out, token, kill):
                 if len(calls) == kill:
                     os._exit(9)
             os.rename = dying_rename
-            with cli.run_folder(namespace(out), "a.py") as staging:
+            with run_folder(namespace(out), "a.py") as staging:
                 open(os.path.join(staging, "v.txt"), "w").write(token)
                 if kill == "block":
                     os._exit(9)
@@ -705,7 +704,7 @@ def test_run_folder_protocol_never_loses_a_result_nor_touches_another_folder(ops
             elif kill != "block":
                 allowed[f] = allowed[f] | {f"{f}:{i}"}   # a swap under way may finish at recovery
         for f in FOLDERS:
-            with cli.run_folder(namespace(os.path.join(parent, f)), "a.py") as staging:   # recovers first
+            with run_folder(namespace(os.path.join(parent, f)), "a.py") as staging:   # recovers first
                 path = os.path.join(parent, f, "v.txt")
                 found = open(path).read() if os.path.exists(path) else None
                 open(os.path.join(staging, "v.txt"), "w").write("final")
