@@ -29,13 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lore import distributed, pca, steps, stopping
+from lore import distributed, io, pca, steps, stopping
 from lore.active import active_shots, check_active, check_select
 from lore.basis import basis_report
-from lore.checks import (InputError, check_alpha, check_matrix, check_v_ref, int_list, is_int, resolve_device,
-                         seed_fit, short_repr)
+from lore.checks import (InputError, check_alpha, check_matrix, check_model, check_v_ref, int_list, is_int,
+                         resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
-from lore.io import check_folder_writable, write_json
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
                           checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
                           per_user_accuracy, save_method, simplex, user_margins)
@@ -146,8 +145,9 @@ class LoRe(LowRankModel):
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random", stop="fixed"):
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe")
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn, stop)
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha, "LoRe")
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
@@ -191,8 +191,11 @@ class LoRe_regularized(LowRankModel):
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
                  learning_rate, device=None, init="random", stop="fixed"):
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe_regularized")
+        if V_sft is None:
+            raise InputError("LoRe_regularized pulls V towards V_sft: V_sft (v_ref) is needed, got None")
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand, stop)
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha, "LoRe_regularized")
         self.v_ref_unit = F.normalize(self.column(V_sft), dim=0)                   # [F, 1]
         self.optimizer_W = steps.adam([self.W], learning_rate, self.device)
         self.optimizer_V = steps.adam([self.V], learning_rate, self.device)
@@ -254,6 +257,7 @@ class PersonalizeBatch(FitModule):
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
                  device=None):
         super().__init__()
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "PersonalizeBatch")
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters = num_classes, num_features, num_basis_vectors, num_iterations
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
@@ -266,6 +270,10 @@ class PersonalizeBatch(FitModule):
     def fit(self, X, V=None):
         if V is None:
             raise InputError("PersonalizeBatch.train(X, V): the basis V [F, K] is needed (V is fixed, only w is fitted)")
+        V = check_matrix(V, "V")                                                  # [F, K]
+        if tuple(V.shape) != (self.n_features, self.K):
+            raise InputError(f"PersonalizeBatch.train(X, V): V has shape {tuple(V.shape)}, expected "
+                             f"[F, K] = [{self.n_features}, {self.K}]")
         pairs = self.packed(X)
         with torch.no_grad():
             rows = pairs if self.form is None else steps.training_rows(pairs, self.form)
@@ -361,8 +369,9 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     and `loss_fall` (fit_status)."""
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test,
                                                    unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device))
-    if out_dir is not None:
-        check_folder_writable(out_dir, "out_dir")
+    if out_dir is not None:   # the ownership rule of --out: never another run's folder, nor a data folder
+        io.check_not_owned(out_dir, "out_dir")
+        io.check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
         acc_ref = distributed.gather_users(per_user_accuracy(sets["seen_test"], check_v_ref(v_ref),
@@ -384,9 +393,9 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
         if out_dir is not None:
             save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
                         W=U, W_unseen=U_new)
-            write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
+            io.write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
             if method.linear:
-                write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
+                io.write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
@@ -432,6 +441,10 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     select = check_select(select)
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
                                         unseen_test=unseen_test), device))
+    pool = sets["unseen_fewshot"]
+    if pool.group is None and max(shots) > int(pool.counts().max()):   # as --shots is checked (cli.check_shots)
+        raise InputError(f"shots {max(shots)} is more than any unseen user's pool of few-shot pairs "
+                         f"(at most {int(pool.counts().max())})")
     settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
     if "active" in select:
         for method in settings:   # refused before any fit
@@ -681,8 +694,7 @@ def sample_shots(train_features_unseen, shots):
     """Per user, `shots` random rows drawn without replacement (all rows when the user has fewer).
     Pairs with a `group` are sampled by group: `shots` groups per user, each with all its pairs.
     A list in gives a list out; Pairs in gives Pairs out. Kept rows stay in their original order."""
-    if shots < 1:
-        raise InputError(f"shots must be >= 1, got {shots}")
+    shots = int_list([shots], "shots", least=1)[0]
     if isinstance(train_features_unseen, Pairs):
         return train_features_unseen.select(sample_groups(train_features_unseen, shots))
     pairs = pack(train_features_unseen, "train_features_unseen",

@@ -361,6 +361,15 @@ def population(args, scores):
     M = len(REWARD_MODELS)
     W = {"W_seen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_users),
          "W_unseen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_unseen)}
+    for key, w in W.items():   # a tiny concentration underflows: 0/0 mixtures, every pair a tie
+        bad = ~np.isfinite(w).all(1)
+        if bad.any():
+            raise InputError(f"--dirichlet {args.dirichlet:g}: {int(bad.sum())} of {len(w)} "
+                             f"{'seen' if key == 'W_seen' else 'unseen'} users' mixtures are NaN (the draw "
+                             f"underflows); use a larger --dirichlet")
+    for split, s in scores.items():
+        if not torch.isfinite(s).all():
+            raise InputError(f"the {split} split's scores overflow (not finite): lower --noise ({args.noise:g})")
     users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
     offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
     frames = []
@@ -374,6 +383,12 @@ def population(args, scores):
             sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag), per_user)
         except InputError as e:
             raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
+        ties = (sim["chosen"] == sim["rejected"]).numpy()
+        if ties.any():   # every response scored alike: a pair that states no preference
+            i = int(np.flatnonzero(ties)[0])
+            raise InputError(f"{name}: {int(ties.sum())} of {len(ties)} pairs are ties (user "
+                             f"{users[group][int(sim['user'][i])]}, {split} prompt {int(sim['prompt'][i])}: every "
+                             f"response scores the same); check --dirichlet and --noise")
         frames.append(pd.DataFrame({
             "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
             "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),

@@ -324,6 +324,8 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
     searches start from (a configuration's hps replace them). -> comparison.json's dict."""
     if not is_int(seeds) or seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+        raise InputError(f"methods must be a non-empty list of method names, got {methods!r}")
     base = base or {}
     split = validation_split(sets, fraction, seed)
     print(f"validation: {len(split['users'])} of {sets['seen_train'].n_users} seen users, fitted from "

@@ -458,11 +458,21 @@ def _reuse(out_path, fingerprint, contents):
             print(f"{out_path}: made from other inputs, model weights or settings; computing it again")
         return None
     try:
-        return load_tensors(out_path, ["embeddings"])["embeddings"]
+        table = load_tensors(out_path, ["embeddings"])["embeddings"]
     except InputError as e:
         if is_main_process():
             print(f"{e}; computing it again")
         return None
+    if "sha256" in metadata and table_digest(table) != metadata["sha256"]:   # edited in place since
+        if is_main_process():
+            print(f"{out_path}: its table is not the one it was written with (edited since); computing it again")
+        return None
+    return table
+
+
+def table_digest(table):
+    """sha256 of a tensor's bytes: what a cache records of its content, so that an edit is seen."""
+    return hashlib.sha256(table.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def _header_metadata(path):
@@ -547,6 +557,6 @@ def _merge(parts, n_shards, n_distinct, inverse, out_path, metadata):
         if distinct is None:
             distinct = torch.empty(n_distinct, tensors["embeddings"].shape[1], dtype=tensors["embeddings"].dtype)
         distinct[tensors["rows"]] = tensors["embeddings"]  # [s, F] into [d, F]
-    save_tensors(out_path, {"embeddings": distinct[torch.tensor(inverse)]},  # [n, F]
-                 {**metadata, "F": str(distinct.shape[1])})
+    table = distinct[torch.tensor(inverse)]   # [n, F]
+    save_tensors(out_path, {"embeddings": table}, {**metadata, "F": str(distinct.shape[1]), "sha256": table_digest(table)})
     shutil.rmtree(parts)

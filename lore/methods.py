@@ -244,6 +244,8 @@ def load_method(path, device=None, data=None, allow_other_data=False):
     columns, or at most that for a method that prunes; users' parameters with V's columns); with
     `data` (a Data of load_data), that it was fitted on that folder: a checkpoint of another one is
     refused, or with allow_other_data used with a warning on stderr."""
+    if not isinstance(allow_other_data, bool):   # "no" is truthy: only True allows
+        raise InputError(f"allow_other_data must be True or False, got {allow_other_data!r}")
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not a checkpoint file ({{method}}_K{{K}}[_alpha{{a}}].safetensors)")
     meta = read_metadata(path)

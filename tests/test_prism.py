@@ -595,3 +595,25 @@ def test_every_method_runs_on_the_dialogs(data, tmp_path):
                                                "--method", "lore,pal,vpl", *baselines]))
     records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]
+
+
+def test_a_new_split_drops_the_embedding_steps_files(raw, data, tiny_model_dir, tmp_path, capsys):
+    """PRISM's two steps share a folder, written by one prepare as a whole: a re-prepare of the same
+    split keeps the second step's files; one of another split drops them (train_basis would train on
+    the old users); the second step into a folder of another prepare is refused."""
+    d = str(tmp_path / "d")
+    shutil.copytree(data, d)
+    info = open(os.path.join(d, "data.json"), "rb").read()
+    prepare.main(prepare.parse_args(["--data-dir", raw[0], "--out", d]))         # the same split again
+    assert open(os.path.join(d, "data.json"), "rb").read() == info
+    load_data(d, "cpu")
+    os.remove(os.path.join(d, "split.json"))                                      # as the message says
+    prepare.main(prepare.parse_args(["--data-dir", raw[0], "--out", d, "--seed", "5"]))
+    assert "made from other examples" in capsys.readouterr().out
+    assert not {"data.json", "pairs.parquet", "embeddings.safetensors"} & set(os.listdir(d))
+    assert read_json(os.path.join(d, "split.json"))["seed"] == 5
+    before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d) if not name.startswith(".")}
+    code, message = exit_code_and_message(capsys, embed.main, embed.parse_args(
+        ["--data", data, "--out", d, "--model", tiny_model_dir, "--device", "cpu"]))
+    assert code == 2 and "another prepare.py" in message
+    assert {name: open(os.path.join(d, name), "rb").read() for name in before} == before
