@@ -367,10 +367,11 @@ def link_into(path, folder):
 
 
 def _copy_file(src, dst):
-    """shutil.copyfile under a temporary name renamed into place: a kill leaves no half file at dst."""
+    """shutil.copy2 (the contents and the modification time: a copy of an unchanged cache is the
+    same file) under a temporary name renamed into place: a kill leaves no half file at dst."""
     tmp = f"{dst}.tmp{os.getpid()}"
     try:
-        shutil.copyfile(src, tmp)
+        shutil.copy2(src, tmp)
         os.replace(tmp, dst)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -99,7 +99,7 @@ def test_synthetic_files(data):
 def test_layout(data):
     info = read_json(os.path.join(data, "data.json"))
     assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config", "reward_models",
-                         "responses", "offsets", "prompts", "test_sample"}
+                         "responses", "offsets", "prompts", "test_sample", "population"}
     assert info["dataset"] == "PersonalLLM"
     assert info["users"] == {"seen": [f"seen_{i}" for i in range(60)], "unseen": [f"unseen_{i}" for i in range(40)]}
     assert (info["offsets"], info["prompts"], info["responses"]) == ({"train": 0, "test": 3200},

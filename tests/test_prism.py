@@ -30,6 +30,7 @@ from lore.data import DATA_FILES, load_data  # noqa: E402
 from lore.extract import read_reward_head  # noqa: E402
 from lore.io import load_tensors, read_json, read_table, save_tensors, write_json, write_table  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+from lore.recipes import load_recipe  # noqa: E402
 
 FOLDER = os.path.join(REPO, "PRISM")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "prism_prepare")
@@ -348,7 +349,7 @@ def test_train_basis(data, results, tmp_path, capsys):
     assert code == 2 and "PRISM/train_basis.py" in message
     assert {n: open(os.path.join(results, n), "rb").read() for n in os.listdir(results)} == before
     defaults = train_basis.parse_args([])
-    assert (defaults.method, defaults.k_list, defaults.alpha_list) == (["lore_regularized"], train_basis.K_LIST, [1e4])
+    assert (defaults.method, defaults.k_list, defaults.alpha_list) == (["lore_regularized"], load_recipe("PRISM")["train_basis"]["k_list"], [1e4])
     assert defaults.out == os.path.join(FOLDER, "results", "train_basis")
 
 
