@@ -29,18 +29,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lore import distributed, steps
+from lore import distributed, io, pca, steps, stopping
 from lore.active import active_shots, check_active, check_select
 from lore.basis import basis_report
-from lore.checks import (InputError, check_alpha, check_matrix, check_v_ref, int_list, is_int, resolve_device,
-                         seed_fit, short_repr)
+from lore.checks import (InputError, check_alpha, check_matrix, check_model, check_v_ref, int_list, is_int,
+                         resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
-from lore.io import check_folder_writable, write_json
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
                           checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
                           per_user_accuracy, save_method, simplex, user_margins)
 from lore.pairs import SETS, Pairs, pack
-from lore.pca import least_squares_weights, principal_basis
 
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
 STD_FACTOR = 0.25        # the reference reports std across users times 0.25
@@ -70,24 +68,11 @@ def pair_mean_weights(pairs):
 
 class FitModule(nn.Module):
     """An nn.Module whose train(X, ...) fits it to X and returns the fit, as the original's models
-    do; train(mode) with a bool is still nn.Module's (eval() calls train(False))."""
+    do; train(mode) with a bool is still nn.Module's (eval() calls train(False)). Subclasses set
+    n_users, n_features and device, and implement fit."""
 
     def train(self, X=True, *args):
         return super().train(X) if isinstance(X, bool) else self.fit(X, *args)
-
-
-class LowRankModel(FitModule):
-    """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
-    as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
-    any device), the pairs checked against the sizes the model was built for, and init="svd"."""
-    form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
-
-    def __init__(self, n_users, n_features, K, iters, device, init, draw_W):
-        super().__init__()
-        self.device = resolve_device(device)
-        self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
-        self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
-        self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
 
     def packed(self, X):
         """X (a list of [m_i, F] or Pairs) as checked Pairs of this model's users and F."""
@@ -97,12 +82,41 @@ class LowRankModel(FitModule):
                              f"data has {pairs.n_users} users x F={pairs.n_features}")
         return pairs
 
+
+class LowRankModel(FitModule):
+    """What LoRe and LoRe_regularized share: the basis V [F, K] and the seen users' logits W [N, K]
+    as parameters, drawn on the CPU generator and then moved (the same seed gives the same start on
+    any device), v_ref as a column, and init="svd"."""
+    form = None   # how a step reads the pairs (lore.steps.training_rows); None: the cheaper by shapes
+
+    def __init__(self, n_users, n_features, K, iters, device, init, draw_W, stop="fixed"):
+        super().__init__()
+        if stop not in stopping.STOPS:
+            raise InputError(f"stop must be one of {', '.join(stopping.STOPS)}, got {stop!r}")
+        self.device = resolve_device(device)
+        self.n_users, self.n_features, self.K, self.iters, self.init = n_users, n_features, K, iters, init
+        self.stop = stop
+        self.W = nn.Parameter(draw_W(n_users, K).to(self.device))                  # [N, K]
+        self.V = nn.Parameter(torch.randn(n_features, K).to(self.device))          # [F, K]
+
     def column(self, v_ref):
         """v_ref as an [F, 1] column of this model's F, on its device."""
         v = check_v_ref(v_ref)                                                     # [F, 1]
         if v.shape[0] != self.n_features:
             raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={self.n_features}")
         return v.to(self.device)
+
+    def stopping(self, pairs, weights):
+        """-> (the pairs to train on, the EarlyStop or None): stop="fixed" trains on every pair for
+        iters steps; stop="early" holds out a slice of every user's pairs (lore.stopping.holdout) and
+        stops when their loss (weighed by `weights`, as the fit's) no longer falls, iters the cap."""
+        if self.stop == "fixed":
+            return pairs, None
+        train, held = stopping.holdout(pairs)
+        Xh, wh = steps.training_rows(held, self.form), weights(held)                # rows, [P_held]
+        loss = lambda: steps.data_loss(Xh, bt_nll(user_margins(steps.as_rows(Xh).project(self.V), simplex(self.W),
+                                                                held.user), wh))
+        return train, stopping.EarlyStop(loss, [self.V, self.W])
 
     def start(self, pairs):
         """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
@@ -117,8 +131,8 @@ class LowRankModel(FitModule):
         if pairs.shard:   # each process would start from the basis of its own users
             raise InputError("init=svd reads every seen user's pairs: run it in one process (not under torchrun)")
         with torch.no_grad():
-            V = principal_basis(pairs, self.K, TEMPERATURE)                        # [F, K]
-            w = least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
+            V = pca.principal_basis(pairs, self.K, TEMPERATURE)                        # [F, K]
+            w = pca.least_squares_weights(pairs.project(V), pairs.user, pairs.n_users, TEMPERATURE)  # [N, K]
             self.V.copy_(V)
             self.W.copy_(w.clamp_min(1e-3).log())   # softmax(log w) = w; 1e-3 keeps the logits finite
 
@@ -130,9 +144,10 @@ class LoRe(LowRankModel):
     train(X) -> (softmax(W) [N, K], V [F, K])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None, init="random"):
-        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn)
-        self.alpha = alpha
+                 learning_rate, device=None, init="random", stop="fixed"):
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe")
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn, stop)
+        self.alpha = check_alpha(alpha, "LoRe")
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
@@ -150,10 +165,10 @@ class LoRe(LowRankModel):
         return bt_nll(s, user_mean_weights(pairs)), self.regularizer()
 
     def fit(self, X):
-        pairs = self.packed(X)
+        pairs, stop = self.stopping(self.packed(X), user_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, user_mean_weights(pairs)   # rows, [P], [P]
-        steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}")
+        steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
@@ -178,9 +193,12 @@ class LoRe_regularized(LowRankModel):
     train(X) -> (softmax(W)[:, kept] [N, K'], V[:, kept] [F, K'])."""
 
     def __init__(self, V_sft, alpha, num_classes, num_features, num_basis_vectors, num_iterations,
-                 learning_rate, device=None, init="random"):
-        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand)
-        self.alpha = alpha
+                 learning_rate, device=None, init="random", stop="fixed"):
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe_regularized")
+        if V_sft is None:
+            raise InputError("LoRe_regularized pulls V towards V_sft: V_sft (v_ref) is needed, got None")
+        super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.rand, stop)
+        self.alpha = check_alpha(alpha, "LoRe_regularized")
         self.v_ref_unit = F.normalize(self.column(V_sft), dim=0)                   # [F, 1]
         self.optimizer_W = steps.adam([self.W], learning_rate, self.device)
         self.optimizer_V = steps.adam([self.V], learning_rate, self.device)
@@ -204,12 +222,12 @@ class LoRe_regularized(LowRankModel):
         return nll, alpha_curr * self.regularizer()
 
     def fit(self, X):
-        pairs = self.packed(X)
+        pairs, stop = self.stopping(self.packed(X), pair_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, pair_mean_weights(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
         steps.training_loop(self.iters, lambda: self.step(X, user, weight, alpha_t), self.device,
-                      f"LoRe_regularized K={self.K}", before=lambda i: alpha_t.fill_(self.alpha_at_step(i)))
+                      f"LoRe_regularized K={self.K}", before=lambda i: alpha_t.fill_(self.alpha_at_step(i)), stop=stop)
         W = distributed.gather_users(simplex(self.W).detach(), pairs)                          # [N, K]
         kept = W.max(dim=0).values >= PRUNE_THRESHOLD                              # [K]
         print(f"kept {int(kept.sum())}/{self.K} directions (max user weight >= {PRUNE_THRESHOLD})")
@@ -242,13 +260,11 @@ class PersonalizeBatch(FitModule):
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
                  device=None):
         super().__init__()
+        check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "PersonalizeBatch")
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters = num_classes, num_features, num_basis_vectors, num_iterations
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
         self.optimizer = steps.adam(self.parameters(), learning_rate, self.device)
-
-    def packed(self, X):
-        return LowRankModel.packed(self, X)
 
     def forward(self, X, V):
         pairs = self.packed(X)
@@ -257,6 +273,10 @@ class PersonalizeBatch(FitModule):
     def fit(self, X, V=None):
         if V is None:
             raise InputError("PersonalizeBatch.train(X, V): the basis V [F, K] is needed (V is fixed, only w is fitted)")
+        V = check_matrix(V, "V")                                                  # [F, K]
+        if tuple(V.shape) != (self.n_features, self.K):
+            raise InputError(f"PersonalizeBatch.train(X, V): V has shape {tuple(V.shape)}, expected "
+                             f"[F, K] = [{self.n_features}, {self.K}]")
         pairs = self.packed(X)
         with torch.no_grad():
             rows = pairs if self.form is None else steps.training_rows(pairs, self.form)
@@ -284,9 +304,11 @@ class LoReMethod(LinearBasis):
     U = the users' simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1]
     for everyone); K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
     name, min_K, uses_alpha = "lore", 0, True
-    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random"}
-    choices = {"init": ("random", "svd")}   # the paper's random start, or LowRankModel.start's deterministic one
-    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr")
+    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random", "stop": "fixed"}
+    # the paper's random start, or LowRankModel.start's deterministic one; the paper's fixed
+    # iters, or the stopping rule (lore.steps: a held-out slice of the seen pairs, iters the cap)
+    choices = {"init": ("random", "svd"), "stop": stopping.STOPS}
+    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr", "stop")
     model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
@@ -302,7 +324,8 @@ class LoReMethod(LinearBasis):
         if self.v_ref is None and self.alpha:
             raise InputError(f"{self.name} with alpha = {self.alpha:g} pulls V towards v_ref: it needs v_ref")
         model = self.model(self.v_ref, self.alpha, pairs.n_users, pairs.n_features, self.K,
-                           self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"])
+                           self.hparams["iters"], self.hparams["lr"], self.device, self.hparams["init"],
+                           self.hparams["stop"])
         W, self.V = model.train(pairs)                                             # [N, K'], [F, K']
         self.trainer = model   # its optimizer state, which checked_fit inspects
         return check_fitted(self, W, self.V)
@@ -313,7 +336,7 @@ class LoReRegularizedMethod(LoReMethod):
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
     weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
     name, prunes = "lore_regularized", True
-    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random"}
+    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random", "stop": "fixed"}
     model = LoRe_regularized
     search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
                     "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0)}
@@ -349,8 +372,9 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     and `loss_fall` (fit_status)."""
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, seen_test=seen_test,
                                                    unseen_fewshot=unseen_fewshot, unseen_test=unseen_test), device))
-    if out_dir is not None:
-        check_folder_writable(out_dir, "out_dir")
+    if out_dir is not None:   # the ownership rule of --out: never another run's folder, nor a data folder
+        io.check_not_owned(out_dir, "out_dir")
+        io.check_folder_writable(out_dir, "out_dir")
     records, acc_ref = [], None
     if v_ref is not None and out_dir is not None:   # the reference model's accuracy, for the reports
         acc_ref = distributed.gather_users(per_user_accuracy(sets["seen_test"], check_v_ref(v_ref),
@@ -358,8 +382,8 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
     for method in _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"]):
         if seed is not None:   # a setting's start depends on its name alone
             seed_fit(seed, method.name, method.K, method.alpha)
-        U = checked_fit(method, sets["seen_train"])                                # [N, U]
-        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', U]
+        U = checked_fit(method, sets["seen_train"])                                # [N, Q]
+        U_new = checked_fit_users(method, sets["unseen_fewshot"])                  # [N', Q]
         record, acc = method.setting(), {}
         for name in SETS:
             acc[name] = distributed.gather_users(accuracy(method, sets[name], U if name.startswith("seen") else U_new),
@@ -367,13 +391,14 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
             record.update({name: float(acc[name].mean()), f"{name}_std": STD_FACTOR * float(acc[name].std())})
         record.update(fit_status(method))
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
+              + ("" if record["steps"] is None else f"  {record['steps']} steps ({record['stopped']})")
               + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
             save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
                         W=U, W_unseen=U_new)
-            write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
+            io.write_json(os.path.join(out_dir, checkpoint_name(method, ".fit.json")), fit_report(method))
             if method.linear:
-                write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
+                io.write_json(os.path.join(out_dir, checkpoint_name(method, ".report.json")),
                            basis_report(method.V, U, v_ref, acc["seen_test"], acc_ref, method.setting()))
         records.append(record)
     return records
@@ -382,16 +407,21 @@ def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods
 def fit_status(method):
     """What a record says of a checked fit's convergence: converged (False when its loss still fell
     by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
-    (that fall, relative)."""
-    fall = last_tenth_fall(method.curve)
-    return {"converged": converged(method.curve), "loss_fall": fall}
+    (that fall, relative); the stopping rule (stop), how the fit ended (stopped: fixed, early or
+    cap), its optimizer steps and its passes over the training pairs. (Its seconds go in the fit
+    report, beside the checkpoint: a record stays the same for the same seed.)"""
+    fall, curve = last_tenth_fall(method.curve), method.curve or {}
+    return {"converged": converged(method.curve), "loss_fall": fall, "stop": method.hparams.get("stop"),
+            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes")}
 
 
 def fit_report(method):
     """A checked fit's report, written beside its checkpoint: setting, hyperparameters, the loss
     curves of the fit and of the last new users' fit, and the convergence verdict."""
-    return {**method.setting(), "hparams": method.hparams, **fit_status(method),
-            "converged_rule": f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
+    return {**method.setting(), "hparams": method.hparams, **fit_status(method), "fit_seconds": method.fit_seconds,
+            "converged_rule": "converged: stopped by the held-out rule before its cap (stop=early: lore.steps)"
+                              if method.hparams.get("stop") == "early" else
+                              f"converged: the mean loss over the last tenth of the steps is at most {CONVERGED_FALL:g} "
                               f"(relative) below its mean over the tenth before",
             "curve": method.curve, "fewshot_curve": method.fewshot_curve}
 
@@ -414,6 +444,10 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
     select = check_select(select)
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
                                         unseen_test=unseen_test), device))
+    pool = sets["unseen_fewshot"]
+    if pool.group is None and max(shots) > int(pool.counts().max()):   # as --shots is checked (cli.check_shots)
+        raise InputError(f"shots {max(shots)} is more than any unseen user's pool of few-shot pairs "
+                         f"(at most {int(pool.counts().max())})")
     settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
     if "active" in select:
         for method in settings:   # refused before any fit
@@ -663,8 +697,7 @@ def sample_shots(train_features_unseen, shots):
     """Per user, `shots` random rows drawn without replacement (all rows when the user has fewer).
     Pairs with a `group` are sampled by group: `shots` groups per user, each with all its pairs.
     A list in gives a list out; Pairs in gives Pairs out. Kept rows stay in their original order."""
-    if shots < 1:
-        raise InputError(f"shots must be >= 1, got {shots}")
+    shots = int_list([shots], "shots", least=1)[0]
     if isinstance(train_features_unseen, Pairs):
         return train_features_unseen.select(sample_groups(train_features_unseen, shots))
     pairs = pack(train_features_unseen, "train_features_unseen",

@@ -39,7 +39,7 @@ from lore.checks import InputError, resolve_device  # noqa: E402
 from lore.cli import (ArgumentParser, cache_path, command_line, data_files_arg, link_into, positive_int,
                       run_folder)  # noqa: E402
 from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
-from lore.io import load_splits, load_tensors  # noqa: E402
+from lore.io import check_not_owned, load_splits, load_tensors  # noqa: E402
 from lore.results import save_results  # noqa: E402
 
 SCRIPT = "PRISM/eval_rb2.py"
@@ -75,6 +75,8 @@ def parse_args(argv=None):
 def main(args):
     if args.user_weights and not args.rm_head:
         raise InputError("--user-weights needs --rm-head (the basis file holding the weights)")
+    if args.embeddings:   # the ownership rule of --out: never a file in another run's (or a data) folder
+        check_not_owned(args.embeddings, "--embeddings")
     # locked, recovered and checked before any work; written as a whole at the end, or not at all
     with run_folder(args, SCRIPT, inputs=[p for p in (args.rm_head, args.embeddings) if p]) as out:
         resolve_device(args.device)                              # a bad --device fails before any work

@@ -53,6 +53,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_same_prepare(args, in_place):
+    """Into another --out, a folder already holding a prepare.py's files must hold the same examples as
+    --data: else its split and config would sit beside another prepare's pairs and embeddings."""
+    theirs = os.path.join(args.out, "examples.parquet")
+    ours = os.path.join(args.data, "examples.parquet")
+    if not in_place and os.path.isfile(theirs) and os.path.isfile(ours) \
+            and open(theirs, "rb").read() != open(ours, "rb").read():
+        raise InputError(f"--out {args.out} holds the files of another prepare.py (its examples.parquet is not "
+                         f"{ours}): pick another --out, or --out {args.data}")
+
+
 @command_line
 def main(args):
     args.out = args.out or args.data
@@ -61,6 +72,7 @@ def main(args):
     # Into --data itself (the default), prepare.py's files there are kept beside the new ones
     with run_folder(args, SCRIPT, keep=(PREPARE_SCRIPT,), inputs=[] if in_place else [args.data]) as out:
         resolve_device(args.device)                 # a bad --device fails before any work
+        check_same_prepare(args, in_place)
         v_ref = read_reward_head(args.model)        # [F, 1]; a model without a valid reward head fails here
         examples = read_table(os.path.join(args.data, "examples.parquet"), IDS + ["chosen", "rejected"])
         if len(examples) == 0:

@@ -65,7 +65,8 @@ def parse_args(argv=None):
 def main(args):
     # locked, recovered and checked before any work; written as a whole at the end, or not at all.
     # generate-prism-embeddings.py writes its data folder beside these files: its entries are kept
-    with run_folder(args, SCRIPT, keep=(EMBED_SCRIPT,), inputs=[args.data_dir] if args.data_dir else []) as out:
+    with run_folder(args, SCRIPT, keep=(EMBED_SCRIPT,), keep_if=same_examples,
+                    inputs=[args.data_dir] if args.data_dir else []) as out:
         paths = locate(args.data_dir)
         users = read_survey(paths["survey.jsonl"])
         dialogs = read_conversations(paths["conversations.jsonl"], users)
@@ -83,6 +84,18 @@ def main(args):
             print(f"{group} users, {side} dialogs: {n} examples")
     print(f"{args.out}: {len(rows)} examples of {len(split['seen_users'])} seen and "
           f"{len(split['unseen_users'])} unseen users")
+
+
+def same_examples(staging, out):
+    """Whether generate-prism-embeddings.py's files in --out (its data folder) still belong beside the
+    new examples: only when they are the examples it was made from, byte for byte. Else they are
+    dropped (the folder is written by one prepare as a whole) and the embeddings must be made again."""
+    old, new = (os.path.join(folder, "examples.parquet") for folder in (out, staging))
+    same = os.path.isfile(old) and open(old, "rb").read() == open(new, "rb").read()
+    if not same and os.path.isfile(os.path.join(out, "data.json")):
+        print(f"{out}: its data folder (pairs, embeddings, data.json) was made from other examples: dropped; "
+              f"run generate-prism-embeddings.py again")
+    return same
 
 
 def locate(data_dir):

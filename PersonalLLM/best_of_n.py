@@ -97,7 +97,7 @@ def main(args):
         true = torch.einsum("srm,nm->nsr", scores.double(), W_true.double())           # [N, S, R]
         print(f"{len(W_true)} unseen users x {S} test prompts x {R} responses; {method} from {args.checkpoint}")
 
-        def rewards(U):                                                                # U [n, U] -> [n, S, R]
+        def rewards(U):                                                                # U [n, Q] -> [n, S, R]
             return score_items(method, test_rows, U).reshape(len(U), S, R).double()
 
         setting = method.setting()                                                     # method, K, alpha
@@ -130,7 +130,7 @@ def main(args):
         for shots in args.shots if "random" in args.select else []:
             results = []
             for _ in range(args.trials):
-                U = method.fit_users(utils.sample_shots(pool, shots))                  # [N, U]
+                U = method.fit_users(utils.sample_shots(pool, shots))                  # [N, Q]
                 results.append(pick_quality(true, rewards(U)))
             add("personal", shots, results)
             print(f"  personal, {shots:>3} shots: win rate {records[-1]['win_rate']:.4f}  regret {records[-1]['regret']:.4f}")

@@ -4,6 +4,7 @@ draw the simulated users and their pairs.
     python PersonalLLM/prepare.py                              # namkoong-lab/PersonalLLM from the hub
     python PersonalLLM/prepare.py --data-files train=train.parquet test=test.parquet   # local copies
     python PersonalLLM/prepare.py --synthetic                  # a planted population, no download
+    python PersonalLLM/prepare.py --synthetic --population misspecified   # one LoRe was not built for
 
 The hub dataset has a row per prompt: `prompt`, `response_1` ... `response_8`, and the score of
 response i by reward model m in `response_{i}_{m}` for the 10 models of REWARD_MODELS. Each response
@@ -26,6 +27,25 @@ planted directions that point partly against each other (users disagree). A user
 models then has a linear reward in a --rank-dimensional subspace: LoRe should climb with K up to
 --rank and then come close to the oracle (each user's true direction). v_ref is the models' mean
 direction plus noise: a generic reward, decent for everyone and personal to no one.
+
+--synthetic --population misspecified (the default stays `planted`) breaks every assumption the
+planted population grants LoRe, so that the comparison is not won by construction:
+  - the 10 reward models are nonlinear in the embeddings: s_m(phi) = sum_j b_mj tanh(g a_mj . phi / sd
+    + c_mj), 16 tanh units each (--hidden-gain g), standardized; data.json states each model's R^2
+    under its best linear fit on the embeddings; --noise adds per-response score noise as in the
+    planted population (no embedding carries it: with the default 1.0, half of a score's variance);
+  - users are not mixtures of a few directions: --clusters cluster centres (Dirichlet(0.3) mixtures
+    of the 10 models) plus each user's own Gaussian offset (--individual, signed: off the simplex),
+    so the users' rewards are 10 nonlinear functions mixed with signed weights;
+  - every pair is an arbitrary pair of two distinct responses of a prompt (not best-versus-worst),
+    labelled by a draw from the Bradley-Terry probability sigma(--bt-beta (r_a - r_b) / sd_i), sd_i
+    the user's reward spread over the responses (noisy labels);
+  - a pair whose true rewards differ by less than --tie-margin sd_i is a tie: recorded (ties.parquet,
+    counts in data.json) and excluded from the pairs;
+  - v_ref is the least-squares linear fit of the models' mean score on the train embeddings, plus
+    --ref-noise: the best generic linear reward, blurred. No synthetic_truth.safetensors is written
+    (no linear oracle exists); users.safetensors holds each user's signed weights W and cluster.
+data.json's `population` states which population and its parameters.
 
 Writes to --out (default PersonalLLM/data/) the common data layout (lore.data.DATA_FILES: embeddings,
 conversations.parquet, pairs.parquet, v_ref.safetensors, data.json) and:
@@ -53,12 +73,15 @@ from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line
                       link_into, nonnegative_float, positive_float, positive_int, run_folder, seed_int)  # noqa: E402
 from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
-from lore.io import load_splits, read_metadata, save_tensors  # noqa: E402
+from lore.io import load_splits, read_metadata, save_tensors, write_table  # noqa: E402
+from lore.pairs import SETS  # noqa: E402
 
 HUB_ID = "namkoong-lab/PersonalLLM"
 SPLITS = ("train", "test")
 RESPONSES = 8
 SCRIPT = "PersonalLLM/prepare.py"
+POPULATIONS = ("planted", "misspecified")
+HIDDEN = 16   # tanh units per reward model of the misspecified population
 REWARD_MODELS = ("gemma_2b", "gemma_7b", "mistral_raft", "llama3_sfairx", "oasst_deberta_v3",
                  "beaver_7b", "oasst_pythia_7b", "oasst_pythia_1b", "mistral_ray", "mistral_weqweasdas")
 
@@ -83,6 +106,9 @@ def parse_args(argv=None):
                         "--test-frac (seen_test; 1e5 users x 1000 prompts would be 1e8 pairs); stated in data.json")
     s = p.add_argument_group("synthetic data (--synthetic)")
     s.add_argument("--synthetic", action="store_true", help="write a planted population instead")
+    s.add_argument("--population", choices=POPULATIONS, default="planted",
+                   help="--synthetic's population: planted (LoRe's own model class) or misspecified (nonlinear "
+                        "rewards, clustered users with individual offsets, random pairs, noisy BT labels, ties)")
     s.add_argument("--prompts-train", type=positive_int, default=9402, help="prompts of the train split")
     s.add_argument("--prompts-test", type=positive_int, default=1000, help="prompts of the test split")
     s.add_argument("--features", type=positive_int, default=64, help="embedding size F")
@@ -96,7 +122,19 @@ def parse_args(argv=None):
                    help="each u_m's component outside the planted subspace, relative to its norm")
     s.add_argument("--ref-noise", type=nonnegative_float, default=0.5,
                    help="v_ref = mean of the u_m plus noise of this relative norm")
-    return p.parse_args(argv)
+    m = p.add_argument_group("the misspecified population (--population misspecified)")
+    m.add_argument("--hidden-gain", type=positive_float, default=2.0, help="gain g of the models' tanh units")
+    m.add_argument("--clusters", type=positive_int, default=5, help="cluster centres of the users")
+    m.add_argument("--individual", type=nonnegative_float, default=0.15,
+                   help="sd of each user's own offset from its centre, per reward model weight")
+    m.add_argument("--bt-beta", type=positive_float, default=3.0,
+                   help="labels ~ Bernoulli(sigma(beta (r_a - r_b) / sd_i))")
+    m.add_argument("--tie-margin", type=nonnegative_float, default=0.05,
+                   help="|r_a - r_b| < this * sd_i is a tie: recorded, excluded")
+    args = p.parse_args(argv)
+    if args.population != "planted" and not args.synthetic:
+        p.error(f"--population {args.population} needs --synthetic")
+    return args
 
 
 @command_line
@@ -107,12 +145,22 @@ def main(args):
     with run_folder(args, SCRIPT, inputs=files) as out:
         if args.synthetic:
             keep_real_embeddings(args.out)
-            table, scores, conversations, v_ref, truth = synthetic(args)
+            if args.population == "misspecified":
+                table, scores, conversations, v_ref, about = misspecified(args)
+                truth = None
+            else:
+                table, scores, conversations, v_ref, truth = synthetic(args)
+                about = None
             if out is None:
                 return
             save_tensors(os.path.join(out, "embeddings.safetensors"), {"embeddings": table},
                                {"model": "synthetic", "n": str(len(table)), "dtype": "bfloat16",
                                 "config": json.dumps(config_of(args))})
+            if about is not None:
+                users, W, pairs, ties = misspecified_population(args, scores)
+                about["ties"] = {name: int((ties["set"] == name).sum()) for name in SETS}
+                write(out, args, table, scores, conversations, v_ref, None, users, W, pairs, about, ties)
+                return
         else:
             # the head first: a model without one fails before anything is computed
             v_ref = read_reward_head(args.model)                             # [F, 1]
@@ -199,6 +247,95 @@ def synthetic(args):
     return table, scores, conversations, v_ref, {"reward_models": U, "directions": D, "mixing": A}
 
 
+def misspecified(args):
+    """The misspecified population's data (see the module's docstring): Gaussian embeddings as the
+    planted one, 10 nonlinear reward models, v_ref the least-squares linear fit of their mean.
+    -> (table, scores, conversations, v_ref, the population's description for data.json)."""
+    F, M = args.features, len(REWARD_MODELS)
+    S = {"train": args.prompts_train, "test": args.prompts_test}
+    table = (args.norm / math.sqrt(F) * torch.randn(RESPONSES * sum(S.values()), F)).bfloat16()
+    A = torch.nn.functional.normalize(torch.randn(M, HIDDEN, F), dim=-1)          # [10, J, F] unit directions
+    B = torch.randn(M, HIDDEN) / math.sqrt(HIDDEN)                                 # [10, J] signed output weights
+    C = torch.randn(M, HIDDEN)                                                     # [10, J] offsets
+    sd = args.norm / math.sqrt(F)                                                  # the spread of a . phi
+    def score(t):                                                                  # [e, F] -> [e, 10]
+        H = torch.tanh(args.hidden_gain * torch.einsum("ef,mjf->emj", t.float(), A) / sd + C)  # [e, 10, J]
+        return (H * B).sum(-1)
+    clean = torch.cat([score(t) for t in table.split(1 << 14)])                    # [E, 10]
+    clean = (clean - clean.mean(0)) / clean.std(0)
+    X = table.float()                                                              # [E, F]
+    n_train = RESPONSES * S["train"]
+    fit = torch.linalg.lstsq(X[:n_train], clean[:n_train]).solution                # [F, 10]
+    resid = clean[:n_train] - X[:n_train] @ fit
+    r2 = 1 - resid.var(0) / clean[:n_train].var(0)                                 # [10]
+    v_ref = fit.mean(1, keepdim=True)                                              # [F, 1]
+    v_ref = v_ref + args.ref_noise * v_ref.norm() * torch.randn(F, 1) / math.sqrt(F)
+    noisy = clean + args.noise * torch.randn_like(clean)
+    scores = dict(zip(SPLITS, noisy.reshape(-1, RESPONSES, M).split(list(S.values()))))
+    conversations = [[{"role": "user", "content": f"synthetic {split} prompt {s}"},
+                      {"role": "assistant", "content": f"response {r + 1}"}]
+                     for split in SPLITS for s in range(S[split]) for r in range(RESPONSES)]
+    about = {"name": "misspecified",
+             "about": f"10 reward models, each a sum of {HIDDEN} tanh units of the embeddings (gain "
+                      f"{args.hidden_gain}), standardized, plus score noise of sd {args.noise} that no embedding "
+                      f"carries; users: {args.clusters} cluster centres (Dirichlet(0.3) mixtures) plus "
+                      f"a signed Gaussian offset of sd {args.individual} per weight; arbitrary pairs of two "
+                      f"responses; labels ~ Bernoulli(sigma({args.bt_beta} (r_a - r_b) / sd_i)); ties "
+                      f"(|r_a - r_b| < {args.tie_margin} sd_i) recorded in ties.parquet and excluded",
+             "linear_r2_of_reward_models": [round(float(v), 4) for v in r2],   # of the noiseless scores
+             "score_noise": args.noise}
+    return table, scores, conversations, v_ref, about
+
+
+def misspecified_population(args, scores):
+    """Users (clusters plus individual offsets) and their pairs: per user and drawn prompt an arbitrary
+    pair of two distinct responses, labelled from the Bradley-Terry probability; ties apart.
+    -> (users, W {"W_seen", "W_unseen", "cluster_seen", "cluster_unseen"}, pairs, ties DataFrames)."""
+    M, R = len(REWARD_MODELS), RESPONSES
+    rng = np.random.default_rng(args.seed)
+    centres = rng.dirichlet(np.full(M, 0.3), args.clusters)                        # [C, 10]
+    counts = {"seen": args.n_users, "unseen": args.n_unseen}
+    W, cluster = {}, {}
+    for group, n in counts.items():
+        cluster[group] = rng.integers(args.clusters, size=n)                       # [N]
+        W[group] = centres[cluster[group]] + args.individual * rng.standard_normal((n, M))  # [N, 10] signed
+    users = {g: [f"{g}_{i}" for i in range(n)] for g, n in counts.items()}
+    train = scores["train"].double().reshape(-1, M).numpy()
+    cov = np.cov(train, rowvar=False)                                              # [10, 10]
+    offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
+    frames, tie_frames = [], []
+    for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
+                              ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
+        group = "unseen" if name.startswith("unseen") else "seen"
+        n, S = counts[group], len(scores[split])
+        m = args.seen_test_prompts if name == "seen_test" and args.seen_test_prompts else int(getattr(args, flag) * S)
+        if not 1 <= m <= S:
+            raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {m} prompts per user of {S}")
+        w = W[group]
+        sd = np.sqrt(np.einsum("nm,mk,nk->n", w, cov, w)).clip(1e-12)             # [N] each user's reward spread
+        prompt = np.argsort(rng.random((n, S)), axis=1)[:, :m]                     # [N, m] without replacement
+        a = rng.integers(R, size=(n, m))
+        b = (a + rng.integers(1, R, size=(n, m))) % R                              # [N, m] a different response
+        sc = scores[split].double().numpy()                                        # [S, R, 10]
+        diff = np.einsum("nkm,nm->nk", sc[prompt, a] - sc[prompt, b], w) / sd[:, None]   # [N, m] (r_a - r_b) / sd_i
+        a_wins = rng.random((n, m)) < 1 / (1 + np.exp(-args.bt_beta * diff))
+        tie = np.abs(diff) < args.tie_margin
+        user = np.repeat(np.arange(n), m)
+        rows = {"set": name, "user": np.array(users[group])[user], "split": split, "prompt": prompt.reshape(-1),
+                "draw": np.tile(np.arange(m), n)}
+        first = offsets[split] + prompt * R
+        chosen = np.where(a_wins, first + a, first + b).reshape(-1)
+        rejected = np.where(a_wins, first + b, first + a).reshape(-1)
+        keep = ~tie.reshape(-1)
+        frame = pd.DataFrame({**rows, "chosen": chosen, "rejected": rejected})
+        frames.append(frame[keep])
+        tie_frames.append(frame[~keep].rename(columns={"chosen": "response_a", "rejected": "response_b"}))
+    W_out = {"W_seen": torch.tensor(W["seen"], dtype=torch.float32),
+             "W_unseen": torch.tensor(W["unseen"], dtype=torch.float32),
+             "cluster_seen": torch.tensor(cluster["seen"]), "cluster_unseen": torch.tensor(cluster["unseen"])}
+    return users, W_out, pd.concat(frames, ignore_index=True), pd.concat(tie_frames, ignore_index=True)
+
+
 def keep_real_embeddings(out):
     """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
     path = os.path.join(out, "embeddings.safetensors")
@@ -224,6 +361,15 @@ def population(args, scores):
     M = len(REWARD_MODELS)
     W = {"W_seen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_users),
          "W_unseen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_unseen)}
+    for key, w in W.items():   # a tiny concentration underflows: 0/0 mixtures, every pair a tie
+        bad = ~np.isfinite(w).all(1)
+        if bad.any():
+            raise InputError(f"--dirichlet {args.dirichlet:g}: {int(bad.sum())} of {len(w)} "
+                             f"{'seen' if key == 'W_seen' else 'unseen'} users' mixtures are NaN (the draw "
+                             f"underflows); use a larger --dirichlet")
+    for split, s in scores.items():
+        if not torch.isfinite(s).all():
+            raise InputError(f"the {split} split's scores overflow (not finite): lower --noise ({args.noise:g})")
     users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
     offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
     frames = []
@@ -237,6 +383,12 @@ def population(args, scores):
             sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag), per_user)
         except InputError as e:
             raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
+        ties = (sim["chosen"] == sim["rejected"]).numpy()
+        if ties.any():   # every response scored alike: a pair that states no preference
+            i = int(np.flatnonzero(ties)[0])
+            raise InputError(f"{name}: {int(ties.sum())} of {len(ties)} pairs are ties (user "
+                             f"{users[group][int(sim['user'][i])]}, {split} prompt {int(sim['prompt'][i])}: every "
+                             f"response scores the same); check --dirichlet and --noise")
         frames.append(pd.DataFrame({
             "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
             "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
@@ -244,8 +396,14 @@ def population(args, scores):
     return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
 
 
-def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs):
+def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs, population=None, ties=None):
     import pandas as pd
+    if population is None:
+        population = ({"name": "planted", "about": f"every user a Dirichlet({args.dirichlet}) mixture of 10 linear "
+                       f"reward models spanning {args.rank} planted directions; best-versus-worst pairs, "
+                       "deterministic labels, no ties"} if args.synthetic else
+                      {"name": "personalllm", "about": f"every user a Dirichlet({args.dirichlet}) mixture of the 10 "
+                       "reward models' scores; best-versus-worst pairs, deterministic labels"})
     counts = {split: len(scores[split]) for split in SPLITS}
     offsets = {"train": 0, "test": RESPONSES * counts["train"]}
     if table.shape[0] != RESPONSES * sum(counts.values()) or v_ref.shape != (table.shape[1], 1):
@@ -253,6 +411,9 @@ def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs
                                f"{tuple(v_ref.shape)} do not fit {counts} prompts x {RESPONSES} responses")
     truth_path = os.path.join(out, "synthetic_truth.safetensors")
     files = ["scores.safetensors", "users.safetensors"]
+    if ties is not None:
+        write_table(os.path.join(out, "ties.parquet"), ties)
+        files.append("ties.parquet")
     if truth is not None:
         save_tensors(truth_path, truth)
         files.append("synthetic_truth.safetensors")
@@ -265,7 +426,7 @@ def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs
         conversations=pd.DataFrame({"row": np.arange(len(conversations)),
                                     "messages": [json.dumps(c, ensure_ascii=False) for c in conversations]}),
         files=files, reward_models=list(REWARD_MODELS), responses=RESPONSES, offsets=offsets, prompts=counts,
-        test_sample=test_sample(args, counts["test"]))
+        test_sample=test_sample(args, counts["test"]), population=population)
 
 
 def test_sample(args, n_test):

@@ -67,7 +67,7 @@ def child(timings_path, train_flags):
         return wrapper
     # a function is patched in every module that holds it (lore's modules import it by name)
     modules = [m for n, m in sys.modules.items() if n == "utils" or n.startswith("lore.")]
-    for name, key in [("_loop", "training_loops")] + [(name, "checks") for name in CHECKS]:
+    for name, key in [("training_loop", "training_loops")] + [(name, "checks") for name in CHECKS]:
         original = next(getattr(m, name) for m in modules if hasattr(m, name))
         for m in modules:
             if getattr(m, name, None) is original:

@@ -3,22 +3,24 @@ that defines it (`from lore.data import load_data`, `from lore import cli`); non
 utils. Imports run down this list, never up (tests/test_layout.py checks that this drawing is the
 real one):
 
+    baselines    PAL and VPL                                               -> checks, methods, steps, stopping
     steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, fused, methods, pairs
+    reward       a personalized reward in use, learned online   -> active, checks, extract, methods
     scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
     results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
-    pca          the closed-form basis pca                                 -> checks, methods, pairs
+    pca          the closed-form basis pca                                 -> checks, methods
     data         the prepared data folder: write it, load it               -> checks, io, methods, pairs
     compare      validation users, equal-budget search, CIs                -> checks, methods
-    cli          flags, exit codes, run folders                            -> active, checks, distributed, extract, io, methods, recipes
+    cli          flags, exit codes, run folders                            -> active, checks, distributed, extract, io, methods, recipes, stopping
     recipes      each dataset's recipe ({dataset}/recipe.json)             -> checks, io
     extract      reward-model embeddings: batched, resumable               -> checks, distributed, io
     distributed  torchrun: process group, shards of users, collectives     -> (none)
     basis        a basis' health report and interpretation                 -> checks
-    baselines    PAL and VPL                                               -> checks, methods
     active       active selection of a new user's pairs                    -> checks, methods
     methods      the Method interface, the registry METHODS, evaluation    -> checks, fused, io, pairs
     pairs        Pairs: every user's pairs packed, checked once            -> checks
     fused        the pair work of a step and scoring in one pass (CPU, C)  -> (none)
     io           safetensors, JSON, Parquet files; hub splits              -> checks
+    stopping     the one stopping rule: held-out slice, patience           -> checks
     checks       InputError, devices, seeds, validators                    -> (none)
 """

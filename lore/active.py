@@ -106,7 +106,7 @@ def pick_per_user(score, owner, n_users):
 
 def active_shots(method, pool, rounds):
     """Active selection on the unseen users' candidate pool (Pairs; groups, if any, are asked
-    whole). Yields (n, revealed [P] bool mask of the pool, U [N, U]: every user's fit on its
+    whole). Yields (n, revealed [P] bool mask of the pool, U [N, Q]: every user's fit on its
     revealed pairs) after rounds n = 1..rounds. The mask at n is a prefix of the one at n + 1."""
     check_active(method)
     pool = featurize(method, pool)                                                 # item features once
@@ -126,6 +126,6 @@ def active_shots(method, pool, rounds):
         score = information(lam, g, user, H, gid, G).masked_fill(asked, float("-inf"))   # [G]
         asked[pick_per_user(score, owner, N)] = True
         revealed = asked if gid is None else asked[gid]
-        U = method.fit_users(pool.select(revealed))                                # [N, U]
+        U = method.fit_users(pool.select(revealed))                                # [N, Q]
         theta = method.free_parameters(U)
         yield n, revealed, U

@@ -16,10 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
-from tqdm.auto import tqdm
 
 from lore.checks import InputError, is_int
 from lore.methods import LossCurve, Method, pair_features, simplex
+from lore.steps import training_loop
+from lore.stopping import STOPS, EarlyStop, checked_every, holdout
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -40,6 +41,8 @@ def _need_table(method, pairs, fitting=False):
 def _check_positive(method):
     """Every hyperparameter a number > 0 of its default's kind (they are also positive flags)."""
     for hp, v in method.hparams.items():
+        if hp in method.choices:   # a string of its choices, checked by check_hparam
+            continue
         ok = is_int(v) if is_int(method.defaults[hp]) else \
             isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
         if not ok or v <= 0:
@@ -118,15 +121,20 @@ class PAL(Method):
         "scale_lr": 0.1,       # logit_scale: optim_config/vanilla-e1.yaml:22 (weight decay 0, :23)
         "fewshot_epochs": 20,  # optim_config/vanilla-e20.yaml:3, as README.md:172 runs main_pal_b_unseen.py
         "fewshot_lr": 5e-3,    # W alone, AdamW: optim_config/vanilla-e20.yaml:19, pal_rm_b/lightningmodule.py:140-144
+        "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
+        "steps": 20000,        # the cap of stop="early" (optimizer steps)
     }
+    choices = {"stop": STOPS}
 
     limits = {"dim": 1 << 16}   # a [F, dim] and two [dim, dim] layers: 2**16 is already 16 GB
     # what lore.compare searches: the papers' recipe was tuned on ~100x more pairs per user, so the
     # per-user and few-shot rates and epochs get room; widths kept <= 128 for 2-core searches
     search, search_space = "random", {
-        "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "epochs": [1, 2, 4], "batch_size": [16, 32, 64],
+        "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "batch_size": [16, 32, 64],
         "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
-        "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2)}
+        "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2),
+        "weight_decay": ("log", 1e-2, 10.0),   # the L2 on f: 3 beats 0.01 on 15 pairs a user (PersonalLLM/recipe.json)
+        "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
@@ -188,16 +196,29 @@ class PAL(Method):
         self.w_adam = RowAdam(self.W, h["w_lr"])
 
     def fit(self, pairs):
-        self.start(pairs)
-        B, E = self.hparams["batch_size"], self.hparams["epochs"]
-        per_epoch = math.ceil(len(pairs) / B)
-        curve = LossCurve(E * per_epoch, windowed=True)   # the mean loss of the batches between points
-        for epoch in range(E):
-            # shuffled batches, the last one smaller (the original's DataLoader, datamodule.py:49)
-            batches = torch.randperm(len(pairs)).to(self.device).split(B)
-            for b, idx in enumerate(tqdm(batches, desc=f"{self} epoch {epoch + 1}", leave=False, disable=None)):
-                curve.add(epoch * per_epoch + b, self.step(pairs, idx))
+        h, B = self.hparams, self.hparams["batch_size"]
+        train, held = holdout(pairs) if h["stop"] == "early" else (pairs, None)
+        self.start(train)
+        batches = iter(())
+
+        def step():   # shuffled batches, the last one smaller (the original's DataLoader, datamodule.py:49)
+            nonlocal batches
+            idx = next(batches, None)
+            if idx is None:
+                batches = iter(torch.randperm(len(train)).to(self.device).split(B))
+                idx = next(batches)
+            return self.step(train, idx)
+        stop = None if held is None else EarlyStop(lambda: self.held_out_loss(held),
+                                                   [*self.f.parameters(), self.P, self.logit_scale, self.W],
+                                                   checked_every(len(held), B))
+        total = h["steps"] if stop else h["epochs"] * math.ceil(len(train) / B)
+        training_loop(total, step, self.device, str(self), stop=stop, per_step=B / len(train), graph=False,
+                      windowed=True)
         return simplex(self.W).detach()
+
+    def held_out_loss(self, held):
+        """The mean loss of the held-out pairs (the stopping rule's), in chunks."""
+        return sum(self.loss(held, idx) * len(idx) for idx in torch.arange(len(held), device=self.device).split(4096)) / len(held)
 
     def fit_users(self, pairs):
         _need_table(self, pairs)
@@ -278,13 +299,17 @@ class VPL(Method):
         "anneal_steps": 1250,  # the annealer's cycle, 1e4 micro-batches (vae_utils.py:171), is 1250 steps of 8
         "context_min": 2,      # add_survey_contexts.py:146 (random.randint(2, max))
         "context_max": 8,      # add_survey_contexts.py:89-90 (context_length)
+        "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
+        "steps": 20000,        # the cap of stop="early" (optimizer steps; the cosine schedule spans it)
     }
+    choices = {"stop": STOPS}
 
     # warmup is a fraction of the steps; hidden a layer width ([2F, hidden], [hidden, hidden] layers)
     limits = {"warmup": 1.0, "hidden": 1 << 16}
     search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
-        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "epochs": [2, 4, 8], "duplicates": [1, 2, 4],
-        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2)}
+        "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "duplicates": [1, 2, 4],
+        "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2), "weight_decay": ("log", 1e-3, 30.0),
+        "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
@@ -392,8 +417,9 @@ class VPL(Method):
         context[alone, 0] = target[alone]
         return target.to(self.device), context.to(self.device)
 
-    def start(self, pairs):
-        """A fresh model and its optimizer and schedule for a fit on pairs; -> steps per epoch."""
+    def start(self, pairs, total=None):
+        """A fresh model and its optimizer and schedule for a fit on pairs of `total` steps (None:
+        `epochs` epochs); -> steps per epoch."""
         _need_table(self, pairs, fitting=True)
         self._build(pairs.n_features)
         h = self.hparams
@@ -403,7 +429,7 @@ class VPL(Method):
             {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
             lr=h["lr"], betas=(0.9, 0.999), eps=1e-8)                             # transformers' AdamW defaults
         per_epoch = math.ceil(len(pairs) * h["duplicates"] / h["batch_size"])
-        total = h["epochs"] * per_epoch
+        total = total or h["epochs"] * per_epoch
         warm = int(h["warmup"] * total)
 
         def lr_factor(s):   # transformers' get_cosine_schedule_with_warmup
@@ -414,17 +440,44 @@ class VPL(Method):
         return per_epoch
 
     def fit(self, pairs):
-        per_epoch = self.start(pairs)
-        B, step = self.hparams["batch_size"], 0
-        curve = LossCurve(self.hparams["epochs"] * per_epoch, windowed=True)   # mean loss between points
+        h, B = self.hparams, self.hparams["batch_size"]
+        train, held = holdout(pairs) if h["stop"] == "early" else (pairs, None)
+        early = held is not None
+        # stop="early": the cosine schedule spans the cap, so that stopping never depends on it
+        per_epoch = self.start(train, h["steps"] if early else None)
+        total = h["steps"] if early else h["epochs"] * per_epoch
+        drawn = {"target": torch.zeros(0), "b": 0, "step": 0}
         self.net.train()
-        for epoch in range(self.hparams["epochs"]):
-            target, context = self.draw_epoch(pairs)
-            for b in tqdm(range(0, len(target), B), desc=f"{self} epoch {epoch + 1}", leave=False, disable=None):
-                eps = torch.randn(len(target[b:b + B]), self.K).to(self.device)  # [B, K]
-                curve.add(step, self.step(pairs, target[b:b + B], context[b:b + B], eps, step))
-                step += 1
+
+        def step():
+            if drawn["b"] >= len(drawn["target"]):   # a new epoch: targets and contexts drawn again
+                drawn["target"], drawn["context"] = self.draw_epoch(train)
+                drawn["b"] = 0
+            b, i = drawn["b"], drawn["step"]
+            target, context = drawn["target"][b:b + B], drawn["context"][b:b + B]
+            eps = torch.randn(len(target), self.K).to(self.device)               # [B, K]
+            drawn["b"], drawn["step"] = b + B, i + 1
+            return self.step(train, target, context, eps, i)
+        stop = None
+        if early:
+            # every user's context: its first context_max training pairs, fixed for every check
+            context = _user_slots(train, shuffle=False)[:, :h["context_max"]]     # [N, C]
+            stop = EarlyStop(lambda: self.held_out_loss(train, held, context), list(self.net.parameters()),
+                             checked_every(len(held) * h["duplicates"], B))
+        training_loop(total, step, self.device, str(self), stop=stop, per_step=B / (len(train) * h["duplicates"]),
+                      graph=False, windowed=True)
         return self.fit_users(pairs)
+
+    def held_out_loss(self, train, held, context):
+        """The stopping rule's loss: -log sigmoid of the held-out pairs' margins, each user encoded
+        (the posterior mean, as when scoring) from its context [N, C] of training pairs."""
+        mask, c = context >= 0, context.clamp(min=0)                              # [N, C]
+        hc, = self._first_layers(train.table[train.chosen[c]], "c")               # [N, C, H]
+        hr, = self._first_layers(train.table[train.rejected[c]], "r")
+        z = self._encode(hc, hr, mask)[0][held.user]                              # [P_held, K]
+        hd, = self._first_layers(held.table[torch.cat([held.chosen, held.rejected])], "d")   # [2 P_held, H]
+        r = self._reward(hd, z.repeat(2, 1))
+        return -F.logsigmoid(r[:len(held)] - r[len(held):]).mean()
 
     def fit_users(self, pairs):
         _need_table(self, pairs)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from lore.checks import InputError
+from lore.checks import InputError, check_count
 
 # A basis can look fine by its accuracy and still be one reward in disguise: the original LoRe code
 # on PRISM ended with singular values [4490, 14, 0.9, ...], every column pointing the same way and
@@ -319,6 +319,8 @@ def interpret_basis(V, table, conversations, v_ref=None, pairs=None, top=5, max_
     -> list of flat records: column, kind (highest / lowest / disagrees_with_ref), rank, row(s),
     score or margins (and score_ref / margin_ref), and the text cut to max_chars per message:
     context (the messages before the last) and reply (the last), or chosen / rejected replies."""
+    check_count(top, "top")
+    check_count(max_chars, "max_chars")
     V = torch.as_tensor(V, dtype=torch.float32)                                    # [F, K]
     if V.dim() != 2 or V.shape[0] != table.shape[1]:
         raise InputError(f"V has shape {tuple(V.shape)}, the embeddings F={table.shape[1]}")

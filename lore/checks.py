@@ -55,7 +55,9 @@ def seed_from_key(seed, *key):
 
 
 def seed_fit(seed, *key):
-    """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before."""
+    """Seed torch's generator from (seed, key...): a fit's start does not depend on what ran before.
+    seed: the user's, checked as --seed is (an integer in [0, 2**32))."""
+    check_seed(seed)
     torch.manual_seed(seed_from_key(seed, *key))
 
 
@@ -121,6 +123,9 @@ def int_list(values, what, least):
             raise InputError(f"{what} must be a list of integers, got {list(values)!r} ({v!r} is not an integer)")
         if v < least:
             raise InputError(f"{item} must be >= {least}, got {what}={list(values)!r}")
+    if len(set(int(v) for v in values)) != len(values):   # as the flags: a repeat would be a second, wrong record
+        twice = next(v for v in values if list(values).count(v) > 1)
+        raise InputError(f"{what} must not repeat a value, got {list(values)!r} ({twice} twice)")
     return [int(v) for v in values]
 
 
@@ -192,3 +197,12 @@ def check_tensor(x, name, dim=None, features=None):
     if not torch.isfinite(x).all():
         raise InputError(f"{name} has NaN or inf")
     return x
+
+
+def check_model(n_users, n_features, K, iters, learning_rate, what):
+    """A model's sizes, step count and rate, checked as the flags check them: integers >= 1 (0 steps
+    or a 0 rate would return the random start as a fit) and a rate in (0, MAX_RATE]."""
+    for value, name in ((n_users, "num_classes"), (n_features, "num_features"), (K, "num_basis_vectors"),
+                        (iters, "num_iterations")):
+        check_count(value, f"{what}: {name}")
+    check_rate(learning_rate, f"{what}: learning_rate")

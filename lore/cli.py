@@ -17,9 +17,10 @@ from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
 from lore.distributed import all_ranks, distributed, is_main_process
 from lore.extract import DEFAULT_MODEL
-from lore.io import read_json, write_json
+from lore.io import MANIFEST, run_record, write_json
 from lore.methods import METHODS
 from lore.recipes import load_recipe, recipe_path
+from lore.stopping import STOPS
 
 def command_line(main):
     """Wrap a script's main(args): bad input ends with a one-line message and exit code 2; Ctrl-C
@@ -145,6 +146,9 @@ def add_sweep_args(parser, folder, script):
     steps.add_argument("--fewshot-iters", type=positive_int, default=r["fewshot_iters"],
                        help="steps fitting unseen users' weights (default: %(default)s)")
     steps.add_argument("--fewshot-lr", type=positive_float, default=r["fewshot_lr"], help="(default: %(default)s)")
+    steps.add_argument("--stop", choices=STOPS, default=r.get("stop", "fixed"),
+                       help="fixed: --iters steps (the paper's); early: stop when the loss on a held-out slice "
+                            "of the seen users' pairs stops improving, --iters the cap (default: %(default)s)")
     if r.get("fewshot_pairs") is not None:
         parser.add_argument("--fewshot-pairs", type=positive_int, default=r["fewshot_pairs"],
                             help="the first n pairs of each unseen user's few-shot pool it fits on (default: %(default)s)")
@@ -231,7 +235,7 @@ def add_prepare_args(parser, folder):
     parser.add_argument("--out", default=os.path.join(folder, "data"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
     parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH",
-                        help="local .json/.jsonl/.parquet files in the hub's schema instead of the hub")
+                        help="local .json/.jsonl/.parquet/.csv files in the hub's schema instead of the hub")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
     return parser
@@ -250,11 +254,12 @@ def start_run(args):
     return device
 
 
-MANIFEST = ".lore-run.json"   # in every folder a run wrote: {"entries": {name: the script that wrote it}}
+def _record(out, script):
+    return {"folder": out, "pid": os.getpid(), "script": script}
 
 
 @contextlib.contextmanager
-def run_folder(args, script, *, keep=(), inputs=None, **extra):
+def run_folder(args, script, *, keep=(), keep_if=None, inputs=None, **extra):
     """The output folder of a run (args.out), written as a whole when the run succeeds, or not at all.
 
     Yields a staging folder beside --out to write every output into (None on torchrun ranks > 0, which
@@ -267,7 +272,9 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
       - every entry of an existing --out must be one this script wrote there (the folder's MANIFEST
         records who wrote what) or one of a script in `keep` (PRISM's prepare.py and
         generate-prism-embeddings.py share a folder); anything else (a user's file, another
-        script's folder, a data folder) is refused, named, and nothing is touched.
+        script's folder, a data folder) is refused, named, and nothing is touched;
+        keep_if(staging, out) -> bool, when given, says at the end whether the kept entries still
+        belong with the new ones (PRISM: made from the same examples); if not, they are dropped.
     When the block ends without error, config.json (config_of(args), the script's name, the time)
     and the MANIFEST are added, the kept scripts' entries are linked in, the ownership check is made
     again (something may have appeared in --out meanwhile) and the folder replaces --out (swap). On
@@ -283,17 +290,21 @@ def run_folder(args, script, *, keep=(), inputs=None, **extra):
         _check_owned(out, script, keep)
         staging = os.path.join(parent, f".{base}.partial-{os.getpid()}")
         os.makedirs(staging)
-        try:
+        try:   # the record that makes the staging folder this run's (recover_folder reads it)
+            write_json(os.path.join(staging, MANIFEST), {**_record(out, script), "entries": {}})
             yield staging
             write_json(os.path.join(staging, "config.json"),
                        {**config_of(args, **extra), "script": script,
                         "finished": datetime.datetime.now().isoformat(timespec="seconds")})
-            entries = {name: script for name in os.listdir(staging)}
-            for name, owner in _check_owned(out, script, keep).items():
-                if owner != script and name not in entries:   # a kept script's entry: linked, not copied
+            entries = {name: script for name in os.listdir(staging) if name != MANIFEST}
+            owned = _check_owned(out, script, keep)
+            keeping = keep_if is None or not owned or keep_if(staging, out)
+            for name, owner in owned.items():
+                if owner != script and name not in entries and keeping:   # a kept script's entry: linked, not copied
                     _link_tree(os.path.join(out, name), os.path.join(staging, name))
                     entries[name] = owner
-            write_json(os.path.join(staging, MANIFEST), {"entries": dict(sorted(entries.items()))})
+            write_json(os.path.join(staging, MANIFEST),
+                       {**_record(out, script), "complete": True, "entries": dict(sorted(entries.items()))})
             _swap(staging, out)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -332,30 +343,60 @@ def rank_run_folder(args, script, **extra):
 
 def cache_path(args, name):
     """A cache file that outlives failed runs (an embeddings file and its resumable shards): kept in
-    `.{out}.cache/` beside --out, seeded from --out's own copy of `name` when there is one, and
-    hard-linked into the run's outputs with link_into. Its name does not depend on the process, so
-    torchrun ranks share it and a killed extraction resumes."""
+    `.{out}.cache/` beside --out, seeded from a copy of --out's own `name` when there is one, and
+    copied into the run's outputs with link_into. Never a hard link: an edit of the data folder's
+    file in place must not reach the cache (embed_conversations also checks the content's hash).
+    Its name does not depend on the process, so torchrun ranks share it and a killed extraction
+    resumes."""
     out, parent, base = _out_path(args.out)
     folder = os.path.join(parent, f".{base}.cache")
     path = os.path.join(folder, name)
     os.makedirs(folder, exist_ok=True)
     previous = os.path.join(out, name)
     if is_main_process() and not os.path.lexists(path) and os.path.isfile(previous):
-        _link_tree(previous, path)
+        _copy_file(previous, path)
     return path
 
 
 def link_into(path, folder):
-    """Hard-link the file `path` into `folder` (a copy where links are not possible)."""
+    """Copy the file `path` into `folder` (a copy, not a hard link: the output and the cache are
+    edited apart). -> the copy's path."""
     target = os.path.join(folder, os.path.basename(path))
-    _link_tree(path, target)
+    _copy_file(path, target)
     return target
+
+
+def _copy_file(src, dst):
+    """shutil.copy2 (the contents and the modification time: a copy of an unchanged cache is the
+    same file) under a temporary name renamed into place: a kill leaves no half file at dst."""
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _out_path(path):
     """-> (out, parent, base): --out with a symlink resolved (the link is kept and its target
-    replaced, so the link and its target never disagree)."""
-    out = os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    replaced, so the link and its target never disagree); `link/` is the link, as `link` is. A
+    symlink loop, or a chain that ends in another link, is an InputError."""
+    path = str(path)
+    bare = path.rstrip(os.sep) or os.sep   # `link/` names the link's target folder: resolve the link itself
+    if os.path.islink(bare):
+        try:
+            out = os.path.realpath(bare, strict=False)
+            os.stat(bare)   # ELOOP on a loop; a dangling link (its target not yet made) is fine
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise InputError(f"--out {path}: cannot follow the symlink ({e.strerror})") from None
+        if os.path.islink(out):
+            raise InputError(f"--out {path}: a symlink loop (it never reaches a folder)")
+    else:
+        out = os.path.abspath(bare)
     parent, base = os.path.split(out)
     return out, parent, base
 
@@ -393,11 +434,7 @@ def _check_out(out, inputs):
 
 def _owners(out):
     """{entry: the script that wrote it} of a folder, from its MANIFEST ({} when there is none)."""
-    path = os.path.join(out, MANIFEST)
-    try:
-        entries = read_json(path).get("entries") if os.path.isfile(path) else {}
-    except (InputError, AttributeError):
-        entries = None
+    entries = run_record(out).get("entries")
     return entries if isinstance(entries, dict) else {}
 
 
@@ -457,21 +494,42 @@ def _swap(staging, out):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_folder(out):
-    """Leftovers of runs killed inside run_folder (called under the lock, so none is in use):
-    unfinished staging folders go; a finished one (ready) whose swap had not begun goes (--out still
-    holds the previous results); one whose swap had begun (--out moved to old) becomes --out; a
-    previous run moved aside (old) is deleted once --out exists, or put back where it does not. When
-    --out appeared while a swap was unfinished, nothing is deleted: InputError naming both."""
+LEFTOVER = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|ready|old)-(?P<pid>[1-9][0-9]*)")
+
+
+def leftovers(out):
+    """{pid: {kind: path}} of the leftovers of runs into --out killed inside run_folder: siblings of
+    --out named exactly `.{base}.{partial|ready|old}-{PID}` whose MANIFEST records --out as the folder
+    they belong to (and, for a staging folder, PID as its writer; for a ready one, that it is
+    complete). A name that only starts like one (`.r.old-1.partial-7` is `r.old-1`'s, not `r`'s), or
+    a folder without the record, is another folder's, and is never touched."""
     parent, base = os.path.split(out)
+    found = {}
     if not os.path.isdir(parent):
-        return
-    leftovers = {}
+        return found
     for name in os.listdir(parent):
-        for kind in ("partial", "ready", "old"):
-            if name.startswith(f".{base}.{kind}-"):
-                leftovers.setdefault(name.rsplit("-", 1)[1], {})[kind] = os.path.join(parent, name)
-    for pid, left in sorted(leftovers.items()):
+        m = LEFTOVER.fullmatch(name)
+        path = os.path.join(parent, name)
+        if m is None or m["base"] != base or os.path.islink(path) or not os.path.isdir(path):
+            continue
+        record = run_record(path)
+        if record.get("folder") != out:
+            continue
+        kind, pid = m["kind"], int(m["pid"])
+        if kind != "old" and (record.get("pid") != pid or (kind == "ready") != (record.get("complete") is True)):
+            continue
+        found.setdefault(pid, {})[kind] = path
+    return found
+
+
+def recover_folder(out):
+    """Leftovers of runs killed inside run_folder (called under the lock, so none is in use; only
+    those `leftovers` recognises): unfinished staging folders go; a finished one (ready) whose swap
+    had not begun goes (--out still holds the previous results); one whose swap had begun (--out
+    moved to old) becomes --out; a previous run moved aside (old) is deleted once --out exists, or
+    put back where it does not. When --out appeared while a swap was unfinished, nothing is deleted:
+    InputError naming both."""
+    for pid, left in sorted(leftovers(out).items()):
         if "partial" in left:
             shutil.rmtree(left["partial"], ignore_errors=True)
         if "ready" in left and "old" in left:

@@ -1,6 +1,6 @@
 """Comparisons a reviewer can trust: validation users carved out of the seen side, a search with
 the same budget for every method, selection by validation accuracy alone, refits with several
-seeds, bootstrap confidence intervals over users and seeds, paired differences, the
+seeds, confidence intervals over users and seeds (a two-way random-effects t interval), paired differences, the
 personalization gain over one shared reward, and the stability of a basis across seeds.
 
 The protocol (tools/compare.py runs it; docs/comparisons.md states it):
@@ -16,8 +16,9 @@ The protocol (tools/compare.py runs it; docs/comparisons.md states it):
      nothing.
   3. Refit (refit): the selected configuration is fitted on all seen users with `seeds` seeds and
      scored on seen_test and unseen_test, per user and seed.
-  4. Report (comparison): means, bootstrap CIs over users and seeds, paired differences between
-     every two rows on the same users, the personalization gain (best personal method minus one
+  4. Report (comparison): means, CIs over users and seeds (mean_ci: the seed, user and user x seed
+     variance components, a t interval with Satterthwaite's df), paired differences between every
+     two rows on the same users (with Bonferroni's simultaneous CIs beside them), the personalization gain (best personal method minus one
      shared Bradley-Terry reward) with a plain verdict, and principal angles between the seeds' bases.
 """
 import itertools
@@ -31,7 +32,6 @@ from lore.checks import InputError, is_int, seed_fit, seed_from_key
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
 
 VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
-BOOTSTRAP = 2000            # resamples of users and seeds behind every CI
 CI_LEVEL = 0.95
 STABLE_OVERLAP = 0.9        # a basis whose seeds' subspaces overlap less than this "changes between seeds"
 TRUSTED_SETS = ("seen_test", "unseen_test")
@@ -134,8 +134,9 @@ def validate(name, config, split, v_ref, device, seed, base=None):
         checked_fit(method, split["train"])
         U = checked_fit_users(method, split["fewshot"])
         record.update(validation=float(accuracy(method, split["test"], U).mean()), error=None)
+        # a search record is the same for the same seed: its seconds are left out (the refits state theirs)
         record.update(converged=converged(method.curve), loss_fall=last_tenth_fall(method.curve),
-                      curve=method.curve)
+                      **{k: v for k, v in fit_length(method).items() if k != "fit_seconds"}, curve=method.curve)
     except InputError as e:
         record.update(validation=None, error=str(e), converged=None, loss_fall=None, curve=None)
     print(f"search {name} {config}: validation " + (f"{record['validation']:.4f}" if record["error"] is None
@@ -172,24 +173,86 @@ def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
             acc[set_name].append(accuracy(method, sets[set_name], U if set_name.startswith("seen") else U_new))
         methods.append(method)
         fits.append({"seed": s, "converged": converged(method.curve), "loss_fall": last_tenth_fall(method.curve),
-                     "curve": method.curve})
+                     **fit_length(method), "curve": method.curve})
     return {k: np.stack(v) for k, v in acc.items()}, methods, fits
 
 
-def bootstrap_ci(A, n=BOOTSTRAP, level=CI_LEVEL, seed=0):
-    """Percentile CI of the mean of A [S, N] (seeds x users) when users and seeds are resampled
-    with replacement, independently: each resample's mean is sum_s sum_u d_s A_su c_u / (S N) with
-    d, c the multinomial counts of the drawn seeds and users. -> [lo, hi]."""
+def fit_length(method):
+    """How long a checked fit ran: optimizer steps, passes over its training pairs, seconds, and
+    how it ended (stopped: fixed, early or cap; None without a training loop)."""
+    curve = method.curve or {}
+    return {"steps": curve.get("steps"), "passes": curve.get("passes"), "fit_seconds": method.fit_seconds,
+            "stopped": curve.get("stopped")}
+
+
+def t_quantile(q, df):
+    """The q-quantile (q in (0.5, 1)) of Student's t with df >= 1 degrees of freedom (df may be
+    fractional: Satterthwaite's; capped at 1e7, where t is the normal to 1e-7). No scipy: with
+    t = sqrt(df) tan(theta), P(0 < T < t) = c int_0^theta cos(u)^(df - 1) du, c = Gamma((df + 1) / 2)
+    / (Gamma(df / 2) sqrt(pi)), a bounded integrand (Simpson's rule, 1001 points), and theta is
+    found by Newton's method kept inside a shrinking bracket (bisection where Newton would leave it)."""
+    df = min(max(df, 1.0), 1e7)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi)
+    def mass(theta):   # P(0 < T < sqrt(df) tan(theta))
+        f = np.cos(np.linspace(0.0, theta, 1001)) ** (df - 1)
+        return c * theta / 3000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+    lo, hi = 0.0, math.atan((40.0 if df >= 10 else 1e7) / math.sqrt(df))   # t < 40 for df >= 10, q < 1 - 1e-8
+    theta = math.atan(2.0 / math.sqrt(df))
+    for _ in range(100):
+        g = mass(theta) - (q - 0.5)
+        lo, hi = (theta, hi) if g < 0 else (lo, theta)
+        step = g / (c * math.cos(theta) ** (df - 1))
+        if abs(step) < 1e-13 or hi - lo < 1e-15:
+            break
+        theta = theta - step if lo < theta - step < hi else (lo + hi) / 2
+    return math.sqrt(df) * math.tan(theta)
+
+
+def variance_components(A):
+    """The two-way random-effects model of A [S, N] (seeds x users, one value per cell):
+    A_su = mu + a_s + b_u + e_su, with a the seed effect (var sigma_seed^2), b the user effect
+    (sigma_user^2) and e the user x seed interaction (sigma_resid^2). The ANOVA mean squares have
+    E[MS_seed] = sigma_resid^2 + N sigma_seed^2, E[MS_user] = sigma_resid^2 + S sigma_user^2,
+    E[MS_resid] = sigma_resid^2, so the variance of the grand mean,
+        sigma_seed^2 / S + sigma_user^2 / N + sigma_resid^2 / (S N),
+    is estimated by MS_seed / (S N) + max(0, MS_user - MS_resid) / (S N): the seed term is never
+    clamped (with few seeds it is the one that matters, and clamping it would under-cover), and its
+    S - 1 degrees of freedom enter Satterthwaite's df. One seed: the seed term cannot be estimated
+    and the variance is MS_user / (S N) with N - 1 df (the CI is then over users alone).
+    -> {"seed", "user", "resid": the components (clamped at 0), "mean_var", "df"}."""
     A = np.asarray(A, dtype=float)
     if A.ndim == 1:
         A = A[None]
     S, N = A.shape
-    rng = np.random.default_rng(seed)
-    d = rng.multinomial(S, np.full(S, 1 / S), size=n)                             # [n, S]
-    c = rng.multinomial(N, np.full(N, 1 / N), size=n)                             # [n, N]
-    means = ((d @ A) * c).sum(1) / (S * N)                                        # [n]
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return [float(lo), float(hi)]
+    mean = A.mean()
+    seed_means, user_means = A.mean(1), A.mean(0)                                 # [S], [N]
+    ms_seed = N * ((seed_means - mean) ** 2).sum() / (S - 1) if S > 1 else 0.0
+    ms_user = S * ((user_means - mean) ** 2).sum() / (N - 1) if N > 1 else 0.0
+    df_resid = (S - 1) * (N - 1)
+    ms_resid = ((A - seed_means[:, None] - user_means[None] + mean) ** 2).sum() / df_resid if df_resid else 0.0
+    terms = [(ms_seed / (S * N), S - 1),                                          # (term of var(mean), its df)
+             (max(0.0, ms_user - ms_resid) / (S * N), N - 1)]
+    if ms_user > ms_resid and df_resid:   # Satterthwaite's share of MS_resid in the user term
+        user_df = (ms_user - ms_resid) ** 2 / (ms_user ** 2 / (N - 1) + ms_resid ** 2 / df_resid)
+        terms[1] = (terms[1][0], user_df)
+    var = sum(t for t, _ in terms)
+    denom = sum(t ** 2 / df for t, df in terms if df > 0 and t > 0)
+    return {"seed": float(max(0.0, (ms_seed - ms_resid) / N)) if S > 1 else None,
+            "user": float(max(0.0, (ms_user - ms_resid) / S)), "resid": float(ms_resid),
+            "mean_var": float(var), "df": float(var ** 2 / denom) if denom > 0 else math.inf}
+
+
+def mean_ci(A, level=CI_LEVEL):
+    """CI of the expected mean of A [S, N] (seeds x users) over new users of the same population and
+    new seeds, under the two-way random-effects model of variance_components: mean +- t_{df, (1 +
+    level) / 2} sqrt(var(mean)), df Satterthwaite's (with few seeds the seed term's S - 1 degrees of
+    freedom dominate it, and the interval widens as it should). -> [lo, hi]."""
+    A = np.asarray(A, dtype=float)
+    vc = variance_components(A)
+    if vc["mean_var"] == 0:
+        return [float(A.mean()), float(A.mean())]
+    half = t_quantile((1 + level) / 2, vc["df"]) * math.sqrt(vc["mean_var"])
+    return [float(A.mean() - half), float(A.mean() + half)]
 
 
 def principal_angles(V1, V2):
@@ -216,20 +279,29 @@ def basis_stability(methods):
     return {"pairs": pairs, "min_overlap": worst, "stable": bool(worst >= STABLE_OVERLAP)}
 
 
-def row(name, selected, validation, acc, seed=0):
+def row(name, selected, validation, acc):
     """One row of comparison.json: the method, the selected configuration, the validation accuracy it
     was chosen on, and for seen_test and unseen_test the mean over seeds of the mean over users and its CI."""
     out = {"method": name, "selected": selected, "validation": validation}
     for set_name in TRUSTED_SETS:
         out[set_name] = float(acc[set_name].mean())
-        out[f"{set_name}_ci"] = bootstrap_ci(acc[set_name], seed=seed)
+        out[f"{set_name}_ci"] = mean_ci(acc[set_name])
     return out
 
 
-def paired(a, b, acc_a, acc_b, set_name, seed=0):
-    """a minus b on the same users and seeds (per-user accuracies [S, N] each)."""
+def mean_length(fits):
+    """The refits' mean steps, passes and fit seconds (None for fits without a training loop)."""
+    mean = lambda k: None if any(f[k] is None for f in fits) else float(np.mean([f[k] for f in fits]))
+    return {k: mean(k) for k in ("steps", "passes", "fit_seconds")}
+
+
+def paired(a, b, acc_a, acc_b, set_name, comparisons=1):
+    """a minus b on the same users and seeds (per-user accuracies [S, N] each): the mean, its CI, and
+    the Bonferroni CI at level 1 - (1 - CI_LEVEL) / comparisons (all `comparisons` paired CIs hold
+    together with probability >= CI_LEVEL)."""
     D = acc_a[set_name] - acc_b[set_name]
-    return {"a": a, "b": b, "set": set_name, "mean": float(D.mean()), "ci": bootstrap_ci(D, seed=seed)}
+    return {"a": a, "b": b, "set": set_name, "mean": float(D.mean()), "ci": mean_ci(D),
+            "ci_simultaneous": mean_ci(D, 1 - (1 - CI_LEVEL) / comparisons)}
 
 
 def gain_verdict(ci):
@@ -252,6 +324,8 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
     searches start from (a configuration's hps replace them). -> comparison.json's dict."""
     if not is_int(seeds) or seeds < 1:
         raise InputError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if isinstance(methods, str) or not isinstance(methods, (list, tuple)) or not methods:
+        raise InputError(f"methods must be a non-empty list of method names, got {methods!r}")
     base = base or {}
     split = validation_split(sets, fraction, seed)
     print(f"validation: {len(split['users'])} of {sets['seen_train'].n_users} seen users, fitted from "
@@ -270,25 +344,32 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
             validation = max(r["validation"] for r in records if r["validation"] is not None)
         acc[label], methods_fitted, fits[label] = refit(name, config, sets, v_ref, device, seeds, seed, base.get(name))
         stability[label] = basis_stability(methods_fitted)
-        rows.append({**row(name, config, validation, acc[label], seed), "method": label, "fit_of": name,
-                     "converged": all(f["converged"] is not False for f in fits[label])})
+        rows.append({**row(name, config, validation, acc[label]), "method": label, "fit_of": name,
+                     "converged": all(f["converged"] is not False for f in fits[label]),
+                     "at_cap": any(f["stopped"] == "cap" for f in fits[label]), **mean_length(fits[label])})
         print(f"{label}: selected {config}, validation {validation:.4f}, "
               + ", ".join(f"{s} {rows[-1][s]:.4f} [{rows[-1][s + '_ci'][0]:.4f}, {rows[-1][s + '_ci'][1]:.4f}]"
                           for s in TRUSTED_SETS))
     labels = [r["method"] for r in rows]
-    pairs = [paired(a, b, acc[a], acc[b], s, seed) for a, b in itertools.combinations(labels, 2) for s in TRUSTED_SETS]
+    combos = [(a, b, s) for a, b in itertools.combinations(labels, 2) for s in TRUSTED_SETS]
+    pairs = [paired(a, b, acc[a], acc[b], s, len(combos)) for a, b, s in combos]
     personal = [r for r in rows if r["method"] not in ("reference", "bt")]
     gain = None
     if personal:
         best = max(personal, key=lambda r: r["validation"])["method"]   # chosen on validation, never the test
         gain = {"method": best, "vs": "bt", "per_user": "unseen_test"}
         for s in TRUSTED_SETS:
-            p = paired(best, "bt", acc[best], acc["bt"], s, seed)
+            p = paired(best, "bt", acc[best], acc["bt"], s)
             gain[s] = {"mean": p["mean"], "ci": p["ci"], "verdict": gain_verdict(p["ci"])}
         gain["verdict"] = gain["unseen_test"]["verdict"]
     return {"methods": rows, "paired": pairs, "personalization_gain": gain, "basis_stability": stability,
             "validation": {"users": len(split["users"]), "of": sets["seen_train"].n_users, "shots": split["shots"],
                            "fraction": fraction, "seed": seed},
-            "budget": budget, "seeds": seeds, "ci": {"level": CI_LEVEL, "bootstrap": BOOTSTRAP,
-                                                     "over": "users and seeds, resampled independently"},
+            "budget": budget, "seeds": seeds,
+            "ci": {"level": CI_LEVEL, "method": "t interval of a two-way random-effects model (seed, user, "
+                   "user x seed; ANOVA variance components, Satterthwaite df): over new users and new seeds, "
+                   "given the selected configuration and the drawn test pairs",
+                   "multiplicity": f"{len(combos)} paired CIs at {CI_LEVEL:.0%} each: about "
+                   f"{len(combos) * (1 - CI_LEVEL):.1f} would miss by chance; ci_simultaneous is Bonferroni's, "
+                   f"all {len(combos)} together at {CI_LEVEL:.0%}"},
             "search": searches, "fits": fits}

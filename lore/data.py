@@ -74,6 +74,8 @@ def load_data(folder, device=None, fewshot_pairs=None):
     belong together, the table is finite, every pair points into it, every user has pairs.
     fewshot_pairs: keep only the first n drawn few-shot pairs of each unseen user (the recipe's
     few-shot size, where prepare.py drew a larger pool for vary_fewshot.py). -> Data."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError(f"load_data: folder must be a path to a prepared data folder, got {short_repr(folder)}")
     device = resolve_device(device)
     if fewshot_pairs is not None:
         check_count(fewshot_pairs, "fewshot_pairs")
@@ -156,7 +158,7 @@ def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, co
         "pairs": {name: int((pairs["set"] == name).sum()) for name in SETS},
         "embeddings": _embeddings_identity(os.path.join(folder, "embeddings.safetensors")),
         "files": {name: _file_digest(os.path.join(folder, name)) for name in (*DATA_FILES, *files)},
-        "config": config, **extra})
+        "config": config, **extra}, canonical=True)   # the same data, the same bytes: its hash is the identity
     print(f"{folder}: " + ", ".join(f"{name} {int((pairs['set'] == name).sum())} pairs" for name in SETS)
           + f" of {len(users['seen'])} seen and {len(users['unseen'])} unseen users")
 

@@ -172,6 +172,29 @@ def embed_conversations(conversations, out_path, model_name_or_path=DEFAULT_MODE
         _unlock(lock, out_path)
 
 
+def embed_now(conversations, model, tokenizer, *, texts=False, batch_tokens=16384):
+    """The embeddings of embed_conversations computed in memory, nothing read or written: for a
+    server that scores requests as they arrive (lore.reward). Prefix sharing and packing as there.
+    conversations: lists of {"role", "content"}, rendered with the chat template; with texts=True
+    plain strings instead, tokenized as they are (OpenRLHF's queries, already rendered by the
+    policy). -> [n, F] float32 on the CPU, in input order."""
+    if len(conversations) == 0:
+        raise InputError("no conversations to embed")
+    if texts:
+        ids = tokenizer(list(conversations))["input_ids"]
+        conversations = [[text] for text in conversations]   # one group: the prefix is what they share
+        if any(len(seq) == 0 for seq in ids):
+            raise InputError("a text tokenizes to no tokens")
+    else:
+        ids = _chat_token_ids(tokenizer, conversations)
+    seqs, inverse, shards = _plan(ids, conversations, batch_tokens, shard_size=len(ids))
+    out = torch.empty(len(seqs), model.config.hidden_size)                         # [distinct, F]
+    for shard in shards:
+        for batch in _batches(shard, seqs, batch_tokens):
+            out[[u for _, us in batch for u in us]] = _embed_batch(model, batch, seqs).float().cpu()
+    return out[inverse]                                                            # [n, F]
+
+
 def _resolve_dtype(dtype, device):
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -435,11 +458,21 @@ def _reuse(out_path, fingerprint, contents):
             print(f"{out_path}: made from other inputs, model weights or settings; computing it again")
         return None
     try:
-        return load_tensors(out_path, ["embeddings"])["embeddings"]
+        table = load_tensors(out_path, ["embeddings"])["embeddings"]
     except InputError as e:
         if is_main_process():
             print(f"{e}; computing it again")
         return None
+    if "sha256" in metadata and table_digest(table) != metadata["sha256"]:   # edited in place since
+        if is_main_process():
+            print(f"{out_path}: its table is not the one it was written with (edited since); computing it again")
+        return None
+    return table
+
+
+def table_digest(table):
+    """sha256 of a tensor's bytes: what a cache records of its content, so that an edit is seen."""
+    return hashlib.sha256(table.contiguous().view(torch.uint8).numpy()).hexdigest()
 
 
 def _header_metadata(path):
@@ -524,6 +557,6 @@ def _merge(parts, n_shards, n_distinct, inverse, out_path, metadata):
         if distinct is None:
             distinct = torch.empty(n_distinct, tensors["embeddings"].shape[1], dtype=tensors["embeddings"].dtype)
         distinct[tensors["rows"]] = tensors["embeddings"]  # [s, F] into [d, F]
-    save_tensors(out_path, {"embeddings": distinct[torch.tensor(inverse)]},  # [n, F]
-                 {**metadata, "F": str(distinct.shape[1])})
+    table = distinct[torch.tensor(inverse)]   # [n, F]
+    save_tensors(out_path, {"embeddings": table}, {**metadata, "F": str(distinct.shape[1]), "sha256": table_digest(table)})
     shutil.rmtree(parts)

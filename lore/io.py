@@ -44,6 +44,44 @@ def _atomic(path):
         raise
 
 
+MANIFEST = ".lore-run.json"   # in every folder a run wrote: {"entries": {name: the script that wrote it}}
+# and the record of whose it is: {"folder": --out, "pid": the writing process, "script": its script}
+
+
+def run_record(folder):
+    """A folder's MANIFEST as a dict ({} when there is none or it is unreadable)."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        record = read_json(path) if os.path.isfile(path) else {}
+    except InputError:
+        record = {}
+    return record if isinstance(record, dict) else {}
+
+
+def owning_run(path):
+    """The folder of another run's outputs that `path` is or lies in (a folder with a MANIFEST: a data
+    folder, a results folder), or None. The staging folder this process is writing is its own."""
+    folder = os.path.realpath(path)
+    while True:
+        if os.path.isfile(os.path.join(folder, MANIFEST)):
+            record = run_record(folder)
+            if not (record.get("pid") == os.getpid() and not record.get("complete")):
+                return folder
+        if os.path.dirname(folder) == folder:
+            return None
+        folder = os.path.dirname(folder)
+
+
+def check_not_owned(path, what):
+    """The ownership rule of --out for any other output path (the API's out_dir, --embeddings): a
+    path in another run's folder is refused, since that run's records would no longer describe it."""
+    owner = owning_run(path)
+    if owner is not None:
+        where = "is" if os.path.realpath(path) == owner else "is inside"
+        raise InputError(f"{what} {path} {where} {owner}, the output folder of another run (its records would "
+                         f"no longer describe its files): pick a path outside it")
+
+
 def check_folder_writable(path, what):
     """A folder that files can be written into (created if need be), checked before any work:
     InputError naming `what` when it is a file, or cannot be created or written."""
@@ -94,11 +132,13 @@ def first_line(e):
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
-def write_json(path, obj):
+def write_json(path, obj, canonical=False):
+    """JSON, atomically. canonical: keys sorted, so that the same content gives the same bytes (a
+    dict from safetensors' header, such as an embeddings file's metadata, has no stable order)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with _atomic(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(obj, f, indent=2, sort_keys=canonical)
 
 
 def read_json(path):
@@ -136,7 +176,7 @@ def read_table(path, columns=()):
 
 
 def load_splits(hub_id, splits, data_files=None, config=None):
-    """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet})
+    """{split: datasets.Dataset} from local files (data_files: {split: path to .json/.jsonl/.parquet/.csv})
     or else from the Hugging Face hub. Errors name the split or file at fault, and the line of a
     local JSON / JSON-lines file."""
     import datasets
@@ -149,7 +189,7 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             path = data_files[split]
             if not os.path.isfile(path):
                 raise InputError(f"{path}: no such file (the {split} split)")
-            kind = "parquet" if path.endswith(".parquet") else "json"
+            kind = "parquet" if path.endswith(".parquet") else "csv" if path.endswith(".csv") else "json"
             if path.endswith((".json", ".jsonl")):
                 _check_json_rows(path)
             datasets.disable_progress_bars()   # a bar on stderr before an error line is not one line

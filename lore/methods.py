@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from dataclasses import replace
 
@@ -38,7 +39,7 @@ def user_margins(Z, W, user):
 class Method:
     """A way to personalize a reward, the value of an entry of METHODS. User i's reward of a
     response with embedding phi is reward(item_features(phi), u_i): a shared part (this object,
-    fitted on the seen users) and per-user parameters u_i (a row of U [N, U]), which a new user
+    fitted on the seen users) and per-user parameters u_i (a row of U [N, Q]), which a new user
     fits from a few pairs with the shared part fixed. A new method is one subclass and one entry;
     the sweeps, the scripts, the checkpoints and the evaluation then work for it unchanged.
 
@@ -65,11 +66,11 @@ class Method:
                     methods need the table form of Pairs (both embeddings of every pair)
 
     Methods to implement; Pairs reach them checked (pack / load_data), on self.device:
-        fit(pairs) -> U [N, U]        fit the shared part and the seen users' parameters
-        fit_users(pairs) -> U [N, U]  new users' parameters, shared part fixed; pairs may be
+        fit(pairs) -> U [N, Q]        fit the shared part and the seen users' parameters
+        fit_users(pairs) -> U [N, Q]  new users' parameters, shared part fixed; pairs may be
                                       featurized (see featurize): use pair_features(self, pairs)
         item_features(rows) -> [n, D] user-independent features of embeddings rows [n, F]
-        reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, U]
+        reward(Z, U) -> [n]           reward of item features Z [n, D] for the users U [n, Q]
         state() -> {name: tensor}     the shared part, saved in checkpoints; load_state(tensors)
     Optional, for active selection of new users' pairs (lore.active; a method without them is
     refused there): free_parameters(U) -> [N, D] the parameters fit_users optimizes, free_margin(
@@ -81,6 +82,7 @@ class Method:
     name, defaults, min_K, uses_alpha, linear = None, {}, 1, False, False
     search, search_space = "random", {}
     curve = fewshot_curve = None   # the last checked fit's loss curves (checked_fit, checked_fit_users)
+    fit_seconds = fewshot_seconds = None   # and their wall-clock seconds
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
     choices, limits, prunes = {}, {}, False
 
@@ -243,6 +245,8 @@ def load_method(path, device=None, data=None, allow_other_data=False):
     columns, or at most that for a method that prunes; users' parameters with V's columns); with
     `data` (a Data of load_data), that it was fitted on that folder: a checkpoint of another one is
     refused, or with allow_other_data used with a warning on stderr."""
+    if not isinstance(allow_other_data, bool):   # "no" is truthy: only True allows
+        raise InputError(f"allow_other_data must be True or False, got {allow_other_data!r}")
     if os.path.isdir(path):
         raise InputError(f"{path} is a folder, not a checkpoint file ({{method}}_K{{K}}[_alpha{{a}}].safetensors)")
     meta = read_metadata(path)
@@ -374,7 +378,7 @@ def pair_features(method, pairs):
 
 
 def pair_margins(method, pairs, U):
-    """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, U] -> [P]."""
+    """reward(chosen) - reward(rejected) of every pair under its own user's parameters U [N, Q] -> [P]."""
     return torch.cat([m for _, m in _margin_chunks(method, pairs, U)])             # [P]
 
 
@@ -395,7 +399,7 @@ def _margin_chunks(method, pairs, U):
         for start in range(0, len(pairs), CHUNK):
             part = slice(start, start + CHUNK)
             Zc, Zr = pair_features(method, pairs.select(part))
-            Uu = U.index_select(0, pairs.user[part])                               # [chunk, U]
+            Uu = U.index_select(0, pairs.user[part])                               # [chunk, Q]
             m = method.reward(Zc, Uu)
             yield part, (m if Zr is None else m - method.reward(Zr, Uu))
 
@@ -453,32 +457,35 @@ class LossCurve:
     since the previous point (minibatch loops, whose single-batch losses are noisy). add() takes a
     loss tensor and never synchronizes a GPU: values are read once, in result()."""
 
-    def __init__(self, total, windowed=False):
+    def __init__(self, total, windowed=False, at=None):
         n = min(CURVE_POINTS, total)
         self.total, self.windowed = total, windowed
         self.at = set(np.linspace(0, total - 1, n).round().astype(int).tolist()) if total else set()
+        if at is not None:   # the given steps (an early-stopped loop's checks) and the last
+            self.at = set(at) | {total - 1} if total else set()
         self.steps, self.values, self.sum, self.count = [], [], None, 0
+        self.info = {}   # what the loop adds: steps, passes, stopped, the held-out checks (lore.steps)
         if _RECORDING:
             _RECORDING[-1].append(self)
 
-    def add(self, i, loss):
+    def add(self, i, loss, last=False):
         """The loss tensor of step i (0-based); a copy is kept where needed (a CUDA graph's output
-        is overwritten by the next replay)."""
+        is overwritten by the next replay). last: the loop ends here, keep it (an early stop)."""
         if self.windowed:
             loss = loss.detach().float()
             self.sum, self.count = (loss if self.sum is None else self.sum + loss), self.count + 1
-            if i in self.at:
+            if i in self.at or last:
                 self.steps.append(i)
                 self.values.append(self.sum / self.count)
                 self.sum, self.count = None, 0
-        elif i in self.at:
+        elif i in self.at or last:
             self.steps.append(i)
             self.values.append(loss.detach().float().clone())
 
     def result(self):
         """{"step": [...], "loss": [...], "windowed": bool} (plain numbers, JSON-ready)."""
         loss = torch.stack(self.values).cpu().tolist() if self.values else []
-        return {"step": list(self.steps), "loss": loss, "windowed": self.windowed}
+        return {"step": list(self.steps), "loss": loss, "windowed": self.windowed, **self.info}
 
 
 def last_tenth_fall(curve):
@@ -497,7 +504,11 @@ def last_tenth_fall(curve):
 
 
 def converged(curve):
-    """False when the loss still fell by more than CONVERGED_FALL over the last tenth; None without a curve."""
+    """An early-stopped fit (stop="early"): True when the rule stopped it, False when it ran to its
+    cap. A fixed one: False when the loss still fell by more than CONVERGED_FALL over the last
+    tenth. None without a curve."""
+    if curve and curve.get("stopped") in ("early", "cap"):
+        return curve["stopped"] == "early"
     fall = last_tenth_fall(curve)
     return None if fall is None else bool(fall <= CONVERGED_FALL)
 
@@ -532,9 +543,11 @@ def checked_fit(method, pairs):
     loss, the parameters, the optimizer's state, U or the rewards of the training pairs; or a loss
     that never went below its first value (alpha or a scale so
     large that the Adam steps underflow to nothing, or rates far too small). Every sweep and search
-    fits through here."""
+    fits through here. method.fit_seconds: the fit's wall-clock seconds."""
+    start = time.perf_counter()
     with recording() as curves:
         U = method.fit(pairs)
+    method.fit_seconds = time.perf_counter() - start
     method.curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
     _check_finite(method, "the fit diverged", {"U": U, **method.state()})
     _check_finite(method, "the fit stalled", _optimizer_state(method),
@@ -562,9 +575,11 @@ def checked_fit(method, pairs):
 
 def checked_fit_users(method, pairs):
     """method.fit_users(pairs) -> U, its loss curve kept as method.fewshot_curve (None without a
-    loop), refused (InputError) when U is NaN or inf."""
+    loop), refused (InputError) when U is NaN or inf; method.fewshot_seconds its seconds."""
+    start = time.perf_counter()
     with recording() as curves:
         U = method.fit_users(pairs)
+    method.fewshot_seconds = time.perf_counter() - start
     method.fewshot_curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
     _check_finite(method, "fitting new users diverged", {"U": U})
     return U

@@ -1,10 +1,16 @@
 """A basis in closed form: the top-K principal directions of the seen users' difference rows
-x = phi(chosen) - phi(rejected) (as DRMs build theirs), by randomized subspace iteration on the
-table form, so the [P, F] rows are never built. The method `pca` uses them as a LoRe basis, and
-the LoRe entries' init="svd" starts from them.
+x = phi(chosen) - phi(rejected) (as DRMs build theirs), exactly: a dense eigendecomposition
+(torch.linalg.eigh, float64) of the [F, F] second moment, accumulated over chunks of pairs so that
+the [P, F] rows are never built whole. The method `pca` uses them as a LoRe basis, and the LoRe
+entries' init="svd" starts from them.
+
+Why exact and not an iteration: the spectrum of G is flat after its first few eigenvalues on the
+data LoRe is for (the synthetic PersonalLLM: 21645, 17945, 13962, 13176, 13031), so a fixed number
+of subspace iterations leaves the third direction tens of degrees off. Building G costs P F^2 and
+its eigh F^3: seconds at F = 4096.
 
 Which second moment: the uncentered one, each user weighing the same,
-    G = sum_i mean_{x in X_i} x x^T          [F, F], never built: only G Q for a thin Q [F, J].
+    G = sum_i mean_{x in X_i} x x^T          [F, F], summed in float64 over chunks of pairs.
 Uncentered, because the mean difference row is itself a direction (one most users like); centering
 would remove it. Per user, because a user with many pairs should not own the basis (LoRe's loss
 weighs users the same way).
@@ -25,47 +31,40 @@ import torch
 
 from lore.checks import InputError
 from lore.methods import LinearBasis
-from lore.pairs import project_rows
 
 
-def second_moment_apply(pairs, Q, chunk=1 << 15):
-    """G Q for G = sum_i mean_{x in X_i} x x^T of the pairs (Pairs, rows or table form), Q [F, J]
-    -> [F, J]. The table form reads the table twice and keeps [E, J] and [P, J] temporaries."""
-    weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]: each user sums to 1
-    if pairs.X is not None:
-        return pairs.X.t() @ (weight[:, None] * project_rows(pairs.X, Q))          # [F, J]
-    TQ = torch.cat([project_rows(t.float(), Q) for t in pairs.table.split(chunk)])  # [E, J]
-    Z = weight[:, None] * (TQ[pairs.chosen] - TQ[pairs.rejected])                  # [P, J]
-    S = torch.zeros_like(TQ).index_add_(0, pairs.chosen, Z).index_add_(0, pairs.rejected, -Z)  # [E, J]
-    out = torch.zeros_like(Q)
-    for start in range(0, len(S), chunk):   # T^T S = sum over chunks, no float copy of the whole table
-        out += pairs.table[start:start + chunk].float().t() @ S[start:start + chunk]
-    return out                                                                     # [F, J]
+def second_moment(pairs, chunk_elements=1 << 24):
+    """G = sum_i mean_{x in X_i} x x^T of the pairs (Pairs, rows or table form) -> [F, F] float64,
+    accumulated over chunks of pairs (chunk_elements values of [chunk, F] rows at a time)."""
+    F = pairs.n_features
+    weight = (1.0 / pairs.counts()[pairs.user].double())                           # [P]: each user sums to 1
+    G = torch.zeros(F, F, dtype=torch.float64, device=pairs.device)
+    step = max(1, chunk_elements // F)
+    for start in range(0, len(pairs.user), step):
+        sl = slice(start, start + step)
+        if pairs.X is not None:
+            X = pairs.X[sl].double()                                               # [chunk, F]
+        else:
+            X = pairs.table[pairs.chosen[sl]].double() - pairs.table[pairs.rejected[sl]].double()  # [chunk, F]
+        G += X.t() @ (weight[sl, None] * X)
+    return G                                                                       # [F, F]
 
 
-def principal_directions(pairs, K, power_iters=8, oversample=10, seed=0):
-    """The top-K eigenvectors of G (see second_moment_apply) by randomized subspace iteration:
-    Q <- orth(G Q) power_iters times from a Gaussian Q [F, K + oversample] drawn from a generator
-    seeded by `seed` (so the result is a function of the data), then Rayleigh-Ritz on span(Q).
+def principal_directions(pairs, K):
+    """The top-K eigenvectors of G (see second_moment) by a dense float64 eigh: exact to rounding.
     -> (D [F, K] orthonormal columns, eigenvalues [K] in decreasing order)."""
     F = pairs.n_features
     if not 1 <= K <= F:
         raise InputError(f"pca: K must lie in [1, F={F}], got {K}")
-    J = min(K + oversample, F)
-    gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(F, J, generator=gen).to(pairs.device))[0]     # [F, J]
-    for _ in range(power_iters):
-        Q = torch.linalg.qr(second_moment_apply(pairs, Q))[0]
-    B = Q.t() @ second_moment_apply(pairs, Q)                                      # [J, J]
-    evals, evecs = torch.linalg.eigh(0.5 * (B + B.t()).double())
+    evals, evecs = torch.linalg.eigh(second_moment(pairs))                         # ascending
     top = torch.argsort(evals, descending=True)[:K]
-    return Q @ evecs[:, top].float(), evals[top].float()                           # [F, K], [K]
+    return evecs[:, top].float(), evals[top].float()                               # [F, K], [K]
 
 
-def principal_basis(pairs, K, rms_margin, power_iters=8):
+def principal_basis(pairs, K, rms_margin):
     """The pca basis V [F, K]: principal_directions oriented so that the seen users' mean margin is
     >= 0 on each, and scaled so that the rows' root-mean-square margin on each is rms_margin."""
-    D, evals = principal_directions(pairs, K, power_iters)
+    D, evals = principal_directions(pairs, K)
     mean_margin = (pairs.project(D) / pairs.counts()[pairs.user, None].float()).sum(0)   # [K]: sum_i mean_i
     sign = torch.where(mean_margin < 0, -1.0, 1.0)                                 # [K]
     rms = (evals.clamp_min(1e-30) / pairs.n_users).sqrt()                          # [K]: x^T d over users' rows
@@ -94,12 +93,12 @@ class PCA(LinearBasis):
     training loop; seen and new users' simplex weights fitted on it as LoRe fits new users
     (LinearBasis.fit_users, the recipe's --fewshot-iters --fewshot-lr)."""
     name, min_K, uses_alpha = "pca", 1, False
-    defaults = {"power_iters": 8, "fewshot_iters": 500, "fewshot_lr": 0.1}
+    defaults = {"fewshot_iters": 500, "fewshot_lr": 0.1}
     recipe_hparams = ("fewshot_iters", "fewshot_lr")
     # what lore.compare searches: K and the users' fit (the basis itself has nothing to tune)
-    search, search_space = "random", {"K": [2, 3, 4, 5, 6, 8], "power_iters": [4, 8],
+    search, search_space = "random", {"K": [2, 3, 4, 5, 6, 8],
                                       "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
 
     def fit(self, pairs):
-        self.V = principal_basis(pairs, self.K, 1.0 / self.bt_scale, self.hparams["power_iters"])  # [F, K]
+        self.V = principal_basis(pairs, self.K, 1.0 / self.bt_scale)  # [F, K]
         return self.fit_users(pairs)

@@ -17,7 +17,7 @@ def fit_new_users(method, chosen, rejected, user=None, n_users=None):
 
     chosen, rejected [P, F]: embeddings of pair p's chosen and rejected response; user [P]: its
     user in 0..N-1 (default: all one user), n_users N (default max(user) + 1; every user needs a
-    pair). -> U [N, U] float32 on the method's device."""
+    pair). -> U [N, Q] float32 on the method's device."""
     F = method_features(method)
     chosen = check_tensor(chosen, "chosen", dim=2, features=F).float()            # [P, F]
     rejected = check_tensor(rejected, "rejected", dim=2, features=F).float()
@@ -37,13 +37,13 @@ def fit_new_users(method, chosen, rejected, user=None, n_users=None):
     table = torch.cat([chosen[order], rejected[order]])                            # [2P, F]
     pairs = pack(Pairs(user[order], n_users, table=table, chosen=torch.arange(P), rejected=torch.arange(P, 2 * P)),
                  "new users' pairs", method.device)
-    return method.fit_users(pairs).float()                                         # [N, U]
+    return method.fit_users(pairs).float()                                         # [N, Q]
 
 
 def score_items(method, embeddings, U):
-    """Every user's reward of every item: embeddings [C, F] (any float dtype), U [N, U] the users'
+    """Every user's reward of every item: embeddings [C, F] (any float dtype), U [N, Q] the users'
     parameters -> [N, C] float32 on the CPU. For LoRe, score[i, c] = phi_c^T V w_i."""
-    U = check_tensor(U, "U", dim=2).float().to(method.device)                      # [N, U]
+    U = check_tensor(U, "U", dim=2).float().to(method.device)                      # [N, Q]
     V = getattr(method, "V", None)
     if V is not None and U.shape[1] != V.shape[1]:
         raise InputError(f"U has {U.shape[1]} columns, the basis V of {method} {V.shape[1]}: weights of another fit?")

@@ -22,6 +22,7 @@ from lore.methods import TEMPERATURE, LossCurve, user_margins
 from lore.pairs import project_rows
 
 
+
 @dataclass
 class TrainingRows:
     """What a training step reads: pair form (X [P, F], chosen None) or table form (X [E', F] and
@@ -168,7 +169,8 @@ def adam(params, learning_rate, device):
 GRAPH_WARMUP = 3   # eager steps on a side stream before a CUDA graph is captured
 
 
-def training_loop(num_iterations, step, device, desc=None, before=None):
+def training_loop(num_iterations, step, device, desc=None, before=None, stop=None, per_step=1.0, graph=True,
+                  windowed=False):
     """Call before(i) then step() for i in range(num_iterations), with a tqdm bar when desc is given;
     step() returns the step's loss tensor, kept at ~100 evenly spaced steps (a LossCurve, collected
     by lore.methods.recording) -> the curve {"step": [...], "loss": [...]}.
@@ -176,28 +178,47 @@ def training_loop(num_iterations, step, device, desc=None, before=None):
     around two reads of X, and launching them one by one from Python takes longer than running
     them (H100, PersonalLLM scale: LoRe_regularized 2.5 ms -> docs/performance.md). The first steps run
     eagerly on a side stream, as graph capture requires. The captured step's loss tensor is static:
-    each replay overwrites it, so the curve copies it right after the replay of a recorded step."""
-    graphed = device.type == "cuda" and num_iterations > GRAPH_WARMUP
+    each replay overwrites it, so the curve copies it right after the replay of a recorded step.
+    stop: an EarlyStop (stop="early"): checked every stop.every steps, the loop ends when it says
+    so and the best check's parameters are restored; num_iterations is then the cap. per_step: the
+    share of the training pairs a step reads (1 full batch), for the passes over the data. graph:
+    False for steps that cannot be captured (minibatches drawn on the host). windowed: the curve
+    keeps the mean loss between points (minibatch fits). The curve also says steps, passes,
+    stopped ("fixed", "early" or "cap") and, with stop, the held-out checks."""
+    graphed = graph and device.type == "cuda" and num_iterations > GRAPH_WARMUP
     side, graph, loss = (torch.cuda.Stream(device), None, None) if graphed else (None, None, None)
-    curve = LossCurve(num_iterations)
+    # early: the curve's points at the checks (its length is not known in advance)
+    at = None if stop is None else range(0, num_iterations, stop.every)
+    curve, done = LossCurve(num_iterations, windowed, at), 0
     # a bar on a terminal only (disable=None): in a log, redrawn bars are noise
     for i in tqdm(range(num_iterations), desc=desc, leave=False, disable=True if desc is None else None):
         if before is not None:
             before(i)
         if graph is not None:
             graph.replay()
-            curve.add(i, loss)
         elif graphed and i == GRAPH_WARMUP:
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 loss = step()
             graph.replay()
-            curve.add(i, loss)
         elif graphed:
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 curve.add(i, step())   # the copy on the side stream, after the step that made it
+            continue                   # warm-up steps: never a check (i < GRAPH_WARMUP < CHECK_EVERY)
         else:
-            curve.add(i, step())
+            loss = step()
+        done = i + 1
+        # the check reads the parameters after this step; the curve then keeps the step that ended the fit
+        ending = stop is not None and (done % stop.every == 0 or done == num_iterations) and stop.check(done)
+        curve.add(i, loss, last=ending)
+        if ending:
+            break
+    done = i + 1 if num_iterations else 0
+    stopped = "fixed" if stop is None else "early" if done < num_iterations else "cap"
+    if stop is not None:
+        stop.restore()
+    curve.info = {"steps": done, "passes": done * per_step, "stopped": stopped,
+                  "cap": num_iterations if stop is not None else None, **(stop.report() if stop is not None else {})}
     return curve.result()

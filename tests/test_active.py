@@ -145,7 +145,7 @@ def test_every_pair_offers_all_28_pairs_answered_by_the_true_mixture(data):
     row_scores = torch.cat([scores["train"], scores["test"]]).reshape(-1, scores["train"].shape[-1])   # [E, M]
     W = load_tensors(os.path.join(data, "users.safetensors"))["W_unseen"]
     pool = d.sets["unseen_fewshot"]
-    cands = active.every_pair(pool, 8, row_scores, W)
+    cands = utils.every_pair(pool, 8, row_scores, W)
     assert torch.equal(cands.counts(), 28 * pool.counts())   # every pool prompt once per user (no repeats here)
     true = lambda rows: (row_scores[rows].double() * W[cands.user].double()).sum(-1)
     assert (true(cands.chosen) >= true(cands.rejected)).all()
@@ -178,6 +178,30 @@ def test_pca_recovers_a_planted_basis_in_table_and_row_form():
     B = principal_basis(pairs, 3, 100.0)
     Z = pairs.project(B)                                                         # [P, 3]
     assert (Z.mean(0) >= 0).all() and torch.allclose(Z.pow(2).mean(0).sqrt(), torch.full((3,), 100.0), rtol=1e-3)
+
+
+def test_pca_is_the_exact_top_eigenvectors_of_the_second_moment():
+    """On a flat spectrum (where a few power iterations fail) pca's directions are torch.linalg.eigh's
+    top-K of G = sum_i mean_{x in X_i} x x^T built here by a loop over users, to < 0.5 degrees."""
+    g = torch.Generator().manual_seed(3)
+    N, m, F, K, E = 30, 20, 24, 5, 200
+    scale = torch.tensor([6.0, 5.0, 4.0, 3.9, 3.85] + [3.8] * (F - 5))            # flat after the third
+    table = torch.randn(E, F, generator=g) * scale
+    user = torch.arange(N).repeat_interleave(m)
+    c, r = torch.randint(0, E, (2, N * m), generator=g)
+    pairs = Pairs(user, N, table=table, chosen=c, rejected=r)
+    G = torch.zeros(F, F, dtype=torch.float64)
+    for i in range(N):                                                           # the loop-form reference
+        X = (table[c[user == i]] - table[r[user == i]]).double()
+        G += X.T @ X / len(X)
+    evals, evecs = torch.linalg.eigh(G)
+    ref = evecs[:, -K:].flip(1)                                                  # [F, K] decreasing
+    D, got = principal_directions(pairs, K)
+    angles = torch.rad2deg(torch.arccos((D.double() * ref).sum(0).abs().clamp(max=1)))
+    assert angles.max() < 0.5, angles
+    assert torch.allclose(got.double(), evals.flip(0)[:K], rtol=1e-5)
+    D_rows, _ = principal_directions(Pairs(user, N, X=pairs.rows()), K)          # row form: the same
+    assert (D_rows * D).sum(0).abs().min() > 1 - 1e-5
 
 
 def test_pca_and_svd_init_through_the_scripts(data, tmp_path):

@@ -1,6 +1,6 @@
 """Comparisons: loss curves and the convergence flag, the checked fit (diverged or unmoved fits are
 errors for every method), validation users, searches with equal budgets that never read the test
-sets, bootstrap CIs, principal angles, and tools/compare.py end to end."""
+sets, the random-effects CIs (mean_ci), principal angles, and tools/compare.py end to end."""
 import json
 import os
 import sys
@@ -43,7 +43,8 @@ def test_loop_keeps_100_evenly_spaced_losses():
     i = iter(range(10 ** 6))
     curve = training_loop(1000, lambda: torch.tensor(float(next(i))), torch.device("cpu"))
     expected = np.linspace(0, 999, 100).round().astype(int).tolist()
-    assert curve == {"step": expected, "loss": [float(s) for s in expected], "windowed": False}
+    assert curve == {"step": expected, "loss": [float(s) for s in expected], "windowed": False,
+                     "steps": 1000, "passes": 1000.0, "stopped": "fixed", "cap": None}
     i = iter(range(10 ** 6))
     assert training_loop(7, lambda: torch.tensor(float(next(i))), torch.device("cpu"))["step"] == list(range(7))
 
@@ -241,17 +242,35 @@ def test_comparison_schema_and_cis(small, cheap_spaces):
 
 # ---- statistics ---------------------------------------------------------------------------------------
 
-def test_bootstrap_ci_known_answers():
-    assert compare.bootstrap_ci(np.full((3, 50), 0.7)) == [pytest.approx(0.7), pytest.approx(0.7)]
+def test_mean_ci_known_answers():
+    assert compare.mean_ci(np.full((3, 50), 0.7)) == [pytest.approx(0.7), pytest.approx(0.7)]
+    # Student's t quantiles (tables: df 1, 4, 30.5 and the normal limit)
+    for df, q in ((1, 12.706204736), (4, 2.776445105), (30.5, 2.040869445), (1e9, 1.959963985)):
+        assert compare.t_quantile(0.975, df) == pytest.approx(q, rel=1e-6)   # df is capped at 1e7
+    # one seed: the plain t interval of the users' mean
     rng = np.random.default_rng(0)
-    x = rng.normal(0.8, 0.1, 4000)
-    lo, hi = compare.bootstrap_ci(x, n=4000)
-    half = 1.96 * x.std() / np.sqrt(len(x))   # the normal approximation of the mean's 95% CI
-    assert (lo, hi) == (pytest.approx(x.mean() - half, abs=0.15 * half), pytest.approx(x.mean() + half, abs=0.15 * half))
-    # seeds that differ by a constant: resampling seeds widens the CI; two seeds 0.1 apart on 1000 identical users
+    x = rng.normal(0.8, 0.1, 400)
+    half = compare.t_quantile(0.975, 399) * x.std(ddof=1) / np.sqrt(len(x))
+    assert compare.mean_ci(x) == [pytest.approx(x.mean() - half), pytest.approx(x.mean() + half)]
+    # two seeds 0.1 apart on 1000 identical users: var(mean) = MS_seed / (S N) = 0.0025 with 1 df
     A = np.stack([np.full(1000, 0.5), np.full(1000, 0.6)])
-    lo, hi = compare.bootstrap_ci(A, n=4000)
-    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.6)   # both seeds drawn twice happens 1/4 of the time
+    assert compare.mean_ci(A) == [pytest.approx(0.55 - 12.706204736 * 0.05), pytest.approx(0.55 + 12.706204736 * 0.05)]
+    # the variance components against the ANOVA written as loops
+    A = 0.9 + rng.normal(0, 0.01, (4, 1)) + rng.normal(0, 0.04, (1, 30)) + rng.normal(0, 0.02, (4, 30))
+    S, N = A.shape
+    m = sum(A[s, u] for s in range(S) for u in range(N)) / (S * N)
+    sm = [sum(A[s]) / N for s in range(S)]
+    um = [sum(A[:, u]) / S for u in range(N)]
+    ms_seed = N * sum((v - m) ** 2 for v in sm) / (S - 1)
+    ms_user = S * sum((v - m) ** 2 for v in um) / (N - 1)
+    ms_resid = sum((A[s, u] - sm[s] - um[u] + m) ** 2 for s in range(S) for u in range(N)) / ((S - 1) * (N - 1))
+    vc = compare.variance_components(A)
+    assert vc["resid"] == pytest.approx(ms_resid) and vc["user"] == pytest.approx((ms_user - ms_resid) / S)
+    assert vc["seed"] == pytest.approx(max(0, (ms_seed - ms_resid) / N))
+    assert vc["mean_var"] == pytest.approx((ms_seed + ms_user - ms_resid) / (S * N))
+    B = A - 0.01 + rng.normal(0, 0.01, A.shape)
+    p = compare.paired("a", "b", {"unseen_test": A}, {"unseen_test": B}, "unseen_test", comparisons=20)
+    assert p["mean"] == pytest.approx((A - B).mean()) and p["ci_simultaneous"][0] < p["ci"][0] <= p["ci"][1] < p["ci_simultaneous"][1]
     assert compare.gain_verdict([-0.01, 0.02]) == "no evidence that personalization helps on this data"
     assert compare.gain_verdict([0.01, 0.02]) == "personalization helps on this data"
 
@@ -296,7 +315,8 @@ def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reac
         assert tuned and {k: hp[name][k] for k in tuned} == tuned
     assert method_hparams(tldr.parse_args(["--method", "pal,vpl"])) == {
         n: dict(METHODS[n].defaults) for n in ("pal", "vpl")}
-    papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-epochs", "1", "--pal-batch-size", "4",
+    papers = pllm.parse_args(["--method", "pal", "--pal-dim", "512", "--pal-stop", "fixed", "--pal-weight-decay", "0.01",
+                              "--pal-epochs", "1", "--pal-batch-size", "4",
                               "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
                               "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
     assert method_hparams(papers)["pal"] == METHODS["pal"].defaults

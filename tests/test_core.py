@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import utils  # noqa: E402
 
 from lore.checks import InputError, set_seed  # noqa: E402
+from lore.data import load_data  # noqa: E402
 from lore.methods import check_fitted  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
 from lore.pairs import pack, Pairs  # noqa: E402
@@ -179,11 +180,12 @@ def test_warmup_schedule():
 
 def test_pruning_drops_unused_directions_without_renormalizing():
     X = random_users(n_users=3, seed=8)
-    model = utils.LoRe_regularized(torch.ones(12), 1.0, 3, 12, 4, 0, 0.5, CPU)
+    model = utils.LoRe_regularized(torch.ones(12), 1.0, 3, 12, 4, 1, 1e-6, CPU)   # one tiny step (0 is refused)
     logits = torch.tensor([[5.0, 0.0, -9.0, 1.0], [0.0, 5.0, -9.0, 0.0], [1.0, 1.0, -9.0, -9.0]])
     model.W.data.copy_(logits)
     W, V = model.train(X)
-    full = torch.softmax(logits, 1)
+    full = torch.softmax(model.W.detach(), 1)
+    torch.testing.assert_close(full, torch.softmax(logits, 1), atol=1e-4, rtol=0)
     assert full[:, 2].max() < 1e-2 and full[:, 3].max() >= 1e-2
     torch.testing.assert_close(W, full[:, [0, 1, 3]])
     torch.testing.assert_close(V, model.V.detach()[:, [0, 1, 3]])
@@ -525,3 +527,54 @@ def test_a_diverged_fit_is_an_error_not_a_result(small):
         check_fitted(method, torch.zeros(3, 0), torch.zeros(10, 0))
     with pytest.raises(InputError, match=r"lore, alpha=0, K=2: \['seen_test'\] is not a finite number"):
         save_results([{"method": "lore", "K": 2, "alpha": 0.0, "seen_test": float("nan")}], "/nonexistent")
+
+
+def test_reference_api_checks_its_inputs_as_the_flags_do():
+    """The seed's reference API: every bad argument is an InputError naming it, before any step (0
+    steps or a 0 rate would return the random start as a fit)."""
+    X, v = random_users(n_users=3, n_features=4, seed=11), torch.randn(4)
+    bad = [(lambda: utils.solve(X, 2, num_iterations=0), "num_iterations"),
+           (lambda: utils.solve(X, 2, num_iterations=2.5), "num_iterations"),
+           (lambda: utils.solve(X, 2, learning_rate=0.0), "learning_rate"),
+           (lambda: utils.solve(X, 2, learning_rate=float("nan")), "learning_rate"),
+           (lambda: utils.solve(X, -1), "K"),
+           (lambda: utils.solve_regularized(v, float("nan"), X, 2), "alpha"),
+           (lambda: utils.solve_regularized(v, -1.0, X, 2), "alpha"),
+           (lambda: utils.solve_regularized_simplex(None, 1.0, X, 2), "V_sft"),
+           (lambda: utils.solve_regularized_simplex(v, 1.0, X, 2, learning_rate=-1.0), "learning_rate"),
+           (lambda: utils.learn_multiple_few_shot(X, torch.randn(4, 2), num_iterations=0), "num_iterations"),
+           (lambda: utils.learn_multiple_few_shot(X, torch.randn(4, 2), learning_rate=0), "learning_rate"),
+           (lambda: utils.LoRe(None, 0, 3, 4, 2, 0, 0.1, CPU), "num_iterations"),
+           (lambda: utils.PersonalizeBatch(3, 4, 2, 5, 0.1, CPU).train(X), "V"),
+           (lambda: utils.PersonalizeBatch(3, 4, 2, 5, 0.1, CPU).train(X, torch.randn(4, 3)), "V has shape"),
+           (lambda: utils.sample_shots(X, "3"), "shots"), (lambda: utils.sample_shots(X, 2.5), "shots"),
+           (lambda: utils.sample_shots(X, float("nan")), "shots")]
+    for call, named in bad:
+        with pytest.raises(InputError, match=named):
+            call()
+    sets = dict(seen_train=X, seen_test=X, unseen_fewshot=X, unseen_test=X)
+    quick = {"lore": {"iters": 2, "fewshot_iters": 2}}
+    with pytest.raises(InputError, match="twice"):
+        utils.sweep(K_list=[1, 1], hparams=quick, device=CPU, **sets)
+    for seed in (-1, 2**40, 1.5, "abc"):
+        with pytest.raises(InputError, match="seed"):
+            utils.sweep(K_list=[1], hparams=quick, device=CPU, seed=seed, **sets)
+    shots = dict(seen_train=X, unseen_fewshot=X, unseen_test=X, K_list=[1], trials=1, hparams=quick, device=CPU)
+    with pytest.raises(InputError, match="twice"):
+        utils.sweep_shots(shots=[1, 1], **shots)
+    with pytest.raises(InputError, match="more than any unseen user's pool"):
+        utils.sweep_shots(shots=[100], **shots)
+    with pytest.raises(InputError, match="load_data"):
+        load_data(None)
+
+
+def test_tools_api_refuses_what_the_flags_refuse():
+    from lore.basis import interpret_basis
+    from lore.compare import compare
+    from lore.methods import load_method
+    with pytest.raises(InputError, match="top"):
+        interpret_basis(torch.randn(4, 2), torch.randn(5, 4), {}, top=-2)
+    with pytest.raises(InputError, match="methods must be a non-empty list"):
+        compare(None, None, "lore", 1, 1)
+    with pytest.raises(InputError, match="allow_other_data must be True or False"):
+        load_method("x.safetensors", allow_other_data="no")

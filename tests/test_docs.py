@@ -1,6 +1,7 @@
 """The manual cannot drift from the code: every ```python block of README.md and docs/*.md runs here,
 a page's blocks in order in one namespace, in a folder where PersonalLLM/data is a tiny synthetic
-prepared dataset (the path the snippets name). Every relative link of the docs resolves."""
+prepared dataset (the path the snippets name). Every relative link of the docs resolves. Every table
+of measured numbers carries a marker (tools/tables.py), and every generated table equals its JSON."""
 
 import glob
 import os
@@ -11,6 +12,8 @@ import pytest
 from conftest import REPO, load_script
 
 from lore.methods import METHODS
+
+tables = load_script(os.path.join(REPO, "tools", "tables.py"), "docs_tables")
 
 PAGES = ["README.md"] + sorted(os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "*.md")))
 
@@ -54,3 +57,48 @@ def test_links_resolve(page):
             continue
         path = os.path.normpath(os.path.join(REPO, os.path.dirname(page), target))
         assert os.path.exists(path), f"{page} links to {target}, which does not exist"
+
+
+def markdown_tables(text):
+    """-> [(first line index, [the table's lines])] of a page."""
+    lines, found, i = text.split("\n"), [], 0
+    while i < len(lines):
+        if lines[i].startswith("|"):
+            j = i
+            while j < len(lines) and lines[j].startswith("|"):
+                j += 1
+            found.append((i, lines[i:j]))
+            i = j
+        else:
+            i += 1
+    return found
+
+
+MEASURED = re.compile(r"\d\.\d{2,}|\d ?ms\b|\d s\b")   # a cell with a measured number
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_tables_are_marked_and_match_their_json(page):
+    text = open(os.path.join(REPO, page)).read()
+    lines = text.split("\n")
+    for i, table in markdown_tables(text):
+        if any(MEASURED.search(line) for line in table[2:]):
+            assert i > 0 and tables.MARKER.match(lines[i - 1]), \
+                f"{page}:{i + 1}: a table of measured numbers without a <!-- table: ... --> marker above it"
+    assert tables.check_page(page) == []
+
+
+def test_tables_tool_renders_checks_and_rewrites(tmp_path):
+    data = tmp_path / "r.json"
+    data.write_text('{"rows": [{"m": "a", "x": 0.12345, "ci": [0.1, 0.2]}, {"m": "b", "x": 0.5, "ci": [0.4, 0.6]}]}')
+    spec = f"{data}#rows where m=b | method = {{m}} | x [CI] = {{x:.2f}} [{{ci[0]:.1f}}, {{ci[1]:.1f}}]"
+    assert tables.render(spec) == ["| method | x [CI] |", "|---|---|", "| b | 0.50 [0.4, 0.6] |"]
+    page = tmp_path / "page.md"
+    page.write_text(f"text\n<!-- table: {spec} -->\n| method | x [CI] |\n|---|---|\n| b | 0.51 [0.4, 0.6] |\nafter\n")
+    assert tables.check_page(str(page)) == [f"{page}:3: the table differs from {data}#rows where m=b"]
+    tables.check_page(str(page), write=True)
+    assert tables.check_page(str(page)) == [] and page.read_text().endswith("| b | 0.50 [0.4, 0.6] |\nafter\n")
+    page.write_text("<!-- table: not generated: measured once by hand -->\n| a |\n|---|\n| 0.123 |\n")
+    assert tables.check_page(str(page)) == []
+    with pytest.raises(ValueError, match="HEADER = TEMPLATE"):
+        tables.render(f"{data} | no template here")

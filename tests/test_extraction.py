@@ -250,6 +250,6 @@ def test_benchmark_smoke(tmp_path):
                              "--pairs", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["methods"]) == {"one per forward", "ex.embed_conversations"}
+    assert set(report["methods"]) == {"one per forward", "embed_conversations"}
     assert report["speedup"] > 0 and report["max_abs_diff"] < 1e-4
     assert "speedup" in result.stdout

@@ -36,7 +36,8 @@ TINY = ["--prompts-train", "400", "--prompts-test", "100", "--features", "16"]
 USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-frac", "0.05"]
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
 QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
-RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
+               "stop", "stopped", "steps", "passes"}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_synthetic_files(data):
 def test_layout(data):
     info = read_json(os.path.join(data, "data.json"))
     assert set(info) == {"dataset", "users", "pairs", "embeddings", "files", "config", "reward_models",
-                         "responses", "offsets", "prompts", "test_sample"}
+                         "responses", "offsets", "prompts", "test_sample", "population"}
     assert info["dataset"] == "PersonalLLM"
     assert info["users"] == {"seen": [f"seen_{i}" for i in range(60)], "unseen": [f"unseen_{i}" for i in range(40)]}
     assert (info["offsets"], info["prompts"], info["responses"]) == ({"train": 0, "test": 3200},
@@ -428,3 +429,37 @@ def test_a_file_of_another_run_is_refused(data, other_data, tmp_path, capsys, na
         ["--data", mixed, "--out", str(tmp_path / "r"), "--k-list", "0", *QUICK]))
     assert code == 2 and os.path.join(mixed, name) in err
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_misspecified_population(tmp_path, data, capsys):
+    """--population misspecified: arbitrary pairs of two responses, labels drawn from the users' Bradley-Terry
+    probability (noisy, mostly right), ties (|r_a - r_b| < margin sd_i) apart from the pairs, no linear truth."""
+    out = str(tmp_path / "mis")
+    prepare.main(prepare.parse_args(["--synthetic", "--population", "misspecified", "--out", out, *TINY, *USERS]))
+    info = read_json(os.path.join(out, "data.json"))
+    assert info["population"]["name"] == "misspecified" and len(info["population"]["linear_r2_of_reward_models"]) == 10
+    assert read_json(os.path.join(data, "data.json"))["population"]["name"] == "planted"
+    assert not os.path.exists(os.path.join(out, "synthetic_truth.safetensors"))
+    pairs, ties = read_table(os.path.join(out, "pairs.parquet")), read_table(os.path.join(out, "ties.parquet"))
+    assert info["population"]["ties"] == {s: int((ties["set"] == s).sum()) for s in SETS}
+    per_user = {"seen_train": 40, "seen_test": 100, "unseen_fewshot": 20, "unseen_test": 100}
+    for s, m in per_user.items():   # every drawn (user, prompt) is a pair or a tie
+        n = 60 if s.startswith("seen") else 40
+        assert int((pairs["set"] == s).sum()) + info["population"]["ties"][s] == n * m
+    scores = load_tensors(os.path.join(out, "scores.safetensors"), ["train", "test"])
+    S = torch.cat([scores["train"], scores["test"]]).reshape(-1, 10).double()      # [E, 10] by table row
+    W = load_tensors(os.path.join(out, "users.safetensors"), ["W_seen", "W_unseen"])
+    idx = {u: i for g in ("seen", "unseen") for i, u in enumerate(info["users"][g])}
+    w = torch.stack([W["W_seen" if u.startswith("seen") else "W_unseen"][idx[u]] for u in pairs["user"]]).double()
+    c, r = torch.tensor(pairs["chosen"].to_numpy()), torch.tensor(pairs["rejected"].to_numpy())
+    assert ((c // 8) == (r // 8)).all() and (c != r).all()                         # two responses of one prompt
+    right = ((S[c] - S[r]) * w).sum(1) > 0
+    assert 0.6 < right.float().mean() < 0.99                                       # BT draws: noisy labels
+    best = torch.stack([S[c // 8 * 8 + k] for k in range(8)], 1)                   # [P, 8, 10]
+    user_scores = (best * w[:, None]).sum(-1)                                      # [P, 8]
+    best_vs_worst = (user_scores.argmax(1) == c % 8) & (user_scores.argmin(1) == r % 8)
+    assert best_vs_worst.float().mean() < 0.2                                      # arbitrary pairs
+    assert len(ties) and (ties["response_a"] // 8 == ties["response_b"] // 8).all()
+    with pytest.raises(SystemExit) as e:
+        prepare.parse_args(["--population", "misspecified"])
+    assert e.value.code == 2 and "--population misspecified needs --synthetic" in capsys.readouterr().err

@@ -30,6 +30,7 @@ from lore.data import DATA_FILES, load_data  # noqa: E402
 from lore.extract import read_reward_head  # noqa: E402
 from lore.io import load_tensors, read_json, read_table, save_tensors, write_json, write_table  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+from lore.recipes import load_recipe  # noqa: E402
 
 FOLDER = os.path.join(REPO, "PRISM")
 prepare = load_script(os.path.join(FOLDER, "prepare.py"), "prism_prepare")
@@ -43,7 +44,8 @@ COLUMNS = ["split", "user", "user_group", "dialog", "turn", "rejected_index", "c
 PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", "rejected_index"]
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
-RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall"}
+RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
+               "stop", "stopped", "steps", "passes"}
 TURN = {"user": True, "chosen": True}
 
 
@@ -347,7 +349,7 @@ def test_train_basis(data, results, tmp_path, capsys):
     assert code == 2 and "PRISM/train_basis.py" in message
     assert {n: open(os.path.join(results, n), "rb").read() for n in os.listdir(results)} == before
     defaults = train_basis.parse_args([])
-    assert (defaults.method, defaults.k_list, defaults.alpha_list) == (["lore_regularized"], train_basis.K_LIST, [1e4])
+    assert (defaults.method, defaults.k_list, defaults.alpha_list) == (["lore_regularized"], load_recipe("PRISM")["train_basis"]["k_list"], [1e4])
     assert defaults.out == os.path.join(FOLDER, "results", "train_basis")
 
 
@@ -594,3 +596,25 @@ def test_every_method_runs_on_the_dialogs(data, tmp_path):
                                                "--method", "lore,pal,vpl", *baselines]))
     records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["shots"]) for r in records] == [(m, s) for m in ("lore", "pal", "vpl") for s in (1, 2)]
+
+
+def test_a_new_split_drops_the_embedding_steps_files(raw, data, tiny_model_dir, tmp_path, capsys):
+    """PRISM's two steps share a folder, written by one prepare as a whole: a re-prepare of the same
+    split keeps the second step's files; one of another split drops them (train_basis would train on
+    the old users); the second step into a folder of another prepare is refused."""
+    d = str(tmp_path / "d")
+    shutil.copytree(data, d)
+    info = open(os.path.join(d, "data.json"), "rb").read()
+    prepare.main(prepare.parse_args(["--data-dir", raw[0], "--out", d]))         # the same split again
+    assert open(os.path.join(d, "data.json"), "rb").read() == info
+    load_data(d, "cpu")
+    os.remove(os.path.join(d, "split.json"))                                      # as the message says
+    prepare.main(prepare.parse_args(["--data-dir", raw[0], "--out", d, "--seed", "5"]))
+    assert "made from other examples" in capsys.readouterr().out
+    assert not {"data.json", "pairs.parquet", "embeddings.safetensors"} & set(os.listdir(d))
+    assert read_json(os.path.join(d, "split.json"))["seed"] == 5
+    before = {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d) if not name.startswith(".")}
+    code, message = exit_code_and_message(capsys, embed.main, embed.parse_args(
+        ["--data", data, "--out", d, "--model", tiny_model_dir, "--device", "cpu"]))
+    assert code == 2 and "another prepare.py" in message
+    assert {name: open(os.path.join(d, name), "rb").read() for name in before} == before

@@ -11,18 +11,18 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import utils
 from conftest import REPO, load_script
-from lore import cli, io as lore_io
-from lore.cli import command_line, run_folder
+from lore.cli import command_line, hparam_type, run_folder
 from lore.checks import InputError
 from lore.scoring import fit_new_users, score_items
 from lore.data import load_data
 from lore.extract import embed_conversations
-from lore.io import load_tensors, save_tensors
+from lore.io import MANIFEST, load_tensors, save_tensors
 from lore.methods import get_method, load_method, Method
 from lore.pairs import pack, Pairs
 from lore.results import save_results
@@ -119,10 +119,10 @@ def test_rerun_refuses_entries_it_did_not_write(data, results, tmp_path, capsys)
 
 def test_something_appearing_in_out_during_a_run_is_kept(tmp_path):
     out = tmp_path / "R"
-    with cli.run_folder(namespace(out), "a.py") as staging:
+    with run_folder(namespace(out), "a.py") as staging:
         open(os.path.join(staging, "a.txt"), "w").write("1")
     with pytest.raises(InputError, match="holds 'late'"):
-        with cli.run_folder(namespace(out), "a.py") as staging:
+        with run_folder(namespace(out), "a.py") as staging:
             open(os.path.join(staging, "a.txt"), "w").write("2")
             os.makedirs(out / "late")                        # another run's output, made meanwhile
             (out / "late" / "x").write_text("theirs")
@@ -268,7 +268,7 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
     """A child process dies (os._exit, as under kill -9: no cleanup) after `renames` renames of the
     swap; the next run finds --out holding the old results or the new ones, whole, and no leftovers."""
     out = tmp_path / "R"
-    with cli.run_folder(namespace(out), "a.py") as staging:
+    with run_folder(namespace(out), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("old")
     pid = os.fork()
     if pid == 0:   # the child: a run that is killed in its swap
@@ -281,13 +281,13 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
                 if len(calls) == renames:
                     os._exit(9)
             os.rename = dying_rename
-            with cli.run_folder(namespace(out), "a.py") as staging:
+            with run_folder(namespace(out), "a.py") as staging:
                 open(os.path.join(staging, "v.txt"), "w").write("new")
         finally:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
     assert os.WEXITSTATUS(status) == 9
-    with cli.run_folder(namespace(out), "a.py") as staging:   # the next run recovers first
+    with run_folder(namespace(out), "a.py") as staging:   # the next run recovers first
         recovered = open(out / "v.txt").read() if (out / "v.txt").exists() else None
         open(os.path.join(staging, "v.txt"), "w").write("next")
     assert recovered == ("new" if renames >= 2 else "old")
@@ -299,9 +299,11 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
     for kind, text in (("old", "previous"), ("ready", "new")):
         os.makedirs(tmp_path / f".R.{kind}-4242")
         (tmp_path / f".R.{kind}-4242" / "v.txt").write_text(text)
+        record = {"folder": str(out), "pid": 4242 if kind == "ready" else 1, "complete": True, "entries": {}}
+        (tmp_path / f".R.{kind}-4242" / MANIFEST).write_text(json.dumps(record))
     out.mkdir()                                             # something created R meanwhile
     with pytest.raises(InputError, match="was created while the swap of a killed run was unfinished"):
-        with cli.run_folder(namespace(out), "a.py"):
+        with run_folder(namespace(out), "a.py"):
             pass
     assert (tmp_path / ".R.old-4242" / "v.txt").read_text() == "previous"
     assert (tmp_path / ".R.ready-4242" / "v.txt").read_text() == "new"
@@ -311,12 +313,12 @@ def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
 
 def test_out_symlink_replaces_its_target(tmp_path):
     target = tmp_path / "target"
-    with cli.run_folder(namespace(target), "a.py") as staging:
+    with run_folder(namespace(target), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("1")
     link = tmp_path / "links" / "RL"
     link.parent.mkdir()
     os.symlink(target, link)
-    with cli.run_folder(namespace(link), "a.py") as staging:
+    with run_folder(namespace(link), "a.py") as staging:
         open(os.path.join(staging, "v.txt"), "w").write("2")
     assert os.path.islink(link) and (link / "v.txt").read_text() == "2" and (target / "v.txt").read_text() == "2"
     assert os.listdir(tmp_path / "links") == ["RL"]
@@ -385,7 +387,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(data, results, tmp_path, capsy
             f.close()
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return f
-    monkeypatch.setattr(lore_io, "open", full_disk, raising=False)
+    monkeypatch.setattr("lore.io.open", full_disk, raising=False)
     line = fails(capsys, train_basis.main, train_basis.parse_args(["--data", data, "--out", str(R), *QUICK]))
     assert line.startswith("error: ") and "No space left on device (ENOSPC)" in line and "results.json" in line
     assert tree(R) == before and sorted(os.listdir(tmp_path)) == [".R.lock", "R"]
@@ -466,7 +468,7 @@ def test_ctrl_c_during_prepare_leaves_the_old_folder_whole(data, tmp_path, capsy
             raise KeyboardInterrupt
         return save(*args, **kwargs)
     save = save_tensors
-    monkeypatch.setattr(utils, "save_tensors", interrupted)
+    monkeypatch.setattr(prepare, "save_tensors", interrupted)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         prepare.main(prepare.parse_args(["--synthetic", "--out", str(d), *TINY, "--seed", "3"]))
@@ -513,9 +515,9 @@ def test_string_hyperparameters_with_declared_choices():
     assert cls(1, device="cpu", init="svd").hparams["init"] == "svd"
     with pytest.raises(InputError, match="method with_init: init must be one of random, svd, got 'pca'"):
         cls(1, device="cpu", init="pca")
-    assert cli.hparam_type(cls, "init")("svd") == "svd"
+    assert hparam_type(cls, "init")("svd") == "svd"
     with pytest.raises(argparse.ArgumentTypeError, match="init must be one of random, svd"):
-        cli.hparam_type(cls, "init")("pca")
+        hparam_type(cls, "init")("pca")
     with pytest.raises(InputError, match="its class must list its values in choices"):   # refused, not guessed
         type("NoChoices", (Method,), {"name": "no_choices", "defaults": {"init": "random"}})(1, device="cpu")
 
@@ -538,8 +540,10 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
-    # a run killed with -9 leaves its staging folder: the next run removes it
+    # a run killed with -9 leaves its staging folder, with its record: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
+    (tmp_path / ".results.partial-99999" / MANIFEST).write_text(
+        json.dumps({"folder": str(out), "pid": 99999, "script": "a.py", "entries": {}}))
     with run_folder(args, "a.py") as staging:
         # while a run holds the folder, a second one is refused at once
         with pytest.raises(InputError, match="is in use by another run"):
@@ -547,3 +551,165 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
                 pass
     assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run
+
+
+# Leftovers are recognised by their exact name and the record inside them, never by a prefix
+
+def test_a_sibling_whose_name_starts_like_a_leftover_is_never_touched(tmp_path):
+    """`r.old-1` is a folder of its own: its staging folder, lock and cache are not `r`'s leftovers;
+    neither is a folder named exactly like one of `r`'s but without its record."""
+    X, r = tmp_path, tmp_path / "r"
+    (X / ".r.old-1.cache").mkdir()
+    (X / ".r.old-1.cache" / "embeddings.safetensors").write_text("cache of r.old-1")
+    (X / ".r.partial-7").mkdir()                                # a user's folder, no record
+    (X / ".r.partial-7" / "mine.txt").write_text("mine")
+    with run_folder(namespace(X / "r.old-1"), "a.py") as first:
+        open(os.path.join(first, "lore_K0.txt"), "w").write("first")
+        with run_folder(namespace(r), "a.py") as second:   # runs to its end meanwhile
+            open(os.path.join(second, "v.txt"), "w").write("second")
+        assert os.path.isfile(os.path.join(first, "lore_K0.txt"))
+    assert (X / "r.old-1" / "lore_K0.txt").read_text() == "first" and (r / "v.txt").read_text() == "second"
+    assert (X / ".r.old-1.cache" / "embeddings.safetensors").read_text() == "cache of r.old-1"
+    assert (X / ".r.partial-7" / "mine.txt").read_text() == "mine"
+    assert sorted(os.listdir(X)) == [".r.lock", ".r.old-1.cache", ".r.old-1.lock", ".r.partial-7", "r", "r.old-1"]
+
+
+def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
+    """A ready folder named like r's whose record names another folder is not put in place as r."""
+    other = tmp_path / ".r.ready-55"
+    other.mkdir()
+    (other / MANIFEST).write_text(json.dumps({"folder": str(tmp_path / "s"), "pid": 55, "complete": True,
+                                                  "entries": {}}))
+    with run_folder(namespace(tmp_path / "r"), "a.py") as staging:
+        assert not (tmp_path / "r").exists()
+        open(os.path.join(staging, "v.txt"), "w").write("mine")
+    assert other.is_dir() and (tmp_path / "r" / "v.txt").read_text() == "mine"
+
+
+# --out a symlink written `link/`, or a loop
+
+def test_out_link_with_a_trailing_slash_is_the_link(tmp_path):
+    target = tmp_path / "target"
+    with run_folder(namespace(target), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("1")
+    link = tmp_path / "links" / "RL"
+    link.parent.mkdir()
+    os.symlink(target, link)
+    with run_folder(namespace(str(link) + "/"), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("2")
+    assert os.path.islink(link) and (target / "v.txt").read_text() == "2"
+    assert os.listdir(tmp_path / "links") == ["RL"]
+    assert sorted(os.listdir(tmp_path)) == [".target.lock", "links", "target"]
+
+
+def test_out_symlink_loop_is_refused(tmp_path):
+    os.symlink(tmp_path / "b", tmp_path / "a")
+    os.symlink(tmp_path / "a", tmp_path / "b")
+    for out in (tmp_path / "a", str(tmp_path / "a") + "/"):
+        with pytest.raises(InputError, match="symlink"):
+            with run_folder(namespace(out), "a.py"):
+                pass
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+# Every output path of the API and of --embeddings follows the ownership rule of --out
+
+def test_sweep_out_dir_in_another_run_or_data_folder_is_refused(data, results, tmp_path):
+    d = load_data(data, "cpu")
+    sets = {name: d.sets[name] for name in ("seen_train", "seen_test", "unseen_fewshot", "unseen_test")}
+    before_results, before_data = tree(results), tree(data)
+    for out_dir in (results, data, os.path.join(results, "sub")):
+        with pytest.raises(InputError, match="the output folder of another run"):
+            utils.sweep(**sets, K_list=[1], hparams={"lore": {"iters": 5, "fewshot_iters": 5}}, device="cpu", out_dir=out_dir)
+    assert tree(results) == before_results and tree(data) == before_data
+    mine = tmp_path / "mine"
+    utils.sweep(**sets, K_list=[1], hparams={"lore": {"iters": 5, "fewshot_iters": 5}}, device="cpu", out_dir=str(mine))
+    assert any(name.endswith(".safetensors") for name in os.listdir(mine))
+
+
+def test_eval_rb2_embeddings_in_another_run_or_data_folder_is_refused(tiny_model_dir, data, results, tmp_path,
+                                                                     capsys):
+    rb2 = tmp_path / "rb2.jsonl"
+    rb2.write_text("".join(json.dumps({"prompt": f"w{i} w2", "chosen": ["w3"], "rejected": ["w4"],
+                                       "subset": "Math", "id": str(i)}) + "\n" for i in range(3)))
+    flags = ["--model", tiny_model_dir, "--data-files", f"test={rb2}", "--device", "cpu", "--out", str(tmp_path / "B")]
+    before_results, before_data = tree(results), tree(data)
+    for where in (os.path.join(results, "rb2_embeddings.safetensors"), os.path.join(data, "x.safetensors")):
+        line = fails(capsys, eval_rb2.main, eval_rb2.parse_args([*flags, "--embeddings", where]))
+        assert "--embeddings" in line and "another run" in line
+    assert tree(results) == before_results and tree(data) == before_data and not (tmp_path / "B").exists()
+
+
+# The protocol as a property: random runs, kills and leftovers over sibling folders
+
+FOLDERS = ("r", "r.old-1", "s")
+TRAPS = {".r.partial-999": "a user's folder named like a leftover", ".r.old-1.cache": "another folder's cache"}
+
+
+def run_in_child(out, token, kill):
+    """A run into `out` writing v.txt = token, in a child process killed (os._exit: no cleanup) inside
+    its block (kill 'block') or after `kill` renames of its swap; -> (pid, whether it was killed)."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            calls, rename = [], os.rename
+
+            def dying_rename(src, dst):
+                rename(src, dst)
+                calls.append(dst)
+                if len(calls) == kill:
+                    os._exit(9)
+            os.rename = dying_rename
+            with run_folder(namespace(out), "a.py") as staging:
+                open(os.path.join(staging, "v.txt"), "w").write(token)
+                if kill == "block":
+                    os._exit(9)
+            os._exit(0)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) in (0, 9)
+    return pid, os.WEXITSTATUS(status) == 9
+
+
+def snapshot(parent, names):
+    return {name: tree(os.path.join(parent, name)) if os.path.isdir(os.path.join(parent, name)) else None
+            for name in names}
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None)
+@given(st.lists(st.tuples(st.sampled_from(FOLDERS), st.sampled_from([None, "block", 1, 2, 3])),
+                min_size=1, max_size=6))
+def test_run_folder_protocol_never_loses_a_result_nor_touches_another_folder(ops):
+    import tempfile
+    with tempfile.TemporaryDirectory() as parent:
+        for name, what in TRAPS.items():
+            os.makedirs(os.path.join(parent, name))
+            open(os.path.join(parent, name, "f.txt"), "w").write(what)
+        allowed = {f: {None} for f in FOLDERS}   # what --out may hold once recovered
+        pids = {f: set() for f in FOLDERS}
+        for i, (f, kill) in enumerate(ops):
+            mine = {f, f".{f}.lock"}
+            others = [n for n in os.listdir(parent) if n not in mine
+                      and not any(n == f".{f}.{k}-{p}" for k in ("partial", "ready", "old") for p in pids[f])]
+            before = snapshot(parent, others)
+            pid, killed = run_in_child(os.path.join(parent, f), f"{f}:{i}", kill)
+            pids[f].add(pid)
+            # a run touches nothing but its folder, its lock and its own leftovers
+            ours = {n for n in os.listdir(parent) if n.startswith(f".{f}.") and n.endswith(f"-{pid}")}
+            assert snapshot(parent, [n for n in others]) == before, (f, kill)
+            assert not ours - {f".{f}.{k}-{pid}" for k in ("partial", "ready", "old")}
+            if not killed:
+                allowed[f] = {f"{f}:{i}"}                # a completed result: nothing less from now on
+            elif kill != "block":
+                allowed[f] = allowed[f] | {f"{f}:{i}"}   # a swap under way may finish at recovery
+        for f in FOLDERS:
+            with run_folder(namespace(os.path.join(parent, f)), "a.py") as staging:   # recovers first
+                path = os.path.join(parent, f, "v.txt")
+                found = open(path).read() if os.path.exists(path) else None
+                open(os.path.join(staging, "v.txt"), "w").write("final")
+            assert found in allowed[f], (f, found, allowed[f], ops)
+        for name, what in TRAPS.items():
+            assert open(os.path.join(parent, name, "f.txt")).read() == what
+        left = sorted(n for n in os.listdir(parent) if n not in TRAPS)
+        assert left == sorted([*FOLDERS, *(f".{f}.lock" for f in FOLDERS)]), left

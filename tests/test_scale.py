@@ -55,9 +55,12 @@ def test_table_form_fit_equals_pair_form(cls, alpha):
     W_x, V_x = fit(cls, None, pack(pairs.split()), *args)   # the seed's list format: difference rows
     assert W_t.shape == (30, 3) and V_t.shape == (10, 3)
     for W, V in ((W_p, V_p), (W_x, V_x)):
+        # the tolerance this test holds: 1e-5 for a 60-step fit. The forms sum the same gradient in
+        # another order; float rounding then grows with the steps (at the 1,000-step recipe W differs
+        # by up to 0.66 and V by 2.7%): test_full_recipe_accuracy_table_equals_pair_form bounds that
         torch.testing.assert_close(W_t, W, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(V_t, V, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(V_t, fit(cls, "table", pairs, *args[:-3], 0, 0.1, CPU)[1])   # the fit moved V
+    assert not torch.allclose(V_t, fit(cls, "table", pairs, *args[:-3], 1, 1e-9, CPU)[1])   # the fit moved V
 
 
 def test_table_form_gradient():
@@ -228,10 +231,14 @@ def test_two_processes_give_the_records_of_one(data, tmp_path):
         two = json.load(open(tmp_path / "two" / script / "results.json"))
         assert len(two) == len(records) > 0
         for a, b in zip(records, two):
+            a, b = ({k: v for k, v in r.items() if k != "fit_seconds"} for r in (a, b))   # wall-clock time differs
             assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
                    {k: v for k, v in b.items() if not isinstance(v, float)}
             for k, v in a.items():
                 if isinstance(v, float):
+                    # the tolerance this test holds: 1e-6 on every accuracy for 30-step fits. The
+                    # shards' sums round differently, and the difference grows with the steps: at
+                    # the 1,000-step recipe two processes and one agree to ~4e-4 on unseen_test
                     assert b[k] == pytest.approx(v, abs=1e-6), (script, a, k)
         # rank 0 wrote the outputs (the same files as one process); rank 1 left nothing behind
         assert sorted(os.listdir(tmp_path / "two" / script)) == sorted(os.listdir(tmp_path / "one" / script))

@@ -1,8 +1,9 @@
 """Compare methods as a reviewer would trust: validation users carved out of the seen side, the same
 search budget for every method, selection by validation accuracy alone, refits with several seeds,
-bootstrap CIs over users and seeds, paired differences and the personalization gain.
+CIs over users and seeds (a two-way random-effects t interval), paired differences and the
+personalization gain.
 
-    python tools/compare.py --data PersonalLLM/data --method lore,pal,vpl --budget 4 --seeds 2 --out PersonalLLM/results/compare
+    python tools/compare.py --data PersonalLLM/data --method lore,pal,vpl --budget 4 --seeds 5 --out PersonalLLM/results/compare
     python tools/compare.py --data RedditTLDR/data --method lore,pal,vpl --budget 8 --seeds 3 --device cuda
 
 The protocol (lore/compare.py; docs/comparisons.md): a --validation fraction of the seen users,
@@ -15,8 +16,8 @@ one shared Bradley-Terry reward) are then fitted on all seen users with --seeds 
 seen_test and unseen_test.
 
 Reads a prepared data folder (--data; --fewshot-pairs as the dataset's train_basis.py: PersonalLLM 9,
-RedditTLDR 50, PRISM all). Writes to --out (default: results/compare beside --data), as a whole when
-the run ends:
+RedditTLDR 50, PRISM and CommunityAlignment all, MultiPref 10 prompts). Writes to --out (default:
+results/compare beside --data), as a whole when the run ends:
     comparison.json   {"methods": [rows: method, selected, validation, seen_test, seen_test_ci,
                       unseen_test, unseen_test_ci, converged], "paired": [a - b per set: mean, ci],
                       "personalization_gain": {method, vs "bt", per set mean, ci, verdict},
@@ -47,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--method", type=cli.method_list, default=["lore", "pal", "vpl"],
                    help="methods to search and compare (default: %(default)s)")
     p.add_argument("--budget", type=cli.positive_int, default=4, help="configurations tried per method")
-    p.add_argument("--seeds", type=cli.positive_int, default=2, help="refits of each selected configuration")
+    p.add_argument("--seeds", type=cli.positive_int, default=5,
+                   help="refits of each selected configuration (default: %(default)s; the CIs' seed term has "
+                        "seeds - 1 degrees of freedom, so fewer seeds give wide, honest intervals)")
     p.add_argument("--validation", type=cli.fraction, default=compare.VALIDATION_FRACTION,
                    help="fraction of the seen users held out for validation (default: %(default)s)")
     p.add_argument("--fewshot-pairs", type=cli.positive_int, default=None,

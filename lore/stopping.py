@@ -1,0 +1,77 @@
+"""The one stopping rule every method's fit can use (stop="early"; the paper's recipes are
+stop="fixed", a fixed number of steps): which pairs it holds out, how often it checks, and the
+state it keeps. lore.steps.training_loop runs it; the methods say what their held-out loss is."""
+import math
+
+import torch
+
+from lore.checks import InputError
+
+# The one stopping rule (stop="early", every method's fit): a random HOLDOUT of every seen user's
+# own training pairs is held out; every `every` steps the loss on it is measured; the fit stops
+# when it has not improved (by MIN_IMPROVEMENT, relative) for PATIENCE checks in a row, and the
+# parameters of the best check are kept. `every` is CHECK_EVERY steps, or more for minibatch fits
+# whose held-out slice is larger than what they train on between two checks (checked_every), so
+# that a check, forward only, costs at most about a third of the steps between checks.
+HOLDOUT = 0.1            # the share of each user's pairs held out (users with < 10 pairs hold none out)
+CHECK_EVERY = 25         # steps between two held-out checks, at least
+PATIENCE = 10            # checks without improvement before the fit stops
+MIN_IMPROVEMENT = 1e-4   # relative: smaller falls of the held-out loss do not count
+STOPS = ("fixed", "early")   # the paper's fixed number of steps, or the rule above (the step count its cap)
+
+
+def holdout(pairs, fraction=HOLDOUT):
+    """-> (train, held): every user's pairs split at random (torch's generator), floor(fraction *
+    its pairs) held out; both keep all N users, so that every user's parameters still train."""
+    counts = pairs.counts()                                                        # [N]
+    order = torch.randperm(len(pairs)).to(pairs.device)                            # [P] a random key
+    order = order[torch.argsort(pairs.user[order], stable=True)]                   # by user, random within
+    start = torch.cumsum(counts, 0) - counts                                       # [N]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(pairs), device=pairs.device) - start[pairs.user[order]]   # [P]
+    held = rank < (counts[pairs.user] * fraction).floor().long()                   # [P] bool
+    if not held.any():
+        raise InputError(f"stop='early' holds out {fraction:.0%} of every user's pairs: no user has "
+                         f"{math.ceil(1 / fraction)} or more pairs; use stop='fixed'")
+    return pairs.select(~held), pairs.select(held)
+
+
+def checked_every(held, per_step):
+    """Steps between two held-out checks: CHECK_EVERY, or the steps it takes to train on as many
+    pairs as are held out (per_step: pairs a step trains on), when that is more."""
+    return max(CHECK_EVERY, math.ceil(held / per_step))
+
+
+class EarlyStop:
+    """The stopping rule's state: loss() the held-out loss (a scalar tensor, computed without
+    gradients), params the tensors kept at the best check and restored at the end."""
+
+    def __init__(self, loss, params, every=None, patience=None):
+        self.loss, self.params = loss, list(params)
+        self.every, self.patience = every or CHECK_EVERY, patience or PATIENCE
+        self.best, self.best_step, self.waited, self.steps, self.losses = math.inf, 0, 0, [], []
+        self.kept = [p.detach().clone() for p in self.params]
+
+    def check(self, i):
+        """After i steps: measure, keep the parameters if better -> True when the fit should stop."""
+        with torch.no_grad():
+            value = float(self.loss())
+        self.steps.append(i)
+        self.losses.append(value)
+        if value < self.best - MIN_IMPROVEMENT * abs(self.best) or not math.isfinite(self.best):
+            self.best, self.best_step, self.waited = value, i, 0
+            with torch.no_grad():
+                for k, p in zip(self.kept, self.params):
+                    k.copy_(p)
+            return False
+        self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self):
+        with torch.no_grad():
+            for k, p in zip(self.kept, self.params):
+                p.copy_(k)
+
+    def report(self):
+        return {"held_out": {"step": self.steps, "loss": self.losses}, "best_step": self.best_step,
+                "every": self.every, "patience": self.patience}
