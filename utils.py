@@ -174,7 +174,10 @@ class LoRe(LowRankModel):
     def step(self, X, user, weight):
         """One Adam step on packed pairs: X [P, F] or TrainingRows, user [P], weight [P]."""
         self.optimizer.zero_grad(set_to_none=True)
-        nll, reg = bt_nll(steps.user_scores(X, self.V, simplex(self.W), user), weight), self.regularizer()
+        W = simplex(self.W)                                                        # [N, K]
+        nll = (steps.fused_nll(X, self.V, W, weight) if steps.fuses(X, self.V)    # CPU, table form: one pass
+               else bt_nll(steps.user_scores(X, self.V, W, user), weight))
+        reg = self.regularizer()
         (nll + reg).backward()
         self.optimizer.step()
         return steps.data_loss(X, nll) + reg.detach()   # the loss of every rank's users

@@ -1,16 +1,23 @@
 """How LoRe scales with the number of seen users: PersonalLLM's shape (8 responses to each of 9402
 train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen user) with 10^3 ..
-10^6 seen users.
+10^7 seen users, against the memory-read floor measured in the same process.
 
     nice -n 10 python benchmarks/bench_scale.py --out benchmarks/results/bench_scale_cpu.json
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
+    python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
+    python benchmarks/bench_scale.py --table benchmarks/results/bench_scale_cpu.json   # docs/scale.md's table
 
 Two measurements, each size in a child process of its own (so that its peak RSS is its own):
   - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with
     replacement) with two distinct random responses each, as table-form Pairs. One LoRe model (K = 5)
     as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
     use fewer rows than there are pairs), seconds per Adam step (median of --steps after one warm-up),
-    seconds to score every pair (per_user_accuracy, streamed), the child's peak RSS.
+    seconds to score every pair (per_user_accuracy with the fitted weights, detached), the child's
+    peak RSS.
+  - floor: what a step must read over the read bandwidth, the best of 5 sums of a 0.8 GB float32
+    tensor in the same child: the table rows the pairs use as float32 forward (X V) and backward
+    (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
+    scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
     --seen-test-prompts 20) and then train_basis.py --k-list 5 --iters --whole-steps --fewshot-iters
     --whole-steps, each timed as a whole with its peak RSS.
@@ -33,9 +40,9 @@ import torch
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
+from lore import steps  # noqa: E402
 from lore.methods import per_user_accuracy, simplex  # noqa: E402
 from lore.pairs import Pairs  # noqa: E402
-from lore.steps import training_rows  # noqa: E402
 
 PROMPTS_TRAIN, PROMPTS_TEST, RESPONSES, PAIRS = 9402, 1000, 8, 47
 
@@ -49,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--whole", default="1000:4096,10000:4096,100000:2048",
                    help="USERS:F of the whole prepare + train_basis runs ('' for none)")
     p.add_argument("--whole-steps", type=int, default=20, help="--iters and --fewshot-iters of train_basis")
+    p.add_argument("--torch-ops", action="store_true", help="the step as torch ops (user_scores), not fused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--table", default=None, help="print the step table of a results JSON and exit")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)   # users: one step measurement
     return p.parse_args(argv)
 
@@ -59,9 +68,25 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KB
 
 
+def read_bandwidth():
+    """Bytes per second: the best of 5 sums of a 0.8 GB float32 tensor."""
+    x, best = torch.ones(200_000_000), float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def load():
+    """The 1-minute load average and OMP_NUM_THREADS: the machine a number was measured on."""
+    return {"load_1min": os.getloadavg()[0], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
 def step_child(args):
     """One size of the step measurement, in this (child) process: prints a JSON record."""
     torch.manual_seed(args.seed)
+    load_start, bandwidth = load(), read_bandwidth()
     N, F = args.child, args.features
     t = time.perf_counter()
     table = torch.randn(RESPONSES * (PROMPTS_TRAIN + PROMPTS_TEST), F, dtype=torch.bfloat16)  # [E, F]
@@ -75,22 +100,32 @@ def step_child(args):
     data_s = time.perf_counter() - t
     model = utils.LoRe(None, 0.0, N, F, args.rank, 1, 0.5, "cpu")
     t = time.perf_counter()
-    rows = training_rows(pairs, model.form)
+    rows = steps.training_rows(pairs, model.form)
     weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]
     setup_s = time.perf_counter() - t
+    if args.torch_ops:
+        rows.offsets = None   # without its users' offsets, a step is user_scores' torch ops
+    fused = steps.fuses(rows, model.V)
     times = []
     for _ in range(args.steps + 1):
         t = time.perf_counter()
         model.step(rows, pairs.user, weight)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    acc = per_user_accuracy(pairs, model.V.detach(), simplex(model.W).detach())
+    with torch.no_grad():   # the fitted weights, as an evaluation reads them: no autograd graph
+        acc = per_user_accuracy(pairs, model.V, simplex(model.W))
     score_s = time.perf_counter() - t
+    step_s = float(np.median(times[1:]))
+    rows_read = len(rows.X)
+    step_floor_s = (2 * rows_read * F * 4 + 2 * len(pairs) * 2 * 4) / bandwidth
     print(json.dumps({"users": N, "pairs": len(pairs), "features": F, "K": args.rank,
-                      "form": "table" if rows.chosen is not None else "pairs", "rows_read": len(rows.X),
-                      "data_s": data_s, "setup_s": setup_s, "step_s": float(np.median(times[1:])),
-                      "score_all_pairs_s": score_s, "mean_accuracy": float(acc.mean()),
-                      "peak_rss_gb": peak_rss_gb()}))
+                      "form": "table" if rows.chosen is not None else "pairs", "rows_read": rows_read,
+                      "fused": fused, "data_s": data_s, "setup_s": setup_s, "step_s": step_s,
+                      "read_gb_per_s": bandwidth / 1e9, "step_floor_s": step_floor_s,
+                      "step_ratio": step_s / step_floor_s, "score_all_pairs_s": score_s,
+                      "score_floor_s": step_floor_s / 2, "score_ratio": score_s / (step_floor_s / 2),
+                      "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak_rss_gb(),
+                      "load_start": load_start, "load_end": load()}))
 
 
 def timed_child(cmd):
@@ -105,7 +140,8 @@ def step_sizes(args):
     out = []
     for n in [int(u) for u in args.users.split(",") if u]:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--features", str(args.features),
-               "--rank", str(args.rank), "--steps", str(args.steps), "--seed", str(args.seed)]
+               "--rank", str(args.rank), "--steps", str(args.steps), "--seed", str(args.seed),
+               *(["--torch-ops"] if args.torch_ops else [])]
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
@@ -123,7 +159,7 @@ def whole_runs(args):
         n, F = (int(v) for v in spec.split(":"))
         with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
             data, res = os.path.join(tmp, "data"), os.path.join(tmp, "results")
-            record = {"users": n, "features": F, "steps": args.whole_steps}
+            record = {"users": n, "features": F, "steps": args.whole_steps, "load_start": load()}
             prep = [sys.executable, os.path.join(REPO, "PersonalLLM", "prepare.py"), "--synthetic", "--out", data,
                     "--features", str(F), "--n-users", str(n), "--seen-test-prompts", "20", "--seed", str(args.seed)]
             train = [sys.executable, os.path.join(REPO, "PersonalLLM", "train_basis.py"), "--data", data, "--out", res,
@@ -134,6 +170,7 @@ def whole_runs(args):
                 record.update({f"{name}_s": wall, f"{name}_peak_rss_gb": rss, f"{name}_exit": code})
                 if code != 0:
                     break
+            record["load_end"] = load()
             if record.get("train_basis_exit") == 0:
                 record["records"] = json.load(open(os.path.join(res, "results.json")))
         out.append(record)
@@ -141,13 +178,25 @@ def whole_runs(args):
     return out
 
 
-def growth_exponent(steps, least=10_000):
+def growth_exponent(sizes, least=10_000):
     """Slope of log(step_s) against log(users) over the sizes >= least (None with fewer than 2)."""
-    pts = [(r["users"], r["step_s"]) for r in steps if "step_s" in r and r["users"] >= least]
+    pts = [(r["users"], r["step_s"]) for r in sizes if "step_s" in r and r["users"] >= least]
     if len(pts) < 2:
         return None
     x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
     return float(np.polyfit(x, y, 1)[0])
+
+
+def table(sizes):
+    """The step measurement as a printed table."""
+    lines = ["| seen users | pairs | s / step | floor s | ratio | s to score | floor s | ratio | peak RSS GB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sizes:
+        if "step_s" in r:
+            lines.append(f"| {r['users']:,} | {r['pairs']:,} | {r['step_s']:.3f} | {r['step_floor_s']:.3f} | "
+                         f"{r['step_ratio']:.1f} | {r['score_all_pairs_s']:.3f} | {r['score_floor_s']:.3f} | "
+                         f"{r['score_ratio']:.1f} | {r['peak_rss_gb']:.2f} | {r['load_start']['load_1min']:.1f} |")
+    return "\n".join(lines)
 
 
 def machine():
@@ -158,11 +207,15 @@ def machine():
 def main(args):
     if args.child is not None:
         return step_child(args)
-    steps = step_sizes(args)
-    result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "config": vars(args),
-              "step": steps, "step_growth_exponent_from_1e4": growth_exponent(steps),
-              "step_growth_exponent_all": growth_exponent(steps, 0), "whole": whole_runs(args)}
+    if args.table is not None:
+        with open(args.table) as f:
+            return print(table(json.load(f)["step"]))
+    sizes = step_sizes(args)
+    result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "load": load(), "config": vars(args),
+              "step": sizes, "step_growth_exponent_from_1e4": growth_exponent(sizes),
+              "step_growth_exponent_all": growth_exponent(sizes, 0), "whole": whole_runs(args)}
     print(json.dumps({k: v for k, v in result.items() if k != "whole"}, indent=1))
+    print(table(sizes))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

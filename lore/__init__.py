@@ -4,7 +4,7 @@ utils. Imports run down this list, never up (tests/test_layout.py checks that th
 real one):
 
     baselines    PAL and VPL                                               -> checks, methods, steps, stopping
-    steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, methods, pairs
+    steps        what a training step reads, its autograd, Adam, the loop  -> checks, distributed, fused, methods, pairs
     reward       a personalized reward in use, learned online   -> active, checks, extract, methods
     scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
     results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
@@ -17,8 +17,9 @@ real one):
     distributed  torchrun: process group, shards of users, collectives     -> (none)
     basis        a basis' health report and interpretation                 -> checks
     active       active selection of a new user's pairs                    -> checks, methods
-    methods      the Method interface, the registry METHODS, evaluation    -> checks, io, pairs
+    methods      the Method interface, the registry METHODS, evaluation    -> checks, fused, io, pairs
     pairs        Pairs: every user's pairs packed, checked once            -> checks
+    fused        the pair work of a step and scoring in one pass (CPU, C)  -> (none)
     io           safetensors, JSON, Parquet files; hub splits              -> checks
     stopping     the one stopping rule: held-out slice, patience           -> checks
     checks       InputError, devices, seeds, validators                    -> (none)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lore import fused
 from lore.checks import MAX_COUNT, InputError, check_alpha, check_v_ref, is_int, check_hparam, resolve_device
 from lore.io import load_tensors, read_metadata, save_tensors
 from lore.pairs import project_rows
@@ -321,11 +322,21 @@ def _check_checkpoint_data(path, fitted_on, data, allow_other_data):
 
 def per_user_accuracy(pairs, V, W):
     """Accuracy of every user of a linear basis at once: pairs (Pairs), V [F, K], W [N, K] -> numpy [N].
-    Pairs are scored in chunks: beyond the pairs themselves, memory does not grow with their number."""
+    Pairs are scored in chunks: beyond the pairs themselves, memory does not grow with their number.
+    Table form on the CPU with the users sorted: the table rows projected once and every pair scored
+    in one fused pass (lore.fused.pair_hits)."""
     V, W = V.to(pairs.device, torch.float32), W.to(pairs.device, torch.float32)   # [F, K], [N, K]
+    offsets = fused.user_offsets(pairs.user, pairs.n_users) if pairs.X is None and fused.usable(V) else None
     if pairs.X is None:
-        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
-        T = chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+        if offsets is not None and len(pairs.table) <= len(pairs) and fused.reads(pairs.table):
+            # every table row projected, read once as it is stored (no remap of 2P indices to the used rows)
+            T, chosen, rejected = fused.project(pairs.table, V), pairs.chosen, pairs.rejected  # [E, K], [P], [P]
+        else:
+            used, chosen, rejected = pairs.used_rows()                             # [E'], [P], [P]
+            T = chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+        if offsets is not None:
+            hits = fused.pair_hits(T, W, chosen, rejected, offsets)                # [N]
+            return (hits.double() / (offsets[1:] - offsets[:-1]).double()).numpy()
     hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
     for start in range(0, len(pairs), CHUNK):
         part = slice(start, start + CHUNK)

@@ -6,16 +6,19 @@ fits) stays there.
 Two forms of the rows a step reads. Pair form: X [P, F], the difference rows of the pairs. Table
 form: X [E', F], the rows of the embedding table that the pairs use, and each pair's chosen and
 rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads E' rows
-instead of P, which is what makes many users rating the same responses cheap."""
+instead of P, which is what makes many users rating the same responses cheap. On the CPU, a
+table-form LoRe step's pair work (gather, margin, loss, gradient, scatter) is one fused pass
+(lore.fused, fused_nll): pairs sorted by user keep their users as offsets and their rows as int32."""
 from dataclasses import dataclass
 
 import torch
 import torch.optim as optim
 from tqdm.auto import tqdm
 
+from lore import fused
 from lore.checks import InputError
 from lore.distributed import sum_over_shards
-from lore.methods import LossCurve, user_margins
+from lore.methods import TEMPERATURE, LossCurve, user_margins
 from lore.pairs import project_rows
 
 
@@ -25,15 +28,16 @@ class TrainingRows:
     """What a training step reads: pair form (X [P, F], chosen None) or table form (X [E', F] and
     the pairs' rows in it)."""
     X: torch.Tensor
-    chosen: torch.Tensor = None            # [P] long rows of X (table form only)
+    chosen: torch.Tensor = None            # [P] int32 rows of X (table form only)
     rejected: torch.Tensor = None          # [P]
     shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
+    offsets: torch.Tensor = None           # [N + 1] user u's pairs offsets[u]:offsets[u+1] (table form, sorted users)
 
     def project(self, V):
         """-> x_p^T V [P, K]."""
-        Z = project_rows(self.X, V)                                                # [P or E', K]
         if self.chosen is None:
-            return Z
+            return project_rows(self.X, V)                                         # [P, K]
+        Z = project_table(self.X, V)                                               # [E', K]
         return Z.index_select(0, self.chosen) - Z.index_select(0, self.rejected)  # [P, K]
 
     def grad_V(self, g, W, user):
@@ -48,7 +52,7 @@ class TrainingRows:
             Gp = g[:, None] * W.index_select(0, user)                              # [P, K]
             G = torch.zeros(len(self.X), Gp.shape[1], device=Gp.device, dtype=Gp.dtype)
             G.index_add_(0, self.chosen, Gp).index_add_(0, self.rejected, Gp, alpha=-1)  # [E', K]
-            return (G.t() @ self.X).t()          # as [K, E'] [E', F]: X^T G is ~10x slower on CPU
+            return table_grad(self.X, G)
         if self.X.is_cuda:
             return self.X.t() @ (g[:, None] * W[user])                             # [F, K]
         # dV = X^T (g * W[user]) = (A X)^T W with A [N, P] holding g_p at (user_p, p): one
@@ -57,6 +61,17 @@ class TrainingRows:
         A = torch.sparse_coo_tensor(torch.stack([user, torch.arange(len(user), device=user.device)]), g,
                                     (len(W), len(user)), check_invariants=False)
         return (A @ self.X).t() @ W                                                # [F, N] [N, K]
+
+
+def project_table(X, V):
+    """X V [E', K] of table rows X [E', F] (float32, or bfloat16 on the CPU: lore.fused reads them)."""
+    return fused.project(X, V) if fused.reads(X) else project_rows(X, V)
+
+
+def table_grad(X, G):
+    """X^T G [F, K] for table rows X [E', F], G [E', K]: lore.fused's one read of X on the CPU, else
+    as [K, E'] [E', F] (X^T G is ~10x slower on CPU)."""
+    return fused.table_grad(X, G) if fused.reads(X) else (G.t() @ X).t()
 
 
 def as_rows(X):
@@ -78,8 +93,12 @@ def training_rows(pairs, form=None):
     used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
     if form == "pairs" or (form is None and len(used) >= len(pairs)):
         return TrainingRows(pairs.rows(), shard=pairs.shard)                       # [P, F]
-    X = torch.cat([pairs.table[idx].float() for idx in used.split(1 << 15)])       # [E', F]
-    return TrainingRows(X, chosen, rejected, shard=pairs.shard)
+    # bfloat16 rows stay bfloat16 where lore.fused reads them (as float32, exactly): half the bytes
+    keep = pairs.table.dtype == torch.bfloat16 and fused.reads(pairs.table)
+    X = torch.cat([pairs.table[idx] if keep else pairs.table[idx].float() for idx in used.split(1 << 15)])  # [E', F]
+    small = torch.int32 if len(used) < 2**31 else torch.int64   # half the bytes a step reads per pair
+    return TrainingRows(X, chosen.to(small), rejected.to(small), shard=pairs.shard,
+                        offsets=fused.user_offsets(pairs.user, pairs.n_users))
 
 
 def user_scores(X, V, W, user, Z=None):
@@ -105,6 +124,35 @@ class _UserScores(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             dW = torch.zeros_like(W).index_add_(0, user, g[:, None] * Z)            # [N, K]
         return None, dV, dW, None, None
+
+
+def fuses(X, V):
+    """Whether fused_nll applies: table-form rows with their users sorted, on the CPU, and the
+    fused kernel built (lore.fused); elsewhere (CUDA, the pair form) user_scores."""
+    return isinstance(X, TrainingRows) and X.offsets is not None and fused.usable(X.X, V)
+
+
+def fused_nll(X, V, W, weight):
+    """sum_p weight_p * -log sigmoid(s_p / TEMPERATURE), s_p = user_margins(X V, W, user) (utils.bt_nll
+    of user_scores), differentiable in V and W: X V once forward (the table rows), the pair work in
+    one fused pass that also yields the gradients of T = X V and W, X^T G once backward."""
+    return _FusedNLL.apply(X, V, W, weight)
+
+
+class _FusedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows, V, W, weight):
+        T = project_table(rows.X, V)                                               # [E', K]
+        nll, G, dW = fused.pair_loss(T, W, rows.chosen, rows.rejected, rows.offsets, weight, TEMPERATURE)
+        ctx.rows = rows
+        ctx.save_for_backward(G, dW)                                               # [E', K], [N, K]
+        return nll.float()
+
+    @staticmethod
+    def backward(ctx, g):                                                          # g []
+        G, dW = ctx.saved_tensors
+        dV = sum_over_shards(table_grad(ctx.rows.X, G * g), ctx.rows.shard) if ctx.needs_input_grad[1] else None
+        return None, dV, dW * g if ctx.needs_input_grad[2] else None, None
 
 
 def data_loss(X, nll):

@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,10 +16,12 @@ from conftest import REPO, load_script
 
 sys.path.insert(0, REPO)
 import lore.methods  # noqa: E402
+import lore.steps  # noqa: E402
 import utils  # noqa: E402
 
 from lore.checks import InputError  # noqa: E402
 from lore.distributed import shard_users  # noqa: E402
+from lore.fused import kernel, pair_hits, pair_loss, project, table_grad, user_offsets  # noqa: E402
 from lore.methods import accuracy, get_method, pair_margins, per_user_accuracy  # noqa: E402
 from lore.pairs import pack, Pairs  # noqa: E402
 from lore.steps import training_rows, user_scores  # noqa: E402
@@ -112,6 +115,66 @@ def test_evaluation_streams_in_chunks(monkeypatch):
     np.testing.assert_allclose(per_user_accuracy(pairs, V, W), ref)
     np.testing.assert_allclose(per_user_accuracy(pack(pairs.split()), V, W), ref)
     torch.testing.assert_close(pair_margins(method, pairs, W), margins)
+
+
+needs_kernel = pytest.mark.skipif(kernel() is None, reason="no C compiler: the fused kernel is not built")
+
+
+@needs_kernel
+@pytest.mark.parametrize("K, index", [(3, torch.int32), (11, torch.int64)])
+def test_fused_kernels_equal_loop_reference(K, index):
+    g = torch.Generator().manual_seed(K)
+    E, N, F_ = 9, 6, 13
+    counts = torch.tensor([3, 0, 5, 1, 4, 2])                                       # user 1 has no pairs
+    user = torch.arange(N).repeat_interleave(counts)
+    c = torch.randint(0, E, (len(user),), generator=g)
+    r = (c + torch.randint(1, E, c.shape, generator=g)) % E
+    T, W = 40 * torch.randn(E, K, generator=g), torch.rand(N, K, generator=g)
+    weight = torch.rand(len(user), generator=g)
+    offsets = user_offsets(user, N)
+    assert offsets.tolist() == [0, 3, 3, 8, 9, 13, 15]
+    nll, G, dW = pair_loss(T, W, c.to(index), r.to(index), offsets, weight, 100.0)
+    # the loop form: every pair by itself, in float64
+    T64, W64 = T.double(), W.double()
+    ref_nll, ref_G, ref_dW, ref_hits = 0.0, torch.zeros(E, K, dtype=torch.float64), torch.zeros(N, K, dtype=torch.float64), [0] * N
+    for p in range(len(user)):
+        u, z = int(user[p]), T64[c[p]] - T64[r[p]]
+        s = float(z @ W64[u])
+        ref_nll += -weight[p].item() * np.log(1 / (1 + np.exp(-s / 100)))
+        dsp = -weight[p].item() / (1 + np.exp(s / 100)) / 100                       # d nll / d s_p
+        ref_G[c[p]] += dsp * W64[u]
+        ref_G[r[p]] -= dsp * W64[u]
+        ref_dW[u] += dsp * z
+        ref_hits[u] += s > 0
+    assert abs(nll.item() - ref_nll) < 1e-5 * abs(ref_nll)
+    torch.testing.assert_close(G.double(), ref_G, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dW.double(), ref_dW, rtol=1e-5, atol=1e-6)
+    assert pair_hits(T, W, c.to(index), r.to(index), offsets).tolist() == ref_hits
+    X = torch.randn(E, F_, generator=g).bfloat16()                                  # F = 13: not a multiple of 8
+    for rows in (X, X.float()):
+        Vf = torch.randn(F_, K, generator=g)
+        torch.testing.assert_close(project(rows, Vf), X.double() @ Vf.double(), check_dtype=False, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(table_grad(rows, T), X.double().t() @ T.double(), check_dtype=False, rtol=1e-5, atol=1e-3)
+    assert user_offsets(torch.tensor([0, 2, 1]), 3) is None                         # users not sorted
+
+
+@needs_kernel
+def test_fused_step_equals_torch_ops_step(monkeypatch):
+    """A LoRe fit on a bfloat16 table: the fused CPU path (bf16 rows, one pass over the pairs)
+    against today's torch ops (float32 rows, user_scores, index_add_)."""
+    pairs = shared_table_pairs(n_users=40, per_user=9, rows=24, n_features=20, seed=5)
+    pairs = replace(pairs, table=pairs.table.bfloat16())
+    args = (torch.randn(20, 1), 0.3, 40, 20, 5, 40, 0.1, CPU)
+    rows = training_rows(pairs)
+    assert rows.X.dtype == torch.bfloat16 and rows.chosen.dtype == torch.int32 and lore.steps.fuses(rows, rows.X)
+    W_f, V_f = fit(utils.LoRe, "table", pairs, *args)
+    monkeypatch.setattr(lore.steps, "fuses", lambda X, V: False)
+    monkeypatch.setattr("lore.fused.reads", lambda X: False)
+    assert training_rows(pairs).X.dtype == torch.float32
+    W_t, V_t = fit(utils.LoRe, "table", pairs, *args)
+    torch.testing.assert_close(W_f, W_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(V_f, V_t, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(V_f, fit(utils.LoRe, "table", pairs, *args[:-3], 1, 1e-9, CPU)[1])  # the fit moved V
 
 
 def test_shard_users_splits_users_into_blocks():
