@@ -106,7 +106,7 @@ class LowRankModel(FitModule):
             raise InputError(f"v_ref has {v.shape[0]} features but the pairs have F={self.n_features}")
         return v.to(self.device)
 
-    def stopping(self, pairs, weights):
+    def early_stop(self, pairs, weights):
         """-> (the pairs to train on, the EarlyStop or None): stop="fixed" trains on every pair for
         iters steps; stop="early" holds out a slice of every user's pairs (lore.stopping.holdout) and
         stops when their loss (weighed by `weights`, as the fit's) no longer falls, iters the cap."""
@@ -165,7 +165,7 @@ class LoRe(LowRankModel):
         return bt_nll(s, user_mean_weights(pairs)), self.regularizer()
 
     def fit(self, X):
-        pairs, stop = self.stopping(self.packed(X), user_mean_weights)
+        pairs, stop = self.early_stop(self.packed(X), user_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, user_mean_weights(pairs)   # rows, [P], [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
@@ -222,7 +222,7 @@ class LoRe_regularized(LowRankModel):
         return nll, alpha_curr * self.regularizer()
 
     def fit(self, X):
-        pairs, stop = self.stopping(self.packed(X), pair_mean_weights)
+        pairs, stop = self.early_stop(self.packed(X), pair_mean_weights)
         self.start(pairs)
         X, user, weight = steps.training_rows(pairs, self.form), pairs.user, pair_mean_weights(pairs)   # rows, [P], [P]
         alpha_t = torch.zeros((), device=self.device)   # a tensor, so that a CUDA graph sees it change
