@@ -4,7 +4,12 @@ import os
 import sys
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one pytest worker per core (`-n auto`): one thread each, in the worker and the scripts it
+    # starts, so that workers do not oversubscribe the cores and every run reduces floats alike
+    os.environ["OMP_NUM_THREADS"] = "1"
+import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
