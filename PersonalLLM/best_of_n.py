@@ -53,7 +53,7 @@ from lore.cli import (ArgumentParser, command_line, positive_int, run_folder, se
                       shot_list, start_run)  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
-from lore.methods import featurize, load_method, method_features  # noqa: E402
+from lore.methods import featurize, load_method  # noqa: E402
 
 SCRIPT = "PersonalLLM/best_of_n.py"
 
@@ -86,9 +86,6 @@ def main(args):
         method, tensors = load_method(args.checkpoint, device, data, args.allow_other_data)
         test_rows, scores, W_true = load_truth(args.data, data)                        # [S*R, F], [S, R, M], [N, M]
         S, R, _ = scores.shape
-        if method_features(method) not in (None, data.table.shape[1]):
-            raise InputError(f"{args.checkpoint}: fitted on F={method_features(method)}, {args.data} has "
-                                   f"F={data.table.shape[1]}: a checkpoint of another data folder?")
         pool = featurize(method, data.sets["unseen_fewshot"])
         largest = int(pool.counts().min())
         if max(args.shots) > largest:

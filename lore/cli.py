@@ -175,7 +175,7 @@ def hparam_type(cls, hp):
 
     def parse(text):
         try:
-            return check_hparam(cls.name, hp, convert(text), default, choices, cls.limits.get(hp))
+            return check_hparam(cls.name, hp, convert(text), default, choices, cls.limits.get(hp), cls.least.get(hp))
         except (ValueError, TypeError, InputError) as e:
             raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else f"got {text!r}") from None
     parse.__name__ = hp

@@ -51,6 +51,21 @@ def load_reward_model(model_name_or_path=DEFAULT_MODEL, device=None, dtype=None,
     return model.to(device).eval(), tokenizer
 
 
+def model_features(model_name_or_path=DEFAULT_MODEL):
+    """F of a reward model's embeddings (its config's hidden_size), read from its config.json alone,
+    so that a checkpoint of another F is refused before anything is embedded."""
+    source, offline = _locate(model_name_or_path)
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a config it cannot read
+        raise InputError(f"could not read the config of reward model {source}: {first_line(e)}") from None
+    F = getattr(config, "hidden_size", None)
+    if not isinstance(F, int) or F < 1:
+        raise InputError(f"the config of reward model {source} has no hidden_size (the F of its embeddings)")
+    return F
+
+
 def read_reward_head(model_name_or_path=DEFAULT_MODEL):
     """-> v_ref, float32 [F, 1]: the checkpoint's `score.weight` ([1, F]) transposed, read from its
     safetensors file without building the model. Of a sharded checkpoint only the index and the shard

@@ -194,6 +194,42 @@ def test_checkpoint_of_other_data_is_refused(data, other_data, results, tmp_path
     basis_report.main(basis_report.parse_args([ckpt, "--data", data, "--out", str(tmp_path / "b2"), "--device", "cpu"]))
 
 
+def test_pal_and_vpl_checkpoints_of_another_F_are_refused_before_any_work(data, tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A PAL or VPL checkpoint's F (its network's input width) against the data and the reward model:
+    one line, exit 2, before anything is embedded or scored (once a RuntimeError after all the work)."""
+    R = str(tmp_path / "R")
+    train_basis.main(train_basis.parse_args(
+        ["--data", data, "--out", R, "--method", "pal,vpl", "--k-list", "2", "--device", "cpu", "--pal-dim", "4",
+         "--pal-epochs", "1", "--pal-fewshot-epochs", "1", "--vpl-hidden", "4", "--vpl-epochs", "1",
+         "--vpl-duplicates", "1", "--pal-stop", "fixed", "--vpl-stop", "fixed", "--pal-batch-size", "64",
+         "--vpl-batch-size", "64"]))
+    wide = str(tmp_path / "wide")   # the same users and sizes, F = 12 instead of 8
+    prepare.main(prepare.parse_args(["--synthetic", "--out", wide, *TINY[:4], "--features", "12", *TINY[6:]]))
+    prefs = tmp_path / "prefs.jsonl"
+    conv = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    prefs.write_text(json.dumps({"user": "u", "chosen": conv, "rejected": conv[:1] + [{**conv[1], "content": "w3"}]}))
+    personalize = load_script(os.path.join(REPO, "tools", "personalize.py"), "round3_personalize")
+    monkeypatch.setattr(personalize, "embed_conversations", lambda *a, **k: pytest.fail("embedded before the F check"))
+    for name in ("pal_K2", "vpl_K2"):
+        ckpt = os.path.join(R, f"{name}.safetensors")
+        line = fails(capsys, personalize.main, personalize.parse_args(
+            ["--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs", str(prefs), "--out", str(tmp_path / "p"),
+             "--device", "cpu"]))
+        assert "gives F=64" in line and "fitted on F=8" in line, line
+        line = fails(capsys, best_of_n.main, best_of_n.parse_args(
+            ["--data", wide, "--checkpoint", ckpt, "--out", str(tmp_path / "n"), "--shots", "1", "--trials", "1",
+             "--device", "cpu", "--allow-other-data"]), late=True)
+        assert "fitted on F=8 features" in line and "F=12" in line, line
+        method, _ = load_method(ckpt, "cpu")
+        for call in (lambda: score_items(method, torch.randn(3, 12), torch.full((1, 2), 0.5)),
+                     lambda: fit_new_users(method, torch.randn(3, 12), torch.randn(3, 12))):
+            with pytest.raises(InputError, match="has 12 features, expected F=8"):
+                call()
+        assert score_items(method, torch.randn(3, 8), torch.full((1, 2), 0.5)).shape == (1, 3)
+    assert not any(os.path.exists(tmp_path / n) for n in "pn")
+
+
 def test_checkpoint_metadata_and_shapes_must_agree(data, results, tmp_path, capsys):
     ckpt = os.path.join(results, "lore_K2_alpha0.safetensors")
     method, _ = load_method(ckpt, "cpu")
