@@ -230,11 +230,22 @@ def data_files_arg(text):
     return split, path
 
 
+class SplitFiles(argparse.Action):
+    """--data-files SPLIT=PATH ...: a split given twice is an error (dict() of them would keep the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        splits = [split for split, _ in values]
+        twice = next((s for s in splits if splits.count(s) > 1), None)
+        if twice is not None:
+            parser.error(f"{option_string} gives the split {twice!r} twice")
+        setattr(namespace, self.dest, values)
+
+
 def add_prepare_args(parser, folder):
     """The flags every prepare.py shares."""
     parser.add_argument("--out", default=os.path.join(folder, "data"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
-    parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH",
+    parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH", action=SplitFiles,
                         help="local .json/.jsonl/.parquet/.csv files in the hub's schema instead of the hub")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")

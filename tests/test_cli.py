@@ -39,3 +39,36 @@ def test_command_line_helpers(tmp_path, capsys):
     plot_accuracy_vs_rank(records, str(tmp_path / "accuracy_vs_rank.png"))
     assert read_json(str(tmp_path / "results.json")) == records
     assert sorted(os.listdir(tmp_path)) == ["accuracy_vs_rank.png", "results.csv", "results.json"]
+
+
+def test_data_files_refuse_a_split_given_twice(capsys):
+    """--data-files train=A train=B once used B silently: one line, exit 2."""
+    from lore.cli import ArgumentParser, add_prepare_args
+    parser = add_prepare_args(ArgumentParser("doc"), "RedditTLDR")
+    assert parser.parse_args(["--data-files", "train=A", "validation=B"]).data_files == [("train", "A"),
+                                                                                         ("validation", "B")]
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--data-files", "train=A", "train=B"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip() == "error: --data-files gives the split 'train' twice (see --help)"
+
+
+def test_library_noise_is_not_printed_before_the_error_line(tiny_model_dir, tmp_path, capfd, monkeypatch):
+    """transformers' load report and loading bar, and datasets' own log line of an error it raises, do
+    not reach stderr: a script's stderr is its one error line."""
+    import datasets
+    from lore.extract import load_reward_model, model_features
+    from lore.io import load_splits
+    capfd.readouterr()
+    model, _ = load_reward_model(tiny_model_dir, "cpu")
+    assert model_features(tiny_model_dir) == model.config.hidden_size == 64
+    assert capfd.readouterr().err == ""
+
+    def failing(*args, **kwargs):
+        datasets.utils.logging.get_logger("datasets.packaged_modules.json.json").error("Failed to load JSON from file")
+        raise ValueError("unreadable")
+    monkeypatch.setattr(datasets, "load_dataset", failing)
+    (tmp_path / "t.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(InputError, match="t.jsonl: cannot read it as json"):
+        load_splits("hub/id", ["train"], {"train": str(tmp_path / "t.jsonl")})
+    assert "Failed to load JSON" not in capfd.readouterr().err
