@@ -17,7 +17,7 @@ from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
 from lore.distributed import all_ranks, distributed, is_main_process
 from lore.extract import DEFAULT_MODEL
-from lore.io import MANIFEST, run_record, write_json
+from lore.io import MANIFEST, read_metadata, run_record, write_json
 from lore.methods import METHODS
 from lore.recipes import load_recipe, recipe_path
 from lore.stopping import STOPS
@@ -364,9 +364,23 @@ def cache_path(args, name):
     path = os.path.join(folder, name)
     os.makedirs(folder, exist_ok=True)
     previous = os.path.join(out, name)
-    if is_main_process() and not os.path.lexists(path) and os.path.isfile(previous):
-        _copy_file(previous, path)
+    if is_main_process():
+        # the cache and --out's copy are this script's: an unreadable one (truncated, corrupt) holds
+        # nothing to resume from, and is dropped rather than refused as a file of someone else's
+        if os.path.isfile(path) and not _readable_safetensors(path):
+            print(f"{path}: not a readable safetensors file; computing it again")
+            os.remove(path)
+        if not os.path.lexists(path) and os.path.isfile(previous) and _readable_safetensors(previous):
+            _copy_file(previous, path)
     return path
+
+
+def _readable_safetensors(path):
+    try:
+        read_metadata(path)
+    except InputError:
+        return False
+    return True
 
 
 def link_into(path, folder):
