@@ -31,8 +31,6 @@ Writes to --out (default PRISM/results/rb2/):
 import os
 import sys
 
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore.checks import InputError, resolve_device  # noqa: E402
@@ -41,6 +39,7 @@ from lore.cli import (ArgumentParser, cache_path, command_line, data_files_arg, 
 from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
 from lore.io import check_not_owned, load_splits, load_tensors  # noqa: E402
 from lore.results import save_results  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "PRISM/eval_rb2.py"
 HUB_ID = "allenai/reward-bench-2"

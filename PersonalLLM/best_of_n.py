@@ -39,12 +39,8 @@ as a whole when the run ends:
 import os
 import sys
 
-import numpy as np
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
 from lore.results import pyplot, save_figure, save_results  # noqa: E402
 from lore.active import active_shots, check_active  # noqa: E402
 from lore.scoring import score_items  # noqa: E402
@@ -54,6 +50,9 @@ from lore.cli import (ArgumentParser, command_line, positive_int, run_folder, se
 from lore.data import load_data  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
 from lore.methods import featurize, load_method  # noqa: E402
+import utils  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "PersonalLLM/best_of_n.py"
 

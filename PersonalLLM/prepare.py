@@ -61,13 +61,8 @@ import math
 import os
 import sys
 
-import numpy as np
-import pandas as pd
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
 from lore.checks import InputError, set_seed  # noqa: E402
 from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line, config_of, fraction,
                       link_into, nonnegative_float, positive_float, positive_int, run_folder, seed_int)  # noqa: E402
@@ -75,6 +70,10 @@ from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits, read_metadata, save_tensors, write_table  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+import utils  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 HUB_ID = "namkoong-lab/PersonalLLM"
 SPLITS = ("train", "test")

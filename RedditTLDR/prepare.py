@@ -39,8 +39,6 @@ import os
 import random
 import sys
 
-import pandas as pd
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore.checks import InputError, is_int, resolve_device  # noqa: E402
@@ -49,6 +47,7 @@ from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line
 from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits  # noqa: E402
+import pandas as pd  # noqa: E402
 
 SCRIPT = "RedditTLDR/prepare.py"
 HUB_ID = "openai/summarize_from_feedback"

@@ -72,3 +72,20 @@ def test_library_noise_is_not_printed_before_the_error_line(tiny_model_dir, tmp_
     with pytest.raises(InputError, match="t.jsonl: cannot read it as json"):
         load_splits("hub/id", ["train"], {"train": str(tmp_path / "t.jsonl")})
     assert "Failed to load JSON" not in capfd.readouterr().err
+
+
+def test_ctrl_c_before_main_is_one_line_not_a_traceback(tmp_path):
+    """Ctrl-C while a script imports torch or parses its flags (before command_line wraps main): one
+    line and the SIGINT exit, no traceback. A program that merely imports lore keeps Python's hook."""
+    import signal
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(repo, "tools", "compare.py")
+    code = (f"import sys; sys.argv[0] = {script!r}; sys.path.insert(0, {repo!r}); import lore; import torch; "
+            f"raise KeyboardInterrupt")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == -signal.SIGINT and done.stderr == "interrupted: nothing of this run was written\n", \
+        done.stderr
+    code = f"import sys; sys.path.insert(0, {repo!r}); import lore; raise KeyboardInterrupt"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert "Traceback" in done.stderr

@@ -31,8 +31,6 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lore.scoring import fit_new_users, score_items  # noqa: E402
 from lore.checks import InputError  # noqa: E402
@@ -40,6 +38,7 @@ from lore.cli import ArgumentParser, command_line, positive_int, run_folder, see
 from lore.extract import DEFAULT_MODEL, embed_conversations, model_features  # noqa: E402
 from lore.io import read_jsonl, save_tensors, write_table  # noqa: E402
 from lore.methods import load_method, method_features  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "tools/personalize.py"
 
