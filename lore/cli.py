@@ -12,12 +12,13 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 
 import torch
 
 from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
-from lore.distributed import all_ranks, distributed, is_main_process
+from lore.distributed import all_ranks, distributed, is_main_process, torchrun_env
 from lore.extract import DEFAULT_MODEL
 from lore.io import MANIFEST, read_metadata, run_record, write_json
 from lore.methods import METHODS
@@ -35,6 +36,7 @@ def command_line(main):
         try:
             return main(args)
         except InputError as e:
+            _after_rank_zero()
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
         except KeyboardInterrupt:
@@ -44,12 +46,24 @@ def command_line(main):
         except OSError as e:   # disk full, read-only, busy, name too long...: what and where, one line
             if e.errno is None:
                 raise
+            _after_rank_zero()
             where = f"{e.filename}: " if e.filename else ""
             print(f"error: {where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); nothing of this "
                   f"run was left looking complete", file=sys.stderr)
             raise SystemExit(2)
     wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
     return wrapped
+
+
+RANK_GRACE = 10.0   # seconds a torchrun rank > 0 waits for rank 0 to report an error before its own
+
+
+def _after_rank_zero():
+    """Under torchrun, a bad input is found by every rank alike: rank 0 reports it. A rank > 0 waits
+    (RANK_GRACE) before reporting its own, and torchrun, seeing rank 0 exit, ends it first, silently
+    (SIGTERM); an error of that rank alone is still printed, once the grace is over."""
+    if torchrun_env()[0] > 0:
+        time.sleep(RANK_GRACE)
 
 
 class ArgumentParser(argparse.ArgumentParser):

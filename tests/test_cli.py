@@ -89,3 +89,27 @@ def test_ctrl_c_before_main_is_one_line_not_a_traceback(tmp_path):
     code = f"import sys; sys.path.insert(0, {repo!r}); import lore; raise KeyboardInterrupt"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
     assert "Traceback" in done.stderr
+
+
+def test_under_torchrun_a_bad_input_is_one_line_from_rank_0_and_its_exit_code_is_2(tmp_path):
+    """2 gloo processes under torchrun, --data missing: every rank finds it; rank 0 prints the one
+    error line and exits 2, rank 1 waits (lore.cli.RANK_GRACE) and is ended by torchrun without a word.
+    torchrun itself then prints its ChildFailedError summary, whose root cause is rank 0's exit code
+    2, and exits 1: its launcher's convention (docs/failures.md)."""
+    import socket
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master-port",
+                           str(port), os.path.join(repo, "PersonalLLM", "train_basis.py"), "--data",
+                           str(tmp_path / "missing"), "--out", str(tmp_path / "R"), "--device", "cpu"],
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=120)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: {tmp_path / 'missing'}: no data.json, so not a prepared data folder (or its "
+                      f"prepare.py did not finish): run prepare.py"], done.stderr
+    root_cause = done.stderr.split("Root Cause")[1]
+    assert "rank      : 0 (local_rank: 0)" in root_cause and "exitcode  : 2" in root_cause, done.stderr
+    assert done.returncode == 1 and not os.listdir(tmp_path)
