@@ -269,8 +269,6 @@ def load_method(path, device=None, data=None, allow_other_data=False):
         raise InputError(f"{path}: checkpoint metadata: {e}") from None
     tensors = load_tensors(path)
     _check_checkpoint(path, method, meta, tensors)
-    if data is not None:
-        _check_checkpoint_data(path, meta.get("data"), data, allow_other_data)
     try:
         method.load_state({k: v.to(method.device) for k, v in tensors.items()})
     except (KeyError, RuntimeError, ValueError, IndexError) as e:
@@ -280,6 +278,8 @@ def load_method(path, device=None, data=None, allow_other_data=False):
         # even with allow_other_data: another F is no data the method can score at all
         raise InputError(f"{path}: {method.name} was fitted on F={method_features(method)} features, "
                          f"{data.folder} has F={data.table.shape[1]}: a checkpoint of another reward model's data")
+    if data is not None:
+        _check_checkpoint_data(path, meta.get("data"), data, allow_other_data)
     return method, tensors
 
 

@@ -219,7 +219,7 @@ def test_pal_and_vpl_checkpoints_of_another_F_are_refused_before_any_work(data, 
         assert "gives F=64" in line and "fitted on F=8" in line, line
         line = fails(capsys, best_of_n.main, best_of_n.parse_args(
             ["--data", wide, "--checkpoint", ckpt, "--out", str(tmp_path / "n"), "--shots", "1", "--trials", "1",
-             "--device", "cpu", "--allow-other-data"]), late=True)
+             "--device", "cpu", "--allow-other-data"]))
         assert "fitted on F=8 features" in line and "F=12" in line, line
         method, _ = load_method(ckpt, "cpu")
         for call in (lambda: score_items(method, torch.randn(3, 12), torch.full((1, 2), 0.5)),
