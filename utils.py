@@ -351,7 +351,7 @@ class LoReRegularizedMethod(LoReMethod):
 # Sweeps: every method over (alpha, K), on the four pair sets
 # ----------------------------------------------------------------------------------------------
 
-def sweep(*, K_list, seen_train, seen_test, unseen_fewshot, unseen_test, methods=("lore",),
+def sweep(*, K_list=None, seen_train=None, seen_test=None, unseen_fewshot=None, unseen_test=None, methods=("lore",),
           alpha_list=(0.0,), v_ref=None, hparams=None, device=None, out_dir=None, seed=None):
     """Fit every method for every (alpha, K) (alpha outer, K inner; a method that does not use
     alpha once per K) on the seen users, fit the unseen users' parameters on their few-shot pairs
@@ -426,7 +426,8 @@ def fit_report(method):
             "curve": method.curve, "fewshot_curve": method.fewshot_curve}
 
 
-def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_test, methods=("lore",),
+def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen_fewshot=None, unseen_test=None,
+                methods=("lore",),
                 alpha_list=(0.0,), v_ref=None, hparams=None, device=None, seed=None, select=("random",)):
     """Accuracy of unseen users against the number of shots. For every method and (alpha, K): fit
     on the seen users; then for every way of choosing the shots in `select` and every shot count,
@@ -518,6 +519,10 @@ def _check_trials(trials):
 def _check_sets(sets, device):
     """The pair sets as checked Pairs on one device, with one F, the seen sets with the same users
     and the unseen sets with the same users."""
+    missing = [name for name, pairs in sets.items() if pairs is None]
+    if missing:   # keywords with None defaults: a missing set is this error, not Python's TypeError
+        raise InputError(f"{', '.join(missing)} must be given (the pair sets {', '.join(sets)}: Pairs or lists "
+                         f"of per-user [m_i, F] tensors)")
     device = resolve_device(device)
     sets = {name: pack(pairs, name, device) for name, pairs in sets.items()}
     F = {pairs.n_features for pairs in sets.values()}

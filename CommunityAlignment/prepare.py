@@ -54,8 +54,6 @@ import os
 import random
 import sys
 
-import pandas as pd
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore import cli  # noqa: E402
@@ -64,6 +62,7 @@ from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+import pandas as pd  # noqa: E402
 
 SCRIPT = "CommunityAlignment/prepare.py"
 HUB_ID = "facebook/community-alignment-dataset"

@@ -50,9 +50,6 @@ import os
 import random
 import sys
 
-import numpy as np
-import pandas as pd
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore import cli  # noqa: E402
@@ -61,6 +58,8 @@ from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 SCRIPT = "MultiPref/prepare.py"
 HUB_ID, CONFIG = "allenai/multipref", "default"

@@ -31,9 +31,9 @@ import sys
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
 from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
+import utils  # noqa: E402
 
 SCRIPT, TITLE = "MultiPref/train_basis.py", "MultiPref"
 

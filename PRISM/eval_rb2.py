@@ -31,16 +31,15 @@ Writes to --out (default PRISM/results/rb2/):
 import os
 import sys
 
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore.checks import InputError, resolve_device  # noqa: E402
 from lore.cli import (ArgumentParser, cache_path, command_line, data_files_arg, link_into, positive_int,
-                      run_folder)  # noqa: E402
+                      run_folder, SplitFiles)  # noqa: E402
 from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
 from lore.io import check_not_owned, load_splits, load_tensors  # noqa: E402
 from lore.results import save_results  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "PRISM/eval_rb2.py"
 HUB_ID = "allenai/reward-bench-2"
@@ -52,7 +51,7 @@ CONTENTS = "RewardBench 2 replies"   # what the embeddings file holds, in its me
 def parse_args(argv=None):
     p = ArgumentParser(__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
-    p.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="test=PATH",
+    p.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="test=PATH", action=SplitFiles,
                    help="a local .json/.jsonl/.parquet file of the test split instead of the hub")
     p.add_argument("--rm-head", default=None,
                    help="a {method}_K*.safetensors fit of train_basis.py with a basis V (lore, lore_regularized): score with each column of V")

@@ -27,8 +27,6 @@ import os
 import shutil
 import sys
 
-import pandas as pd
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore.checks import InputError, resolve_device  # noqa: E402
@@ -37,6 +35,7 @@ from lore.cli import (ArgumentParser, cache_path, command_line, config_of, link_
 from lore.data import write_data_folder  # noqa: E402
 from lore.extract import DEFAULT_MODEL, embed_conversations, read_reward_head  # noqa: E402
 from lore.io import read_table  # noqa: E402
+import pandas as pd  # noqa: E402
 
 SCRIPT, PREPARE_SCRIPT = "PRISM/generate-prism-embeddings.py", "PRISM/prepare.py"
 IDS = ["split", "user", "user_group", "dialog", "turn", "rejected_index"]

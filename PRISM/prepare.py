@@ -36,13 +36,12 @@ import json
 import os
 import sys
 
-import numpy as np
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
 from lore.checks import InputError  # noqa: E402
 from lore.cli import ArgumentParser, command_line, config_of, run_folder, seed_int  # noqa: E402
 from lore.io import hub_reachable, read_json, read_jsonl, write_json, write_table  # noqa: E402
+import numpy as np  # noqa: E402
 
 SCRIPT, EMBED_SCRIPT = "PRISM/prepare.py", "PRISM/generate-prism-embeddings.py"
 HUB_ID = "HannahRoseKirk/prism-alignment"

@@ -39,12 +39,8 @@ as a whole when the run ends:
 import os
 import sys
 
-import numpy as np
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
 from lore.results import pyplot, save_figure, save_results  # noqa: E402
 from lore.active import active_shots, check_active  # noqa: E402
 from lore.scoring import score_items  # noqa: E402
@@ -53,7 +49,10 @@ from lore.cli import (ArgumentParser, command_line, positive_int, run_folder, se
                       shot_list, start_run)  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
-from lore.methods import featurize, load_method, method_features  # noqa: E402
+from lore.methods import featurize, load_method  # noqa: E402
+import utils  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "PersonalLLM/best_of_n.py"
 
@@ -86,9 +85,6 @@ def main(args):
         method, tensors = load_method(args.checkpoint, device, data, args.allow_other_data)
         test_rows, scores, W_true = load_truth(args.data, data)                        # [S*R, F], [S, R, M], [N, M]
         S, R, _ = scores.shape
-        if method_features(method) not in (None, data.table.shape[1]):
-            raise InputError(f"{args.checkpoint}: fitted on F={method_features(method)}, {args.data} has "
-                                   f"F={data.table.shape[1]}: a checkpoint of another data folder?")
         pool = featurize(method, data.sets["unseen_fewshot"])
         largest = int(pool.counts().min())
         if max(args.shots) > largest:

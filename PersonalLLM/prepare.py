@@ -61,13 +61,8 @@ import math
 import os
 import sys
 
-import numpy as np
-import pandas as pd
-import torch
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import utils  # noqa: E402
 from lore.checks import InputError, set_seed  # noqa: E402
 from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line, config_of, fraction,
                       link_into, nonnegative_float, positive_float, positive_int, run_folder, seed_int)  # noqa: E402
@@ -75,6 +70,10 @@ from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits, read_metadata, save_tensors, write_table  # noqa: E402
 from lore.pairs import SETS  # noqa: E402
+import utils  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 
 HUB_ID = "namkoong-lab/PersonalLLM"
 SPLITS = ("train", "test")
@@ -336,22 +335,33 @@ def misspecified_population(args, scores):
     return users, W_out, pd.concat(frames, ignore_index=True), pd.concat(tie_frames, ignore_index=True)
 
 
+def embeddings_model(out):
+    """The model named in --out's embeddings.safetensors; None when there is none, or when it cannot be
+    read (truncated, corrupt): a broken file of an earlier prepare holds nothing to keep, and is
+    replaced as a whole, as every file a prepare owns."""
+    path = os.path.join(out, "embeddings.safetensors")
+    if not os.path.exists(path):
+        return None
+    try:
+        return read_metadata(path).get("model")
+    except InputError as e:
+        print(f"{e}: replaced by this run")
+        return None
+
+
 def keep_real_embeddings(out):
     """--synthetic into a folder holding real embeddings (hours of GPU time) is refused."""
-    path = os.path.join(out, "embeddings.safetensors")
-    if os.path.exists(path):
-        model = read_metadata(path).get("model")
-        if model != "synthetic":
-            raise InputError(f"{path} holds the embeddings of {model}: --synthetic would overwrite "
-                                   f"them; pick another --out")
+    model = embeddings_model(out)
+    if model not in (None, "synthetic"):
+        raise InputError(f"{os.path.join(out, 'embeddings.safetensors')} holds the embeddings of {model}: "
+                         f"--synthetic would overwrite them; pick another --out")
 
 
 def keep_synthetic_embeddings(out):
     """A real prepare into a folder of synthetic data is refused: pick another --out for real data."""
-    path = os.path.join(out, "embeddings.safetensors")
-    if os.path.exists(path) and read_metadata(path).get("model") == "synthetic":
-        raise InputError(f"{path} holds synthetic embeddings: a real prepare would overwrite them; "
-                               f"pick another --out")
+    if embeddings_model(out) == "synthetic":
+        raise InputError(f"{os.path.join(out, 'embeddings.safetensors')} holds synthetic embeddings: a real "
+                         f"prepare would overwrite them; pick another --out")
 
 
 def population(args, scores):

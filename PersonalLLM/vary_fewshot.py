@@ -28,13 +28,12 @@ import sys
 
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-import torch  # noqa: E402
-
-import utils  # noqa: E402
 from lore import cli, results  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.checks import InputError  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
+import torch  # noqa: E402
+import utils  # noqa: E402
 
 SCRIPT, TITLE = "PersonalLLM/vary_fewshot.py", "PersonalLLM: unseen users"
 

@@ -39,16 +39,15 @@ import os
 import random
 import sys
 
-import pandas as pd
-
 FOLDER = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(FOLDER, ".."))
-from lore.checks import InputError, resolve_device  # noqa: E402
+from lore.checks import InputError, is_int, resolve_device  # noqa: E402
 from lore.cli import (add_prepare_args, ArgumentParser, cache_path, command_line, config_of, link_into,
                       nonnegative_int, positive_int, run_folder, seed_int)  # noqa: E402
 from lore.data import write_data_folder  # noqa: E402
 from lore.extract import embed_conversations, read_reward_head  # noqa: E402
 from lore.io import load_splits  # noqa: E402
+import pandas as pd  # noqa: E402
 
 SCRIPT = "RedditTLDR/prepare.py"
 HUB_ID = "openai/summarize_from_feedback"
@@ -163,10 +162,18 @@ def comparisons(dataset, split, index):
     df = dataset.select_columns(list(COLUMNS)).to_pandas()
     pairs, skipped, identical = [], 0, 0
     for i, (info, summaries, choice, worker) in enumerate(zip(*(df[c] for c in COLUMNS))):
+        if info is not None and not isinstance(info, dict):
+            raise InputError(f"{split} split, row {i}: 'info' must be an object with the post's id and text, "
+                             f"got {info!r}"[:300])
         post = (info or {}).get("post")
         if post is None:
             skipped += 1
             continue
+        post_id = info.get("id")   # a column of pairs.parquet: written only after the whole extraction
+        if not isinstance(post, str) or not (post_id is None or isinstance(post_id, str) or is_int(post_id)):
+            what, value = ("post", post) if not isinstance(post, str) else ("id", post_id)
+            raise InputError(f"{split} split, row {i}: 'info.{what}' must be a "
+                             f"{'string' if what == 'post' else 'string or integer'}, got {value!r}"[:300])
         texts = [s.get("text") if isinstance(s, dict) else None for s in
                  (summaries if summaries is not None else [])]
         if len(texts) != 2 or not all(isinstance(t, str) for t in texts):
@@ -178,10 +185,10 @@ def comparisons(dataset, split, index):
         if not isinstance(worker, str) or not worker:
             raise InputError(f"{split} split, row {i}: 'worker' must be a non-empty string, "
                                    f"got {worker!r}")
-        rows = [index.setdefault((post, t), (len(index), info.get("id")))[0] for t in texts]
+        rows = [index.setdefault((post, t), (len(index), post_id))[0] for t in texts]
         identical += texts[0] == texts[1]
         pairs.append({"split": split, "user": worker, "chosen": rows[choice],
-                      "rejected": rows[1 - choice], "post_id": info.get("id"), "row": i})
+                      "rejected": rows[1 - choice], "post_id": post_id, "row": i})
     if not pairs:
         raise InputError(f"{split} split: none of its {len(df)} rows has a post")
     print(f"{split}: {len(pairs)} comparisons of {len({p['user'] for p in pairs})} workers; skipped {skipped} "

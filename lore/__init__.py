@@ -24,3 +24,22 @@ real one):
     stopping     the one stopping rule: held-out slice, patience           -> checks
     checks       InputError, devices, seeds, validators                    -> (none)
 """
+import os
+import sys
+
+
+def _interrupted(kind, value, tb, previous=sys.excepthook):
+    """Ctrl-C before a script's main runs (while torch imports, or argparse parses): one line, not
+    a traceback; Python then ends the process by SIGINT (exit status 130)."""
+    if issubclass(kind, KeyboardInterrupt):
+        print("interrupted: nothing of this run was written", file=sys.stderr)
+    else:
+        previous(kind, value, tb)
+
+
+# only for this project's scripts (python PersonalLLM/prepare.py ...): a program that imports lore
+# keeps its own hook
+_script = (getattr(sys, "argv", None) or [""])[0]
+if os.path.isfile(_script) and os.path.realpath(_script).startswith(
+        os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep):
+    sys.excepthook = _interrupted

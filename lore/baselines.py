@@ -127,6 +127,7 @@ class PAL(Method):
     choices = {"stop": STOPS}
 
     limits = {"dim": 1 << 16}   # a [F, dim] and two [dim, dim] layers: 2**16 is already 16 GB
+    least = {"dim": 2}          # unit-norm features of dim 1 are +-1: most pairs' margins are exactly 0
     # what lore.compare searches: the papers' recipe was tuned on ~100x more pairs per user, so the
     # per-user and few-shot rates and epochs get room; widths kept <= 128 for 2-core searches
     search, search_space = "random", {
@@ -142,7 +143,7 @@ class PAL(Method):
 
     def _build(self, n_features):
         """The shared part, drawn on the CPU generator then moved (same seed, same start on any device)."""
-        d = self.hparams["dim"]
+        d, self.n_features = self.hparams["dim"], n_features
         # proj_arch 'mlp2-gelu-dropout0' (b-dim512-k2-opt350m-mlp2.yaml:6 -> connector.py:52-78 ->
         # projector.py:52-65): Linear, GELU, Linear, GELU, Linear; the dropout has p = 0
         self.f = nn.Sequential(nn.Linear(n_features, d), nn.GELU(), nn.Linear(d, d), nn.GELU(),

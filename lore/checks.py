@@ -142,10 +142,10 @@ def check_seed(seed, what="seed"):
     return int(seed)
 
 
-def check_hparam(owner, hp, value, default, choices=None, limit=None):
+def check_hparam(owner, hp, value, default, choices=None, limit=None, least=None):
     """One hyperparameter of a method (owner: its name), by its default's kind: a string one must be
-    one of `choices`; an integer one an integer in [1, limit or MAX_COUNT]; a float one a finite
-    number in (0, limit or MAX_RATE]. -> the value; InputError naming the method and hyperparameter."""
+    one of `choices`; an integer one an integer in [least or 1, limit or MAX_COUNT]; a float one a
+    finite number in (0, limit or MAX_RATE]. -> the value; InputError naming the method and hyperparameter."""
     where = f"method {owner}: {hp}"
     if isinstance(default, str) and not choices:
         raise InputError(f"{where} is a string hyperparameter: its class must list its values in choices")
@@ -154,9 +154,9 @@ def check_hparam(owner, hp, value, default, choices=None, limit=None):
             raise InputError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     if is_int(default):
-        top = limit or MAX_COUNT
-        if not is_int(value) or not 1 <= value <= top:
-            raise InputError(f"{where} must be an integer in [1, {top:g}], got {short_repr(value)}")
+        top, bottom = limit or MAX_COUNT, least or 1
+        if not is_int(value) or not bottom <= value <= top:
+            raise InputError(f"{where} must be an integer in [{bottom}, {top:g}], got {short_repr(value)}")
         return int(value)
     return check_rate(value, where, limit or MAX_RATE)
 

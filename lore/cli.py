@@ -8,16 +8,19 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 
 import torch
 
 from lore.active import SELECTIONS
 from lore.checks import MAX_COUNT, MAX_RATE, MAX_SEED, InputError, check_hparam, resolve_device, set_seed
-from lore.distributed import all_ranks, distributed, is_main_process
+from lore.distributed import all_ranks, distributed, is_main_process, torchrun_env
 from lore.extract import DEFAULT_MODEL
-from lore.io import MANIFEST, run_record, write_json
+from lore.io import MANIFEST, read_metadata, run_record, write_json
 from lore.methods import METHODS
 from lore.recipes import load_recipe, recipe_path
 from lore.stopping import STOPS
@@ -29,23 +32,38 @@ def command_line(main):
     exit code 2: every file is written under a temporary name and every run into a staging folder,
     so nothing half-written is left looking complete."""
     def wrapped(args):
+        SWAPPED.clear()
         try:
             return main(args)
         except InputError as e:
+            _after_rank_zero()
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2)
         except KeyboardInterrupt:
-            print("interrupted: nothing of this run was written to its output folder", file=sys.stderr)
+            print(f"interrupted: the run had finished, {SWAPPED[-1]} holds its results" if SWAPPED else
+                  "interrupted: nothing of this run was written to its output folder", file=sys.stderr)
             raise SystemExit(130)
         except OSError as e:   # disk full, read-only, busy, name too long...: what and where, one line
             if e.errno is None:
                 raise
+            _after_rank_zero()
             where = f"{e.filename}: " if e.filename else ""
             print(f"error: {where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); nothing of this "
                   f"run was left looking complete", file=sys.stderr)
             raise SystemExit(2)
     wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
     return wrapped
+
+
+RANK_GRACE = 10.0   # seconds a torchrun rank > 0 waits for rank 0 to report an error before its own
+
+
+def _after_rank_zero():
+    """Under torchrun, a bad input is found by every rank alike: rank 0 reports it. A rank > 0 waits
+    (RANK_GRACE) before reporting its own, and torchrun, seeing rank 0 exit, ends it first, silently
+    (SIGTERM); an error of that rank alone is still printed, once the grace is over."""
+    if torchrun_env()[0] > 0:
+        time.sleep(RANK_GRACE)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -175,7 +193,7 @@ def hparam_type(cls, hp):
 
     def parse(text):
         try:
-            return check_hparam(cls.name, hp, convert(text), default, choices, cls.limits.get(hp))
+            return check_hparam(cls.name, hp, convert(text), default, choices, cls.limits.get(hp), cls.least.get(hp))
         except (ValueError, TypeError, InputError) as e:
             raise argparse.ArgumentTypeError(str(e) if isinstance(e, InputError) else f"got {text!r}") from None
     parse.__name__ = hp
@@ -230,11 +248,22 @@ def data_files_arg(text):
     return split, path
 
 
+class SplitFiles(argparse.Action):
+    """--data-files SPLIT=PATH ...: a split given twice is an error (dict() of them would keep the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        splits = [split for split, _ in values]
+        twice = next((s for s in splits if splits.count(s) > 1), None)
+        if twice is not None:
+            parser.error(f"{option_string} gives the split {twice!r} twice")
+        setattr(namespace, self.dest, values)
+
+
 def add_prepare_args(parser, folder):
     """The flags every prepare.py shares."""
     parser.add_argument("--out", default=os.path.join(folder, "data"), help="output folder (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="reward model: hub id or local folder")
-    parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH",
+    parser.add_argument("--data-files", type=data_files_arg, nargs="+", default=None, metavar="SPLIT=PATH", action=SplitFiles,
                         help="local .json/.jsonl/.parquet/.csv files in the hub's schema instead of the hub")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--batch-tokens", type=positive_int, default=16384, help="padded tokens per forward pass")
@@ -285,30 +314,38 @@ def run_folder(args, script, *, keep=(), keep_if=None, inputs=None, **extra):
     out, parent, base = _out_path(args.out)
     inputs = [getattr(args, "data", None)] if inputs is None else inputs
     _check_out(out, [p for p in inputs if p])
-    with folder_lock(os.path.join(parent, f".{base}.lock"), f"--out {out}"):
-        recover_folder(out)
-        _check_owned(out, script, keep)
-        staging = os.path.join(parent, f".{base}.partial-{os.getpid()}")
-        os.makedirs(staging)
-        try:   # the record that makes the staging folder this run's (recover_folder reads it)
-            write_json(os.path.join(staging, MANIFEST), {**_record(out, script), "entries": {}})
-            yield staging
-            write_json(os.path.join(staging, "config.json"),
-                       {**config_of(args, **extra), "script": script,
-                        "finished": datetime.datetime.now().isoformat(timespec="seconds")})
-            entries = {name: script for name in os.listdir(staging) if name != MANIFEST}
-            owned = _check_owned(out, script, keep)
-            keeping = keep_if is None or not owned or keep_if(staging, out)
-            for name, owner in owned.items():
-                if owner != script and name not in entries and keeping:   # a kept script's entry: linked, not copied
-                    _link_tree(os.path.join(out, name), os.path.join(staging, name))
-                    entries[name] = owner
-            write_json(os.path.join(staging, MANIFEST),
-                       {**_record(out, script), "complete": True, "entries": dict(sorted(entries.items()))})
-            _swap(staging, out)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    created = _missing_folders(parent)   # removed again when the run fails: a refusal leaves nothing behind
+    try:
+        with folder_lock(os.path.join(parent, f".{base}.lock"), f"--out {out}"):
+            recover_folder(out)
+            _check_owned(out, script, keep)
+            _check_renamable(out)
+            staging = os.path.join(parent, f".{base}.partial-{os.getpid()}")
+            os.makedirs(staging)
+            try:   # the record that makes the staging folder this run's (recover_folder reads it)
+                write_json(os.path.join(staging, MANIFEST), {**_record(out, script), "entries": {}})
+                yield staging
+                write_json(os.path.join(staging, "config.json"),
+                           {**config_of(args, **extra), "script": script,
+                            "finished": datetime.datetime.now().isoformat(timespec="seconds")})
+                entries = {name: script for name in os.listdir(staging) if name != MANIFEST}
+                owned = _check_owned(out, script, keep)
+                keeping = keep_if is None or not owned or keep_if(staging, out)
+                for name, owner in owned.items():
+                    if owner != script and name not in entries and keeping:   # a kept script's entry: linked
+                        _link_tree(os.path.join(out, name), os.path.join(staging, name))
+                        entries[name] = owner
+                write_json(os.path.join(staging, MANIFEST),
+                           {**_record(out, script), "complete": True, "entries": dict(sorted(entries.items()))})
+                _swap(staging, out)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
     print(f"wrote {out}")
 
 
@@ -353,9 +390,23 @@ def cache_path(args, name):
     path = os.path.join(folder, name)
     os.makedirs(folder, exist_ok=True)
     previous = os.path.join(out, name)
-    if is_main_process() and not os.path.lexists(path) and os.path.isfile(previous):
-        _copy_file(previous, path)
+    if is_main_process():
+        # the cache and --out's copy are this script's: an unreadable one (truncated, corrupt) holds
+        # nothing to resume from, and is dropped rather than refused as a file of someone else's
+        if os.path.isfile(path) and not _readable_safetensors(path):
+            print(f"{path}: not a readable safetensors file; computing it again")
+            os.remove(path)
+        if not os.path.lexists(path) and os.path.isfile(previous) and _readable_safetensors(previous):
+            _copy_file(previous, path)
     return path
+
+
+def _readable_safetensors(path):
+    try:
+        read_metadata(path)
+    except InputError:
+        return False
+    return True
 
 
 def link_into(path, folder):
@@ -473,6 +524,55 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+SWAPPED = []   # the --out folders this process's run has replaced (command_line's Ctrl-C message)
+
+
+@contextlib.contextmanager
+def no_interrupts():
+    """SIGINT and SIGTERM held back for the block and raised again when it ends (in the main thread;
+    elsewhere a no-op): a rename probe or a swap and its record are never cut in two by Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []   # (a handler, not a signal mask: torch's threads would take a masked signal)
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(s) is not None}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])   # now, to the handler in place again
+
+
+def _check_renamable(out):
+    """--out is replaced by renames at the end of the run: one that cannot be renamed (an immutable
+    folder, another owner's folder under a sticky parent) is refused now, before any work. The probe
+    renames it to its swap name `.{out}.old-PID` and straight back, signals held back in between (a
+    kill -9 there leaves the leftover that recover_folder puts back)."""
+    if not os.path.isdir(out):
+        return
+    parent, base = os.path.split(out)
+    probe = os.path.join(parent, f".{base}.old-{os.getpid()}")
+    with no_interrupts():
+        try:
+            os.rename(out, probe)
+        except OSError as e:
+            raise InputError(f"--out {out} cannot be renamed ({e.strerror}), so the run could not replace it at its "
+                             f"end: make it renamable (its permissions, chattr -i) or pick another --out") from None
+        os.rename(probe, out)
+
+
+def _missing_folders(folder):
+    """The folders that creating `folder` would make, deepest first."""
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 def _swap(staging, out):
     """Replace --out by the finished staging folder so that a kill -9 at any instant leaves the
     previous results or the new ones recoverable: staging becomes `.{out}.ready-PID` (complete),
@@ -481,17 +581,19 @@ def _swap(staging, out):
     parent, base = os.path.split(out)
     ready = os.path.join(parent, f".{base}.ready-{os.getpid()}")
     old = os.path.join(parent, f".{base}.old-{os.getpid()}")
-    os.rename(staging, ready)
-    try:
-        if os.path.lexists(out):
-            os.rename(out, old)
-        os.rename(ready, out)
-    except BaseException:
-        if os.path.lexists(old) and not os.path.lexists(out):
-            os.rename(old, out)
-        shutil.rmtree(ready, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with no_interrupts():   # Ctrl-C after the swap began: it completes, then the interrupt says so
+        os.rename(staging, ready)
+        try:
+            if os.path.lexists(out):
+                os.rename(out, old)
+            os.rename(ready, out)
+        except BaseException:
+            if os.path.lexists(old) and not os.path.lexists(out):
+                os.rename(old, out)
+            shutil.rmtree(ready, ignore_errors=True)
+            raise
+        SWAPPED.append(out)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 LEFTOVER = re.compile(r"\.(?P<base>.+)\.(?P<kind>partial|ready|old)-(?P<pid>[1-9][0-9]*)")
@@ -556,17 +658,27 @@ def folder_lock(path, what):
     """An exclusive lock on the file `path` for the duration of the block; InputError naming `what`
     if another process holds it. flock: released by the OS when its process ends, however it ends."""
     import fcntl
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-        raise InputError(f"{what}: cannot write in {os.path.dirname(path)} ({e.strerror})") from None
-    try:
+    while True:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise InputError(f"{what}: cannot write in {os.path.dirname(path)} ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise InputError(f"{what} is in use by another run (it holds {path}); wait for it to end "
                              f"or pick another folder") from None
+        try:   # the holder before us removes the file as it lets go: a lock on a removed file is none
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)   # while still held: no run leaves a lock file behind, a refused one included
         os.close(fd)

@@ -80,11 +80,8 @@ def load_data(folder, device=None, fewshot_pairs=None):
     if fewshot_pairs is not None:
         check_count(fewshot_pairs, "fewshot_pairs")
     info_path = os.path.join(folder, "data.json")
-    if not os.path.isfile(info_path):
-        raise InputError(f"{folder}: no data.json, so not a prepared data folder (or its prepare.py did not "
-                         f"finish): run prepare.py")
-    info = read_json(info_path)
-    users = _check_info(info, info_path)
+    info = read_data_info(folder)
+    users = info["users"]
     for name, digest in info["files"].items():
         if _file_digest(os.path.join(folder, name)) != digest:
             raise InputError(f"{os.path.join(folder, name)} is not the file data.json was written with (changed "
@@ -135,6 +132,20 @@ def load_data(folder, device=None, fewshot_pairs=None):
         del _IDENTITIES[key]
     _IDENTITIES[id(table)] = (weakref.ref(table), identity)
     return Data(table, v_ref, sets, users, info, folder, identity)
+
+
+def read_data_info(folder):
+    """data.json of a prepared data folder, its structure checked (_check_info): what a script reads
+    before load_data (the dataset's name, say) is checked as load_data checks it. -> the dict."""
+    if not isinstance(folder, (str, os.PathLike)):
+        raise InputError(f"a data folder must be a path to a prepared data folder, got {short_repr(folder)}")
+    info_path = os.path.join(folder, "data.json")
+    if not os.path.isfile(info_path):
+        raise InputError(f"{folder}: no data.json, so not a prepared data folder (or its prepare.py did not "
+                         f"finish): run prepare.py")
+    info = read_json(info_path)
+    _check_info(info, info_path)
+    return info
 
 
 def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, config, files=(), **extra):

@@ -10,6 +10,7 @@ prefix, so that each reply is encoded exactly as if alone while the prefix is en
 cut into shards written as they finish, so an interrupted run resumes where it stopped, and shards
 can be spread over processes with torchrun.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -43,12 +44,46 @@ def load_reward_model(model_name_or_path=DEFAULT_MODEL, device=None, dtype=None,
     source, offline = _locate(model_name_or_path)
     tokenizer = _load_tokenizer(source, offline)
     try:
-        # The load report lists score.weight as unexpected: the base model has no head, as intended.
-        model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
-                                          local_files_only=offline)
+        # The load report lists score.weight as unexpected: the base model has no head, as intended;
+        # the report and the loading bar are not printed (stderr ends with a script's one error line)
+        with quiet_transformers():
+            model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation=attn_implementation,
+                                              local_files_only=offline)
     except Exception as e:  # transformers and safetensors raise many types for a config or weights they cannot read
         raise InputError(f"could not load reward model {source}: {first_line(e)}") from e
     return model.to(device).eval(), tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings, load reports and progress bars off for the block (errors still raise):
+    library noise on stderr is not to come before a script's one error line."""
+    from transformers.utils import logging as hf_logging
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def model_features(model_name_or_path=DEFAULT_MODEL):
+    """F of a reward model's embeddings (its config's hidden_size), read from its config.json alone,
+    so that a checkpoint of another F is refused before anything is embedded."""
+    source, offline = _locate(model_name_or_path)
+    from transformers import AutoConfig
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a config it cannot read
+        raise InputError(f"could not read the config of reward model {source}: {first_line(e)}") from None
+    F = getattr(config, "hidden_size", None)
+    if not isinstance(F, int) or F < 1:
+        raise InputError(f"the config of reward model {source} has no hidden_size (the F of its embeddings)")
+    return F
 
 
 def read_reward_head(model_name_or_path=DEFAULT_MODEL):
@@ -220,7 +255,8 @@ def _locate(model_name_or_path):
 def _load_tokenizer(source, offline):
     from transformers import AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(source, local_files_only=offline)
     except Exception as e:  # transformers raises OSError, ValueError, TypeError... for a missing or broken tokenizer
         text = " ".join(str(e).split())   # transformers' message lists the files it looked for on more lines
         text = text if len(text) <= 400 else text[:400] + "..."

@@ -196,8 +196,9 @@ def load_splits(hub_id, splits, data_files=None, config=None):
             if kind == "parquet" and _parquet_rows(path) == 0:  # datasets cannot build a split of no rows
                 out[split] = datasets.Dataset.from_pandas(read_table(path), preserve_index=False)
                 continue
-            try:
-                out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
+            try:   # its own "Failed to load JSON ..." log lines would come before the one error line
+                with _quiet_datasets():
+                    out[split] = datasets.load_dataset(kind, data_files={split: path}, split=split)
             except Exception as e:  # datasets raises many types for unreadable files
                 raise InputError(f"{path}: cannot read it as {kind} ({first_line(e)})")
         else:
@@ -211,6 +212,19 @@ def load_splits(hub_id, splits, data_files=None, config=None):
                 raise InputError(f"could not load {hub_id} ({split}) from the hub ({type(e).__name__}); "
                                  f"offline? pass local files with --data-files {split}=PATH")
     return out
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets' log lines (it logs an error before raising it) off for the block: the error is raised
+    and reported once, in one line."""
+    from datasets.utils import logging as ds_logging
+    level = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(level)
 
 
 def _check_json_rows(path):

@@ -52,6 +52,8 @@ class Method:
         choices     hyperparameter -> its allowed string values (for string-valued ones)
         limits      hyperparameter -> its largest value (default MAX_COUNT / MAX_RATE), e.g. a
                     fraction's 1 or a layer width that must fit in memory
+        least       integer hyperparameter -> its smallest value (default 1), e.g. a width below
+                    which every fit is degenerate
         prunes      whether a fit may drop directions (V then has fewer than K columns)
         recipe_hparams  those read from the dataset recipe's --iters --lr --fewshot-iters
                     --fewshot-lr (the LoRe entries' step counts and rates)
@@ -84,7 +86,8 @@ class Method:
     curve = fewshot_curve = None   # the last checked fit's loss curves (checked_fit, checked_fit_users)
     fit_seconds = fewshot_seconds = None   # and their wall-clock seconds
     recipe_hparams = ()   # hyperparameters read from the recipe's --iters --lr --fewshot-iters --fewshot-lr
-    choices, limits, prunes = {}, {}, False
+    choices, limits, least, prunes = {}, {}, {}, False
+    n_features = None     # F of the embeddings the shared part was built for (set by a fit or load_state)
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         unknown = sorted(set(hparams) - set(self.defaults))
@@ -95,7 +98,7 @@ class Method:
         self.K, self.device = int(K), resolve_device(device)
         self.alpha = check_alpha(alpha, self.name) if self.uses_alpha else None
         self.hparams = {hp: check_hparam(self.name, hp, value, self.defaults[hp], self.choices.get(hp),
-                                         self.limits.get(hp))
+                                         self.limits.get(hp), self.least.get(hp))
                         for hp, value in {**self.defaults, **hparams}.items()}
         self.v_ref = None if v_ref is None else check_v_ref(v_ref).to(self.device)   # [F, 1]
 
@@ -266,13 +269,17 @@ def load_method(path, device=None, data=None, allow_other_data=False):
         raise InputError(f"{path}: checkpoint metadata: {e}") from None
     tensors = load_tensors(path)
     _check_checkpoint(path, method, meta, tensors)
-    if data is not None:
-        _check_checkpoint_data(path, meta.get("data"), data, allow_other_data)
     try:
         method.load_state({k: v.to(method.device) for k, v in tensors.items()})
     except (KeyError, RuntimeError, ValueError, IndexError) as e:
         raise InputError(f"{path}: not a checkpoint of {method.name}: its tensors do not load "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if data is not None and method_features(method) not in (None, data.table.shape[1]):
+        # even with allow_other_data: another F is no data the method can score at all
+        raise InputError(f"{path}: {method.name} was fitted on F={method_features(method)} features, "
+                         f"{data.folder} has F={data.table.shape[1]}: a checkpoint of another reward model's data")
+    if data is not None:
+        _check_checkpoint_data(path, meta.get("data"), data, allow_other_data)
     return method, tensors
 
 
@@ -416,9 +423,10 @@ def chunked(fn, rows, index=None, chunk=1 << 15):
 
 
 def method_features(method):
-    """F of a fitted method's shared part, when it exposes one (LoRe: V [F, K])."""
+    """F of a fitted method's shared part: the rows of V [F, K] (LoRe's entries, pca), or the
+    n_features its network was built for (PAL, VPL); None before a fit."""
     V = getattr(method, "V", None)
-    return None if V is None else V.shape[0]
+    return V.shape[0] if V is not None else getattr(method, "n_features", None)
 
 
 def method_basis(method):
@@ -560,6 +568,12 @@ def checked_fit(method, pairs):
     if not margins.any():
         raise InputError(f"{_fit_label(method)}: the fit collapsed (every reward margin of its training pairs "
                          f"is 0: the rewards are constant); lower the learning rate(s)")
+    differ = (sample.rows() != 0).any(1)   # [<= 4096]: pairs whose two responses differ (not a tie of the data)
+    tied = int(((margins == 0) & differ).sum())
+    if 2 * tied > int(differ.sum()):   # a reward that cannot tell most responses apart is no fit to report
+        raise InputError(f"{_fit_label(method)}: a degenerate fit (its rewards tie {tied} of the {int(differ.sum())} "
+                         f"sampled training pairs whose responses differ: margins exactly 0); a wider model or "
+                         f"other hyperparameters")
     loss = method.curve["loss"] if method.curve else []
     if not all(math.isfinite(v) for v in loss):
         step = method.curve["step"][next(i for i, v in enumerate(loss) if not math.isfinite(v))]

@@ -33,6 +33,11 @@ def fit_new_users(method, chosen, rejected, user=None, n_users=None):
         n_users = int(user.max()) + 1
     elif not is_int(n_users) or n_users <= int(user.max()):
         raise InputError(f"n_users must be an integer above every user index (max {int(user.max())}), got {n_users!r}")
+    differ = torch.bincount(user[(chosen != rejected).any(1).cpu()], minlength=n_users)        # [N]
+    tied = torch.nonzero((torch.bincount(user, minlength=n_users) > 0) & (differ == 0)).flatten()
+    if len(tied):   # no pair to learn from: its weights would be the random start
+        raise InputError(f"user {int(tied[0])}: every pair's chosen and rejected have the same embedding (ties: "
+                         f"nothing to fit){f' ({len(tied)} such users)' if len(tied) > 1 else ''}")
     order = torch.argsort(user, stable=True)    # Pairs wants each user's pairs contiguous
     table = torch.cat([chosen[order], rejected[order]])                            # [2P, F]
     pairs = pack(Pairs(user[order], n_users, table=table, chosen=torch.arange(P), rejected=torch.arange(P, 2 * P)),

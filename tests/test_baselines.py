@@ -392,3 +392,26 @@ def test_baselines_reject_difference_rows_and_bad_hyperparameters():
         baselines.VPL(2, lr=float("nan"))
     with pytest.raises(InputError, match=r"context_min 5 > context_max 3"):
         baselines.VPL(2, context_min=5, context_max=3)
+
+
+def test_pal_dim_1_is_refused_and_a_fit_that_ties_most_pairs_is_an_error():
+    """--pal-dim 1: unit-norm 1-D features are +-1, so most margins are exactly 0 (once reported
+    "converged"). The width is refused by the flag and the API alike, and a fit whose rewards tie
+    more than half of the training pairs that differ is an error naming the method, never a record."""
+    from lore.cli import hparam_type
+    from lore.methods import checked_fit
+    import argparse
+    with pytest.raises(InputError, match=r"method pal: dim must be an integer in \[2, 65536\], got 1"):
+        baselines.PAL(2, dim=1)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"dim must be an integer in \[2, "):
+        hparam_type(METHODS["pal"], "dim")("1")
+    pairs = random_table_pairs(n_users=5, n_items=60, seed=2, lo=10, hi=20)
+    set_seed(2)
+    degenerate = baselines.PAL(2, **{**SMALL["pal"], "dim": 2})
+    degenerate.hparams["dim"] = 1   # what the flag once let through
+    with pytest.raises(InputError, match=r"pal\(K=2\) with .*'dim': 1.*: a degenerate fit \(its rewards tie 37 of "
+                                         r"the 68 sampled training pairs whose responses differ"):
+        checked_fit(degenerate, pairs)
+    set_seed(2)
+    U = checked_fit(baselines.PAL(2, **{**SMALL["pal"], "dim": 2}), pairs)   # the same pairs, a real width: fine
+    assert U.shape == (5, 2)

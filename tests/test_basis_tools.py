@@ -312,6 +312,34 @@ def test_personalize_command_scores_are_phi_V_w(tiny_model_dir, tmp_path, capsys
     assert e.value.code == 2 and "bad.jsonl:2: 'rejected'" in capsys.readouterr().err
 
 
+def test_tie_only_preferences_are_refused_not_fitted_as_the_random_start(tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A user whose every pair has the same chosen and rejected response has nothing to fit: its
+    weights would be the random start. fit_new_users and tools/personalize.py refuse it (personalize
+    before embedding), naming the user; a user with one real pair among ties is fitted."""
+    F, K = 64, 3
+    method = lore_method(torch.randn(F, K, generator=torch.Generator().manual_seed(4)), fewshot_iters=20)
+    a, b = torch.randn(4, F), torch.randn(4, F)
+    with pytest.raises(InputError, match=r"user 1: every pair's chosen and rejected have the same embedding"):
+        fit_new_users(method, a, torch.cat([b[:2], a[2:]]), torch.tensor([0, 0, 1, 1]))
+    assert fit_new_users(method, a, torch.cat([a[:1], b[1:]]), torch.tensor([0, 0, 1, 1])).shape == (2, K)
+    ckpt = str(tmp_path / "lore_K3_alpha0.safetensors")
+    save_method(ckpt, method, W=torch.full((4, K), 1 / K), W_unseen=torch.full((2, K), 1 / K))
+    conv = lambda reply: [{"role": "user", "content": "w1"}, {"role": "assistant", "content": reply}]  # noqa: E731
+    write_jsonl(tmp_path / "ties.jsonl", [{"user": "bob", "chosen": conv("w2"), "rejected": conv("w3")},
+                                          {"user": "alice", "chosen": conv("w4"), "rejected": conv("w4")}])
+    monkeypatch.setattr(personalize_cli, "embed_conversations", lambda *a, **k: pytest.fail("embedded tie-only prefs"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        personalize_cli.main(personalize_cli.parse_args(["--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs",
+                                                         str(tmp_path / "ties.jsonl"), "--out", str(tmp_path / "o"),
+                                                         "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "every preference of user 'alice' has the same chosen and rejected conversation" in err
+    assert not os.path.exists(tmp_path / "o")
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A tiny synthetic PersonalLLM folder (400 + 100 prompts, F = 16, 60 seen and 40 unseen users

@@ -320,3 +320,26 @@ def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reac
                               "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
                               "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
     assert method_hparams(papers)["pal"] == METHODS["pal"].defaults
+
+
+@pytest.mark.parametrize("info", [[], None, 3, "x", {"dataset": ["PersonalLLM"]}, {"dataset": {"a": 1}}])
+def test_compare_tool_refuses_a_data_json_that_is_not_an_object_in_one_line(tmp_path, capsys, info):
+    """data.json is checked as load_data checks it before its dataset picks the recipe: one line, exit 2."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "data.json").write_text(json.dumps(info))
+    with pytest.raises(SystemExit) as e:
+        compare_tool.main(compare_tool.parse_args(["--data", str(data), "--out", str(tmp_path / "cmp"),
+                                                   "--device", "cpu"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {data / 'data.json'}: ") and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "cmp")
+
+
+def test_compare_tool_seeds_span_2_to_the_32(capsys):
+    """--seed takes what every other script takes: [0, 2**32) (lore.checks.MAX_SEED)."""
+    assert compare_tool.parse_args(["--data", "d", "--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    with pytest.raises(SystemExit) as e:
+        compare_tool.parse_args(["--data", "d", "--seed", str(2**32)])
+    assert e.value.code == 2 and "2**32" in capsys.readouterr().err

@@ -578,3 +578,17 @@ def test_tools_api_refuses_what_the_flags_refuse():
         compare(None, None, "lore", 1, 1)
     with pytest.raises(InputError, match="allow_other_data must be True or False"):
         load_method("x.safetensors", allow_other_data="no")
+
+
+def test_a_missing_keyword_of_the_sweeps_is_an_input_error_naming_it():
+    """sweep / sweep_shots without a pair set (or K_list, shots, trials): InputError naming it, not
+    Python's TypeError about a missing keyword-only argument."""
+    X = [torch.randn(4, 3) for _ in range(2)]
+    with pytest.raises(InputError, match=r"^seen_test must be given"):
+        utils.sweep(K_list=[0], seen_train=X, unseen_fewshot=X, unseen_test=X)
+    with pytest.raises(InputError, match=r"^seen_train, unseen_test must be given"):
+        utils.sweep_shots(K_list=[0], shots=[1], trials=1, unseen_fewshot=X)
+    with pytest.raises(InputError, match=r"K_list must be a non-empty list of integers, got None"):
+        utils.sweep(seen_train=X, seen_test=X, unseen_fewshot=X, unseen_test=X)
+    with pytest.raises(InputError, match=r"trials must be an integer >= 1, got None"):
+        utils.sweep_shots(K_list=[0], shots=[1], seen_train=X, unseen_fewshot=X, unseen_test=X)

@@ -513,3 +513,30 @@ def test_load_splits_errors(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no test=PATH"):
         load_splits("some/dataset", ["train", "test"], {"train": str(path)})
     assert load_splits("some/dataset", ["train"], {"train": str(path)})["train"]["a"] == [1, 2]
+
+
+def test_a_truncated_embeddings_file_never_blocks_the_prepare_that_replaces_it(tmp_path, capsys):
+    """A truncated embeddings.safetensors in a data folder (or its cache) is the prepare's own broken
+    file: the next prepare into that folder replaces it (it once failed with "not a readable
+    safetensors file" at every rerun). A real prepare's cache is not seeded from it."""
+    import argparse
+    from lore.cli import cache_path
+    personalllm = load_script(os.path.join(REPO, "PersonalLLM", "prepare.py"), "faults_personalllm_prepare")
+    flags = ["--synthetic", "--out", str(tmp_path / "D"), "--prompts-train", "60", "--prompts-test", "20",
+             "--features", "4", "--n-users", "6", "--n-unseen", "4", "--train-frac", "0.3", "--pool-frac", "0.2"]
+    personalllm.main(personalllm.parse_args(flags))
+    table = tmp_path / "D" / "embeddings.safetensors"
+    whole = table.read_bytes()
+    table.write_bytes(whole[:100])
+    personalllm.main(personalllm.parse_args(flags))
+    assert table.read_bytes() == whole
+    # a real prepare's cache: neither seeded from a truncated --out copy nor kept when truncated itself
+    args = argparse.Namespace(out=str(tmp_path / "D"))
+    table.write_bytes(whole[:100])
+    path = cache_path(args, "embeddings.safetensors")
+    assert path == str(tmp_path / ".D.cache" / "embeddings.safetensors") and not os.path.exists(path)
+    with open(path, "wb") as f:
+        f.write(whole[:100])
+    assert not os.path.exists(cache_path(args, "embeddings.safetensors"))
+    table.write_bytes(whole)
+    assert open(cache_path(args, "embeddings.safetensors"), "rb").read() == whole   # a readable one seeds it

@@ -398,7 +398,7 @@ def test_outputs_are_never_silently_overwritten(data, tmp_path, capsys):
     assert read_json(os.path.join(out, "config.json"))["k_list"] == [0, 1]
     assert [r["K"] for r in read_json(os.path.join(out, "results.json"))] == [0, 1]
     # no staging folder is left beside --out, only the lock
-    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
+    assert sorted(os.listdir(tmp_path)) == ["results"]
     # a file as --out, or a folder of files no run of this script wrote: refused, left as they are
     (tmp_path / "file").write_text("mine")
     code, err = exit_code_and_message(capsys, train_basis.main, train_basis.parse_args(

@@ -127,7 +127,7 @@ def test_something_appearing_in_out_during_a_run_is_kept(tmp_path):
             os.makedirs(out / "late")                        # another run's output, made meanwhile
             (out / "late" / "x").write_text("theirs")
     assert (out / "late" / "x").read_text() == "theirs" and (out / "a.txt").read_text() == "1"
-    assert sorted(os.listdir(tmp_path)) == [".R.lock", "R"]
+    assert sorted(os.listdir(tmp_path)) == ["R"]
 
 
 # 2. Every script that writes a folder goes through the same check: prepares, eval_rb2
@@ -192,6 +192,42 @@ def test_checkpoint_of_other_data_is_refused(data, other_data, results, tmp_path
                                                "--device", "cpu", "--allow-other-data"]))
     assert "warning:" in capsys.readouterr().err
     basis_report.main(basis_report.parse_args([ckpt, "--data", data, "--out", str(tmp_path / "b2"), "--device", "cpu"]))
+
+
+def test_pal_and_vpl_checkpoints_of_another_F_are_refused_before_any_work(data, tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """A PAL or VPL checkpoint's F (its network's input width) against the data and the reward model:
+    one line, exit 2, before anything is embedded or scored (once a RuntimeError after all the work)."""
+    R = str(tmp_path / "R")
+    train_basis.main(train_basis.parse_args(
+        ["--data", data, "--out", R, "--method", "pal,vpl", "--k-list", "2", "--device", "cpu", "--pal-dim", "4",
+         "--pal-epochs", "1", "--pal-fewshot-epochs", "1", "--vpl-hidden", "4", "--vpl-epochs", "1",
+         "--vpl-duplicates", "1", "--pal-stop", "fixed", "--vpl-stop", "fixed", "--pal-batch-size", "64",
+         "--vpl-batch-size", "64"]))
+    wide = str(tmp_path / "wide")   # the same users and sizes, F = 12 instead of 8
+    prepare.main(prepare.parse_args(["--synthetic", "--out", wide, *TINY[:4], "--features", "12", *TINY[6:]]))
+    prefs = tmp_path / "prefs.jsonl"
+    conv = [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    prefs.write_text(json.dumps({"user": "u", "chosen": conv, "rejected": conv[:1] + [{**conv[1], "content": "w3"}]}))
+    personalize = load_script(os.path.join(REPO, "tools", "personalize.py"), "round3_personalize")
+    monkeypatch.setattr(personalize, "embed_conversations", lambda *a, **k: pytest.fail("embedded before the F check"))
+    for name in ("pal_K2", "vpl_K2"):
+        ckpt = os.path.join(R, f"{name}.safetensors")
+        line = fails(capsys, personalize.main, personalize.parse_args(
+            ["--checkpoint", ckpt, "--model", tiny_model_dir, "--prefs", str(prefs), "--out", str(tmp_path / "p"),
+             "--device", "cpu"]))
+        assert "gives F=64" in line and "fitted on F=8" in line, line
+        line = fails(capsys, best_of_n.main, best_of_n.parse_args(
+            ["--data", wide, "--checkpoint", ckpt, "--out", str(tmp_path / "n"), "--shots", "1", "--trials", "1",
+             "--device", "cpu", "--allow-other-data"]))
+        assert "fitted on F=8 features" in line and "F=12" in line, line
+        method, _ = load_method(ckpt, "cpu")
+        for call in (lambda: score_items(method, torch.randn(3, 12), torch.full((1, 2), 0.5)),
+                     lambda: fit_new_users(method, torch.randn(3, 12), torch.randn(3, 12))):
+            with pytest.raises(InputError, match="has 12 features, expected F=8"):
+                call()
+        assert score_items(method, torch.randn(3, 8), torch.full((1, 2), 0.5)).shape == (1, 3)
+    assert not any(os.path.exists(tmp_path / n) for n in "pn")
 
 
 def test_checkpoint_metadata_and_shapes_must_agree(data, results, tmp_path, capsys):
@@ -263,7 +299,7 @@ def test_hand_edits_of_data_json_and_the_table(data, tmp_path):
 
 # 7. kill -9 at any instant of the final swap
 
-@pytest.mark.parametrize("renames", [1, 2, 3])
+@pytest.mark.parametrize("renames", ["probe", 1, 2, 3])
 def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
     """A child process dies (os._exit, as under kill -9: no cleanup) after `renames` renames of the
     swap; the next run finds --out holding the old results or the new ones, whole, and no leftovers."""
@@ -275,10 +311,11 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
         try:
             calls, rename = [], os.rename
 
-            def dying_rename(src, dst):
+            def dying_rename(src, dst):   # counts the swap's renames (from the staging folder's on)
                 rename(src, dst)
-                calls.append(dst)
-                if len(calls) == renames:
+                if calls or ".partial-" in str(src) or renames == "probe":
+                    calls.append(dst)
+                if len(calls) == (1 if renames == "probe" else renames):
                     os._exit(9)
             os.rename = dying_rename
             with run_folder(namespace(out), "a.py") as staging:
@@ -290,8 +327,9 @@ def test_kill_9_during_the_swap_keeps_old_or_new(tmp_path, renames):
     with run_folder(namespace(out), "a.py") as staging:   # the next run recovers first
         recovered = open(out / "v.txt").read() if (out / "v.txt").exists() else None
         open(os.path.join(staging, "v.txt"), "w").write("next")
-    assert recovered == ("new" if renames >= 2 else "old")
-    assert sorted(os.listdir(tmp_path)) == [".R.lock", "R"] and (out / "v.txt").read_text() == "next"
+    assert recovered == ("new" if renames != "probe" and renames >= 2 else "old")   # probe: killed between
+    # the renames of the check that --out can be renamed (_check_renamable): --out is put back
+    assert sorted(os.listdir(tmp_path)) == ["R"] and (out / "v.txt").read_text() == "next"
 
 
 def test_out_created_during_an_unfinished_swap_deletes_nothing(tmp_path):
@@ -322,7 +360,7 @@ def test_out_symlink_replaces_its_target(tmp_path):
         open(os.path.join(staging, "v.txt"), "w").write("2")
     assert os.path.islink(link) and (link / "v.txt").read_text() == "2" and (target / "v.txt").read_text() == "2"
     assert os.listdir(tmp_path / "links") == ["RL"]
-    assert sorted(os.listdir(tmp_path)) == [".target.lock", "links", "target"]
+    assert sorted(os.listdir(tmp_path)) == ["links", "target"]
 
 
 # 9. and 15. The API checks what the command line checks
@@ -390,7 +428,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(data, results, tmp_path, capsy
     monkeypatch.setattr("lore.io.open", full_disk, raising=False)
     line = fails(capsys, train_basis.main, train_basis.parse_args(["--data", data, "--out", str(R), *QUICK]))
     assert line.startswith("error: ") and "No space left on device (ENOSPC)" in line and "results.json" in line
-    assert tree(R) == before and sorted(os.listdir(tmp_path)) == [".R.lock", "R"]
+    assert tree(R) == before and sorted(os.listdir(tmp_path)) == ["R"]
 
 
 def test_busy_mount_point_and_long_name_are_refused_before_work(data, tmp_path, capsys, monkeypatch):
@@ -539,7 +577,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
         interrupted(args)
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json", "first.txt"]   # the earlier run, untouched
-    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]       # no staging folder left
+    assert sorted(os.listdir(tmp_path)) == ["results"]       # no staging folder left
     # a run killed with -9 leaves its staging folder, with its record: the next run removes it
     os.makedirs(tmp_path / ".results.partial-99999")
     (tmp_path / ".results.partial-99999" / MANIFEST).write_text(
@@ -549,7 +587,7 @@ def test_run_folder_is_all_or_nothing_and_locked(tmp_path, capsys):
         with pytest.raises(InputError, match="is in use by another run"):
             with run_folder(args, "a.py"):
                 pass
-    assert sorted(os.listdir(tmp_path)) == [".results.lock", "results"]
+    assert sorted(os.listdir(tmp_path)) == ["results"]
     assert sorted(os.listdir(out)) == [".lore-run.json", "config.json"]       # nothing of the older run
 
 
@@ -571,7 +609,7 @@ def test_a_sibling_whose_name_starts_like_a_leftover_is_never_touched(tmp_path):
     assert (X / "r.old-1" / "lore_K0.txt").read_text() == "first" and (r / "v.txt").read_text() == "second"
     assert (X / ".r.old-1.cache" / "embeddings.safetensors").read_text() == "cache of r.old-1"
     assert (X / ".r.partial-7" / "mine.txt").read_text() == "mine"
-    assert sorted(os.listdir(X)) == [".r.lock", ".r.old-1.cache", ".r.old-1.lock", ".r.partial-7", "r", "r.old-1"]
+    assert sorted(os.listdir(X)) == [".r.old-1.cache", ".r.partial-7", "r", "r.old-1"]
 
 
 def test_a_leftover_of_another_folder_is_not_recovered(tmp_path):
@@ -599,7 +637,7 @@ def test_out_link_with_a_trailing_slash_is_the_link(tmp_path):
         open(os.path.join(staging, "v.txt"), "w").write("2")
     assert os.path.islink(link) and (target / "v.txt").read_text() == "2"
     assert os.listdir(tmp_path / "links") == ["RL"]
-    assert sorted(os.listdir(tmp_path)) == [".target.lock", "links", "target"]
+    assert sorted(os.listdir(tmp_path)) == ["links", "target"]
 
 
 def test_out_symlink_loop_is_refused(tmp_path):
@@ -712,4 +750,86 @@ def test_run_folder_protocol_never_loses_a_result_nor_touches_another_folder(ops
         for name, what in TRAPS.items():
             assert open(os.path.join(parent, name, "f.txt")).read() == what
         left = sorted(n for n in os.listdir(parent) if n not in TRAPS)
-        assert left == sorted([*FOLDERS, *(f".{f}.lock" for f in FOLDERS)]), left
+        assert left == sorted(FOLDERS), left   # no lock file left behind either
+
+
+def test_an_out_that_cannot_be_renamed_is_refused_before_any_work(tmp_path, capsys):
+    """--out that the final swap could not rename (an immutable folder: chattr +i; or, without root,
+    a read-only parent): one line, exit 2, before the block runs; nothing changed, nothing left."""
+    import subprocess
+    out = tmp_path / "p" / "R"
+    with run_folder(namespace(out), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("old")
+    before = tree(tmp_path)
+    immutable = subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode == 0 \
+        if shutil.which("chattr") else False
+    if not immutable:
+        if os.geteuid() == 0:
+            pytest.skip("no chattr +i here, and chmod does not restrict root")
+        os.chmod(tmp_path / "p", 0o555)
+    try:
+        @command_line
+        def main(args):
+            with run_folder(args, "a.py"):
+                pytest.fail("the run's work started")
+        line = fails(capsys, main, namespace(out))
+        assert line.startswith(f"error: --out {out} cannot be renamed") if immutable else str(tmp_path / "p") in line
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(out)], check=True)
+        else:
+            os.chmod(tmp_path / "p", 0o755)
+    assert tree(tmp_path) == before and sorted(os.listdir(tmp_path / "p")) == ["R"]
+
+
+def test_a_refused_run_leaves_no_lock_file_and_no_new_parent_folder(data, tmp_path, capsys):
+    """A run refused (or failed) leaves neither `.{out}.lock` nor the parent folders it created for
+    --out; a finished run leaves its folder only."""
+    @command_line
+    def main(args):
+        with run_folder(args, "a.py") as staging:
+            if args.refuse:
+                raise InputError("refused")
+            open(os.path.join(staging, "v.txt"), "w").write("new")
+    fails(capsys, main, namespace(tmp_path / "a" / "b" / "R", refuse=True))
+    assert os.listdir(tmp_path) == []
+    main(namespace(tmp_path / "a" / "b" / "R", refuse=False))
+    assert os.listdir(tmp_path / "a" / "b") == ["R"]
+    fails(capsys, main, namespace(tmp_path / "a" / "b" / "R", refuse=True))
+    assert os.listdir(tmp_path / "a" / "b") == ["R"] and (tmp_path / "a" / "b" / "R" / "v.txt").read_text() == "new"
+    # a script refused after the lock: compare's data.json check
+    compare_tool = load_script(os.path.join(REPO, "tools", "compare.py"), "round3_compare")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.json").write_text("[]")
+    fails(capsys, compare_tool.main, compare_tool.parse_args(["--data", str(tmp_path / "d"), "--out",
+                                                              str(tmp_path / "new" / "cmp"), "--device", "cpu"]))
+    assert sorted(os.listdir(tmp_path)) == ["a", "d"]
+
+
+def test_ctrl_c_after_the_swap_says_the_results_are_in_place(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the previous results are deleted after the swap: the swap completes (the signal
+    is held back until it has), and the message says the new results are in --out, not that nothing
+    was written."""
+    import signal
+    from lore import cli
+    out = tmp_path / "R"
+    with run_folder(namespace(out), "a.py") as staging:
+        open(os.path.join(staging, "v.txt"), "w").write("old")
+    rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *args, **kwargs):
+        if ".R.old-" in str(path):
+            os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C while the old folder is being deleted
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(cli.shutil, "rmtree", interrupted_rmtree)
+
+    @command_line
+    def main(args):
+        with run_folder(args, "a.py") as staging:
+            open(os.path.join(staging, "v.txt"), "w").write("new")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(namespace(out))
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == f"interrupted: the run had finished, {out} holds its results\n", err
+    assert (out / "v.txt").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["R"]

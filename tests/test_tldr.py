@@ -395,6 +395,28 @@ def test_bad_hub_files_exit_with_2(hub, tiny_model_dir, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_malformed_info_is_refused_naming_the_row_before_the_extraction(hub, tiny_model_dir, tmp_path, capsys,
+                                                                        monkeypatch):
+    """`info` a string, or `info.id` an object: one line naming the row, exit 2, before any embedding
+    (an object id once failed only when pairs.parquet was written, after the whole extraction)."""
+    validation_path = hub[2][1].split("=", 1)[1]
+    monkeypatch.setattr(prepare, "embed_conversations", lambda *a, **k: pytest.fail("embedded a malformed split"))
+    for name, change, message in (
+            ("info_str", lambda r: r.update(info="post 1: my cat"), "train split, row 0: 'info' must be an object"),
+            ("id_obj", lambda r: r["info"].update(id={"t3": 1}), "train split, row 0: 'info.id' must be a string "
+                                                                  "or integer, got {'t3': 1}")):
+        edited = json.loads(json.dumps(hub[0][:3]))
+        for r in edited:
+            change(r)
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in edited))
+        code, err = exit_code_and_message(capsys, prepare.main, prepare.parse_args(
+            ["--out", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--device", "cpu",
+             "--data-files", f"train={path}", f"validation={validation_path}"]))
+        assert code == 2 and err.startswith("error: ") and message in err, err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_bad_splits_exit_with_2(hub, data, tiny_model_dir, tmp_path, capsys):
     out = str(tmp_path / "r")
     code, err = exit_code_and_message(capsys, prepare.main, prepare.parse_args(

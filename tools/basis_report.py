@@ -24,8 +24,6 @@ PersonalLLM/results/basis_report/), as a whole when the run ends:
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lore.basis import basis_report, basis_report_records, format_basis_report  # noqa: E402
 from lore.checks import InputError  # noqa: E402
@@ -34,6 +32,7 @@ from lore.data import load_data  # noqa: E402
 from lore.io import write_json, write_table  # noqa: E402
 from lore.methods import accuracy, load_method, method_basis, per_user_accuracy  # noqa: E402
 from lore.results import plot_basis_reports  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "tools/basis_report.py"
 

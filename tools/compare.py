@@ -35,8 +35,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lore import cli, compare, results  # noqa: E402
-from lore.data import load_data  # noqa: E402
-from lore.io import read_json, write_json  # noqa: E402
+from lore.data import load_data, read_data_info  # noqa: E402
+from lore.io import write_json  # noqa: E402
 from lore.recipes import load_recipe, recipe_path  # noqa: E402
 
 SCRIPT = "tools/compare.py"
@@ -57,7 +57,7 @@ def parse_args(argv=None):
                    help="unseen users' few-shot pairs (default: the dataset's train_basis.py recipe)")
     p.add_argument("--out", default=None, help="output folder (default: results/compare beside --data)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
-    p.add_argument("--seed", type=cli.nonnegative_int, default=0, help="seed of the validation users, the draws and the fits")
+    p.add_argument("--seed", type=cli.seed_int, default=0, help="seed of the validation users, the draws and the fits")
     args = p.parse_args(argv)
     if args.out is None:
         args.out = os.path.join(os.path.dirname(os.path.abspath(args.data)), "results", "compare")
@@ -68,8 +68,8 @@ def parse_args(argv=None):
 def main(args):
     device = cli.start_run(args)
     with cli.run_folder(args, SCRIPT, device=str(device)) as out:   # locked and checked before any work
-        info = read_json(os.path.join(args.data, "data.json")) if os.path.isfile(os.path.join(args.data, "data.json")) else {}
-        fewshot = args.fewshot_pairs if args.fewshot_pairs is not None else recipe_fewshot_pairs(info.get("dataset"))
+        info = read_data_info(args.data)   # checked as load_data checks it: the dataset's name picks the recipe
+        fewshot = args.fewshot_pairs if args.fewshot_pairs is not None else recipe_fewshot_pairs(info["dataset"])
         data = load_data(args.data, device, fewshot_pairs=fewshot)
         result = compare.compare(data.sets, data.v_ref, args.method, args.budget, args.seeds, args.seed, device,
                                  args.validation)

@@ -31,15 +31,14 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from lore.scoring import fit_new_users, score_items  # noqa: E402
 from lore.checks import InputError  # noqa: E402
 from lore.cli import ArgumentParser, command_line, positive_int, run_folder, seed_int, start_run  # noqa: E402
-from lore.extract import DEFAULT_MODEL, embed_conversations  # noqa: E402
+from lore.extract import DEFAULT_MODEL, embed_conversations, model_features  # noqa: E402
 from lore.io import read_jsonl, save_tensors, write_table  # noqa: E402
 from lore.methods import load_method, method_features  # noqa: E402
+import torch  # noqa: E402
 
 SCRIPT = "tools/personalize.py"
 
@@ -72,15 +71,19 @@ def main(args):
         if len(set(ids)) != len(ids):
             raise InputError(f"{args.candidates}: candidate id {next(i for i in ids if ids.count(i) > 1)!r} "
                                    f"appears twice")
+        ties = [u for u in users if all(p["chosen"] == p["rejected"] for p in prefs if p["user"] == u)]
+        if ties:   # no pair to learn from: the fit would return its random start as the user's weights
+            raise InputError(f"{args.prefs}: every preference of user {ties[0]!r} has the same chosen and rejected "
+                             f"conversation (a tie, nothing to fit){f' ({len(ties)} such users)' if len(ties) > 1 else ''}")
+        F, F_model = method_features(method), model_features(args.model)   # before anything is embedded
+        if F_model != F:
+            raise InputError(f"--model {args.model} gives F={F_model}, {args.checkpoint} was fitted on F={F}: "
+                             f"use the reward model its data was embedded with")
         conversations = ([p["chosen"] for p in prefs] + [p["rejected"] for p in prefs]
                          + [c["messages"] for c in candidates])
         P = len(prefs)
         embeddings = embed_conversations(conversations, os.path.join(out, "embeddings.safetensors"),
                                                args.model, device=args.device, batch_tokens=args.batch_tokens)
-        F = method_features(method)
-        if F is not None and embeddings.shape[1] != F:
-            raise InputError(f"--model {args.model} gives F={embeddings.shape[1]}, the checkpoint was fitted "
-                                   f"on F={F}: use the reward model its data was embedded with")
         user = torch.tensor([index[p["user"]] for p in prefs])                     # [P]
         W = fit_new_users(method, embeddings[:P], embeddings[P:2 * P], user, len(users))   # [N, K]
         save_tensors(os.path.join(out, "weights.safetensors"), {"W": W},
