@@ -302,16 +302,6 @@ def reads(X):
     return X.dtype in (torch.float32, torch.bfloat16) and usable(X)
 
 
-def user_offsets(user, n_users):
-    """offsets [N + 1] int64 of pairs sorted by user (user u's pairs are offsets[u]:offsets[u+1]),
-    or None when the users are not in increasing order."""
-    if len(user) > 1 and not bool((user[1:] >= user[:-1]).all()):
-        return None
-    offsets = torch.zeros(n_users + 1, dtype=torch.int64, device=user.device)
-    torch.cumsum(torch.bincount(user, minlength=n_users), 0, out=offsets[1:])
-    return offsets
-
-
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
