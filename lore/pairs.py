@@ -115,9 +115,8 @@ class Pairs:
         [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P).
         Where the used rows are the table's first E' (PersonalLLM's train split, used whole by many
         users), the positions are the rows themselves: chosen and rejected as they are, no [P] copies."""
-        mask = torch.zeros(len(self.table), dtype=torch.bool, device=self.device)
-        mask[self.chosen] = True
-        mask[self.rejected] = True
+        E = len(self.table)   # bincount reads int32 rows as they are (mask[rows] = True copies them to int64)
+        mask = (torch.bincount(self.chosen, minlength=E) + torch.bincount(self.rejected, minlength=E)) > 0  # [E]
         used = torch.nonzero(mask).squeeze(1)                                      # [E']
         if len(used) == 0 or int(used[-1]) == len(used) - 1:
             return used, self.chosen, self.rejected
