@@ -3,7 +3,7 @@ train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen 
 10^7 seen users, against the memory-read floor measured in the same process.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --users 100000,1000000,10000000 --whole 100000:4096 \
-        --out benchmarks/results/bench_scale_fused_cpu.json        # docs/scale.md's measurement (~10 min)
+        --steps 2 --out benchmarks/results/bench_scale_fused_cpu.json   # docs/scale.md's measurement
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
     python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
     python tools/tables.py --write      # docs/scale.md's tables, from benchmarks/results/bench_scale_fused_cpu.json
