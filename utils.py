@@ -55,7 +55,7 @@ def bt_nll(s, weight):
 
 def user_mean_weights(pairs):
     """Each pair weighs 1 / (its user's pairs): every user weighs the same (LoRe's loss)."""
-    return 1.0 / pairs.counts()[pairs.user].float()                                # [P]
+    return (1.0 / pairs.counts().float())[pairs.user]                              # [N] -> [P]: no [P] int64 temporary
 
 
 def pair_mean_weights(pairs):

@@ -2,10 +2,11 @@
 train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen user) with 10^3 ..
 10^7 seen users, against the memory-read floor measured in the same process.
 
-    nice -n 10 python benchmarks/bench_scale.py --out benchmarks/results/bench_scale_cpu.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --users 100000,1000000,10000000 --whole 100000:4096 \
+        --steps 2 --out benchmarks/results/bench_scale_fused_cpu.json   # docs/scale.md's measurement
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
     python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
-    python benchmarks/bench_scale.py --table benchmarks/results/bench_scale_cpu.json   # docs/scale.md's table
+    python tools/tables.py --write      # docs/scale.md's tables, from benchmarks/results/bench_scale_fused_cpu.json
 
 Two measurements, each size in a child process of its own (so that its peak RSS is its own):
   - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with
@@ -21,6 +22,8 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
     --seen-test-prompts 20) and then train_basis.py --k-list 5 --iters --whole-steps --fewshot-iters
     --whole-steps, each timed as a whole with its peak RSS.
+Every record states the machine's load (`uptime`'s load averages at its start and end) and
+OMP_NUM_THREADS: on a shared machine the bandwidth, and so every ratio, is the load's as much as the code's.
 The growth exponent is the least-squares slope of log(step seconds) against log(users), from 10^4 up
 (1 = linear). Writes the table as JSON to --out (default: stdout only).
 """
@@ -59,7 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--torch-ops", action="store_true", help="the step as torch ops (user_scores), not fused")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--table", default=None, help="print the step table of a results JSON and exit")
     p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)   # users: one step measurement
     return p.parse_args(argv)
 
@@ -79,8 +81,10 @@ def read_bandwidth():
 
 
 def load():
-    """The 1-minute load average and OMP_NUM_THREADS: the machine a number was measured on."""
-    return {"load_1min": os.getloadavg()[0], "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    """uptime's load averages (1, 5, 15 min) and OMP_NUM_THREADS: the machine a number was measured on."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1min": one, "load_5min": five, "load_15min": fifteen,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
 
 
 def step_child(args):
@@ -90,18 +94,20 @@ def step_child(args):
     N, F = args.child, args.features
     t = time.perf_counter()
     table = torch.randn(RESPONSES * (PROMPTS_TRAIN + PROMPTS_TEST), F, dtype=torch.bfloat16)  # [E, F]
-    prompt = torch.randint(PROMPTS_TRAIN, (N * PAIRS,))                            # [P]
-    chosen = torch.randint(RESPONSES, (N * PAIRS,))
-    rejected = (chosen + torch.randint(1, RESPONSES, (N * PAIRS,))) % RESPONSES    # never the chosen one
+    chosen = torch.randint(RESPONSES, (N * PAIRS,), dtype=torch.int32)            # [P] int32, as load_data's
+    rejected = (chosen + torch.randint(1, RESPONSES, (N * PAIRS,), dtype=torch.int32)) % RESPONSES  # never the chosen
+    prompt = torch.randint(PROMPTS_TRAIN, (N * PAIRS,), dtype=torch.int32) * RESPONSES   # [P] the prompt's first row
+    chosen += prompt                                                               # rows of the table
+    rejected += prompt
+    del prompt
     user = torch.arange(N).repeat_interleave(PAIRS)                                # [P]
-    pairs = Pairs(user, N, table=table, chosen=prompt * RESPONSES + chosen,
-                        rejected=prompt * RESPONSES + rejected, checked=True)
-    del prompt, chosen, rejected
+    pairs = Pairs(user, N, table=table, chosen=chosen, rejected=rejected, checked=True)
+    del chosen, rejected
     data_s = time.perf_counter() - t
     model = utils.LoRe(None, 0.0, N, F, args.rank, 1, 0.5, "cpu")
     t = time.perf_counter()
     rows = steps.training_rows(pairs, model.form)
-    weight = 1.0 / pairs.counts()[pairs.user].float()                              # [P]
+    weight = utils.user_mean_weights(pairs)                                        # [P]
     setup_s = time.perf_counter() - t
     if args.torch_ops:
         rows.offsets = None   # without its users' offsets, a step is user_scores' torch ops
@@ -207,9 +213,6 @@ def machine():
 def main(args):
     if args.child is not None:
         return step_child(args)
-    if args.table is not None:
-        with open(args.table) as f:
-            return print(table(json.load(f)["step"]))
     sizes = step_sizes(args)
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "load": load(), "config": vars(args),
               "step": sizes, "step_growth_exponent_from_1e4": growth_exponent(sizes),

@@ -24,7 +24,7 @@ import torch
 from lore.checks import InputError, check_v_ref, short_repr, check_count, resolve_device
 from lore.io import load_tensors, read_json, read_metadata, read_table, save_tensors, write_json, write_table
 from lore.methods import per_user_accuracy
-from lore.pairs import SETS, Pairs, first_nonfinite_row
+from lore.pairs import SETS, Pairs, first_nonfinite_row, index_dtype
 
 def table_pairs(df, table, users, name="pairs", group=None):
     """Pairs of `users` (user index = position in that list) from a table df with columns user,
@@ -36,10 +36,11 @@ def table_pairs(df, table, users, name="pairs", group=None):
     if missing:
         raise InputError(f"{name}: user {missing[0]!r} has no pairs ({len(missing)} users without pairs)")
     df = df.assign(_u=df["user"].map(index)).sort_values("_u", kind="stable")
-    ids = lambda col: torch.tensor(df[col].to_numpy(), dtype=torch.long)
+    ids = lambda col, dtype=torch.long: torch.tensor(df[col].to_numpy(), dtype=dtype)
     groups = None if group is None else torch.tensor(
         df.groupby(["_u", group], sort=False).ngroup().to_numpy(), dtype=torch.long)
-    return Pairs(ids("_u"), len(users), table=table, chosen=ids("chosen"), rejected=ids("rejected"),
+    rows = index_dtype(len(table))   # int32: half the bytes of every pass over the pairs' rows
+    return Pairs(ids("_u"), len(users), table=table, chosen=ids("chosen", rows), rejected=ids("rejected", rows),
                  group=groups)
 
 

@@ -33,97 +33,140 @@ SOURCE = r"""
 #include <string.h>
 #include <omp.h>
 
-#define L 8        /* T, G rows are padded to KP, a multiple of L floats: one AVX register each */
-#define MAXKP 64
+/* v8: 8 floats, one AVX register with -march=native (GCC's vector extension: the same code on any
+   target). T, G rows are padded to KV v8s (KP = 8 KV floats, K columns then zeros). */
+typedef float v8 __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
 #define BLOCK 256  /* pairs of one user whose loss is one vector loop */
+#define AHEAD 32   /* pairs ahead whose rows are prefetched: the rows are random lines of L3 */
+#define INLINE static inline __attribute__((always_inline))
 
-/* One pass over the users [0, N) of pairs sorted by user (user u: pairs off[u] .. off[u+1]).
-   t [E, KP] (K columns, then zeros), w [N, K], wt [P] float32; c, r [P] int32 or int64.
-   Writes the summed loss to *nll, the gradient in T to g_out [E, KP] and in W to dw [N, K].
-   Each of the nthreads threads takes one block of users and its own G (scratch [nthreads, E, KP]),
-   summed in thread order at the end: the same threads give the same numbers. */
-#define PAIR_LOSS(NAME, IDX)                                                                     \
-void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,      \
-          const float* wt, int64_t E, int64_t K, int64_t KP, int64_t N, float inv_tau,          \
-          int nthreads, float* scratch, double* part, float* g_out, float* dw) {               \
-  _Pragma("omp parallel num_threads(nthreads)")                                                 \
-  {                                                                                             \
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                           \
-    float* G = scratch + (int64_t)tid * E * KP;                                                 \
-    memset(G, 0, sizeof(float) * E * KP);                                                       \
-    const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                   \
-    double loss = 0.0;                                                                          \
-    float s[BLOCK], g[BLOCK];                                                                   \
-    for (int64_t u = u0; u < u1; ++u) {                                                         \
-      float wu[MAXKP] = {0}, dwu[MAXKP] = {0};                                                  \
-      for (int k = 0; k < K; ++k) wu[k] = w[u * K + k];                                         \
-      for (int64_t b = off[u]; b < off[u + 1]; b += BLOCK) {                                    \
-        const int n = (int)(off[u + 1] - b < BLOCK ? off[u + 1] - b : BLOCK);                   \
-        for (int j = 0; j < n; ++j) {                           /* gather -> margin */          \
-          const float* tc = t + (int64_t)c[b + j] * KP;                                         \
-          const float* tr = t + (int64_t)r[b + j] * KP;                                         \
-          float m[L] = {0};                                                                     \
-          for (int k0 = 0; k0 < KP; k0 += L)                                                    \
-            for (int k = 0; k < L; ++k) m[k] += (tc[k0 + k] - tr[k0 + k]) * wu[k0 + k];         \
-          float total = 0.f;                                                                    \
-          for (int k = 0; k < L; ++k) total += m[k];                                            \
-          s[j] = total;                                                                         \
-        }                                                                                       \
-        _Pragma("omp simd reduction(+:loss)")                   /* loss -> gradient */          \
-        for (int j = 0; j < n; ++j) {                                                           \
-          const float x = s[j] * inv_tau;                                                       \
-          const float e = expf(-fabsf(x));                      /* exp(-|x|) in (0, 1] */       \
-          loss += wt[b + j] * (log1pf(e) + fmaxf(-x, 0.f));     /* -log sigmoid(x) */           \
-          g[j] = -wt[b + j] * inv_tau * (x >= 0.f ? e : 1.f) / (1.f + e);  /* sigmoid(-x) */    \
-        }                                                                                       \
-        for (int j = 0; j < n; ++j) {                           /* scatter */                   \
-          float* gc = G + (int64_t)c[b + j] * KP;                                               \
-          float* gr = G + (int64_t)r[b + j] * KP;                                               \
-          const float* tc = t + (int64_t)c[b + j] * KP;                                         \
-          const float* tr = t + (int64_t)r[b + j] * KP;                                         \
-          for (int k0 = 0; k0 < KP; k0 += L)                                                    \
-            for (int k = 0; k < L; ++k) {                                                       \
-              const float gw = g[j] * wu[k0 + k];                                               \
-              gc[k0 + k] += gw;                                                                 \
-              gr[k0 + k] -= gw;                                                                 \
-              dwu[k0 + k] += g[j] * (tc[k0 + k] - tr[k0 + k]);                                  \
-            }                                                                                   \
-        }                                                                                       \
-      }                                                                                         \
-      for (int k = 0; k < K; ++k) dw[u * K + k] = dwu[k];                                       \
-    }                                                                                           \
-    part[tid] = loss;                                                                           \
-    _Pragma("omp barrier")                                                                      \
-    _Pragma("omp for schedule(static)")                         /* G: the threads' sum */       \
-    for (int64_t j = 0; j < E * KP; ++j) {                                                      \
-      float total = 0.f;                                                                        \
-      for (int i = 0; i < nt; ++i) total += scratch[(int64_t)i * E * KP + j];                   \
-      g_out[j] = total;                                                                         \
-    }                                                                                           \
-  }                                                                                             \
+INLINE float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+INLINE void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
+/* 8 bfloat16 values as float32: the top halves of float32s (exact) */
+INLINE v8 load8_bf16(const uint16_t* p) {
+  v8h h; memcpy(&h, p, sizeof h);
+  v8u u = __builtin_convertvector(h, v8u) << 16; v8 f; memcpy(&f, &u, sizeof f); return f; }
+INLINE v8 load8_f32(const float* p) { return load8(p); }
+INLINE float load1_bf16(const uint16_t* p) { union { uint32_t u; float f; } b = { (uint32_t)*p << 16 }; return b.f; }
+INLINE float load1_f32(const float* p) { return *p; }
+
+/* Users [u0, u1) of pairs sorted by user (user u: pairs off[u] .. off[u+1]): the summed loss,
+   G [E, KP] += the gradient in T, dw [N, K] = the gradient in W. KV a constant where inlined. */
+#define PAIR_LOSS_USERS(NAME, IDX)                                                                \
+INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict c,              \
+                   const IDX* restrict r, const int64_t* restrict off, const float* restrict wt,  \
+                   int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
+                   float* restrict dw) {                                                          \
+  double loss = 0.0;                                                                              \
+  float s[BLOCK], g[BLOCK];                                                                       \
+  const int64_t end = off[u1];                                                                    \
+  for (int64_t u = u0; u < u1; ++u) {                                                             \
+    v8 wu[8] = {{0}}, dwu[8] = {{0}};                                                             \
+    for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                                  \
+    for (int64_t b = off[u]; b < off[u + 1]; b += BLOCK) {                                        \
+      const int n = (int)(off[u + 1] - b < BLOCK ? off[u + 1] - b : BLOCK);                       \
+      for (int j = 0; j < n; ++j) {                           /* gather -> margin */              \
+        if (b + j + AHEAD < end) {                            /* the lines AHEAD pairs on */      \
+          __builtin_prefetch(tg + (int64_t)c[b + j + AHEAD] * 2 * KV, 1, 3);                      \
+          __builtin_prefetch(tg + (int64_t)r[b + j + AHEAD] * 2 * KV, 1, 3);                      \
+        }                                                                                         \
+        const v8* tc = tg + (int64_t)c[b + j] * 2 * KV;                                           \
+        const v8* tr = tg + (int64_t)r[b + j] * 2 * KV;                                           \
+        v8 m = (tc[0] - tr[0]) * wu[0];                                                           \
+        for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                \
+        s[j] = hsum(m);                                                                           \
+      }                                                                                           \
+      _Pragma("omp simd reduction(+:loss)")                   /* loss -> gradient */              \
+      for (int j = 0; j < n; ++j) {                                                               \
+        const float x = s[j] * inv_tau;                                                           \
+        const float e = expf(-fabsf(x));                      /* exp(-|x|) in (0, 1] */           \
+        loss += wt[b + j] * (log1pf(e) + fmaxf(-x, 0.f));     /* -log sigmoid(x) */               \
+        g[j] = -wt[b + j] * inv_tau * (x >= 0.f ? e : 1.f) / (1.f + e);  /* sigmoid(-x) */        \
+      }                                                                                           \
+      for (int j = 0; j < n; ++j) {                           /* scatter, into the rows' lines */ \
+        v8* tc = tg + (int64_t)c[b + j] * 2 * KV;                                                 \
+        v8* tr = tg + (int64_t)r[b + j] * 2 * KV;                                                 \
+        for (int i = 0; i < KV; ++i) {                                                            \
+          const v8 gw = g[j] * wu[i];                                                             \
+          dwu[i] += g[j] * (tc[i] - tr[i]);                                                       \
+          tc[KV + i] += gw;                                                                       \
+          tr[KV + i] -= gw;                                                                       \
+        }                                                                                         \
+      }                                                                                           \
+    }                                                                                             \
+    for (int k = 0; k < K; ++k) dw[u * K + k] = dwu[k / 8][k % 8];                                \
+  }                                                                                               \
+  return loss;                                                                                    \
+}
+
+/* The pass over users [0, N): t [E, KP], w [N, K], wt [P] float32; c, r [P] int32 or int64. Writes
+   the summed loss to part (one per thread), the gradient in T to g_out [E, KP], in W to dw [N, K].
+   Each of the nthreads threads takes one block of users and its own copy of T with G beside it
+   (scratch [nthreads, E, 2 KP]: row e's T and G in one 64-byte line for K <= 8, so that a pair's
+   scatter writes the lines its gather read), the G summed in thread order at the end: the same
+   threads give the same numbers. */
+#define PAIR_LOSS(NAME, IDX)                                                                      \
+PAIR_LOSS_USERS(NAME##_users, IDX)                                                                \
+void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,       \
+          const float* wt, int64_t E, int64_t K, int64_t KP, int64_t N, float inv_tau,           \
+          int nthreads, float* scratch, double* part, float* g_out, float* dw) {                \
+  _Pragma("omp parallel num_threads(nthreads)")                                                  \
+  {                                                                                              \
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
+    float* tg = scratch + (int64_t)tid * E * 2 * KP;                                             \
+    for (int64_t e = 0; e < E; ++e) {                                                            \
+      memcpy(tg + e * 2 * KP, t + e * KP, sizeof(float) * KP);                                   \
+      memset(tg + e * 2 * KP + KP, 0, sizeof(float) * KP);                                       \
+    }                                                                                            \
+    const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
+    part[tid] = KP == 8 ? NAME##_users((v8*)tg, w, c, r, off, wt, K, 1, u0, u1, inv_tau, dw)     \
+                        : NAME##_users((v8*)tg, w, c, r, off, wt, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
+    _Pragma("omp barrier")                                                                       \
+    _Pragma("omp for schedule(static)")                         /* G: the threads' sum */        \
+    for (int64_t e = 0; e < E; ++e)                                                              \
+      for (int64_t k = 0; k < KP; ++k) {                                                         \
+        float total = 0.f;                                                                       \
+        for (int i = 0; i < nt; ++i) total += scratch[((int64_t)i * E + e) * 2 * KP + KP + k];   \
+        g_out[e * KP + k] = total;                                                               \
+      }                                                                                          \
+  }                                                                                              \
 }
 
 /* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u] */
-#define PAIR_HITS(NAME, IDX)                                                                     \
-void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,      \
-          int64_t K, int64_t KP, int64_t N, int nthreads, int64_t* hits) {                      \
-  _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                           \
-  for (int64_t u = 0; u < N; ++u) {                                                             \
-    float wu[MAXKP] = {0};                                                                      \
-    for (int k = 0; k < K; ++k) wu[k] = w[u * K + k];                                           \
-    int64_t n = 0;                                                                              \
-    for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                             \
-      const float* tc = t + (int64_t)c[p] * KP;                                                 \
-      const float* tr = t + (int64_t)r[p] * KP;                                                 \
-      float m[L] = {0};                                                                         \
-      for (int k0 = 0; k0 < KP; k0 += L)                                                        \
-        for (int k = 0; k < L; ++k) m[k] += (tc[k0 + k] - tr[k0 + k]) * wu[k0 + k];             \
-      float total = 0.f;                                                                        \
-      for (int k = 0; k < L; ++k) total += m[k];                                                \
-      n += total > 0.f;                                                                         \
-    }                                                                                           \
-    hits[u] = n;                                                                                \
-  }                                                                                             \
+#define PAIR_HITS(NAME, IDX)                                                                      \
+INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const IDX* restrict c,  \
+                         const IDX* restrict r, const int64_t* restrict off, int64_t K, const int KV, \
+                         int64_t u0, int64_t u1, int64_t* restrict hits) {                       \
+  for (int64_t u = u0; u < u1; ++u) {                                                            \
+    v8 wu[8] = {{0}};                                                                            \
+    for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                                 \
+    int64_t n = 0;                                                                               \
+    for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
+      if (p + AHEAD < off[u1]) {                                                                 \
+        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * KV, 0, 3);                                \
+        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * KV, 0, 3);                                \
+      }                                                                                          \
+      const v8* tc = t + (int64_t)c[p] * KV;                                                     \
+      const v8* tr = t + (int64_t)r[p] * KV;                                                     \
+      v8 m = (tc[0] - tr[0]) * wu[0];                                                            \
+      for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                 \
+      n += hsum(m) > 0.f;                                                                        \
+    }                                                                                            \
+    hits[u] = n;                                                                                 \
+  }                                                                                              \
+}                                                                                                \
+void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,       \
+          int64_t K, int64_t KP, int64_t N, int nthreads, int64_t* hits) {                       \
+  _Pragma("omp parallel num_threads(nthreads)")                                                  \
+  {                                                                                              \
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
+    const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
+    if (KP == 8) NAME##_users((const v8*)t, w, c, r, off, K, 1, u0, u1, hits);                   \
+    else NAME##_users((const v8*)t, w, c, r, off, K, (int)(KP / 8), u0, u1, hits);               \
+  }                                                                                              \
 }
 
 PAIR_LOSS(pair_loss_i32, int32_t)
@@ -131,66 +174,92 @@ PAIR_LOSS(pair_loss_i64, int64_t)
 PAIR_HITS(pair_hits_i32, int32_t)
 PAIR_HITS(pair_hits_i64, int64_t)
 
-/* Row reads of a table X [E, F] in float32 or bfloat16 (the top half of a float32: exact). */
-static inline float from_f32(float v) { return v; }
-static inline float from_bf16(uint16_t h) { union { uint32_t u; float f; } b = { (uint32_t)h << 16 }; return b.f; }
+/* out [E, K] = X V for a table X [E, F] (float32 or bfloat16), vt = V^T [K, F]: each row read once,
+   8 features at a time into KG <= 8 sums held in registers (KG a constant where inlined) */
+#define PROJECT_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                    \
+INLINE void NAME(const TYPE* restrict row, const float* restrict vt, int64_t F, const int KG,   \
+                 float* restrict out) {                                                          \
+  v8 acc[8] = {{0}};                                                                             \
+  int64_t f0 = 0;                                                                                \
+  for (; f0 + 8 <= F; f0 += 8) {                                                                 \
+    const v8 x = LOAD8(row + f0);                                                                \
+    for (int k = 0; k < KG; ++k) acc[k] += x * load8(vt + k * F + f0);                           \
+  }                                                                                              \
+  for (int k = 0; k < KG; ++k) {                                                                 \
+    float total = hsum(acc[k]);                                                                  \
+    for (int64_t f = f0; f < F; ++f) total += LOAD1(row + f) * vt[k * F + f];                    \
+    out[k] = total;                                                                              \
+  }                                                                                              \
+}
 
-/* out [E, K] = X V, with vt = V^T [K, F]: each row read once, L floats at a time into all K sums */
-#define PROJECT(NAME, TYPE, LOAD)                                                                \
-void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int nthreads,       \
-          float* out) {                                                                         \
-  _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                           \
-  for (int64_t e = 0; e < E; ++e) {                                                             \
-    const TYPE* row = x + e * F;                                                                \
-    float acc[MAXKP][L] = {{0}};                                                                \
-    int64_t f0 = 0;                                                                             \
-    for (; f0 + L <= F; f0 += L) {                                                              \
-      float xs[L];                                                                              \
-      for (int i = 0; i < L; ++i) xs[i] = LOAD(row[f0 + i]);                                    \
-      for (int64_t k = 0; k < K; ++k)                                                           \
-        for (int i = 0; i < L; ++i) acc[k][i] += xs[i] * vt[k * F + f0 + i];                    \
-    }                                                                                           \
-    for (int64_t k = 0; k < K; ++k) {                                                           \
-      float total = 0.f;                                                                        \
-      for (int i = 0; i < L; ++i) total += acc[k][i];                                           \
-      for (int64_t f = f0; f < F; ++f) total += LOAD(row[f]) * vt[k * F + f];                   \
-      out[e * K + k] = total;                                                                   \
-    }                                                                                           \
-  }                                                                                             \
+#define PROJECT(NAME, TYPE, KIND)                                                                 \
+PROJECT_ROWS(NAME##_row, TYPE, load8_##KIND, load1_##KIND)                                        \
+void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int nthreads,        \
+          float* out) {                                                                          \
+  _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                            \
+  for (int64_t e = 0; e < E; ++e)                                                                \
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {                   /* K in groups of 8 columns */     \
+      const TYPE* row = x + e * F; const float* v = vt + k0 * F; float* o = out + e * K + k0;    \
+      switch (K - k0 < 8 ? K - k0 : 8) {                                                         \
+        case 1: NAME##_row(row, v, F, 1, o); break;  case 2: NAME##_row(row, v, F, 2, o); break; \
+        case 3: NAME##_row(row, v, F, 3, o); break;  case 4: NAME##_row(row, v, F, 4, o); break; \
+        case 5: NAME##_row(row, v, F, 5, o); break;  case 6: NAME##_row(row, v, F, 6, o); break; \
+        case 7: NAME##_row(row, v, F, 7, o); break;  default: NAME##_row(row, v, F, 8, o); break; \
+      }                                                                                          \
+    }                                                                                            \
+}
+
+/* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per 8 features, the RB rows'
+   values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows */
+#define RB 8
+#define GRAD_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                       \
+INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int64_t K,         \
+                 const int nr, float* restrict acc) {                                            \
+  int64_t f0 = 0;                                                                                \
+  for (; f0 + 8 <= F; f0 += 8) {                                                                 \
+    v8 xs[RB];                                                                                   \
+    for (int i = 0; i < nr; ++i) xs[i] = LOAD8(x + i * F + f0);                                  \
+    for (int64_t k = 0; k < K; ++k) {                                                            \
+      v8 a = load8(acc + k * F + f0);                                                            \
+      for (int i = 0; i < nr; ++i) a += g[i * K + k] * xs[i];                                    \
+      store8(acc + k * F + f0, a);                                                               \
+    }                                                                                            \
+  }                                                                                              \
+  for (; f0 < F; ++f0)                                                                           \
+    for (int64_t k = 0; k < K; ++k)                                                              \
+      for (int i = 0; i < nr; ++i) acc[k * F + f0] += g[i * K + k] * LOAD1(x + i * F + f0);      \
 }
 
 /* out [F, K] = X^T G for G [E, K]: threads take blocks of rows, each adding into its own
    G^T X [K, F] (scratch [nthreads, K, F]), summed in thread order */
-#define TABLE_GRAD(NAME, TYPE, LOAD)                                                             \
-void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nthreads,        \
-          float* scratch, float* out) {                                                         \
-  _Pragma("omp parallel num_threads(nthreads)")                                                 \
-  {                                                                                             \
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                           \
-    float* acc = scratch + (int64_t)tid * K * F;                                                \
-    memset(acc, 0, sizeof(float) * K * F);                                                      \
-    for (int64_t e = E * tid / nt; e < E * (tid + 1) / nt; ++e) {                               \
-      const TYPE* row = x + e * F;                                                              \
-      for (int64_t k = 0; k < K; ++k) {                         /* row read from L1 K times */ \
-        const float gk = g[e * K + k];                                                          \
-        float* a = acc + k * F;                                                                 \
-        for (int64_t f = 0; f < F; ++f) a[f] += gk * LOAD(row[f]);                              \
-      }                                                                                         \
-    }                                                                                           \
-    _Pragma("omp barrier")                                                                      \
-    _Pragma("omp for schedule(static)")                                                         \
-    for (int64_t j = 0; j < F * K; ++j) {                                                       \
-      float total = 0.f;                                                                        \
-      for (int i = 0; i < nt; ++i) total += scratch[(int64_t)i * K * F + (j % K) * F + j / K];  \
-      out[j] = total;                                                                           \
-    }                                                                                           \
-  }                                                                                             \
+#define TABLE_GRAD(NAME, TYPE, KIND)                                                              \
+GRAD_ROWS(NAME##_rows, TYPE, load8_##KIND, load1_##KIND)                                          \
+void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nthreads,         \
+          float* scratch, float* out) {                                                          \
+  _Pragma("omp parallel num_threads(nthreads)")                                                  \
+  {                                                                                              \
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
+    float* acc = scratch + (int64_t)tid * K * F;                                                 \
+    memset(acc, 0, sizeof(float) * K * F);                                                       \
+    const int64_t e1 = E * (tid + 1) / nt;                                                       \
+    for (int64_t e = E * tid / nt; e < e1; e += RB) {                                            \
+      if (e + RB <= e1) NAME##_rows(x + e * F, g + e * K, F, K, RB, acc);                        \
+      else NAME##_rows(x + e * F, g + e * K, F, K, (int)(e1 - e), acc);                          \
+    }                                                                                            \
+    _Pragma("omp barrier")                                                                       \
+    _Pragma("omp for schedule(static)")                                                          \
+    for (int64_t j = 0; j < F * K; ++j) {                                                        \
+      float total = 0.f;                                                                         \
+      for (int i = 0; i < nt; ++i) total += scratch[(int64_t)i * K * F + (j % K) * F + j / K];   \
+      out[j] = total;                                                                            \
+    }                                                                                            \
+  }                                                                                              \
 }
 
-PROJECT(project_f32, float, from_f32)
-PROJECT(project_bf16, uint16_t, from_bf16)
-TABLE_GRAD(table_grad_f32, float, from_f32)
-TABLE_GRAD(table_grad_bf16, uint16_t, from_bf16)
+PROJECT(project_f32, float, f32)
+PROJECT(project_bf16, uint16_t, bf16)
+TABLE_GRAD(table_grad_f32, float, f32)
+TABLE_GRAD(table_grad_bf16, uint16_t, bf16)
 """
 
 # -ffast-math lets the loss loop call glibc's vector expf/log1pf. It is given to the compile only:
@@ -233,16 +302,6 @@ def reads(X):
     return X.dtype in (torch.float32, torch.bfloat16) and usable(X)
 
 
-def user_offsets(user, n_users):
-    """offsets [N + 1] int64 of pairs sorted by user (user u's pairs are offsets[u]:offsets[u+1]),
-    or None when the users are not in increasing order."""
-    if len(user) > 1 and not bool((user[1:] >= user[:-1]).all()):
-        return None
-    offsets = torch.zeros(n_users + 1, dtype=torch.int64, device=user.device)
-    torch.cumsum(torch.bincount(user, minlength=n_users), 0, out=offsets[1:])
-    return offsets
-
-
 def _ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
@@ -270,7 +329,7 @@ def pair_loss(T, W, chosen, rejected, offsets, weight, temperature):
     loss and its gradients in T and W, in one pass over the pairs."""
     Tp, W, KP, kind = _checked(T, W, chosen, rejected, offsets)
     (E, K), N, n = T.shape, len(W), threads()
-    scratch = torch.empty(n, E, KP)                                               # each thread's G
+    scratch = torch.empty(n, E, 2 * KP)                                           # each thread's T and G
     part, G, dW = torch.zeros(n, dtype=torch.float64), torch.empty(E, KP), torch.empty(N, K)
     getattr(kernel(), f"pair_loss_{kind}")(
         _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),

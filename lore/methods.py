@@ -333,7 +333,7 @@ def per_user_accuracy(pairs, V, W):
     Table form on the CPU with the users sorted: the table rows projected once and every pair scored
     in one fused pass (lore.fused.pair_hits)."""
     V, W = V.to(pairs.device, torch.float32), W.to(pairs.device, torch.float32)   # [F, K], [N, K]
-    offsets = fused.user_offsets(pairs.user, pairs.n_users) if pairs.X is None and fused.usable(V) else None
+    offsets = pairs.offsets() if pairs.X is None and fused.usable(V) else None
     if pairs.X is None:
         if offsets is not None and len(pairs.table) <= len(pairs) and fused.reads(pairs.table):
             # every table row projected, read once as it is stored (no remap of 2P indices to the used rows)

@@ -19,7 +19,7 @@ from lore import fused
 from lore.checks import InputError
 from lore.distributed import sum_over_shards
 from lore.methods import TEMPERATURE, LossCurve, user_margins
-from lore.pairs import project_rows
+from lore.pairs import index_dtype, project_rows
 
 
 
@@ -96,9 +96,8 @@ def training_rows(pairs, form=None):
     # bfloat16 rows stay bfloat16 where lore.fused reads them (as float32, exactly): half the bytes
     keep = pairs.table.dtype == torch.bfloat16 and fused.reads(pairs.table)
     X = torch.cat([pairs.table[idx] if keep else pairs.table[idx].float() for idx in used.split(1 << 15)])  # [E', F]
-    small = torch.int32 if len(used) < 2**31 else torch.int64   # half the bytes a step reads per pair
-    return TrainingRows(X, chosen.to(small), rejected.to(small), shard=pairs.shard,
-                        offsets=fused.user_offsets(pairs.user, pairs.n_users))
+    small = index_dtype(len(used))   # half the bytes a step reads per pair (no copy where they are int32)
+    return TrainingRows(X, chosen.to(small), rejected.to(small), shard=pairs.shard, offsets=pairs.offsets())
 
 
 def user_scores(X, V, W, user, Z=None):

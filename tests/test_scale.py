@@ -21,9 +21,9 @@ import utils  # noqa: E402
 
 from lore.checks import InputError  # noqa: E402
 from lore.distributed import shard_users  # noqa: E402
-from lore.fused import kernel, pair_hits, pair_loss, project, table_grad, user_offsets  # noqa: E402
+from lore.fused import kernel, pair_hits, pair_loss, project, table_grad  # noqa: E402
 from lore.methods import accuracy, get_method, pair_margins, per_user_accuracy  # noqa: E402
-from lore.pairs import pack, Pairs  # noqa: E402
+from lore.pairs import pack, Pairs, user_offsets  # noqa: E402
 from lore.steps import training_rows, user_scores  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -117,11 +117,46 @@ def test_evaluation_streams_in_chunks(monkeypatch):
     torch.testing.assert_close(pair_margins(method, pairs, W), margins)
 
 
+def test_int32_rows_give_the_numbers_of_int64_rows():
+    """Pairs' chosen and rejected rows stored as int32 (as load_data stores them): the same used
+    rows, training rows, fit and scores as int64 rows; the first-rows shortcut of used_rows (no
+    [P] copies) equals the general remap."""
+    wide = shared_table_pairs(seed=6)
+    narrow = pack(replace(wide, chosen=wide.chosen.int(), rejected=wide.rejected.int(), checked=False))
+    assert narrow.chosen.dtype == torch.int32 and wide.chosen.dtype == torch.int64
+    for a, b in zip(narrow.used_rows(), wide.used_rows()):
+        assert torch.equal(a.long(), b.long())
+    used, chosen, _ = narrow.used_rows()
+    assert torch.equal(used, torch.arange(16)) and chosen is narrow.chosen      # every row used: no copy
+    sparse = replace(narrow, table=torch.cat([torch.zeros(3, 10), narrow.table]), chosen=narrow.chosen + 3,
+                     rejected=narrow.rejected + 3)
+    used, chosen, rejected = sparse.used_rows()                                 # rows 3..18: remapped
+    assert torch.equal(used, torch.arange(3, 19)) and chosen.dtype == torch.int32
+    assert torch.equal(chosen.long(), wide.chosen) and torch.equal(rejected.long(), wide.rejected)
+    args = (torch.randn(10, 1), 0.3, 30, 10, 3, 30, 0.1, CPU)
+    for form in ("table", "pairs"):
+        W_n, V_n = fit(utils.LoRe, form, narrow, *args)
+        W_w, V_w = fit(utils.LoRe, form, wide, *args)
+        assert torch.equal(W_n, W_w) and torch.equal(V_n, V_w)
+    V, W = torch.randn(10, 3), torch.softmax(torch.randn(30, 3), -1)
+    np.testing.assert_array_equal(per_user_accuracy(narrow, V, W), per_user_accuracy(wide, V, W))
+    with pytest.raises(InputError, match="int32 or long"):
+        pack(replace(wide, chosen=wide.chosen.short(), checked=False))
+
+
+def test_offsets_are_computed_once_per_pairs():
+    pairs = shared_table_pairs(n_users=4, per_user=3)
+    offsets = pairs.offsets()
+    assert offsets.tolist() == [0, 3, 6, 9, 12] and pairs.offsets() is offsets   # cached
+    kept = pairs.select(pairs.user != 1)                                         # a new Pairs: its own offsets
+    assert kept.offsets().tolist() == [0, 3, 3, 6, 9] and replace(pairs).offsets() is not offsets
+
+
 needs_kernel = pytest.mark.skipif(kernel() is None, reason="no C compiler: the fused kernel is not built")
 
 
 @needs_kernel
-@pytest.mark.parametrize("K, index", [(3, torch.int32), (11, torch.int64)])
+@pytest.mark.parametrize("K, index", [(3, torch.int32), (8, torch.int32), (11, torch.int64)])
 def test_fused_kernels_equal_loop_reference(K, index):
     g = torch.Generator().manual_seed(K)
     E, N, F_ = 9, 6, 13
