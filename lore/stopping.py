@@ -1,6 +1,6 @@
 """The one stopping rule every method's fit can use (stop="early"; the paper's recipes are
 stop="fixed", a fixed number of steps): which pairs it holds out, how often it checks, and the
-state it keeps. lore.steps.training_loop runs it; the methods say what their held-out loss is."""
+state it keeps; and its form for the few-shot fits (fewshot_stop: fewshot_holdout). lore.steps.training_loop runs it; the methods say what their held-out loss is."""
 import math
 
 import torch
@@ -18,6 +18,12 @@ CHECK_EVERY = 25         # steps between two held-out checks, at least
 PATIENCE = 10            # checks without improvement before the fit stops
 MIN_IMPROVEMENT = 1e-4   # relative: smaller falls of the held-out loss do not count
 STOPS = ("fixed", "early")   # the paper's fixed number of steps, or the rule above (the step count its cap)
+# The few-shot fits (new users' weights, the shared part fixed; fewshot_stop="early") run the same
+# rule on the new users' own few-shot pairs. A user needs 1 / HOLDOUT = 10 pairs to hold one out;
+# when no new user has that many (the recipes' 9 shots, a 1-5 shot trial), nothing is held out and
+# the fit's own full-batch training loss stands in for the held-out one: a loss-change tolerance
+# (it stops when that loss has not fallen by MIN_IMPROVEMENT, relative, for PATIENCE checks).
+RULES = ("held_out", "train_loss")   # what an early-stopped fit watched
 
 
 def holdout(pairs, fraction=HOLDOUT):
@@ -36,6 +42,17 @@ def holdout(pairs, fraction=HOLDOUT):
     return pairs.select(~held), pairs.select(held)
 
 
+def fewshot_holdout(pairs, fraction=HOLDOUT):
+    """The few-shot fits' split -> (train, held or None, rule): holdout(pairs) and rule "held_out"
+    when some user has 1 / fraction pairs or more (users with fewer train on all of theirs, and
+    the others' held-out loss decides when the one joint fit stops); else (pairs, None,
+    "train_loss"), the tolerance on the training loss (see RULES)."""
+    if int(pairs.counts().max()) * fraction < 1:
+        return pairs, None, "train_loss"
+    train, held = holdout(pairs, fraction)
+    return train, held, "held_out"
+
+
 def checked_every(held, per_step):
     """Steps between two held-out checks: CHECK_EVERY, or the steps it takes to train on as many
     pairs as are held out (per_step: pairs a step trains on), when that is more."""
@@ -46,8 +63,10 @@ class EarlyStop:
     """The stopping rule's state: loss() the held-out loss (a scalar tensor, computed without
     gradients), params the tensors kept at the best check and restored at the end."""
 
-    def __init__(self, loss, params, every=None, patience=None):
-        self.loss, self.params = loss, list(params)
+    def __init__(self, loss, params, every=None, patience=None, rule="held_out"):
+        if rule not in RULES:
+            raise InputError(f"EarlyStop: rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.loss, self.params, self.rule = loss, list(params), rule
         self.every, self.patience = every or CHECK_EVERY, patience or PATIENCE
         self.best, self.best_step, self.waited, self.steps, self.losses = math.inf, 0, 0, [], []
         self.kept = [p.detach().clone() for p in self.params]
@@ -74,4 +93,5 @@ class EarlyStop:
 
     def report(self):
         return {"held_out": {"step": self.steps, "loss": self.losses}, "best_step": self.best_step,
-                "every": self.every, "patience": self.patience}
+                "every": self.every, "patience": self.patience,
+                "rule": self.rule}
