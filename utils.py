@@ -332,7 +332,7 @@ class LoReMethod(LinearBasis):
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
         "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
-        "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3), "fewshot_stop": ["early"]}
+        "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3), "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         if self.K == 0:
@@ -359,7 +359,7 @@ class LoReRegularizedMethod(LoReMethod):
                 "fewshot_stop": "fixed"}
     model = LoRe_regularized
     search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
-                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0),
+                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.1, 1.0),
                     "fewshot_stop": ["early"]}
 
     def fit(self, pairs):

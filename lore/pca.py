@@ -31,7 +31,7 @@ import torch
 
 from lore.checks import InputError
 from lore.methods import LinearBasis
-from lore.stopping import STOPS
+from lore.stopping import FEWSHOT_CAP, STOPS
 
 
 def second_moment(pairs, chunk_elements=1 << 24):
@@ -99,7 +99,7 @@ class PCA(LinearBasis):
     recipe_hparams = ("fewshot_iters", "fewshot_lr", "fewshot_stop")
     # what lore.compare searches: K and the users' fit (the basis itself has nothing to tune)
     search, search_space = "random", {"K": [2, 3, 4, 5, 6, 8],
-                                      "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3),
+                                      "fewshot_iters": [FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3),
                                       "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
