@@ -36,7 +36,7 @@ from lore.checks import (InputError, check_alpha, check_matrix, check_model, che
                          resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
-                          checked_fit_users, checkpoint_name, converged, featurize, fewshot_status, get_method,
+                          checked_fit_users, checkpoint_name, converged, featurize, get_method,
                           last_tenth_fall, per_user_accuracy, save_method, simplex, user_margins)
 from lore.pairs import SETS, Pairs, pack
 
@@ -432,12 +432,12 @@ def fit_status(method):
     by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
     (that fall, relative); the stopping rule (stop), how the fit ended (stopped: fixed, early or
     cap), its optimizer steps and its passes over the training pairs; the same of the new users'
-    fit (fewshot_status). (Its seconds go in the fit
+    fit (Method.fewshot_status). (Its seconds go in the fit
     report, beside the checkpoint: a record stays the same for the same seed.)"""
     fall, curve = last_tenth_fall(method.curve), method.curve or {}
     return {"converged": converged(method.curve), "loss_fall": fall, "stop": method.hparams.get("stop"),
             "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes"),
-            **fewshot_status(method)}
+            **method.fewshot_status()}
 
 
 def fit_report(method):
@@ -490,7 +490,7 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
             def measure(n, chosen, U_new, t):
                 acc[shots.index(n), :, t] = (accuracy(method, pool.select(chosen), U_new).mean(),
                                              accuracy(method, test, U_new).mean())
-                fits[shots.index(n)][t] = fewshot_status(method)
+                fits[shots.index(n)][t] = method.fewshot_status()
             if how == "random":
                 for n in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
                     for t in range(trials):
@@ -513,7 +513,7 @@ def sweep_shots(*, K_list, shots, trials, seen_train, unseen_fewshot, unseen_tes
 
 
 def fewshot_trials(fits):
-    """A shot count's few-shot fits over its trials (fewshot_status each) -> fewshot_stop, the
+    """A shot count's few-shot fits over its trials (Method.fewshot_status each) -> fewshot_stop, the
     rules the early ones watched, their mean steps, and how many trials stopped at their cap
     (None: no loop)."""
     steps = [f["fewshot_steps"] for f in fits]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from lore.checks import InputError, is_int, seed_fit, seed_from_key
-from lore.methods import accuracy, checked_fit, checked_fit_users, converged, fewshot_status, get_method, last_tenth_fall
+from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method, last_tenth_fall
 
 VALIDATION_FRACTION = 0.2   # of the seen users, drawn with the run's seed
 CI_LEVEL = 0.95
@@ -180,10 +180,10 @@ def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
 def fit_length(method):
     """How long a checked fit ran: optimizer steps, passes over its training pairs, seconds, and
     how it ended (stopped: fixed, early or cap; None without a training loop); and the new users'
-    fit's (lore.methods.fewshot_status)."""
+    fit's (Method.fewshot_status)."""
     curve = method.curve or {}
     return {"steps": curve.get("steps"), "passes": curve.get("passes"), "fit_seconds": method.fit_seconds,
-            "stopped": curve.get("stopped"), **fewshot_status(method)}
+            "stopped": curve.get("stopped"), **method.fewshot_status()}
 
 
 def t_quantile(q, df):

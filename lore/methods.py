@@ -107,6 +107,15 @@ class Method:
         """What names a fit: the method, K and alpha (None when it does not use alpha)."""
         return {"method": self.name, "K": self.K, "alpha": self.alpha}
 
+    def fewshot_status(self):
+        """What a record says of the last new users' fit (checked_fit_users): its rule (fewshot_stop:
+        fixed or early), how it ended (fewshot_stopped: fixed, early or cap), what the early rule
+        watched (fewshot_rule: held_out, or train_loss when no new user had 10 pairs; None for
+        fixed) and its steps. All None for a fit without a loop: VPL's encoder, K <= 1."""
+        curve = self.fewshot_curve or {}
+        return {"fewshot_stop": self.hparams.get("fewshot_stop"), "fewshot_stopped": curve.get("stopped"),
+                "fewshot_rule": curve.get("rule"), "fewshot_steps": curve.get("steps")}
+
 
 class LinearBasis(Method):
     """A method whose shared part is a basis V [F, K] and whose users are points w of the simplex:
@@ -585,12 +594,3 @@ def checked_fit_users(method, pairs):
     _check_finite(method, "fitting new users diverged", {"U": U})
     return U
 
-
-def fewshot_status(method):
-    """What a record says of the last new users' fit (checked_fit_users): its rule (fewshot_stop:
-    fixed or early), how it ended (fewshot_stopped: fixed, early or cap), what the early rule
-    watched (fewshot_rule: held_out, or train_loss when no new user had 10 pairs; None for
-    fixed) and its steps. All None for a fit without a loop: VPL's encoder, K <= 1."""
-    curve = method.fewshot_curve or {}
-    return {"fewshot_stop": method.hparams.get("fewshot_stop"), "fewshot_stopped": curve.get("stopped"),
-            "fewshot_rule": curve.get("rule"), "fewshot_steps": curve.get("steps")}
