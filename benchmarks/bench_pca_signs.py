@@ -10,10 +10,13 @@ pca's basis V [F, K] (exact, oriented, scaled: lore.pca) is fitted on the seen u
 users are then fitted on their first --fewshot-pairs pool pairs (train_basis' few-shot size) in two
 ways, both Adam at the recipe's few-shot steps and rate:
     simplex   pca's own fit: w on the simplex (softmax of logits ~ N(0, 1); LinearBasis.fit_users)
+    both      the same fit on the 2K directions [V, -V]: each direction may be liked or disliked,
+              the simplex's prior kept (a mixture of +-v_k)
     signed    w in R^K, from w = 0, no constraint: every direction may be liked or disliked
 and scored on their held-out pairs (unseen_test). LoRe's unseen_test at the same K is read from
 --lore (train_basis.py's results.json of `--method lore,pca`, docs/figures/pca_planted_personalllm.json):
-share_of_gap = (signed - simplex) / (lore - simplex), the part of pca's gap that signs close.
+share_of_gap_both (and _signed) = (both - simplex) / (lore - simplex), the part of pca's gap that
+signs close.
 Reads --data and --lore; writes --out (JSON: rows, the machine's load, OMP_NUM_THREADS) and prints the table.
 """
 import argparse
@@ -74,12 +77,19 @@ def main(args):
         simplex = accuracy(method, data.sets["unseen_test"], checked_fit_users(method, data.sets["unseen_fewshot"])).mean()
         signed = accuracy(method, data.sets["unseen_test"],
                           signed_weights(method, data.sets["unseen_fewshot"], args.fewshot_iters, args.fewshot_lr)).mean()
-        row = {"K": K, "simplex": float(simplex), "signed": float(signed), "lore": lore.get(K),
+        mirrored = METHODS["pca"](2 * K, device="cpu", fewshot_iters=args.fewshot_iters, fewshot_lr=args.fewshot_lr)
+        mirrored.V = torch.cat([method.V, -method.V], 1)                          # [F, 2K]
+        set_seed(args.seed)
+        both = accuracy(mirrored, data.sets["unseen_test"], checked_fit_users(mirrored, data.sets["unseen_fewshot"])).mean()
+        row = {"K": K, "simplex": float(simplex), "both": float(both), "signed": float(signed), "lore": lore.get(K),
                "seconds": time.perf_counter() - start}
-        row["share_of_gap"] = None if row["lore"] is None else (row["signed"] - row["simplex"]) / (row["lore"] - row["simplex"])
+        for name in ("both", "signed"):
+            row[f"share_of_gap_{name}"] = None if row["lore"] is None else \
+                (row[name] - row["simplex"]) / (row["lore"] - row["simplex"])
         rows.append(row)
-        print(f"pca K={K}: unseen_test simplex {row['simplex']:.4f}, signed {row['signed']:.4f}, lore {row['lore']}, "
-              f"share of the gap signs close {row['share_of_gap']}")
+        print(f"pca K={K}: unseen_test simplex {row['simplex']:.4f}, both signs {row['both']:.4f}, signed "
+              f"{row['signed']:.4f}, lore {row['lore']}; share of the gap closed: both signs "
+              f"{row['share_of_gap_both']}, signed {row['share_of_gap_signed']}")
     result = {"rows": rows, "data": os.path.abspath(args.data), "fewshot_pairs": args.fewshot_pairs,
               "fewshot_iters": args.fewshot_iters, "fewshot_lr": args.fewshot_lr, "lore_from": args.lore,
               "machine": {"load_1min": os.getloadavg()[0], "cores": os.cpu_count(),
