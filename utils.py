@@ -36,8 +36,8 @@ from lore.checks import (InputError, check_alpha, check_matrix, check_model, che
                          resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
-                          checked_fit_users, checkpoint_name, converged, featurize, get_method, last_tenth_fall,
-                          per_user_accuracy, save_method, simplex, user_margins)
+                          checked_fit_users, checkpoint_name, converged, featurize, get_method,
+                          last_tenth_fall, per_user_accuracy, save_method, simplex, user_margins)
 from lore.pairs import SETS, Pairs, pack
 
 PRUNE_THRESHOLD = 1e-2   # LoRe_regularized drops directions no user weighs at least this much
@@ -254,15 +254,21 @@ class PersonalizeBatch(FitModule):
         sum_i mean_{x in X_i} -log sigmoid(x^T V softmax(w_i) / 100),  w_i ~ N(0, 1), Adam.
     X is projected onto V once (table-form Pairs: the table rows they use, see Pairs.project);
     every step then works in K dimensions. train(X, V) -> list of N simplex weights [K].
-    form: None projects as Pairs.project does; "pairs" or "table" force that form (training_rows)."""
+    form: None projects as Pairs.project does; "pairs" or "table" force that form (training_rows).
+    stop: "fixed" (the paper's) num_iterations steps; "early" the stopping rule on the new users'
+    own pairs (lore.stopping.fewshot_holdout: a held-out slice of them, or with under 10 pairs a
+    user the training loss's tolerance), num_iterations the cap."""
     form = None
 
     def __init__(self, num_classes, num_features, num_basis_vectors, num_iterations, learning_rate,
-                 device=None):
+                 device=None, stop="fixed"):
         super().__init__()
         check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "PersonalizeBatch")
+        if stop not in stopping.STOPS:
+            raise InputError(f"PersonalizeBatch: stop must be one of {', '.join(stopping.STOPS)}, got {stop!r}")
         self.device = resolve_device(device)
         self.n_users, self.n_features, self.K, self.iters = num_classes, num_features, num_basis_vectors, num_iterations
+        self.stop = stop
         self.w = nn.Parameter(torch.randn(num_classes, num_basis_vectors).to(self.device))  # [N, K]
         self.optimizer = steps.adam(self.parameters(), learning_rate, self.device)
 
@@ -277,13 +283,24 @@ class PersonalizeBatch(FitModule):
         if tuple(V.shape) != (self.n_features, self.K):
             raise InputError(f"PersonalizeBatch.train(X, V): V has shape {tuple(V.shape)}, expected "
                              f"[F, K] = [{self.n_features}, {self.K}]")
-        pairs = self.packed(X)
+        V = V.detach().to(self.device, torch.float32)
+        pairs, held, rule = self.packed(X), None, None
+        if self.stop == "early":
+            pairs, held, rule = stopping.fewshot_holdout(pairs)
+        Z = self.projected(pairs, V)                                              # [P, K]
+        user, weight = pairs.user, user_mean_weights(pairs)                       # [P], [P]
+        stop = None
+        if rule is not None:   # the held-out pairs' loss, or (rule train_loss) the training pairs' own
+            Zh, uh, wh = (Z, user, weight) if held is None else (self.projected(held, V), held.user, user_mean_weights(held))
+            stop = stopping.EarlyStop(lambda: bt_nll(user_margins(Zh, simplex(self.w), uh), wh), [self.w], rule=rule)
+        steps.training_loop(self.iters, lambda: self.step(Z, user, weight), self.device, stop=stop)
+        return list(simplex(self.w).detach())
+
+    def projected(self, pairs, V):
+        """The pairs' rows projected onto V once -> Z [P, K]."""
         with torch.no_grad():
             rows = pairs if self.form is None else steps.training_rows(pairs, self.form)
-            Z = rows.project(V.detach().to(self.device, torch.float32))           # [P, K]
-        user, weight = pairs.user, user_mean_weights(pairs)                       # [P], [P]
-        steps.training_loop(self.iters, lambda: self.step(Z, user, weight), self.device)
-        return list(simplex(self.w).detach())
+            return rows.project(V)                                                # [P, K]
 
     def step(self, Z, user, weight):
         """One Adam step on projected pairs Z = X V [P, K]."""
@@ -304,16 +321,18 @@ class LoReMethod(LinearBasis):
     U = the users' simplex weights w [N, K]. K = 0 is the reference reward model (V = v_ref, w = [1]
     for everyone); K = 1 is one learned direction, and new users get w = [1] (nothing to adapt)."""
     name, min_K, uses_alpha = "lore", 0, True
-    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random", "stop": "fixed"}
+    defaults = {"iters": 1000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.1, "init": "random", "stop": "fixed",
+                "fewshot_stop": "fixed"}
     # the paper's random start, or LowRankModel.start's deterministic one; the paper's fixed
-    # iters, or the stopping rule (lore.steps: a held-out slice of the seen pairs, iters the cap)
-    choices = {"init": ("random", "svd"), "stop": stopping.STOPS}
-    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr", "stop")
+    # iters, or the stopping rule (lore.stopping: a held-out slice of the seen pairs, iters the
+    # cap); the same for the new users' fit (fewshot_iters the cap; PersonalizeBatch)
+    choices = {"init": ("random", "svd"), "stop": stopping.STOPS, "fewshot_stop": stopping.STOPS}
+    recipe_hparams = ("iters", "lr", "fewshot_iters", "fewshot_lr", "stop", "fewshot_stop")
     model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
         "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
-        "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
+        "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3), "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         if self.K == 0:
@@ -336,10 +355,12 @@ class LoReRegularizedMethod(LoReMethod):
     weighed equally, alpha_t times the cosine pull towards v_ref, warmed up; directions no user
     weighs >= 1e-2 pruned, so V may have K' < K columns), new users by PersonalizeBatch."""
     name, prunes = "lore_regularized", True
-    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random", "stop": "fixed"}
+    defaults = {"iters": 20000, "lr": 0.5, "fewshot_iters": 500, "fewshot_lr": 0.5, "init": "random", "stop": "fixed",
+                "fewshot_stop": "fixed"}
     model = LoRe_regularized
     search_space = {"K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e2, 1e4], "iters": [2000, 5000, 20000],
-                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [250, 500, 1000], "fewshot_lr": ("log", 0.1, 1.0)}
+                    "lr": ("log", 0.1, 1.0), "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.1, 1.0),
+                    "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         if self.K > 0 and self.v_ref is None:
@@ -392,6 +413,8 @@ def sweep(*, K_list=None, seen_train=None, seen_test=None, unseen_fewshot=None, 
         record.update(fit_status(method))
         print(f"{method}: " + "  ".join(f"{name} {record[name]:.4f}" for name in SETS)
               + ("" if record["steps"] is None else f"  {record['steps']} steps ({record['stopped']})")
+              + ("" if record["fewshot_steps"] is None else
+                 f", few-shot {record['fewshot_steps']} ({record['fewshot_stopped']})")
               + ("  NOT CONVERGED" if record["converged"] is False else ""))
         if out_dir is not None:
             save_method(os.path.join(out_dir, checkpoint_name(method)), method, data_identity(sets["seen_train"]),
@@ -408,11 +431,13 @@ def fit_status(method):
     """What a record says of a checked fit's convergence: converged (False when its loss still fell
     by more than CONVERGED_FALL over its last tenth, None without a training loop) and loss_fall
     (that fall, relative); the stopping rule (stop), how the fit ended (stopped: fixed, early or
-    cap), its optimizer steps and its passes over the training pairs. (Its seconds go in the fit
+    cap), its optimizer steps and its passes over the training pairs; the same of the new users'
+    fit (Method.fewshot_status). (Its seconds go in the fit
     report, beside the checkpoint: a record stays the same for the same seed.)"""
     fall, curve = last_tenth_fall(method.curve), method.curve or {}
     return {"converged": converged(method.curve), "loss_fall": fall, "stop": method.hparams.get("stop"),
-            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes")}
+            "stopped": curve.get("stopped"), "steps": curve.get("steps"), "passes": curve.get("passes"),
+            **method.fewshot_status()}
 
 
 def fit_report(method):
@@ -461,10 +486,12 @@ def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen
         pool, test = featurize(method, sets["unseen_fewshot"]), featurize(method, sets["unseen_test"])
         for how in select:
             acc = np.zeros((len(shots), 2, trials))                                # [shot counts, sets, trials]
+            fits = [[None] * trials for _ in shots]   # each trial's few-shot fit (fewshot_status)
 
             def measure(n, chosen, U_new, t):
                 acc[shots.index(n), :, t] = (accuracy(method, pool.select(chosen), U_new).mean(),
                                              accuracy(method, test, U_new).mean())
+                fits[shots.index(n)][t] = method.fewshot_status()
             if how == "random":
                 for n in tqdm(shots, desc=f"{method} shots", leave=False, disable=None):
                     for t in range(trials):
@@ -475,15 +502,26 @@ def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen
                     for n, chosen, U_new in active_shots(method, pool, max(shots)):
                         if n in shots:
                             measure(n, chosen, U_new, t)
-            for n_shots, (few, held) in zip(shots, acc):
+            for n_shots, (few, held), fit in zip(shots, acc, fits):
                 records.append({**method.setting(), "select": how, "shots": n_shots,
                                 "unseen_fewshot": few.mean(), "unseen_fewshot_std": few.std(),
-                                "unseen_test": held.mean(), "unseen_test_std": held.std()})
+                                "unseen_test": held.mean(), "unseen_test_std": held.std(), **fewshot_trials(fit)})
                 print(f"{method} {how} shots {n_shots:>4}: unseen_fewshot {few.mean():.4f} +- {few.std():.4f}"
                       f"  unseen_test {held.mean():.4f} +- {held.std():.4f}")
     return [{k: float(v) if isinstance(v, np.floating) else v for k, v in r.items()} for r in records]
 
 
+
+
+def fewshot_trials(fits):
+    """A shot count's few-shot fits over its trials (Method.fewshot_status each) -> fewshot_stop, the
+    rules the early ones watched, their mean steps, and how many trials stopped at their cap
+    (None: no loop)."""
+    steps = [f["fewshot_steps"] for f in fits]
+    return {"fewshot_stop": fits[0]["fewshot_stop"],
+            "fewshot_rule": sorted({f["fewshot_rule"] for f in fits if f["fewshot_rule"] is not None}) or None,
+            "fewshot_steps": None if None in steps else float(np.mean(steps)),
+            "fewshot_at_cap": sum(f["fewshot_stopped"] == "cap" for f in fits)}
 
 
 def _check_grid(K_list, alpha_list):

@@ -8,7 +8,7 @@ real one):
     reward       a personalized reward in use, learned online   -> active, checks, extract, methods
     scoring      new users' weights from a few pairs; rewards of responses -> checks, extract, methods, pairs
     results      records as JSON/CSV/printed tables, figures              -> basis, checks, data, io, methods, pairs
-    pca          the closed-form basis pca                                 -> checks, methods
+    pca          the closed-form basis pca                                 -> checks, methods, stopping
     data         the prepared data folder: write it, load it               -> checks, io, methods, pairs
     compare      validation users, equal-budget search, CIs                -> checks, methods
     cli          flags, exit codes, run folders                            -> active, checks, distributed, extract, io, methods, recipes, stopping

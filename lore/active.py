@@ -32,7 +32,7 @@ import torch
 from torch.func import grad, vmap
 
 from lore.checks import InputError
-from lore.methods import featurize, pair_features
+from lore.methods import checked_fit_users, featurize, pair_features
 
 SELECTIONS = ("random", "active")   # how a new user's shots are chosen: the paper's random draw, or this
 _PROTOCOL = ("free_parameters", "free_margin", "free_prior", "bt_scale")
@@ -126,6 +126,6 @@ def active_shots(method, pool, rounds):
         score = information(lam, g, user, H, gid, G).masked_fill(asked, float("-inf"))   # [G]
         asked[pick_per_user(score, owner, N)] = True
         revealed = asked if gid is None else asked[gid]
-        U = method.fit_users(pool.select(revealed))                                # [N, Q]
+        U = checked_fit_users(method, pool.select(revealed))                       # [N, Q]; its curve kept
         theta = method.free_parameters(U)
         yield n, revealed, U

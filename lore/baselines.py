@@ -18,9 +18,9 @@ import torch.nn.functional as F
 import torch.optim as optim
 
 from lore.checks import InputError, is_int
-from lore.methods import LossCurve, Method, pair_features, simplex
+from lore.methods import Method, pair_features, simplex
 from lore.steps import training_loop
-from lore.stopping import STOPS, EarlyStop, checked_every, holdout
+from lore.stopping import STOPS, EarlyStop, checked_every, fewshot_holdout, holdout
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -123,8 +123,9 @@ class PAL(Method):
         "fewshot_lr": 5e-3,    # W alone, AdamW: optim_config/vanilla-e20.yaml:19, pal_rm_b/lightningmodule.py:140-144
         "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
         "steps": 20000,        # the cap of stop="early" (optimizer steps)
+        "fewshot_stop": "fixed",   # the original's fewshot_epochs; "early": lore.stopping's few-shot rule, those the cap
     }
-    choices = {"stop": STOPS}
+    choices = {"stop": STOPS, "fewshot_stop": STOPS}
 
     limits = {"dim": 1 << 16}   # a [F, dim] and two [dim, dim] layers: 2**16 is already 16 GB
     least = {"dim": 2}          # unit-norm features of dim 1 are +-1: most pairs' margins are exactly 0
@@ -135,7 +136,7 @@ class PAL(Method):
         "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
         "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2),
         "weight_decay": ("log", 1e-2, 10.0),   # the L2 on f: 3 beats 0.01 on 15 pairs a user (PersonalLLM/recipe.json)
-        "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
+        "stop": ["early"], "fewshot_stop": ["early"]}   # the fits' lengths: the stopping rule's (lore.stopping)
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
         super().__init__(K, alpha, v_ref, device, **hparams)
@@ -222,29 +223,50 @@ class PAL(Method):
         return sum(self.loss(held, idx) * len(idx) for idx in torch.arange(len(held), device=self.device).split(4096)) / len(held)
 
     def fit_users(self, pairs):
+        """New users' W, the shared part fixed: fewshot_epochs epochs in which every user takes one
+        AdamW step per pair (stop="fixed", the original's), or lore.stopping's few-shot rule
+        (fewshot_stop="early": fewshot_holdout), fewshot_epochs epochs the cap."""
         _need_table(self, pairs)
-        Zc, Zr = pair_features(self, pairs)                                       # [P, d] each
         if self.K == 1:
             return torch.ones(pairs.n_users, 1, device=self.device)
-        with torch.no_grad():
-            D = self._scale() * (Zc - Zr)                                         # [P, d]; scale frozen too
-        W = torch.randn(pairs.n_users, self.K).to(self.device).requires_grad_()   # [N, K]
-        adam = RowAdam(W, self.hparams["fewshot_lr"])
-        m = int(pairs.counts().max())
-        curve = LossCurve(self.hparams["fewshot_epochs"] * m, windowed=True)
-        for epoch in range(self.hparams["fewshot_epochs"]):
-            slots = _user_slots(pairs, shuffle=True)                              # [N, m]
-            for s in range(m):
-                # step s of the epoch: every user with an s-th pair takes one AdamW step on it
-                p = slots[:, s]                                                   # [N]
-                active = p >= 0
-                margin = (D[p.clamp(min=0)] * self._ideal_points(simplex(W))).sum(-1)   # [N]
-                # the original's loss is a mean over its batch of 4 pairs: the same gradient scale
-                loss = -(F.logsigmoid(margin) * active).sum() / self.hparams["batch_size"]
-                loss.backward()
-                adam.step(active)
-                curve.add(epoch * m + s, loss)
+        h = self.hparams
+        train, held, rule = fewshot_holdout(pairs) if h["fewshot_stop"] == "early" else (pairs, None, None)
+        D, user = self.fewshot_rows(train), train.user                            # [P, d], [P]
+        W = torch.randn(train.n_users, self.K).to(self.device).requires_grad_()   # [N, K]
+        adam = RowAdam(W, h["fewshot_lr"])
+        m = int(train.counts().max())
+        slots, s = None, 0
+
+        def before(i):   # a fresh order of every user's pairs at each epoch
+            nonlocal slots, s
+            s = i % m
+            if s == 0:
+                slots = _user_slots(train, shuffle=True)                          # [N, m]
+
+        def step():
+            # step s of the epoch: every user with an s-th pair takes one AdamW step on it
+            p = slots[:, s]                                                       # [N]
+            active = p >= 0
+            margin = (D[p.clamp(min=0)] * self._ideal_points(simplex(W))).sum(-1)   # [N]
+            # the original's loss is a mean over its batch of 4 pairs: the same gradient scale
+            loss = -(F.logsigmoid(margin) * active).sum() / h["batch_size"]
+            loss.backward()
+            adam.step(active)
+            return loss.detach()
+        stop = None
+        if rule is not None:   # the held-out pairs' mean loss, or (rule train_loss) the training pairs'
+            Dh, uh = (D, user) if held is None else (self.fewshot_rows(held), held.user)
+            loss = lambda: -F.logsigmoid((Dh * self._ideal_points(simplex(W)).index_select(0, uh)).sum(-1)).mean()
+            stop = EarlyStop(loss, [W], rule=rule)
+        training_loop(h["fewshot_epochs"] * m, step, self.device, before=before, stop=stop, per_step=1 / m,
+                      graph=False, windowed=True)
         return simplex(W).detach()
+
+    def fewshot_rows(self, pairs):
+        """scale * (f(chosen) - f(rejected)) of the pairs, the new users' fit's rows -> [P, d]."""
+        Zc, Zr = pair_features(self, pairs)                                       # [P, d] each
+        with torch.no_grad():
+            return self._scale() * (Zc - Zr)                                      # [P, d]; scale frozen too
 
     def item_features(self, rows):
         with torch.no_grad():

@@ -167,6 +167,10 @@ def add_sweep_args(parser, folder, script):
     steps.add_argument("--stop", choices=STOPS, default=r.get("stop", "fixed"),
                        help="fixed: --iters steps (the paper's); early: stop when the loss on a held-out slice "
                             "of the seen users' pairs stops improving, --iters the cap (default: %(default)s)")
+    steps.add_argument("--fewshot-stop", choices=STOPS, default=r.get("fewshot_stop", "fixed"),
+                       help="fixed: --fewshot-iters steps (the paper's); early: the same rule on the unseen users' "
+                            "own few-shot pairs (10%% held out from users with >= 10, else a tolerance on the "
+                            "training loss), --fewshot-iters the cap (default: %(default)s)")
     if r.get("fewshot_pairs") is not None:
         parser.add_argument("--fewshot-pairs", type=positive_int, default=r["fewshot_pairs"],
                             help="the first n pairs of each unseen user's few-shot pool it fits on (default: %(default)s)")

@@ -179,10 +179,11 @@ def refit(name, config, sets, v_ref, device, seeds, seed=0, base=None):
 
 def fit_length(method):
     """How long a checked fit ran: optimizer steps, passes over its training pairs, seconds, and
-    how it ended (stopped: fixed, early or cap; None without a training loop)."""
+    how it ended (stopped: fixed, early or cap; None without a training loop); and the new users'
+    fit's (Method.fewshot_status)."""
     curve = method.curve or {}
     return {"steps": curve.get("steps"), "passes": curve.get("passes"), "fit_seconds": method.fit_seconds,
-            "stopped": curve.get("stopped")}
+            "stopped": curve.get("stopped"), **method.fewshot_status()}
 
 
 def t_quantile(q, df):
@@ -290,9 +291,10 @@ def row(name, selected, validation, acc):
 
 
 def mean_length(fits):
-    """The refits' mean steps, passes and fit seconds (None for fits without a training loop)."""
+    """The refits' mean steps, passes, fit seconds and new users' fit steps (None for fits without
+    a training loop)."""
     mean = lambda k: None if any(f[k] is None for f in fits) else float(np.mean([f[k] for f in fits]))
-    return {k: mean(k) for k in ("steps", "passes", "fit_seconds")}
+    return {k: mean(k) for k in ("steps", "passes", "fit_seconds", "fewshot_steps")}
 
 
 def paired(a, b, acc_a, acc_b, set_name, comparisons=1):
@@ -346,7 +348,8 @@ def compare(sets, v_ref, methods, budget, seeds, seed=0, device=None, fraction=V
         stability[label] = basis_stability(methods_fitted)
         rows.append({**row(name, config, validation, acc[label]), "method": label, "fit_of": name,
                      "converged": all(f["converged"] is not False for f in fits[label]),
-                     "at_cap": any(f["stopped"] == "cap" for f in fits[label]), **mean_length(fits[label])})
+                     "at_cap": any(f["stopped"] == "cap" for f in fits[label]),
+                     "fewshot_at_cap": any(f["fewshot_stopped"] == "cap" for f in fits[label]), **mean_length(fits[label])})
         print(f"{label}: selected {config}, validation {validation:.4f}, "
               + ", ".join(f"{s} {rows[-1][s]:.4f} [{rows[-1][s + '_ci'][0]:.4f}, {rows[-1][s + '_ci'][1]:.4f}]"
                           for s in TRUSTED_SETS))

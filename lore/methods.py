@@ -110,6 +110,15 @@ class Method:
         """What names a fit: the method, K and alpha (None when it does not use alpha)."""
         return {"method": self.name, "K": self.K, "alpha": self.alpha}
 
+    def fewshot_status(self):
+        """What a record says of the last new users' fit (checked_fit_users): its rule (fewshot_stop:
+        fixed or early), how it ended (fewshot_stopped: fixed, early or cap), what the early rule
+        watched (fewshot_rule: held_out, or train_loss when no new user had 10 pairs; None for
+        fixed) and its steps. All None for a fit without a loop: VPL's encoder, K <= 1."""
+        curve = self.fewshot_curve or {}
+        return {"fewshot_stop": self.hparams.get("fewshot_stop"), "fewshot_stopped": curve.get("stopped"),
+                "fewshot_rule": curve.get("rule"), "fewshot_steps": curve.get("steps")}
+
 
 class LinearBasis(Method):
     """A method whose shared part is a basis V [F, K] and whose users are points w of the simplex:
@@ -128,7 +137,8 @@ class LinearBasis(Method):
         # the pairs with their rows projected once: x^T V [P, K], or (table form) the used rows' [E', K]
         projected = replace(featurize(self, pairs), featurized=None)
         model = self.fewshot_model or get_method("lore").fewshot_model
-        fewshot = model(pairs.n_users, K, K, self.hparams["fewshot_iters"], self.hparams["fewshot_lr"], self.device)
+        fewshot = model(pairs.n_users, K, K, self.hparams["fewshot_iters"], self.hparams["fewshot_lr"], self.device,
+                        stop=self.hparams.get("fewshot_stop", "fixed"))
         W = torch.stack(fewshot.train(projected, torch.eye(K, device=self.device)))   # the projected rows' basis
         return check_fitted(self, W)
 
@@ -597,3 +607,4 @@ def checked_fit_users(method, pairs):
     method.fewshot_curve = max((c.result() for c in curves), key=lambda c: len(c["step"]), default=None)
     _check_finite(method, "fitting new users diverged", {"U": U})
     return U
+

@@ -31,6 +31,7 @@ import torch
 
 from lore.checks import InputError
 from lore.methods import LinearBasis
+from lore.stopping import FEWSHOT_CAP, STOPS
 
 
 def second_moment(pairs, chunk_elements=1 << 24):
@@ -93,11 +94,13 @@ class PCA(LinearBasis):
     training loop; seen and new users' simplex weights fitted on it as LoRe fits new users
     (LinearBasis.fit_users, the recipe's --fewshot-iters --fewshot-lr)."""
     name, min_K, uses_alpha = "pca", 1, False
-    defaults = {"fewshot_iters": 500, "fewshot_lr": 0.1}
-    recipe_hparams = ("fewshot_iters", "fewshot_lr")
+    defaults = {"fewshot_iters": 500, "fewshot_lr": 0.1, "fewshot_stop": "fixed"}
+    choices = {"fewshot_stop": STOPS}   # the users' fits: fixed steps, or lore.stopping's rule
+    recipe_hparams = ("fewshot_iters", "fewshot_lr", "fewshot_stop")
     # what lore.compare searches: K and the users' fit (the basis itself has nothing to tune)
     search, search_space = "random", {"K": [2, 3, 4, 5, 6, 8],
-                                      "fewshot_iters": [250, 500], "fewshot_lr": ("log", 0.03, 0.3)}
+                                      "fewshot_iters": [FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3),
+                                      "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         self.V = principal_basis(pairs, self.K, 1.0 / self.bt_scale)  # [F, K]

@@ -214,19 +214,21 @@ def save_loss_curves(records, out, title):
 def comparison_table(result):
     """comparison.json's rows as Markdown: each trusted set's mean with its CI, the selected
     configuration and the validation accuracy it was chosen on, how long its refits ran (mean
-    optimizer steps, passes over the training pairs, seconds) and whether they converged (AT CAP:
-    a refit ran to its step cap); the gain and its verdict below."""
+    optimizer steps, passes over the training pairs, seconds, the new users' fit's steps) and
+    whether they converged (AT CAP: a refit ran to its step cap; FEW-SHOT AT CAP: a new users'
+    fit under the early rule did); the gain and its verdict below."""
     lines = ["| method | selected | validation | seen_test [95% CI] | unseen_test [95% CI] | steps | passes | fit s "
-             "| converged |", "|---|---|---|---|---|---|---|---|---|"]
+             "| few-shot steps | converged |", "|---|---|---|---|---|---|---|---|---|---|"]
     number = lambda v, f: "-" if v is None else format(v, f)
     for r in result["methods"]:
         cells = [f"{r[s]:.3f} [{r[s + '_ci'][0]:.3f}, {r[s + '_ci'][1]:.3f}]" for s in ("seen_test", "unseen_test")]
         selected = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["selected"].items())
         validation = "-" if r["validation"] is None else f"{r['validation']:.3f}"
         verdict = "NOT CONVERGED (AT CAP)" if r.get("at_cap") else "yes" if r["converged"] else "NOT CONVERGED"
+        verdict += ", FEW-SHOT AT CAP" if r.get("fewshot_at_cap") else ""
         lines.append(f"| {r['method']} | {selected} | {validation} | {cells[0]} | {cells[1]} | "
                      f"{number(r.get('steps'), '.0f')} | {number(r.get('passes'), '.1f')} | "
-                     f"{number(r.get('fit_seconds'), '.1f')} | {verdict} |")
+                     f"{number(r.get('fit_seconds'), '.1f')} | {number(r.get('fewshot_steps'), '.0f')} | {verdict} |")
     gain = result.get("personalization_gain")
     if gain:
         g = gain["unseen_test"]

@@ -1,6 +1,6 @@
 """The one stopping rule every method's fit can use (stop="early"; the paper's recipes are
 stop="fixed", a fixed number of steps): which pairs it holds out, how often it checks, and the
-state it keeps. lore.steps.training_loop runs it; the methods say what their held-out loss is."""
+state it keeps; and its form for the few-shot fits (fewshot_stop: fewshot_holdout). lore.steps.training_loop runs it; the methods say what their held-out loss is."""
 import math
 
 import torch
@@ -18,6 +18,17 @@ CHECK_EVERY = 25         # steps between two held-out checks, at least
 PATIENCE = 10            # checks without improvement before the fit stops
 MIN_IMPROVEMENT = 1e-4   # relative: smaller falls of the held-out loss do not count
 STOPS = ("fixed", "early")   # the paper's fixed number of steps, or the rule above (the step count its cap)
+# The few-shot fits (new users' weights, the shared part fixed; fewshot_stop="early") run the same
+# rule on the new users' own few-shot pairs. A user needs 1 / HOLDOUT = 10 pairs to hold one out;
+# when no new user has that many (the recipes' 9 shots, a 1-5 shot trial), nothing is held out and
+# the fit's own full-batch training loss stands in for the held-out one: a loss-change tolerance
+# (it stops when that loss has fallen by less than MIN_IMPROVEMENT, relative, from one check to
+# the next, PATIENCE checks in a row; a training loss on a few separable pairs falls for ever, so
+# the fall is measured from the previous check, not from the best).
+RULES = ("held_out", "train_loss")   # what an early-stopped fit watched
+# The few-shot fits' cap under the rule (fewshot_iters; lore.compare searches with it): on the
+# synthetic PersonalLLM (K = 3) a 9-pair fit stops at ~1,250 steps, 20 pairs at ~375, 50 at ~900
+FEWSHOT_CAP = 2000
 
 
 def holdout(pairs, fraction=HOLDOUT):
@@ -36,6 +47,17 @@ def holdout(pairs, fraction=HOLDOUT):
     return pairs.select(~held), pairs.select(held)
 
 
+def fewshot_holdout(pairs, fraction=HOLDOUT):
+    """The few-shot fits' split -> (train, held or None, rule): holdout(pairs) and rule "held_out"
+    when some user has 1 / fraction pairs or more (users with fewer train on all of theirs, and
+    the others' held-out loss decides when the one joint fit stops); else (pairs, None,
+    "train_loss"), the tolerance on the training loss (see RULES)."""
+    if int(pairs.counts().max()) * fraction < 1:
+        return pairs, None, "train_loss"
+    train, held = holdout(pairs, fraction)
+    return train, held, "held_out"
+
+
 def checked_every(held, per_step):
     """Steps between two held-out checks: CHECK_EVERY, or the steps it takes to train on as many
     pairs as are held out (per_step: pairs a step trains on), when that is more."""
@@ -46,23 +68,33 @@ class EarlyStop:
     """The stopping rule's state: loss() the held-out loss (a scalar tensor, computed without
     gradients), params the tensors kept at the best check and restored at the end."""
 
-    def __init__(self, loss, params, every=None, patience=None):
-        self.loss, self.params = loss, list(params)
+    def __init__(self, loss, params, every=None, patience=None, rule="held_out"):
+        if rule not in RULES:
+            raise InputError(f"EarlyStop: rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.loss, self.params, self.rule = loss, list(params), rule
         self.every, self.patience = every or CHECK_EVERY, patience or PATIENCE
         self.best, self.best_step, self.waited, self.steps, self.losses = math.inf, 0, 0, [], []
         self.kept = [p.detach().clone() for p in self.params]
 
     def check(self, i):
-        """After i steps: measure, keep the parameters if better -> True when the fit should stop."""
+        """After i steps: measure, keep the parameters if better -> True when the fit should stop.
+        held_out: an improvement is a fall below the best check by MIN_IMPROVEMENT (relative), and
+        only then are the parameters kept. train_loss (a tolerance on the change): an improvement
+        is such a fall below the previous check; the parameters of the lowest check are kept."""
         with torch.no_grad():
             value = float(self.loss())
+        previous = self.losses[-1] if self.losses else math.inf
         self.steps.append(i)
         self.losses.append(value)
-        if value < self.best - MIN_IMPROVEMENT * abs(self.best) or not math.isfinite(self.best):
-            self.best, self.best_step, self.waited = value, i, 0
+        ref = self.best if self.rule == "held_out" else previous
+        improved = not math.isfinite(ref) or value < ref - MIN_IMPROVEMENT * abs(ref)
+        if improved if self.rule == "held_out" else value < self.best:
+            self.best, self.best_step = value, i
             with torch.no_grad():
                 for k, p in zip(self.kept, self.params):
                     k.copy_(p)
+        if improved:
+            self.waited = 0
             return False
         self.waited += 1
         return self.waited >= self.patience
@@ -74,4 +106,5 @@ class EarlyStop:
 
     def report(self):
         return {"held_out": {"step": self.steps, "loss": self.losses}, "best_step": self.best_step,
-                "every": self.every, "patience": self.patience}
+                "every": self.every, "patience": self.patience,
+                "rule": self.rule}

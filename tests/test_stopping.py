@@ -1,7 +1,9 @@
 """The one stopping rule (lore.stopping, run by lore.steps.training_loop): the held-out slice of every
 user's pairs, the patience and the restored best parameters counted on a loss whose minimum is known,
 the cap flagged as not converged, every method's fit under stop="early" (LoRe, PAL, VPL), stop="fixed"
-as the paper's step counts, and the records and the comparison table that state the steps."""
+as the paper's step counts, the few-shot fits' form of the rule (fewshot_stop: a held-out slice of
+the new users' own pairs, or with under 10 pairs a user the training loss's tolerance) against a
+loop-form reference, and the records and the comparison table that state the steps."""
 import os
 import sys
 
@@ -12,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import utils  # noqa: E402
 from lore import results, steps, stopping  # noqa: E402
 from lore.checks import InputError, set_seed  # noqa: E402
-from lore.methods import METHODS, checked_fit, converged  # noqa: E402
+from lore.methods import METHODS, checked_fit, checked_fit_users, converged, recording  # noqa: E402
 from lore.pairs import Pairs, pack  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -141,6 +143,166 @@ def test_records_and_the_comparison_table_state_the_steps():
            "steps": 20000.0, "passes": 12.5, "fit_seconds": 3.25}
     table = results.comparison_table({"methods": [row, {**row, "method": "vpl", "at_cap": False, "converged": True}]})
     lines = table.splitlines()
-    assert "| steps | passes | fit s |" in lines[0]
-    assert lines[2].endswith("| 20000 | 12.5 | 3.2 | NOT CONVERGED (AT CAP) |")
-    assert lines[3].endswith("| 20000 | 12.5 | 3.2 | yes |")
+    assert "| steps | passes | fit s | few-shot steps |" in lines[0]
+    assert lines[2].endswith("| 20000 | 12.5 | 3.2 | - | NOT CONVERGED (AT CAP) |")
+    assert lines[3].endswith("| 20000 | 12.5 | 3.2 | - | yes |")
+    few = results.comparison_table({"methods": [{**row, "at_cap": False, "converged": True, "fewshot_steps": 180.0,
+                                                 "fewshot_at_cap": True}]}).splitlines()
+    assert few[2].endswith("| 20000 | 12.5 | 3.2 | 180 | yes, FEW-SHOT AT CAP |")
+
+
+# ---- the few-shot fits' rule (fewshot_stop="early"): new users' w with V fixed ------------------------------
+
+def noisy_users(n_users, n_pairs, n_features=6, K=3, seed=0):
+    """Difference rows of users mixing K planted directions, each label drawn by Bradley-Terry at
+    margins of order 1 (rows of norm ~100, LoRe's temperature): a few pairs overfit, so the held-out
+    loss turns up."""
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(n_features, K, generator=g)
+    X = []
+    for _ in range(n_users):
+        x = 100 * torch.randn(n_pairs, n_features, generator=g) / n_features ** 0.5
+        w = torch.softmax(torch.randn(K, generator=g), 0)
+        flip = torch.rand(n_pairs, generator=g) > torch.sigmoid(x @ V @ w / 100)
+        X.append(torch.where(flip[:, None], -x, x))
+    return X, V
+
+
+def loop_fewshot_stop(train, held, V, lr, cap, every, patience):
+    """The few-shot rule written out, one user at a time: Adam on sum_i mean_{x in train_i}
+    -log sigmoid(x V softmax(w_i) / 100) from w ~ N(0, 1) (drawn first, as PersonalizeBatch does);
+    every `every` steps the loss of `held` (the held-out pairs: stop after `patience` checks
+    without a relative fall of MIN_IMPROVEMENT below the best, the best kept; or held None: the
+    training pairs themselves, stop after `patience` checks that each fell by less than that
+    from the previous one, the lowest kept). -> (steps, best step, softmax(w) at the best check)."""
+    w = torch.nn.Parameter(torch.randn(len(train), V.shape[1]))
+    opt = torch.optim.Adam([w], lr=lr)
+    nll = lambda rows: sum(-torch.nn.functional.logsigmoid(x @ V @ torch.softmax(w[i], 0) / 100).mean()
+                           for i, x in enumerate(rows) if len(x))
+    best, best_step, best_w, waited, previous = float("inf"), 0, None, 0, float("inf")
+    for i in range(1, cap + 1):
+        opt.zero_grad()
+        nll(train).backward()
+        opt.step()
+        if i % every == 0:
+            with torch.no_grad():
+                value = float(nll(train if held is None else held))
+            ref = best if held is not None else previous
+            improved = ref == float("inf") or value < ref - stopping.MIN_IMPROVEMENT * abs(ref)
+            if (improved if held is not None else value < best):
+                best, best_step, best_w = value, i, torch.softmax(w.detach(), 1)
+            previous = value
+            waited = 0 if improved else waited + 1
+            if waited == patience:
+                return i, best_step, best_w
+    return cap, best_step, best_w
+
+
+@pytest.mark.parametrize("n_pairs, rule", [(20, "held_out"), (9, "train_loss")])
+def test_fewshot_rule_stops_where_the_loop_form_reference_stops(n_pairs, rule, monkeypatch):
+    monkeypatch.setattr(stopping, "CHECK_EVERY", 5)
+    monkeypatch.setattr(stopping, "PATIENCE", 3)
+    X, V = noisy_users(5, n_pairs)
+    pairs, cap = pack(X), 3000
+    set_seed(0)
+    model = utils.PersonalizeBatch(5, 6, 3, cap, 0.3, CPU, stop="early")
+    with recording() as curves:
+        W = torch.stack(model.train(pairs, V))
+    curve = curves[0].result()
+    # the reference: the same draws (w first, then the held-out slice), the rule in a loop
+    set_seed(0)
+    torch.randn(5, 3)
+    train, held, got_rule = stopping.fewshot_holdout(pairs)
+    assert got_rule == rule and curve["rule"] == rule
+    if rule == "held_out":
+        assert held.counts().tolist() == [2] * 5 and train.counts().tolist() == [18] * 5   # floor(0.1 * 20)
+    else:
+        assert held is None and train is pairs                                             # 9 < 10: nothing held out
+    set_seed(0)
+    ref_steps, ref_best, ref_W = loop_fewshot_stop(train.split(), None if held is None else held.split(), V, 0.3,
+                                                   cap, 5, 3)
+    assert 0 < ref_best < ref_steps < cap or rule == "train_loss" and ref_best == ref_steps < cap   # stops before its cap
+    assert curve["stopped"] == "early" and curve["steps"] == ref_steps and curve["best_step"] == ref_best
+    if rule == "held_out":
+        assert curve["steps"] - curve["best_step"] == 3 * 5             # patience: 3 checks of 5 steps
+    else:   # the falls between the last 4 checks are all under the tolerance, the one before is not
+        loss = curve["held_out"]["loss"]
+        falls = [(a - b) / a for a, b in zip(loss[:-1], loss[1:])]
+        assert all(f < stopping.MIN_IMPROVEMENT for f in falls[-3:]) and falls[-4] >= stopping.MIN_IMPROVEMENT
+    torch.testing.assert_close(W, ref_W, rtol=1e-5, atol=1e-6)          # the best check's weights
+
+
+def test_fewshot_rule_reaches_its_cap_and_fixed_is_the_default():
+    X, V = noisy_users(4, 20)
+    pairs = pack(X)
+    for stop in ("fixed", "early"):
+        set_seed(0)
+        with recording() as curves:
+            utils.PersonalizeBatch(4, 6, 3, 20, 0.3, CPU, stop=stop).train(pairs, V)
+        c = curves[0].result()
+        # 20 steps: fixed runs them; early checks at 25 at the earliest, so it runs to its cap
+        assert c["steps"] == 20 and c["stopped"] == ("fixed" if stop == "fixed" else "cap")
+        if stop == "early":
+            assert converged(c) is False                                 # a cap is never converged
+    set_seed(0)
+    default = torch.stack(utils.PersonalizeBatch(4, 6, 3, 20, 0.3, CPU).train(pairs, V))
+    set_seed(0)
+    assert torch.equal(default, torch.stack(utils.PersonalizeBatch(4, 6, 3, 20, 0.3, CPU, stop="fixed").train(pairs, V)))
+    with pytest.raises(InputError, match="stop must be one of fixed, early"):
+        utils.PersonalizeBatch(4, 6, 3, 20, 0.3, CPU, stop="sometimes")
+
+
+@pytest.mark.parametrize("name", ["lore", "pca", "pal", "vpl"])
+def test_every_methods_fewshot_fit_states_its_rule(name, monkeypatch):
+    monkeypatch.setattr(stopping, "CHECK_EVERY", 5)
+    monkeypatch.setattr(stopping, "PATIENCE", 3)
+    pairs = planted(n_users=8, n_pairs=20)
+    hp = {"lore": {"iters": 30, "fewshot_iters": 2000, "fewshot_lr": 0.3}, "pca": {"fewshot_iters": 2000, "fewshot_lr": 0.3},
+          "pal": {"dim": 8, "epochs": 1, "batch_size": 16, "fewshot_epochs": 100, "fewshot_lr": 0.1},
+          "vpl": {"hidden": 8, "epochs": 1, "duplicates": 1}}[name]
+    early = {} if name == "vpl" else {"fewshot_stop": "early"}
+    set_seed(0)
+    method = METHODS[name](2, **hp, **early)
+    checked_fit(method, pairs)
+    checked_fit_users(method, pairs)
+    status = utils.fit_status(method)
+    if name == "vpl":   # an encoder: no few-shot optimization to stop
+        assert "fewshot_stop" not in method.hparams and method.fewshot_curve is None
+        assert {k: status[k] for k in ("fewshot_stop", "fewshot_stopped", "fewshot_rule", "fewshot_steps")} == \
+            {"fewshot_stop": None, "fewshot_stopped": None, "fewshot_rule": None, "fewshot_steps": None}
+        return
+    cap = hp.get("fewshot_iters") or hp["fewshot_epochs"] * 18              # PAL: epochs x the most pairs a user trains on
+    assert status["fewshot_stop"] == "early" and status["fewshot_rule"] == "held_out"
+    assert status["fewshot_stopped"] == "early" and 0 < status["fewshot_steps"] < cap
+    assert method.fewshot_curve["held_out"]["step"] == list(range(5, status["fewshot_steps"] + 1, 5))
+    if name == "pal":
+        assert method.fewshot_curve["passes"] == pytest.approx(status["fewshot_steps"] / 18)
+    short = {"fewshot_epochs": 2} if name == "pal" else {"fewshot_iters": 40}   # fixed: the step count it is given
+    set_seed(0)
+    fixed = METHODS[name](2, **{**hp, **short})
+    checked_fit(fixed, pairs)
+    checked_fit_users(fixed, pairs)
+    s = utils.fit_status(fixed)
+    steps_fixed = 40
+    assert (s["fewshot_stop"], s["fewshot_stopped"], s["fewshot_rule"], s["fewshot_steps"]) == ("fixed", "fixed", None, steps_fixed)
+
+
+def test_shot_records_state_the_fewshot_fits(monkeypatch):
+    monkeypatch.setattr(stopping, "CHECK_EVERY", 5)
+    monkeypatch.setattr(stopping, "PATIENCE", 3)
+    X, V = noisy_users(6, 20)
+    pairs = pack(X)
+    records = utils.sweep_shots(K_list=[2], shots=[5, 12], trials=1, seen_train=pairs, unseen_fewshot=pairs,
+                                unseen_test=pairs, hparams={"lore": {"iters": 20, "fewshot_iters": 3000,
+                                                                      "fewshot_lr": 0.3, "fewshot_stop": "early"}},
+                                seed=0, select=("random", "active"))
+    by = {(r["select"], r["shots"]): r for r in records}
+    for select in ("random", "active"):
+        # 5 shots: nothing to hold out (the training loss's tolerance); 12: one pair a user held out
+        assert by[select, 5]["fewshot_rule"] == ["train_loss"] and by[select, 12]["fewshot_rule"] == ["held_out"]
+        for n in (5, 12):
+            r = by[select, n]
+            assert r["fewshot_stop"] == "early" and r["fewshot_at_cap"] == 0 and 0 < r["fewshot_steps"] < 3000
+    fixed = utils.sweep_shots(K_list=[2], shots=[5], trials=1, seen_train=pairs, unseen_fewshot=pairs, unseen_test=pairs,
+                              hparams={"lore": {"iters": 20, "fewshot_iters": 40}}, seed=0)[0]
+    assert (fixed["fewshot_stop"], fixed["fewshot_rule"], fixed["fewshot_steps"], fixed["fewshot_at_cap"]) == ("fixed", None, 40.0, 0)
