@@ -3,14 +3,12 @@ it is made, caches that an edit of the data cannot reach, and PRISM's two steps 
 import argparse
 import os
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, load_script
 from lore import cli, data as lore_data, extract
-from lore.checks import InputError
 from lore.io import read_metadata
 
 prepare = load_script(os.path.join(REPO, "PersonalLLM", "prepare.py"), "data_personalllm_prepare")
