@@ -277,6 +277,10 @@ class VPL(Method):
     Loss (vae_utils.py:175-179, 265-288): mean over the batch of -log sigmoid(r(chosen, z) -
     r(rejected, z)) + kl_weight * annealing(step) * KL(q || N(0, I)); during training z = mean +
     std * eps rescaled to norm sqrt(K) (vae_utils.py:114-118), when scoring z = mean (:152-153).
+    The original's latent has 512 dimensions; with K = 3 its norm sqrt(K) is small beside the
+    embeddings and its std floor drowns it, so three knobs (the original's values by default) make
+    it explicit: min_std the std floor, z_gain the reward network's z = z_gain * z, score_z
+    "sphere" scores users with the mean rescaled to norm sqrt(K), as in training.
 
     Training: every pair is a target `duplicates` times per epoch, each time with its own context
     of 2..8 other pairs of its user drawn without replacement (add_survey_contexts.py:146-147);
