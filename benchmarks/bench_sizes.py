@@ -11,8 +11,8 @@ For each size N it prepares (once, cached in --work/n{N}) `PersonalLLM/prepare.p
 each (seeded as utils.sweep seeds a setting), lore K=0 (the reference), lore K=3 as the recipe
 fits it (stop fixed), lore K=3 --stop early, pal K=3 and vpl K=3, fits the unseen users from their
 few-shot pairs and scores unseen_test. Per row: the mean accuracy, the paired gain over the
-reference (per user, mean over seeds) with its 95% bootstrap CI over users and seeds
-(lore.compare.bootstrap_ci), whether the CI excludes 0, the fits' steps, passes, seconds, how they
+reference (per user, mean over seeds) with its 95% CI over users and seeds (lore.compare.mean_ci,
+the two-way random-effects t interval), whether the CI excludes 0, the fits' steps, passes, seconds, how they
 stopped and whether they converged. Writes --out (JSON, with the machine's load and threads) and
 prints the Markdown table that docs/comparisons.md shows. Sizes already in --out and not in --sizes
 are kept (each size states its own seeds and load).
@@ -29,7 +29,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from lore import cli  # noqa: E402
 from lore.checks import seed_fit  # noqa: E402
-from lore.compare import bootstrap_ci  # noqa: E402
+from lore.compare import mean_ci  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.io import read_json, write_json  # noqa: E402
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method  # noqa: E402
@@ -82,7 +82,7 @@ def measure(n, seeds, work, hparams):
                          "converged": converged(method.curve), "fit_seconds": method.fit_seconds})
         acc[label] = np.stack(per_seed)                                                 # [S, N]
         gain = acc[label] - acc["reference"]
-        ci = bootstrap_ci(gain)
+        ci = mean_ci(gain)
         rows.append({"method": label, "fit_of": name, "K": K, "hparams": {**hparams[name], **extra},
                      "unseen_test": float(acc[label].mean()), "gain": float(gain.mean()), "gain_ci": ci,
                      "beats_reference": bool(ci[0] > 0), "fits": fits,
@@ -92,20 +92,31 @@ def measure(n, seeds, work, hparams):
     return {"seen_users": n, "unseen_users": n // 2, "seen_pairs": len(sets["seen_train"]), "rows": rows}
 
 
-def table(result):
-    """The Markdown table of sizes.json."""
-    lines = ["| seen users | method | unseen_test | gain over reference [95% CI] | steps | passes | fit s | converged |",
-             "|---|---|---|---|---|---|---|---|"]
-    for size in result["sizes"]:
+def table_rows(sizes):
+    """The docs' table as records of strings (sizes.json's "table"; tools/tables.py renders it)."""
+    out = []
+    for size in sizes:
         for r in size["rows"]:
             mean = lambda k: None if any(f[k] is None for f in r["fits"]) else np.mean([f[k] for f in r["fits"]])
             fmt = lambda v, f: "-" if v is None else format(v, f)
             gain = "-" if r["method"] == "reference" else f"{r['gain']:+.3f} [{r['gain_ci'][0]:+.3f}, {r['gain_ci'][1]:+.3f}]"
             cap = any(f["stopped"] == "cap" for f in r["fits"])
-            verdict = "NOT CONVERGED (AT CAP)" if cap else "yes" if r["converged"] else "NOT CONVERGED"
-            lines.append(f"| {size['seen_users']} | {r['method']} | {r['unseen_test']:.3f} | {gain} | "
-                         f"{fmt(mean('steps'), '.0f')} | {fmt(mean('passes'), '.1f')} | {fmt(mean('fit_seconds'), '.1f')} "
-                         f"| {verdict} |")
+            out.append({"seen_users": size["seen_users"], "method": r["method"], "unseen_test": f"{r['unseen_test']:.3f}",
+                        "gain": gain, "steps": fmt(mean("steps"), ".0f"), "passes": fmt(mean("passes"), ".1f"),
+                        "fit_seconds": fmt(mean("fit_seconds"), ".1f"), "seeds": size["seeds"],
+                        "converged": "NOT CONVERGED (AT CAP)" if cap else "yes" if r["converged"] else "NOT CONVERGED"})
+    return out
+
+
+COLUMNS = (("seen users", "seen_users"), ("method", "method"), ("unseen_test", "unseen_test"),
+           ("gain over reference [95% CI]", "gain"), ("steps", "steps"), ("passes", "passes"),
+           ("fit s", "fit_seconds"), ("seeds", "seeds"), ("converged", "converged"))
+
+
+def table(result):
+    """The Markdown table of sizes.json (what tools/tables.py renders from its "table")."""
+    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[k]) for _, k in COLUMNS) + " |" for r in table_rows(result["sizes"])]
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +133,7 @@ def main(args):
         sizes.append({**measure(n, args.seeds, args.work, hparams), "seeds": args.seeds,
                       "load_average_at_start": load, "load_average_at_end": os.getloadavg()})
         sizes.sort(key=lambda s: s["seen_users"])
-        result = {"sizes": sizes, "seeds": args.seeds, "command": " ".join(sys.argv),
+        result = {"sizes": sizes, "table": table_rows(sizes), "seeds": args.seeds, "command": " ".join(sys.argv),
                   "machine": {"cpus": os.cpu_count(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
                               "load_average_at_start": load, "load_average_at_end": os.getloadavg(),
                               "seconds": time.time() - start}}

@@ -26,6 +26,7 @@ PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's ini
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
 VPL_SLOPE = 0.2                             # LeakyReLU(0.2) in every MLP: vae_utils.py:21,23,78,80
 VPL_ANNEAL_BASELINE = 0.1                   # the KL weight's annealing starts at 10%: vae_utils.py:171
+VPL_MIN_STD = math.exp(-0.5)                # the posterior's log-variance is clamped to [-1, 1]: vae_utils.py:143
 VPL_MAX_GRAD_NORM = 1.0                     # transformers' Trainer clips to this by default (TrainingArguments.max_grad_norm)
 
 
@@ -299,6 +300,10 @@ class VPL(Method):
     Loss (vae_utils.py:175-179, 265-288): mean over the batch of -log sigmoid(r(chosen, z) -
     r(rejected, z)) + kl_weight * annealing(step) * KL(q || N(0, I)); during training z = mean +
     std * eps rescaled to norm sqrt(K) (vae_utils.py:114-118), when scoring z = mean (:152-153).
+    The original's latent has 512 dimensions; with K = 3 its norm sqrt(K) is small beside the
+    embeddings and its std floor drowns it, so three knobs (the original's values by default) make
+    it explicit: min_std the std floor, z_gain the reward network's z = z_gain * z, score_z
+    "sphere" scores users with the mean rescaled to norm sqrt(K), as in training.
 
     Training: every pair is a target `duplicates` times per epoch, each time with its own context
     of 2..8 other pairs of its user drawn without replacement (add_survey_contexts.py:146-147);
@@ -324,14 +329,20 @@ class VPL(Method):
         "context_max": 8,      # add_survey_contexts.py:89-90 (context_length)
         "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
         "steps": 20000,        # the cap of stop="early" (optimizer steps; the cosine schedule spans it)
+        "min_std": VPL_MIN_STD,   # the posterior's std floor: log_var clamped to [-1, 1] (vae_utils.py:143)
+        "z_gain": 1.0,         # z's norm, in units of sqrt(K): z rescaled to norm sqrt(latent_dim) (vae_utils.py:117)
+        "score_z": "mean",     # the latent a user is scored with: the posterior mean (vae_utils.py:152-153), or
+                               # "sphere": the mean rescaled to the norm z had in training
     }
-    choices = {"stop": STOPS}
+    choices = {"stop": STOPS, "score_z": ("mean", "sphere")}
 
     # warmup is a fraction of the steps; hidden a layer width ([2F, hidden], [hidden, hidden] layers)
-    limits = {"warmup": 1.0, "hidden": 1 << 16}
+    limits = {"warmup": 1.0, "hidden": 1 << 16, "min_std": math.exp(0.5)}   # min_std: log_var is clamped to <= 1
     search, search_space = "random", {   # what lore.compare searches (widths <= 128 for 2-core searches)
         "K": [2, 3, 4, 5, 6, 8], "hidden": [64, 128], "duplicates": [1, 2, 4],
         "batch_size": [32, 64], "lr": ("log", 1e-4, 1e-2), "weight_decay": ("log", 1e-3, 30.0),
+        # a latent loud and sharp enough to be heard beside the embeddings (PersonalLLM/recipe.json)
+        "z_gain": [10.0], "min_std": ("log", 0.02, 0.1), "score_z": ["sphere"],
         "stop": ["early"]}   # the fit's length is the stopping rule's (lore.stopping), steps its cap
 
     def __init__(self, K, alpha=None, v_ref=None, device=None, **hparams):
@@ -371,11 +382,16 @@ class VPL(Method):
         a = torch.softmax(scores.masked_fill(~mask[:, None, :], float("-inf")), dim=-1)
         m = mask[..., None].float()                                               # [n, C, 1]
         out = ((a @ net.v(x)) * m).sum(1) / m.sum(1)                              # [n, K]: mean over the set
-        return net.mean(out).clamp(-1, 1), net.log_var(out).clamp(-1, 1)
+        return net.mean(out).clamp(-1, 1), net.log_var(out).clamp(2 * math.log(self.hparams["min_std"]), 1)
+
+    def _score_z(self, mean):
+        """The latent a user is scored with, from its posterior mean [n, K] (score_z)."""
+        return F.normalize(mean, dim=-1) * math.sqrt(self.K) if self.hparams["score_z"] == "sphere" else mean
 
     def _reward(self, hd, z):
         """Reward network on the item's first-layer product hd [n, H] and the latent z [n, K] -> [n]."""
         net = self.net
+        z = self.hparams["z_gain"] * z                                            # [n, K]
         h = F.leaky_relu(hd + z @ net.dec1.weight[:, self.n_features:].T + net.dec1.bias, VPL_SLOPE)
         h = F.leaky_relu(net.dec2(h), VPL_SLOPE)
         return net.dec3(h).squeeze(-1)
@@ -497,7 +513,7 @@ class VPL(Method):
         mask, c = context >= 0, context.clamp(min=0)                              # [N, C]
         hc, = self._first_layers(train.table[train.chosen[c]], "c")               # [N, C, H]
         hr, = self._first_layers(train.table[train.rejected[c]], "r")
-        z = self._encode(hc, hr, mask)[0][held.user]                              # [P_held, K]
+        z = self._score_z(self._encode(hc, hr, mask)[0])[held.user]               # [P_held, K]
         hd, = self._first_layers(held.table[torch.cat([held.chosen, held.rejected])], "d")   # [2 P_held, H]
         r = self._reward(hd, z.repeat(2, 1))
         return -F.logsigmoid(r[:len(held)] - r[len(held):]).mean()
@@ -514,7 +530,7 @@ class VPL(Method):
             for c in slots.split(chunk):
                 mask, p = c >= 0, c.clamp(min=0)                                  # [n, m]
                 means.append(self._encode(Zc[:, :H][p], Zr[:, H:2 * H][p], mask)[0])   # [n, m, H] parts
-        return torch.cat(means)                                                   # [N, K]
+        return self._score_z(torch.cat(means))                                    # [N, K]
 
     def item_features(self, rows):
         with torch.no_grad():

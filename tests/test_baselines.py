@@ -155,12 +155,13 @@ def ref_vpl_encode(m, pairs, ctx, p):
         a = a / a.sum()
         outs.append(sum(a[j] * lin(p, "v", codes[j]) for j in range(len(codes))))
     out = sum(outs) / len(outs)
-    return lin(p, "mean", out).clamp(-1, 1), lin(p, "log_var", out).clamp(-1, 1)
+    floor = math.log(m.hparams["min_std"] ** 2)                      # the std floor as a log-variance
+    return lin(p, "mean", out).clamp(-1, 1), lin(p, "log_var", out).clamp(floor, 1)
 
 
-def ref_vpl_margin(pairs, t, z, p):
-    """r(chosen, z) - r(rejected, z) of pair t, the decoder on concat(phi, z)."""
-    tab = pairs.table.double()
+def ref_vpl_margin(m, pairs, t, z, p):
+    """r(chosen, z) - r(rejected, z) of pair t, the decoder on concat(phi, z_gain z)."""
+    tab, z = pairs.table.double(), m.hparams["z_gain"] * z
     r = [lin(p, "dec3", lrelu(lin(p, "dec2", lrelu(lin(p, "dec1", torch.cat([tab[side[t]], z]))))))[0]
          for side in (pairs.chosen, pairs.rejected)]
     return r[0] - r[1]
@@ -176,16 +177,17 @@ def ref_vpl_loss(m, pairs, target, context, eps, step, p):
         mean, log_var = ref_vpl_encode(m, pairs, [c for c in context[b].tolist() if c >= 0], p)
         z = mean + torch.exp(0.5 * log_var) * eps[b].double()
         z = z / z.norm() * math.sqrt(L)
-        nlls.append(nll(ref_vpl_margin(pairs, int(target[b]), z, p)))
+        nlls.append(nll(ref_vpl_margin(m, pairs, int(target[b]), z, p)))
         kls.append(-0.5 * (1 + log_var - mean ** 2 - log_var.exp()).sum())
     weight = m.hparams["kl_weight"] * m.kl_slope(step)
     return sum(nlls) / len(nlls) + weight * sum(kls) / len(kls)
 
 
-def test_vpl_loss_and_gradient_equal_loop_form():
+@pytest.mark.parametrize("latent", [{}, {"min_std": 0.05, "z_gain": 3.0, "score_z": "sphere"}])
+def test_vpl_loss_and_gradient_equal_loop_form(latent):
     pairs = random_table_pairs(n_features=5, seed=2)
     set_seed(0)
-    m = baselines.VPL(3, hidden=6, kl_weight=0.5, context_max=4)
+    m = baselines.VPL(3, hidden=6, kl_weight=0.5, context_max=4, **latent)
     m.start(pairs)
     target, context = m.draw_epoch(pairs)
     target, context = target[:9], context[:9]
@@ -201,14 +203,37 @@ def test_vpl_loss_and_gradient_equal_loop_form():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
     for name, p in params.items():
         torch.testing.assert_close(p.grad.double(), ref_params[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-    # new users are encoded from all their pairs (z = the mean) and scored through item features
+    # new users are encoded from all their pairs (z = the mean; with score_z "sphere" rescaled to
+    # norm sqrt(K), as in training) and scored through item features
     U = m.fit_users(pairs)
     with torch.no_grad():
         means = [ref_vpl_encode(m, pairs, torch.nonzero(pairs.user == i)[:, 0].tolist(), ref_params)[0]
                  for i in range(pairs.n_users)]
+        if latent:
+            means = [z / z.norm() * math.sqrt(3) for z in means]
+            assert U.norm(dim=1).tolist() == pytest.approx([math.sqrt(3)] * pairs.n_users)
         torch.testing.assert_close(U.double(), torch.stack(means), rtol=1e-4, atol=1e-6)
-        ref = [ref_vpl_margin(pairs, t, U[int(pairs.user[t])].double(), ref_params) for t in range(len(pairs))]
+        ref = [ref_vpl_margin(m, pairs, t, U[int(pairs.user[t])].double(), ref_params) for t in range(len(pairs))]
         torch.testing.assert_close(pair_margins(m, pairs, U).double(), torch.stack(ref), rtol=1e-4, atol=1e-5)
+
+
+def test_vpl_posterior_std_floor():
+    """log_var is clamped below at log(min_std^2): -1 at the original's floor e^-1/2, lower when asked;
+    a floor above e^1/2 (the clamp's top) is refused."""
+    pairs = random_table_pairs(seed=5)
+    for hp, floor in (({}, -1.0), ({"min_std": 0.05}, -5.0)):
+        m = baselines.VPL(2, hidden=4, **hp)
+        m.start(pairs)
+        with torch.no_grad():
+            m.net.log_var.weight.zero_()
+            m.net.log_var.bias.fill_(-5.0)   # a posterior that asks for std e^-2.5 = 0.08
+            context = torch.arange(4)[None, :]
+            hc, = m._first_layers(pairs.table[pairs.chosen[context]], "c")
+            hr, = m._first_layers(pairs.table[pairs.rejected[context]], "r")
+            log_var = m._encode(hc, hr, context >= 0)[1]
+        assert log_var.tolist() == [[pytest.approx(floor)] * 2]
+    with pytest.raises(InputError, match="min_std"):
+        baselines.VPL(2, min_std=2.0)
 
 
 def test_vpl_contexts_are_other_pairs_of_the_same_user():

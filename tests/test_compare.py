@@ -320,6 +320,10 @@ def test_personalllm_recipe_defaults_are_the_tuned_ones_and_the_papers_stay_reac
                               "--pal-lr", "1e-4", "--pal-proto-lr", "5e-3", "--pal-w-lr", "5e-3",
                               "--pal-fewshot-epochs", "20", "--pal-fewshot-lr", "5e-3"])
     assert method_hparams(papers)["pal"] == METHODS["pal"].defaults
+    papers = pllm.parse_args(["--method", "vpl", "--vpl-hidden", "512", "--vpl-stop", "fixed", "--vpl-epochs", "2",
+                              "--vpl-duplicates", "4", "--vpl-batch-size", "32", "--vpl-lr", "1e-4", "--vpl-z-gain", "1",
+                              "--vpl-min-std", "0.6065306597126334", "--vpl-score-z", "mean"])
+    assert method_hparams(papers)["vpl"] == METHODS["vpl"].defaults
 
 
 @pytest.mark.parametrize("info", [[], None, 3, "x", {"dataset": ["PersonalLLM"]}, {"dataset": {"a": 1}}])
