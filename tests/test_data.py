@@ -49,16 +49,17 @@ def test_cache_and_output_are_copies_not_links(tmp_path):
     """cache_path seeds the cache from --out's file and link_into puts it back: never the same inode,
     so an edit of the data folder's file in place does not reach the cache."""
     out = tmp_path / "D"
+    table = torch.arange(6.0).reshape(3, 2)
     with cli.run_folder(argparse.Namespace(out=str(out), seed=0), "a.py") as staging:
-        (open(os.path.join(staging, "embeddings.safetensors"), "w")).write("table")
+        save_file({"embeddings": table}, os.path.join(staging, "embeddings.safetensors"))
     args = argparse.Namespace(out=str(out))
     cache = cli.cache_path(args, "embeddings.safetensors")
-    assert open(cache).read() == "table" and os.stat(cache).st_ino != os.stat(out / "embeddings.safetensors").st_ino
+    assert torch.equal(load_file(cache)["embeddings"], table)
+    assert os.stat(cache).st_ino != os.stat(out / "embeddings.safetensors").st_ino
     copy = cli.link_into(cache, str(tmp_path))
     assert os.stat(copy).st_ino != os.stat(cache).st_ino
-    with open(out / "embeddings.safetensors", "w") as f:   # an edit in place
-        f.write("edited")
-    assert open(cache).read() == open(copy).read() == "table"
+    save_file({"embeddings": -table}, str(out / "embeddings.safetensors"))   # an edit of the data folder's file
+    assert torch.equal(load_file(cache)["embeddings"], table) and torch.equal(load_file(copy)["embeddings"], table)
 
 
 def test_an_edited_cache_is_computed_again(tiny_model_dir, tmp_path, capsys):

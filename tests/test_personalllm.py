@@ -37,7 +37,7 @@ USERS = ["--n-users", "60", "--n-unseen", "40", "--train-frac", "0.1", "--pool-f
 FAST = ["--iters", "200", "--fewshot-iters", "200", "--device", "cpu"]
 QUICK = ["--iters", "20", "--fewshot-iters", "20", "--device", "cpu"]
 RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
-               "stop", "stopped", "steps", "passes"}
+               "stop", "stopped", "steps", "passes", "fewshot_stop", "fewshot_stopped", "fewshot_rule", "fewshot_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,8 @@ def test_vary_fewshot(data, tmp_path):
     records = read_json(os.path.join(out, "results.json"))
     assert [(r["method"], r["K"], r["shots"]) for r in records] == [("lore", 3, 1), ("lore", 3, 5), ("lore", 3, 20)]
     assert set(records[0]) == {"method", "K", "alpha", "select", "shots", "unseen_fewshot", "unseen_fewshot_std",
-                               "unseen_test", "unseen_test_std"}
+                               "unseen_test", "unseen_test_std", "fewshot_stop", "fewshot_rule", "fewshot_steps",
+                               "fewshot_at_cap"}
     held_out = [r["unseen_test"] for r in records]
     assert held_out[2] > held_out[0] + 0.02          # more shots, better held-out accuracy
     assert all(0 <= r["unseen_test_std"] < 0.1 for r in records)

@@ -45,7 +45,7 @@ PAIR_COLUMNS = ["set", "user", "chosen", "rejected", "group", "dialog", "turn", 
 SET_OF = {("seen", "train"): "seen_train", ("seen", "test"): "seen_test", ("unseen", "train"): "unseen_fewshot",
           ("unseen", "test"): "unseen_test"}
 RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
-               "stop", "stopped", "steps", "passes"}
+               "stop", "stopped", "steps", "passes", "fewshot_stop", "fewshot_stopped", "fewshot_rule", "fewshot_steps"}
 TURN = {"user": True, "chosen": True}
 
 

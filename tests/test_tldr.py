@@ -38,7 +38,7 @@ BY_COUNT = sorted(COMMON, key=TRAIN.get)          # the order of the draws (and 
 DRAWS = ["--max-train-pairs", "4"]                # seen workers draw 4; unseen workers a pool of all (<= 100)
 FAST = ["--k-list", "0,1,2", "--iters", "20", "--fewshot-iters", "20", "--device", "cpu", "--fewshot-pairs", "3"]
 RECORD_KEYS = {"method", "K", "alpha", *SETS, *(f"{s}_std" for s in SETS), "converged", "loss_fall",
-               "stop", "stopped", "steps", "passes"}
+               "stop", "stopped", "steps", "passes", "fewshot_stop", "fewshot_stopped", "fewshot_rule", "fewshot_steps"}
 
 
 def hub_rows(counts, split, n_posts, first_post):
