@@ -255,12 +255,17 @@ def _rank(rank, world, port, data, out):
         module.main(module.parse_args(["--data", data, *RUN, *extra, "--out", os.path.join(out, script)]))
 
 
+def prepared(tmp_path_factory, name, flags):
+    """A synthetic PersonalLLM data folder of the given sizes, made by prepare.py."""
+    prepare = load_script(os.path.join(PLLM, "prepare.py"), f"personalllm_prepare_{name}")
+    out = str(tmp_path_factory.mktemp(name) / "data")
+    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *flags]))
+    return out
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    prepare = load_script(os.path.join(PLLM, "prepare.py"), "personalllm_prepare_scale")
-    out = str(tmp_path_factory.mktemp("scale") / "data")
-    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *TINY]))
-    return out
+    return prepared(tmp_path_factory, "scale", TINY)
 
 
 def test_two_processes_give_the_records_of_one(data, tmp_path):
@@ -341,10 +346,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
-    prepare = load_script(os.path.join(PLLM, "prepare.py"), "personalllm_prepare_big")
-    out = str(tmp_path_factory.mktemp("scale_big") / "data")
-    prepare.main(prepare.parse_args(["--synthetic", "--out", out, *BIG]))
-    return out
+    return prepared(tmp_path_factory, "scale_big", BIG)
 
 
 def test_full_recipe_accuracy_table_equals_pair_form(big, one_thread, monkeypatch):
