@@ -20,7 +20,6 @@ fit_users (W alone, 20 epochs) and VPL's (encoding, no step), against Personaliz
 Prints ms/step and both ratios; writes the table as JSON to --out (default: stdout only).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -123,11 +122,17 @@ def loop_personalize_step(model, X_list, V):
     model.optimizer.step()
 
 
-def main(args):
-    if args.deterministic:
-        set_seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+def load():
+    """uptime's load averages (1, 5, 15 min) and OMP_NUM_THREADS: the machine a number was measured on."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1min": one, "load_5min": five, "load_15min": fifteen,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
+def bench_steps(args, device):
+    """-> the rows of LoRe's, LoRe_regularized's and PersonalizeBatch's steps (ms, their loop forms',
+    their floors'), LoRe's ms/step and PersonalizeBatch's ms a fit (500 steps). The data lives in
+    this function only, so that it is freed before the baselines build theirs."""
     steps = args.steps or (200 if device.type == "cuda" else 10)
     Fdim, K = args.features, args.rank
     seen = pack(list(torch.randn(args.users, args.pairs, Fdim)), device=device)
@@ -146,40 +151,48 @@ def main(args):
     floor_unseen = timed(lambda: unseen.X @ v, args.repeats, device) + \
         timed(lambda: torch.randn(len(unseen), device=device) @ unseen.X, args.repeats, device)
 
-    model = utils.LoRe(v_ref, 0.0, args.users, Fdim, K, 1, 0.5, device)
+    lore = utils.LoRe(v_ref, 0.0, args.users, Fdim, K, 1, 0.5, device)
     weight = utils.user_mean_weights(seen)
-    step = timed_loop(lambda: model.step(X, user, weight), steps, device)
+    step = timed_loop(lambda: lore.step(X, user, weight), steps, device)
     X_list = seen.split()
-    loop = timed(lambda: loop_lore_step(model, X_list), args.loop_repeats, device)
+    loop = timed(lambda: loop_lore_step(lore, X_list), args.loop_repeats, device)
     record("LoRe", step, loop, floor)
 
-    model = utils.LoRe_regularized(v_ref, 1e4, args.users, Fdim, K, 1, 0.5, device)
-    weight = utils.pair_mean_weights(seen)
+    regularized = utils.LoRe_regularized(v_ref, 1e4, args.users, Fdim, K, 1, 0.5, device)
+    pair_weight = utils.pair_mean_weights(seen)
     alpha_t = torch.tensor(1e4, device=device)
-    step = timed_loop(lambda: model.step(X, user, weight, alpha_t), steps, device)
-    loop = timed(lambda: loop_regularized_step(model, X_list, weight[0]), args.loop_repeats, device)
+    step = timed_loop(lambda: regularized.step(X, user, pair_weight, alpha_t), steps, device)
+    loop = timed(lambda: loop_regularized_step(regularized, X_list, pair_weight[0]), args.loop_repeats, device)
     record("LoRe_regularized", step, loop, floor)
 
     # PersonalizeBatch projects once (V is fixed), so its step is measured together with that
     # projection, amortized over the 500 steps of a fit
     V = torch.randn(Fdim, K, device=device)
-    model = utils.PersonalizeBatch(args.unseen_users, Fdim, K, 1, 0.1, device)
-    weight = utils.user_mean_weights(unseen)
+    fewshot = utils.PersonalizeBatch(args.unseen_users, Fdim, K, 1, 0.1, device)
+    unseen_weight = utils.user_mean_weights(unseen)
     Z = unseen.project(V)
     projection = timed(lambda: unseen.project(V), args.repeats, device)
-    step = timed_loop(lambda: model.step(Z, unseen.user, weight), max(steps, 500), device) + projection / 500
+    step = timed_loop(lambda: fewshot.step(Z, unseen.user, unseen_weight), max(steps, 500), device) + projection / 500
     U_list = unseen.split()
-    loop = timed(lambda: loop_personalize_step(model, U_list, V), args.loop_repeats, device)
+    loop = timed(lambda: loop_personalize_step(fewshot, U_list, V), args.loop_repeats, device)
     record("PersonalizeBatch", step, loop, floor_unseen)
-    lore_ms, fewshot_ms = rows[0]["ms"], step * 500
-    del X, X_list, U_list, seen, model
+    return rows, rows[0]["ms"], step * 500
+
+
+def main(args):
+    if args.deterministic:
+        set_seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    load_start = load()
+    rows, lore_ms, fewshot_ms = bench_steps(args, device)
     baselines = bench_baselines(args, device, lore_ms, fewshot_ms)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}, deterministic algorithms "
           f"{torch.are_deterministic_algorithms_enabled()}: {args.users} users x {args.pairs} pairs (unseen {args.unseen_users} x "
-          f"{args.unseen_pairs}), F={Fdim}, K={K}, float32")
+          f"{args.unseen_pairs}), F={args.features}, K={args.rank}, float32")
     print(f"{'step':<18}{'ms/step':>10}{'loop ms':>10}{'floor ms':>10}{'step/floor':>12}{'loop/step':>11}")
     for r in rows:
         print(f"{r['step']:<18}{r['ms']:>10.3f}{r['loop_ms']:>10.1f}{r['floor_ms']:>10.3f}"
@@ -191,7 +204,9 @@ def main(args):
         print(f"{r['step']:<18}{r['ms']:>10.3f}{r['vs_lore_step']:>8.2f}{r['steps_per_fit']:>11}{r['fit_s']:>9.2f}"
               f"{r['vs_lore_fit']:>12.2f}")
     if args.out:
-        write_json(args.out, {"device": name, "config": vars(args), "results": rows, "baselines": baselines})
+        write_json(args.out, {"device": name, "torch": torch.__version__, "config": vars(args),
+                              "load_start": load_start, "load_end": load(), "results": rows,
+                              "baselines": baselines})
 
 
 def timed_steps(step, n, device):
@@ -238,7 +253,6 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
     fit_s = time.perf_counter() - t
     steps = pal.hparams["fewshot_epochs"] * args.unseen_pairs
     add("PAL fit_users", 1e3 * fit_s / steps, steps, fit_s, 1e-3 * fewshot_ms)
-    del pal
 
     vpl = VPL(args.vpl_k, device=device)
     per_epoch = vpl.start(seen)

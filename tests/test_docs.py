@@ -102,3 +102,12 @@ def test_tables_tool_renders_checks_and_rewrites(tmp_path):
     assert tables.check_page(str(page)) == []
     with pytest.raises(ValueError, match="HEADER = TEMPLATE"):
         tables.render(f"{data} | no template here")
+
+
+def test_tables_tool_groups_rows_by_keys(tmp_path):
+    data = tmp_path / "r.json"
+    data.write_text('[{"m": "a", "s": "r", "n": 1, "x": 0.1}, {"m": "a", "s": "r", "n": 5, "x": 0.2},'
+                    ' {"m": "a", "s": "q", "n": 1, "x": 0.3}, {"m": "b", "s": "r", "n": 1, "x": 0.4},'
+                    ' {"m": "a", "s": "q", "n": 5, "x": 0.5}]')
+    spec = f"{data} where m=a by m,s | m, s = {{m}}, {{s}} | {{n[0]}} = {{x[0]:.1f}} | {{n[1]}} = {{x[1]:.1f}}"
+    assert tables.render(spec) == ["| m, s | 1 | 5 |", "|---|---|---|", "| a, r | 0.1 | 0.2 |", "| a, q | 0.3 | 0.5 |"]

@@ -13,8 +13,12 @@ its columns:
 
 - `PATH` is relative to the repository root; `#KEY[.KEY...]` picks the list of records inside it
   (none: the JSON itself is the list); `where k=v[,k=v...]` keeps the records whose str(k) is v;
+- `by k[,k...]` makes one row of each group of records with the same values of those keys (a curve
+  per row): the row's record holds the keys' values, and every other field as the list of its
+  values over the group, in the JSON's order (`{unseen_test[2]:.4f}` is the group's third record's);
 - every `HEADER = TEMPLATE` is a column: TEMPLATE is a str.format template over one record
-  (`{seen_test_ci[0]:.3f}` indexes a list);
+  (`{seen_test_ci[0]:.3f}` indexes a list); a HEADER with braces is a template over the first
+  row's record (`{shots[2]}`), so that a header cannot disagree with its column;
 - the rows follow the JSON's order.
 
 A results table that is not (yet) generated carries instead `<!-- table: not generated: WHY -->`,
@@ -38,29 +42,45 @@ def pages():
 
 
 def parse_marker(spec):
-    """'PATH[#KEY] [where k=v,...] | H = T | ...' -> (path, key, {k: v}, [(header, template)]);
-    None for a 'not generated: ...' marker."""
+    """'PATH[#KEY] [where k=v,...] [by k,...] | H = T | ...' -> (path, key, {k: v}, [k, ...],
+    [(header, template)]); None for a 'not generated: ...' marker."""
     if spec.startswith("not generated:"):
         return None
     source, *columns = [part.strip() for part in spec.split(" | ")]
-    where = {}
+    where, by = {}, []
+    if " by " in source:
+        source, keys = source.split(" by ", 1)
+        by = keys.split(",")
     if " where " in source:
         source, cond = source.split(" where ", 1)
         where = dict(c.split("=", 1) for c in cond.split(","))
     path, _, key = source.partition("#")
     if not columns or any(" = " not in c for c in columns):
         raise ValueError(f"table marker {spec!r}: its columns must be 'HEADER = TEMPLATE' separated by ' | '")
-    return path, key, where, [tuple(c.split(" = ", 1)) for c in columns]
+    return path, key, where, by, [tuple(c.split(" = ", 1)) for c in columns]
+
+
+def grouped(records, by):
+    """One record per group of records equal on the keys `by` (in order of first appearance): the
+    keys' values, and every other field as the list of its values over the group."""
+    groups = {}
+    for r in records:
+        groups.setdefault(tuple(str(r.get(k)) for k in by), []).append(r)
+    return [{**{k: [r.get(k) for r in group] for k in group[0]}, **{k: group[0].get(k) for k in by}}
+            for group in groups.values()]
 
 
 def render(spec):
     """The Markdown table (a list of lines) a generated marker describes."""
-    path, key, where, columns = parse_marker(spec)
+    path, key, where, by, columns = parse_marker(spec)
     records = json.load(open(os.path.join(REPO, path)))
     for k in filter(None, key.split(".")):
         records = records[k]
     records = [r for r in records if all(str(r.get(k)) == v for k, v in where.items())]
-    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    if by:
+        records = grouped(records, by)
+    headers = [h.format(**records[0]) if "{" in h and records else h for h, _ in columns]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
     for r in records:
         lines.append("| " + " | ".join(t.format(**r) for _, t in columns) + " |")
     return lines
