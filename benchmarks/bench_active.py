@@ -17,7 +17,8 @@ synthetic PersonalLLM of docs/active.md):
    loss, the seen users' held-out accuracy, and the cross-seed overlap of the bases (the mean
    squared cosine of the principal angles between two seeds' V, averaged over pairs of seeds: 1 is
    the same subspace).
-Prints the tables; writes them as JSON to --out (default: stdout only).
+Prints the tables; writes them as JSON to --out (default: stdout only): "selection" a row per
+candidate set, "init" a row per (entry, init), with the machine's load and OMP_NUM_THREADS.
 """
 import argparse
 import itertools
@@ -55,8 +56,16 @@ def best_time(fn, repeats):
     return min(times)
 
 
-def selection_cost(method, pool, repeats):
-    """Seconds of: a random draw of one more shot, an active round's selection (no refit), a refit."""
+def load():
+    """uptime's load averages (1, 5, 15 min) and OMP_NUM_THREADS: the machine a number was measured on."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1min": one, "load_5min": five, "load_15min": fifteen,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
+def selection_cost(method, name, pool, repeats):
+    """The row of candidate set `name`: seconds of a random draw of one more shot, an active round's
+    selection (no refit), a refit."""
     from lore import active
     pool = featurize(method, pool)
     Zc, Zr = pair_features(method, pool)
@@ -71,7 +80,7 @@ def selection_cost(method, pool, repeats):
         score = active.information(lam, g, pool.user, H).masked_fill(revealed, float("-inf"))
         return active.pick_per_user(score, pool.user, pool.n_users)
 
-    return {"candidates": len(pool), "users": pool.n_users,
+    return {"candidates": name, "pairs": len(pool), "users": pool.n_users,
             "random_draw_s": best_time(lambda: utils.sample_shots(pool, 3), repeats),
             "active_round_s": best_time(select_round, repeats),
             "refit_s": best_time(lambda: method.fit_users(pool.select(revealed)), max(1, repeats // 2))}
@@ -112,10 +121,11 @@ def init_comparison(data, K, iters, seeds):
         target = 1.01 * (final_mean if init == "random" else rows[-1]["final_loss_mean"])   # rows[-1]: its random start
         for r in results:
             r["steps_to_random_final"] = next((i + 1 for i, loss in enumerate(r.pop("losses")) if loss <= target), None)
+        reached = [r["steps_to_random_final"] for r in results]
         row = {"method": name, "init": init, "K": K, "iters": iters,
                "steps_within_1pct_mean": sum(r["steps_within_1pct"] for r in results) / seeds,
-               "final_loss_mean": final_mean,
-               "steps_to_random_final": [r["steps_to_random_final"] for r in results],
+               "final_loss_mean": final_mean, "steps_to_random_final": reached,
+               "steps_to_random_final_text": ", ".join("never" if s is None else str(s) for s in reached),
                "seen_test_mean": sum(r["seen_test"] for r in results) / seeds,
                "cross_seed_overlap": sum(overlap) / len(overlap), "seeds": results}
         rows.append(row)
@@ -130,17 +140,19 @@ def init_comparison(data, K, iters, seeds):
 def main(args):
     data = load_data(args.data, "cpu")
     set_seed(0)
+    load_start = load()
     method = METHODS["lore"](args.K, 0.0, data.v_ref, "cpu", iters=args.iters)
     method.fit(data.sets["seen_train"])
     every = load_script("every")
-    cost = {"pool": selection_cost(method, data.sets["unseen_fewshot"], args.repeats),
-            "all": selection_cost(method, every.every_pair_of_pool_prompts(data), args.repeats)}
-    for name, c in cost.items():
-        print(f"candidates {name}: {c['candidates']} pairs of {c['users']} users; "
+    cost = [selection_cost(method, "pool", data.sets["unseen_fewshot"], args.repeats),
+            selection_cost(method, "all", every.every_pair_of_pool_prompts(data), args.repeats)]
+    for c in cost:
+        print(f"candidates {c['candidates']}: {c['pairs']} pairs of {c['users']} users; "
               f"random draw {c['random_draw_s'] * 1e3:.1f} ms, "
               f"active round {c['active_round_s'] * 1e3:.1f} ms, refit {c['refit_s'] * 1e3:.0f} ms")
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "config": vars(args), "selection": cost,
-              "init": init_comparison(data, args.K, args.iters, args.seeds)}
+    init = init_comparison(data, args.K, args.iters, args.seeds)
+    result = {"device": "cpu", "threads": torch.get_num_threads(), "config": vars(args),
+              "load_start": load_start, "load_end": load(), "selection": cost, "init": init}
     if args.out:
         write_json(args.out, result)
     return result

@@ -11,7 +11,8 @@ on it in a child process and reports that process's peak resident memory and wal
 spent in training loops (lore.steps.training_loop), in input checks (the check functions of utils and lore/, outermost
 calls only) and elsewhere, the size of the embeddings file, and what the dense [users, prompts, F]
 tensors of the reference code would take.
-Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out).
+Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out): the
+command, the machine's load and OMP_NUM_THREADS before and after, and "runs", a row of the run.
 """
 import argparse
 import json
@@ -91,6 +92,13 @@ def measured(cmd):
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024  # Linux: KiB
 
 
+def load():
+    """uptime's load averages (1, 5, 15 min) and OMP_NUM_THREADS: the machine a number was measured on."""
+    one, five, fifteen = os.getloadavg()
+    return {"load_1min": one, "load_5min": five, "load_15min": fifteen,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset")}
+
+
 def main(args, train_flags):
     if args.child:
         return child(args.child, ["--data", args.data, "--out", args.out, *train_flags])
@@ -105,6 +113,7 @@ def main(args, train_flags):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", timings_path, "--data", args.data,
            "--out", args.out, *train_flags]
     print(" ".join(cmd))
+    load_start = load()
     code, wall, peak = measured(cmd)
     if code != 0:
         raise SystemExit(f"train_basis.py exited with {code}")
@@ -116,27 +125,29 @@ def main(args, train_flags):
     # the reference simulated every user on every prompt: [N, S, F] for seen and unseen users on both splits
     dense = args.n_users * S * F
     dense_all = (args.n_users + args.n_unseen) * (S + T) * F
-    rows = {
-        "train_basis.py flags": " ".join(train_flags) or "(defaults)",
-        "peak RSS (GB)": peak / GB,
-        "peak RSS beyond the embeddings file (GB)": (peak - embeddings) / GB,
-        "wall time (s)": wall,
-        "train_basis main (s)": timings["total"],
-        "  in training loops (s)": timings["training_loops"],
-        "  outside training loops (s)": timings["total"] - timings["training_loops"],
-        "  of which input checks (s)": timings["checks"],
-        "input checks, share of the run (%)": 100 * timings["checks"] / timings["total"],
-        "embeddings file (GB)": embeddings / GB,
-        f"dense [{args.n_users}, {S}, {F}] bf16 (GB)": 2 * dense / GB,
-        f"dense [{args.n_users}, {S}, {F}] fp32 (GB)": 4 * dense / GB,
-        "all four dense tensors of the reference, bf16 (GB)": 2 * dense_all / GB,
+    run = {
+        "train_basis_flags": " ".join(train_flags) or "(defaults)",
+        "peak_rss_gb": peak / GB,
+        "peak_rss_beyond_embeddings_gb": (peak - embeddings) / GB,
+        "wall_s": wall,
+        "train_basis_main_s": timings["total"],
+        "training_loops_s": timings["training_loops"],
+        "outside_training_loops_s": timings["total"] - timings["training_loops"],
+        "input_checks_s": timings["checks"],
+        "input_checks_pct": 100 * timings["checks"] / timings["total"],
+        "embeddings_file_gb": embeddings / GB,
+        "dense_shape": [args.n_users, S, F],
+        "dense_bf16_gb": 2 * dense / GB,
+        "dense_fp32_gb": 4 * dense / GB,
+        "reference_four_dense_bf16_gb": 2 * dense_all / GB,
     }
-    for name, value in rows.items():
-        print(f"{name:<52} {value:.2f}" if isinstance(value, float) else f"{name:<52} {value}")
+    for name, value in run.items():
+        print(f"{name:<32} {value:.2f}" if isinstance(value, float) else f"{name:<32} {value}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_personalllm.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"command": cmd, "cpus": os.cpu_count(), **rows}, f, indent=2)
+        json.dump({"command": cmd, "cpus": os.cpu_count(), "load_start": load_start, "load_end": load(),
+                   "runs": [run]}, f, indent=2)
     print(f"wrote {path}")
 
 
