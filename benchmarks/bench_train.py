@@ -236,23 +236,25 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
                                     args.unseen_users, table=table, chosen=2 * rows_[:Pu], rejected=2 * rows_[:Pu] + 1))
     out = []
 
-    def add(name, ms, steps, fit_s, lore_fit_s):
-        out.append({"step": name, "ms": ms, "vs_lore_step": ms / lore_ms, "steps_per_fit": steps,
-                    "fit_s": fit_s, "vs_lore_fit": fit_s / lore_fit_s})
+    def add(name, setting, ms, steps, fit_s, lore_fit_s, lore_fit):
+        out.append({"step": name, "setting": setting, "ms": ms, "vs_lore_step": ms / lore_ms, "steps_per_fit": steps,
+                    "fit_s": fit_s, "vs_lore_fit": fit_s / lore_fit_s, "lore_fit": lore_fit})
 
     pal = PAL(args.pal_k, device=device)
     pal.start(seen)
     batches = torch.randperm(P).to(device).split(pal.hparams["batch_size"])
     ms = timed_steps(lambda i: pal.step(seen, batches[i]), n, device)
     steps = pal.hparams["epochs"] * len(batches)
-    add("PAL", ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms)
+    add("PAL", f"K = {args.pal_k}, dim {pal.hparams['dim']}, batch {pal.hparams['batch_size']}, "
+        f"{pal.hparams['epochs']} epoch", ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms, "LoRe, 1000 steps")
     t = time.perf_counter()
     pal.fit_users(unseen)
     if device.type == "cuda":
         torch.cuda.synchronize()
     fit_s = time.perf_counter() - t
     steps = pal.hparams["fewshot_epochs"] * args.unseen_pairs
-    add("PAL fit_users", 1e3 * fit_s / steps, steps, fit_s, 1e-3 * fewshot_ms)
+    add("PAL fit_users", f"W alone, {pal.hparams['fewshot_epochs']} epochs", 1e3 * fit_s / steps, steps, fit_s,
+        1e-3 * fewshot_ms, "PersonalizeBatch, 500 steps")
 
     vpl = VPL(args.vpl_k, device=device)
     per_epoch = vpl.start(seen)
@@ -261,13 +263,14 @@ def bench_baselines(args, device, lore_ms, fewshot_ms):
     eps = torch.randn(B, vpl.K).to(device)
     ms = timed_steps(lambda i: vpl.step(seen, target[i * B:(i + 1) * B], context[i * B:(i + 1) * B], eps, i), n, device)
     steps = vpl.hparams["epochs"] * per_epoch
-    add("VPL", ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms)
+    add("VPL", f"latent {vpl.K}, hidden {vpl.hparams['hidden']}, batch {B}, {vpl.hparams['epochs']} epochs",
+        ms, steps, 1e-3 * ms * steps, 1e-3 * 1000 * lore_ms, "LoRe, 1000 steps")
     t = time.perf_counter()
     vpl.fit_users(unseen)
     if device.type == "cuda":
         torch.cuda.synchronize()
     fit_s = time.perf_counter() - t
-    add("VPL fit_users", 1e3 * fit_s, 1, fit_s, 1e-3 * fewshot_ms)
+    add("VPL fit_users", "encoding, no step", 1e3 * fit_s, 1, fit_s, 1e-3 * fewshot_ms, "PersonalizeBatch, 500 steps")
     return out
 
 
