@@ -12,7 +12,7 @@ spent in training loops (lore.steps.training_loop), in input checks (the check f
 calls only) and elsewhere, the size of the embeddings file, and what the dense [users, prompts, F]
 tensors of the reference code would take.
 Prints a table; writes it as JSON to --json (default: bench_personalllm.json beside --out): the
-command, the machine's load and OMP_NUM_THREADS before and after, and "runs", a row of the run.
+command and "runs", a row of the run (with the machine's load and OMP_NUM_THREADS before and after).
 """
 import argparse
 import json
@@ -140,14 +140,14 @@ def main(args, train_flags):
         "dense_bf16_gb": 2 * dense / GB,
         "dense_fp32_gb": 4 * dense / GB,
         "reference_four_dense_bf16_gb": 2 * dense_all / GB,
+        "load_start": load_start, "load_end": load(),
     }
     for name, value in run.items():
         print(f"{name:<32} {value:.2f}" if isinstance(value, float) else f"{name:<32} {value}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(args.out)), "bench_personalllm.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"command": cmd, "cpus": os.cpu_count(), "load_start": load_start, "load_end": load(),
-                   "runs": [run]}, f, indent=2)
+        json.dump({"command": cmd, "cpus": os.cpu_count(), "runs": [run]}, f, indent=2)
     print(f"wrote {path}")
 
 
