@@ -74,7 +74,7 @@ def markdown_tables(text):
     return found
 
 
-MEASURED = re.compile(r"\d\.\d{2,}|\d ?ms\b|\d s\b")   # a cell with a measured number
+MEASURED = re.compile(r"\d\.\d{2,}|\d ?ms\b|\d s\b|\d%|\d ?×|\d\.\d\b")   # a cell with a measured number
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -93,6 +93,9 @@ def test_tables_tool_renders_checks_and_rewrites(tmp_path):
     data.write_text('{"rows": [{"m": "a", "x": 0.12345, "ci": [0.1, 0.2]}, {"m": "b", "x": 0.5, "ci": [0.4, 0.6]}]}')
     spec = f"{data}#rows where m=b | method = {{m}} | x [CI] = {{x:.2f}} [{{ci[0]:.1f}}, {{ci[1]:.1f}}]"
     assert tables.render(spec) == ["| method | x [CI] |", "|---|---|", "| b | 0.50 [0.4, 0.6] |"]
+    data.write_text('{"rows": [{"m": "c", "x": null, "ci": [0.1, 0.2]}]}')   # a missing value: '-'
+    assert tables.render(spec.replace("m=b", "m=c"))[2] == "| c | - [0.1, 0.2] |"
+    data.write_text('{"rows": [{"m": "a", "x": 0.12345, "ci": [0.1, 0.2]}, {"m": "b", "x": 0.5, "ci": [0.4, 0.6]}]}')
     page = tmp_path / "page.md"
     page.write_text(f"text\n<!-- table: {spec} -->\n| method | x [CI] |\n|---|---|\n| b | 0.51 [0.4, 0.6] |\nafter\n")
     assert tables.check_page(str(page)) == [f"{page}:3: the table differs from {data}#rows where m=b"]

@@ -31,6 +31,7 @@ import glob
 import json
 import os
 import re
+import string
 import sys
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -70,6 +71,16 @@ def grouped(records, by):
             for group in groups.values()]
 
 
+class Formatter(string.Formatter):
+    """str.format, except that a missing value (None in the JSON) renders as '-' under any spec."""
+
+    def format_field(self, value, spec):
+        return "-" if value is None else super().format_field(value, spec)
+
+
+FORMAT = Formatter()
+
+
 def render(spec):
     """The Markdown table (a list of lines) a generated marker describes."""
     path, key, where, by, columns = parse_marker(spec)
@@ -79,10 +90,10 @@ def render(spec):
     records = [r for r in records if all(str(r.get(k)) == v for k, v in where.items())]
     if by:
         records = grouped(records, by)
-    headers = [h.format(**records[0]) if "{" in h and records else h for h, _ in columns]
+    headers = [FORMAT.format(h, **records[0]) if "{" in h and records else h for h, _ in columns]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(columns)]
     for r in records:
-        lines.append("| " + " | ".join(t.format(**r) for _, t in columns) + " |")
+        lines.append("| " + " | ".join(FORMAT.format(t, **r) for _, t in columns) + " |")
     return lines
 
 
