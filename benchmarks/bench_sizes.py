@@ -2,14 +2,15 @@
 flags' defaults of PersonalLLM/train_basis.py) against the reference model (lore K=0), on the
 synthetic population at several sizes of seen users:
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_sizes.py --sizes 200,500,1000 --seeds 2 \\
+    OMP_NUM_THREADS=1 python benchmarks/bench_sizes.py --sizes 200,500,1000 --seeds 5 \\
         --work PersonalLLM/results/sizes --out benchmarks/results/sizes.json
     python benchmarks/bench_sizes.py --table benchmarks/results/sizes.json   # the docs' table, from the JSON
+    python benchmarks/bench_sizes.py --merge a.json,b.json --out benchmarks/results/sizes.json   # runs side by side
 
 For each size N it prepares (once, cached in --work/n{N}) `PersonalLLM/prepare.py --synthetic
 --n-users N --n-unseen N/2 --prompts-train 3000 --prompts-test 400`, then fits, with --seeds seeds
 each (seeded as utils.sweep seeds a setting), lore K=0 (the reference), lore K=3 as the recipe
-fits it (stop fixed), lore K=3 --stop early, pal K=3 and vpl K=3, fits the unseen users from their
+fits it (stop fixed), lore K=3 --stop early --iters 5000 (a cap, not a count), pal K=3 and vpl K=3, fits the unseen users from their
 few-shot pairs and scores unseen_test. Per row: the mean accuracy, the paired gain over the
 reference (per user, mean over seeds) with its 95% CI over users and seeds (lore.compare.mean_ci,
 the two-way random-effects t interval), whether the CI excludes 0, the fits' steps, passes, seconds, how they
@@ -35,17 +36,21 @@ from lore.io import read_json, write_json  # noqa: E402
 from lore.methods import accuracy, checked_fit, checked_fit_users, converged, get_method  # noqa: E402
 
 # (row label, method, K, hyperparameters over the recipe's)
-ROWS = (("reference", "lore", 0, {}), ("lore", "lore", 3, {}), ("lore early", "lore", 3, {"stop": "early"}),
+# lore early's cap: 5,000 steps, not the recipe's 1,000 (which is its fixed count; with stop early a
+# 500-user seed reached it)
+ROWS = (("reference", "lore", 0, {}), ("lore", "lore", 3, {}), ("lore early", "lore", 3, {"stop": "early", "iters": 5000}),
         ("pal", "pal", 3, {}), ("vpl", "vpl", 3, {}))
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=lambda t: [int(x) for x in t.split(",")], default=[200, 500, 1000])
-    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--work", default=os.path.join(ROOT, "PersonalLLM", "results", "sizes"))
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "sizes.json"))
     p.add_argument("--table", default=None, help="print the Markdown table of this JSON and exit")
+    p.add_argument("--merge", default=None, type=lambda t: t.split(","),
+                   help="JSONs of runs side by side (comma-separated): write their sizes into --out and exit")
     return p.parse_args()
 
 
@@ -123,6 +128,14 @@ def table(result):
 def main(args):
     if args.table:
         print(table(read_json(args.table)), end="")
+        return
+    if args.merge:   # runs side by side, each its own --out: one JSON, each run's command and load kept
+        runs = [read_json(path) for path in args.merge]
+        sizes = sorted((s for r in runs for s in r["sizes"]), key=lambda s: s["seen_users"])
+        write_json(args.out, {"sizes": sizes, "table": table_rows(sizes), "seeds": sorted({r["seeds"] for r in runs}),
+                              "command": " ".join(sys.argv),
+                              "runs": [{"command": r["command"], "machine": r["machine"]} for r in runs]})
+        print(table(read_json(args.out)), end="")
         return
     hparams, start = recipe_hparams(), time.time()
     # sizes measured before (another --sizes run into the same --out) are kept, unless measured again

@@ -210,7 +210,7 @@ def training_loop(num_iterations, step, device, desc=None, before=None, stop=Non
             loss = step()
         done = i + 1
         # the check reads the parameters after this step; the curve then keeps the step that ended the fit
-        ending = stop is not None and (done % stop.every == 0 or done == num_iterations) and stop.check(done)
+        ending = stop is not None and (done % stop.every == 0 or done == num_iterations) and stop.check(done, per_step)
         curve.add(i, loss, last=ending)
         if ending:
             break

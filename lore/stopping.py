@@ -9,13 +9,18 @@ from lore.checks import InputError
 
 # The one stopping rule (stop="early", every method's fit): a random HOLDOUT of every seen user's
 # own training pairs is held out; every `every` steps the loss on it is measured; the fit stops
-# when it has not improved (by MIN_IMPROVEMENT, relative) for PATIENCE checks in a row, and the
-# parameters of the best check are kept. `every` is CHECK_EVERY steps, or more for minibatch fits
+# when it has not improved (by MIN_IMPROVEMENT, relative) for PATIENCE checks in a row AND for
+# PATIENCE_PASSES passes over the fit's training pairs, and the parameters of the best check are
+# kept. The passes matter for minibatch fits (PAL, VPL): 10 checks of 25 steps are only 1-1.5 passes
+# there, and their held-out loss flattens once the shared reward is learnt, before the per-user
+# part (PAL's user weights, VPL's latent) is used; full-batch fits (LoRe, the few-shot fits) pass
+# over their pairs once a step, so PATIENCE checks are >= 250 passes and the passes never bind. `every` is CHECK_EVERY steps, or more for minibatch fits
 # whose held-out slice is larger than what they train on between two checks (checked_every), so
 # that a check, forward only, costs at most about a third of the steps between checks.
 HOLDOUT = 0.1            # the share of each user's pairs held out (users with < 10 pairs hold none out)
 CHECK_EVERY = 25         # steps between two held-out checks, at least
 PATIENCE = 10            # checks without improvement before the fit stops
+PATIENCE_PASSES = 5      # and passes over the training pairs without improvement (chosen on validation users)
 MIN_IMPROVEMENT = 1e-4   # relative: smaller falls of the held-out loss do not count
 STOPS = ("fixed", "early")   # the paper's fixed number of steps, or the rule above (the step count its cap)
 # The few-shot fits (new users' weights, the shared part fixed; fewshot_stop="early") run the same
@@ -68,19 +73,24 @@ class EarlyStop:
     """The stopping rule's state: loss() the held-out loss (a scalar tensor, computed without
     gradients), params the tensors kept at the best check and restored at the end."""
 
-    def __init__(self, loss, params, every=None, patience=None, rule="held_out"):
+    def __init__(self, loss, params, every=None, patience=None, rule="held_out", patience_passes=None):
         if rule not in RULES:
             raise InputError(f"EarlyStop: rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.loss, self.params, self.rule = loss, list(params), rule
         self.every, self.patience = every or CHECK_EVERY, patience or PATIENCE
+        self.patience_passes = PATIENCE_PASSES if patience_passes is None else patience_passes
         self.best, self.best_step, self.waited, self.steps, self.losses = math.inf, 0, 0, [], []
+        self.improved_at = 0.0   # passes over the training pairs at the last improvement
         self.kept = [p.detach().clone() for p in self.params]
 
-    def check(self, i):
-        """After i steps: measure, keep the parameters if better -> True when the fit should stop.
-        held_out: an improvement is a fall below the best check by MIN_IMPROVEMENT (relative), and
-        only then are the parameters kept. train_loss (a tolerance on the change): an improvement
-        is such a fall below the previous check; the parameters of the lowest check are kept."""
+    def check(self, i, per_step=1.0):
+        """After i steps (per_step: the share of the training pairs a step reads, 1 full batch):
+        measure, keep the parameters if better -> True when the fit should stop: no improvement
+        for `patience` checks in a row and for `patience_passes` passes (i * per_step) since the
+        last one. held_out: an improvement is a fall below the best check by MIN_IMPROVEMENT
+        (relative), and only then are the parameters kept. train_loss (a tolerance on the change):
+        an improvement is such a fall below the previous check; the parameters of the lowest check
+        are kept."""
         with torch.no_grad():
             value = float(self.loss())
         previous = self.losses[-1] if self.losses else math.inf
@@ -94,10 +104,10 @@ class EarlyStop:
                 for k, p in zip(self.kept, self.params):
                     k.copy_(p)
         if improved:
-            self.waited = 0
+            self.waited, self.improved_at = 0, i * per_step
             return False
         self.waited += 1
-        return self.waited >= self.patience
+        return self.waited >= self.patience and i * per_step - self.improved_at >= self.patience_passes
 
     def restore(self):
         with torch.no_grad():
@@ -106,5 +116,5 @@ class EarlyStop:
 
     def report(self):
         return {"held_out": {"step": self.steps, "loss": self.losses}, "best_step": self.best_step,
-                "every": self.every, "patience": self.patience,
+                "every": self.every, "patience": self.patience, "patience_passes": self.patience_passes,
                 "rule": self.rule}

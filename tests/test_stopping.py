@@ -43,10 +43,10 @@ def test_holdout_takes_a_tenth_of_every_users_pairs_and_keeps_the_users():
         stopping.holdout(table_pairs([5, 9]))
 
 
-def run_quadratic(cap, best=7.0, every=1, patience=3):
+def run_quadratic(cap, best=7.0, every=1, patience=3, patience_passes=0):
     """A parameter that steps +1 per step; held-out loss (p - best)^2, lowest after `best` steps."""
     p = torch.zeros(())
-    stop = stopping.EarlyStop(lambda: (p - best) ** 2, [p], every, patience)
+    stop = stopping.EarlyStop(lambda: (p - best) ** 2, [p], every, patience, patience_passes=patience_passes)
 
     def step():
         p.add_(1.0)
@@ -71,6 +71,54 @@ def test_a_fit_that_reaches_its_cap_is_not_converged():
     assert float(p) == 5.0
     fixed = steps.training_loop(5, lambda: torch.ones(()), CPU)
     assert fixed["stopped"] == "fixed" and fixed["steps"] == 5 and fixed["passes"] == 5
+
+
+def loop_stop(losses, every, patience, patience_passes, per_step):
+    """The rule written out over a held-out curve (losses[k]: the check after (k + 1) * every steps)
+    -> (the step it stops at, the best check's step): stop once `patience` checks in a row have not
+    fallen by MIN_IMPROVEMENT below the best AND the passes since the last fall are >= patience_passes."""
+    best, best_step, waited = float("inf"), 0, 0
+    for k, value in enumerate(losses):
+        i = (k + 1) * every
+        if best == float("inf") or value < best - stopping.MIN_IMPROVEMENT * abs(best):
+            best, best_step, waited = value, i, 0
+            continue
+        waited += 1
+        if waited >= patience and (i - best_step) * per_step >= patience_passes:
+            return i, best_step
+    return len(losses) * every, best_step
+
+
+# a held-out curve with a plateau: it falls, stays flat 4 checks (the shared part learnt, the
+# per-user part not yet used), falls again, then rises
+PLATEAU = [1.0, 0.8, 0.6, 0.6, 0.6, 0.6, 0.6, 0.4, 0.3] + [0.3 + 0.05 * k for k in range(1, 30)]
+
+
+@pytest.mark.parametrize("patience_passes, stops_at, best_at", [(0, 30, 15), (2.5, 70, 45), (1.5, 30, 15)])
+def test_patience_in_passes_carries_a_fit_over_a_plateau(patience_passes, stops_at, best_at):
+    # a check every 5 steps, 10 steps a pass (per_step 0.1), patience 3 checks: 15 steps = 1.5 passes;
+    # the plateau is 4 checks long: 3 checks alone, or 1.5 passes, stop on it (at 30, best 15);
+    # 2.5 passes wait past it, and stop 25 steps after the best check beyond it (at 70, best 45)
+    assert loop_stop(PLATEAU, 5, 3, patience_passes, 0.1) == (stops_at, best_at)
+    p = torch.zeros(())
+    stop = stopping.EarlyStop(lambda: torch.tensor(PLATEAU[int(p) // 5 - 1]), [p], 5, 3, patience_passes=patience_passes)
+
+    def step():
+        p.add_(1.0)
+        return p.clone()
+    curve = steps.training_loop(5 * len(PLATEAU), step, CPU, stop=stop, per_step=0.1)
+    assert curve["steps"] == stops_at and curve["best_step"] == best_at and curve["stopped"] == "early"
+    assert float(p) == best_at and curve["passes"] == pytest.approx(stops_at * 0.1)
+    assert curve["patience"] == 3 and curve["patience_passes"] == patience_passes
+
+
+def test_full_batch_fits_never_wait_on_the_passes():
+    # LoRe's and the few-shot fits' step is a pass: PATIENCE checks of CHECK_EVERY steps are
+    # >= PATIENCE_PASSES passes, so the patience in passes never binds (their records are unchanged)
+    assert stopping.PATIENCE * stopping.CHECK_EVERY >= stopping.PATIENCE_PASSES
+    curve, p = run_quadratic(cap=1000, best=100.0, every=None, patience=None, patience_passes=None)
+    assert (curve["every"], curve["patience"], curve["patience_passes"]) == (25, 10, stopping.PATIENCE_PASSES)
+    assert curve["best_step"] == 100 and curve["steps"] == 100 + 10 * 25 and float(p) == 100.0
 
 
 def planted(n_users=20, n_pairs=20, n_features=6, seed=0):
@@ -104,11 +152,14 @@ def test_every_method_stops_early_before_its_cap(name, monkeypatch):
     assert c["stopped"] == "early" and c["steps"] < hp.get("steps", hp.get("iters")) and converged(c)
     checks = c["held_out"]["step"]
     assert c["every"] == 5 and checks == list(range(5, c["steps"] + 1, 5))     # a check every 5 steps
-    assert c["steps"] - c["best_step"] == 3 * 5                               # then 3 checks of patience
     assert min(c["held_out"]["loss"]) == c["held_out"]["loss"][checks.index(c["best_step"])]
     assert method.fit_seconds > 0
     train_pairs = len(pairs) - 20 * 2                                     # 2 of every user's 20 held out
     per_step = 1 if name == "lore" else method.hparams["batch_size"] / (train_pairs * method.hparams.get("duplicates", 1))
+    # then the patience: 3 checks, and PATIENCE_PASSES (5) passes: LoRe's 15 steps are 15 passes;
+    # PAL's 16 of 360 pairs a step take 112.5 steps (the next check at 115), VPL's 32 take 56.25 (60)
+    assert stopping.PATIENCE_PASSES == 5 and per_step == {"lore": 1, "pal": 16 / 360, "vpl": 32 / 360}[name]
+    assert c["steps"] - c["best_step"] == {"lore": 15, "pal": 115, "vpl": 60}[name]
     assert c["passes"] == pytest.approx(c["steps"] * per_step)
 
 
