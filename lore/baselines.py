@@ -20,7 +20,7 @@ import torch.optim as optim
 from lore.checks import InputError, is_int
 from lore.methods import Method, pair_features, simplex
 from lore.steps import training_loop
-from lore.stopping import STOPS, EarlyStop, checked_every, fewshot_holdout, holdout
+from lore.stopping import STOPS, EarlyStop, capped, checked_every, fewshot_holdout, holdout
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -123,7 +123,7 @@ class PAL(Method):
         "fewshot_epochs": 20,  # optim_config/vanilla-e20.yaml:3, as README.md:172 runs main_pal_b_unseen.py
         "fewshot_lr": 5e-3,    # W alone, AdamW: optim_config/vanilla-e20.yaml:19, pal_rm_b/lightningmodule.py:140-144
         "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
-        "steps": 20000,        # the cap of stop="early" (optimizer steps)
+        "steps": 20000,        # the cap of stop="early" (optimizer steps; or CAP_PASSES passes if more)
         "fewshot_stop": "fixed",   # the original's fewshot_epochs; "early": lore.stopping's few-shot rule, those the cap
     }
     choices = {"stop": STOPS, "fewshot_stop": STOPS}
@@ -214,7 +214,8 @@ class PAL(Method):
         stop = None if held is None else EarlyStop(lambda: self.held_out_loss(held),
                                                    [*self.f.parameters(), self.P, self.logit_scale, self.W],
                                                    checked_every(len(held), B))
-        total = h["steps"] if stop else h["epochs"] * math.ceil(len(train) / B)
+        per_epoch = math.ceil(len(train) / B)
+        total = capped(h["steps"], per_epoch) if stop else h["epochs"] * per_epoch
         training_loop(total, step, self.device, str(self), stop=stop, per_step=B / len(train), graph=False,
                       windowed=True)
         return simplex(self.W).detach()
@@ -328,7 +329,7 @@ class VPL(Method):
         "context_min": 2,      # add_survey_contexts.py:146 (random.randint(2, max))
         "context_max": 8,      # add_survey_contexts.py:89-90 (context_length)
         "stop": "fixed",       # the original's: `epochs` passes; "early": lore.stopping's rule, `steps` the cap
-        "steps": 20000,        # the cap of stop="early" (optimizer steps; the cosine schedule spans it)
+        "steps": 20000,        # the cap of stop="early" (optimizer steps, or CAP_PASSES passes if more; the cosine schedule spans it)
         "min_std": VPL_MIN_STD,   # the posterior's std floor: log_var clamped to [-1, 1] (vae_utils.py:143)
         "z_gain": 1.0,         # z's norm, in units of sqrt(K): z rescaled to norm sqrt(latent_dim) (vae_utils.py:117)
         "score_z": "mean",     # the latent a user is scored with: the posterior mean (vae_utils.py:152-153), or
@@ -456,6 +457,9 @@ class VPL(Method):
         context[alone, 0] = target[alone]
         return target.to(self.device), context.to(self.device)
 
+    def steps_per_epoch(self, pairs):
+        return math.ceil(len(pairs) * self.hparams["duplicates"] / self.hparams["batch_size"])
+
     def start(self, pairs, total=None):
         """A fresh model and its optimizer and schedule for a fit on pairs of `total` steps (None:
         `epochs` epochs); -> steps per epoch."""
@@ -467,7 +471,7 @@ class VPL(Method):
             {"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": h["weight_decay"]},
             {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}],
             lr=h["lr"], betas=(0.9, 0.999), eps=1e-8)                             # transformers' AdamW defaults
-        per_epoch = math.ceil(len(pairs) * h["duplicates"] / h["batch_size"])
+        per_epoch = self.steps_per_epoch(pairs)
         total = total or h["epochs"] * per_epoch
         warm = int(h["warmup"] * total)
 
@@ -483,8 +487,8 @@ class VPL(Method):
         train, held = holdout(pairs) if h["stop"] == "early" else (pairs, None)
         early = held is not None
         # stop="early": the cosine schedule spans the cap, so that stopping never depends on it
-        per_epoch = self.start(train, h["steps"] if early else None)
-        total = h["steps"] if early else h["epochs"] * per_epoch
+        per_epoch = self.start(train, capped(h["steps"], self.steps_per_epoch(train)) if early else None)
+        total = capped(h["steps"], per_epoch) if early else h["epochs"] * per_epoch
         drawn = {"target": torch.zeros(0), "b": 0, "step": 0}
         self.net.train()
 

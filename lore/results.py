@@ -206,8 +206,10 @@ def save_loss_curves(records, out, title):
             report = read_json(path)
             curves[_curve_label(report) + f", K={report['K']}"] = report["curve"]
             if report["converged"] is False:
-                print(f"NOT CONVERGED: {_curve_label(report)}, K={report['K']}: its loss still fell "
-                      f"{report['loss_fall']:.1%} over the last tenth of its steps (rule: {report['converged_rule']})")
+                why = (f"it ran to its cap of {report['steps']} steps ({report['passes']:.1f} passes) before the "
+                       f"held-out rule stopped it" if report.get("stopped") == "cap" else
+                       f"its loss still fell {report['loss_fall']:.1%} over the last tenth of its steps")
+                print(f"NOT CONVERGED: {_curve_label(report)}, K={report['K']}: {why} (rule: {report['converged_rule']})")
     plot_loss_curves(curves, os.path.join(out, "loss_curves.png"), f"{title} training loss".strip())
 
 

@@ -121,6 +121,29 @@ def test_full_batch_fits_never_wait_on_the_passes():
     assert curve["best_step"] == 100 and curve["steps"] == 100 + 10 * 25 and float(p) == 100.0
 
 
+def test_the_cap_of_a_minibatch_fit_grows_with_its_data():
+    # the cap: `steps`, or CAP_PASSES passes where that is more (PAL, VPL under stop="early")
+    assert stopping.CAP_PASSES == 20
+    assert stopping.capped(20000, 875) == 20000                 # the size table's 1,000 users (VPL)
+    assert stopping.capped(20000, 2644) == 52880                # the default 1,000 users x 47 pairs
+    assert stopping.capped(10, 2.5) == 50 and stopping.capped(10, 0.1) == 10
+
+
+@pytest.mark.parametrize("name", ["pal", "vpl"])
+def test_a_minibatch_fit_runs_to_its_cap_in_passes(name, monkeypatch):
+    # a patience no fit can outwait: the fit ends at its cap, CAP_PASSES passes beyond steps=3
+    monkeypatch.setattr(stopping, "PATIENCE", 10 ** 6)
+    monkeypatch.setattr(stopping, "CAP_PASSES", 2)
+    pairs = planted()
+    K, hp = FITS[name]
+    set_seed(0)
+    method = METHODS[name](K, stop="early", **{**hp, "steps": 3})
+    checked_fit(method, pairs)
+    c = method.curve
+    per_pass = {"pal": -(-360 // 16), "vpl": -(-360 * 1 // 32)}[name]    # 360 train pairs (2 a user held out)
+    assert c["stopped"] == "cap" and c["cap"] == c["steps"] == 2 * per_pass and converged(c) is False
+
+
 def planted(n_users=20, n_pairs=20, n_features=6, seed=0):
     """Users mixing 2 planted directions, table-form pairs, labels drawn by Bradley-Terry (noisy:
     with 20 pairs a user, every method overfits, so the held-out loss turns up)."""
