@@ -48,7 +48,13 @@ typedef uint32_t v8u __attribute__((vector_size(32)));
 #define AHEAD 32   /* pairs ahead whose rows are prefetched: the rows are random lines of L3 */
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE float hsum(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+/* ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) in 3 vector adds (written as scalars, without
+   -ffast-math, it is 7 dependent scalar adds) */
+INLINE float hsum(v8 a) {
+  const v4 h = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 q = h + __builtin_shufflevector(h, h, 1, 0, 3, 2);
+  return q[0] + q[2];
+}
 INLINE v8 load8(const float* p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store8(float* p, v8 v) { memcpy(p, &v, sizeof v); }
 /* 8 bfloat16 values as float32: the top halves of float32s (exact) */
@@ -222,26 +228,27 @@ void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int6
   }                                                                                              \
 }
 
-/* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u]: the margins as in
-   pair_loss (blocks of BLOCK pairs of any users), read-only */
+/* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u] */
 #define PAIR_HITS(NAME, IDX)                                                                      \
 INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const IDX* restrict c,  \
                          const IDX* restrict r, const int64_t* restrict off, int64_t K, const int KV, \
                          int64_t u0, int64_t u1, int64_t* restrict hits) {                       \
-  v8 m[BLOCK];                                                                                   \
-  float s[BLOCK];                                                                                \
-  const int64_t end = off[u1];                                                                   \
-  memset(hits + u0, 0, sizeof(int64_t) * (u1 - u0));                                             \
-  int64_t u = u0;                                                                                \
-  for (int64_t b = off[u0]; b < end; b += BLOCK) {                                               \
-    const int64_t e = end - b < BLOCK ? end : b + BLOCK;                                         \
-    const int n = (int)(e - b), n8 = (n + 7) & ~7;                                               \
-    while (off[u + 1] <= b) ++u;                                                                 \
-    MARGINS(t, KV, 0)                                                                            \
-    EACH_USER_OF_BLOCK(u, b, e,                                                                  \
-      int64_t h = 0;                                                                             \
-      for (int64_t p = p0; p < p1; ++p) h += s[p - b] > 0.f;                                     \
-      hits[v] += h;)                                                                             \
+  for (int64_t u = u0; u < u1; ++u) {                                                            \
+    v8 wu[8] = {{0}};                                                                            \
+    for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                                 \
+    int64_t n = 0;                                                                               \
+    for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
+      if (p + AHEAD < off[u1]) {                                                                 \
+        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * KV, 0, 3);                                \
+        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * KV, 0, 3);                                \
+      }                                                                                          \
+      const v8* tc = t + (int64_t)c[p] * KV;                                                     \
+      const v8* tr = t + (int64_t)r[p] * KV;                                                     \
+      v8 m = (tc[0] - tr[0]) * wu[0];                                                            \
+      for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                 \
+      n += hsum(m) > 0.f;                                                                        \
+    }                                                                                            \
+    hits[u] = n;                                                                                 \
   }                                                                                              \
 }                                                                                                \
 void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,       \
@@ -261,42 +268,67 @@ PAIR_HITS(pair_hits_i32, int32_t)
 PAIR_HITS(pair_hits_i64, int64_t)
 
 /* out [E, K] = X V for a table X [E, F] (float32 or bfloat16), vt = V^T [K, F]: each row read once,
-   8 features at a time into KG <= 8 sums held in registers (KG a constant where inlined) */
+   8 features at a time into KG <= 8 sums held in registers, NR = 2 rows at once where KG <= 6 (each
+   V load serves both rows, and twice the independent sums hide the FMA latency: ~20% less time;
+   KG, NR constants where inlined) */
 #define PROJECT_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                    \
 INLINE void NAME(const TYPE* restrict row, const float* restrict vt, int64_t F, const int KG,   \
-                 float* restrict out) {                                                          \
-  v8 acc[8] = {{0}};                                                                             \
+                 const int NR, float* restrict out, int64_t K) {                                 \
+  v8 acc[2][8] = {{{0}}};                                                                        \
   int64_t f0 = 0;                                                                                \
   for (; f0 + 8 <= F; f0 += 8) {                                                                 \
-    const v8 x = LOAD8(row + f0);                                                                \
-    for (int k = 0; k < KG; ++k) acc[k] += x * load8(vt + k * F + f0);                           \
+    v8 x[2];                                                                                     \
+    for (int i = 0; i < NR; ++i) x[i] = LOAD8(row + i * F + f0);                                 \
+    for (int k = 0; k < KG; ++k) {                                                               \
+      const v8 v = load8(vt + k * F + f0);                                                       \
+      for (int i = 0; i < NR; ++i) acc[i][k] += x[i] * v;                                        \
+    }                                                                                            \
   }                                                                                              \
-  for (int k = 0; k < KG; ++k) {                                                                 \
-    float total = hsum(acc[k]);                                                                  \
-    for (int64_t f = f0; f < F; ++f) total += LOAD1(row + f) * vt[k * F + f];                    \
-    out[k] = total;                                                                              \
-  }                                                                                              \
+  for (int i = 0; i < NR; ++i)                                                                   \
+    for (int k = 0; k < KG; ++k) {                                                               \
+      float total = hsum(acc[i][k]);                                                             \
+      for (int64_t f = f0; f < F; ++f) total += LOAD1(row + i * F + f) * vt[k * F + f];          \
+      out[i * K + k] = total;                                                                    \
+    }                                                                                            \
 }
 
 #define PROJECT(NAME, TYPE, KIND)                                                                 \
-PROJECT_ROWS(NAME##_row, TYPE, load8_##KIND, load1_##KIND)                                        \
+PROJECT_ROWS(NAME##_rows, TYPE, load8_##KIND, load1_##KIND)                                       \
 void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int nthreads,        \
           float* out) {                                                                          \
   _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                            \
-  for (int64_t e = 0; e < E; ++e)                                                                \
-    for (int64_t k0 = 0; k0 < K; k0 += 8) {                   /* K in groups of 8 columns */     \
+  for (int64_t e = 0; e < E; e += 2)                           /* rows e, e + 1 */               \
+    for (int64_t k0 = 0; k0 < K; k0 += 8) {                    /* K in groups of 8 columns */    \
       const TYPE* row = x + e * F; const float* v = vt + k0 * F; float* o = out + e * K + k0;    \
-      switch (K - k0 < 8 ? K - k0 : 8) {                                                         \
-        case 1: NAME##_row(row, v, F, 1, o); break;  case 2: NAME##_row(row, v, F, 2, o); break; \
-        case 3: NAME##_row(row, v, F, 3, o); break;  case 4: NAME##_row(row, v, F, 4, o); break; \
-        case 5: NAME##_row(row, v, F, 5, o); break;  case 6: NAME##_row(row, v, F, 6, o); break; \
-        case 7: NAME##_row(row, v, F, 7, o); break;  default: NAME##_row(row, v, F, 8, o); break; \
+      const int kg = (int)(K - k0 < 8 ? K - k0 : 8);                                             \
+      if (e + 1 < E && kg <= 6) {                                                                \
+        switch (kg) {                                                                            \
+          case 1: NAME##_rows(row, v, F, 1, 2, o, K); break;                                     \
+          case 2: NAME##_rows(row, v, F, 2, 2, o, K); break;                                     \
+          case 3: NAME##_rows(row, v, F, 3, 2, o, K); break;                                     \
+          case 4: NAME##_rows(row, v, F, 4, 2, o, K); break;                                     \
+          case 5: NAME##_rows(row, v, F, 5, 2, o, K); break;                                     \
+          default: NAME##_rows(row, v, F, 6, 2, o, K); break;                                    \
+        }                                                                                        \
+        continue;                                                                                \
       }                                                                                          \
+      for (int64_t i = e; i < e + 2 && i < E; ++i, row += F, o += K)                             \
+        switch (kg) {                                                                            \
+          case 1: NAME##_rows(row, v, F, 1, 1, o, K); break;                                     \
+          case 2: NAME##_rows(row, v, F, 2, 1, o, K); break;                                     \
+          case 3: NAME##_rows(row, v, F, 3, 1, o, K); break;                                     \
+          case 4: NAME##_rows(row, v, F, 4, 1, o, K); break;                                     \
+          case 5: NAME##_rows(row, v, F, 5, 1, o, K); break;                                     \
+          case 6: NAME##_rows(row, v, F, 6, 1, o, K); break;                                     \
+          case 7: NAME##_rows(row, v, F, 7, 1, o, K); break;                                     \
+          default: NAME##_rows(row, v, F, 8, 1, o, K); break;                                    \
+        }                                                                                        \
     }                                                                                            \
 }
 
 /* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per 8 features, the RB rows'
-   values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows */
+   values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows;
+   even and odd rows in two sums (two FMA chains: ~15% less time) */
 #define RB 8
 #define GRAD_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                       \
 INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int64_t K,         \
@@ -305,10 +337,14 @@ INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int
   for (; f0 + 8 <= F; f0 += 8) {                                                                 \
     v8 xs[RB];                                                                                   \
     for (int i = 0; i < nr; ++i) xs[i] = LOAD8(x + i * F + f0);                                  \
-    for (int64_t k = 0; k < K; ++k) {                                                            \
-      v8 a = load8(acc + k * F + f0);                                                            \
-      for (int i = 0; i < nr; ++i) a += g[i * K + k] * xs[i];                                    \
-      store8(acc + k * F + f0, a);                                                               \
+    for (int64_t k = 0; k < K; ++k) {                         /* two chains: half the latency */ \
+      v8 a = load8(acc + k * F + f0), b = bcast(0.f);                                            \
+      for (int i = 0; i + 1 < nr; i += 2) {                                                      \
+        a += g[i * K + k] * xs[i];                                                               \
+        b += g[(i + 1) * K + k] * xs[i + 1];                                                     \
+      }                                                                                          \
+      if (nr & 1) a += g[(nr - 1) * K + k] * xs[nr - 1];                                         \
+      store8(acc + k * F + f0, a + b);                                                           \
     }                                                                                            \
   }                                                                                              \
   for (; f0 < F; ++f0)                                                                           \
@@ -354,27 +390,33 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 _KERNEL = []   # [ctypes library or None], built on first use
 
 
+def build(source, flags):
+    """A ctypes library of C source compiled with flags, built once into ~/.cache/lore keyed by
+    both (~1 s of gcc), or None where it cannot be built (no compiler)."""
+    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.expanduser("~"), ".cache", "lore", f"fused_{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                c_file, o_file, so_file = (os.path.join(tmp, f"fused.{e}") for e in ("c", "o", "so"))
+                with open(c_file, "w") as f:
+                    f.write(source)
+                cc = os.environ.get("CC", "cc")
+                subprocess.run([cc, *flags, "-c", c_file, "-o", o_file], check=True, capture_output=True)
+                subprocess.run([cc, "-shared", "-fopenmp", o_file, "-o", so_file, "-lm"], check=True,
+                               capture_output=True)
+                os.replace(so_file, path)   # atomic: a concurrent build never loads half a file
+        return ctypes.CDLL(path)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def kernel():
-    """The compiled kernel (a ctypes library, built once into ~/.cache/lore keyed by its source and
-    flags: ~1 s of gcc), or None where it cannot be built (no compiler): then the torch-op forms."""
+    """The compiled kernel (SOURCE built with FLAGS), or None where it cannot be built (no
+    compiler): then the torch-op forms."""
     if not _KERNEL:
-        key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-        path = os.path.join(os.path.expanduser("~"), ".cache", "lore", f"fused_{key}.so")
-        try:
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    c_file, o_file, so_file = (os.path.join(tmp, f"fused.{e}") for e in ("c", "o", "so"))
-                    with open(c_file, "w") as f:
-                        f.write(SOURCE)
-                    cc = os.environ.get("CC", "cc")
-                    subprocess.run([cc, *FLAGS, "-c", c_file, "-o", o_file], check=True, capture_output=True)
-                    subprocess.run([cc, "-shared", "-fopenmp", o_file, "-o", so_file, "-lm"], check=True,
-                                   capture_output=True)
-                    os.replace(so_file, path)   # atomic: a concurrent build never loads half a file
-            _KERNEL.append(ctypes.CDLL(path))
-        except (OSError, subprocess.CalledProcessError):
-            _KERNEL.append(None)
+        _KERNEL.append(build(SOURCE, FLAGS))
     return _KERNEL[0]
 
 
@@ -409,15 +451,16 @@ def threads():
     return min(torch.get_num_threads(), 1024)
 
 
-def pair_loss(T, W, chosen, rejected, offsets, weight, temperature):
+def pair_loss(T, W, chosen, rejected, offsets, weight, temperature, lib=None):
     """-> (nll [] float64, G [E', K], dW [N, K]) of sum_p weight_p * -log sigmoid(s_p / temperature),
     s_p = (T[chosen_p] - T[rejected_p]) . W[user_p], user u's pairs offsets[u]:offsets[u+1]: the
-    loss and its gradients in T and W, in one pass over the pairs."""
+    loss and its gradients in T and W, in one pass over the pairs. lib: a build() of another source
+    (default kernel(); benchmarks/bench_fused.py compares two)."""
     Tp, W, KP, kind = _checked(T, W, chosen, rejected, offsets)
     (E, K), N, n = T.shape, len(W), threads()
     scratch = torch.empty(n, E, 2 * KP)                                           # each thread's T and G
     part, G, dW = torch.zeros(n, dtype=torch.float64), torch.empty(E, KP), torch.empty(N, K)
-    getattr(kernel(), f"pair_loss_{kind}")(
+    getattr(lib or kernel(), f"pair_loss_{kind}")(
         _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
         _ptr(weight.float().contiguous()), ctypes.c_int64(E), ctypes.c_int64(K), ctypes.c_int64(KP),
         ctypes.c_int64(N), ctypes.c_float(1.0 / temperature), ctypes.c_int(n), _ptr(scratch), _ptr(part),
@@ -425,11 +468,11 @@ def pair_loss(T, W, chosen, rejected, offsets, weight, temperature):
     return part.sum(), G[:, :K], dW
 
 
-def pair_hits(T, W, chosen, rejected, offsets):
+def pair_hits(T, W, chosen, rejected, offsets, lib=None):
     """-> hits [N] int64: every user's pairs with (T[chosen_p] - T[rejected_p]) . W[user_p] > 0."""
     Tp, W, KP, kind = _checked(T, W, chosen, rejected, offsets)
     hits = torch.empty(len(W), dtype=torch.int64)
-    getattr(kernel(), f"pair_hits_{kind}")(
+    getattr(lib or kernel(), f"pair_hits_{kind}")(
         _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
         ctypes.c_int64(T.shape[1]), ctypes.c_int64(KP), ctypes.c_int64(len(W)), ctypes.c_int(threads()), _ptr(hits))
     return hits
@@ -441,21 +484,21 @@ def _rows(X):
     return (X.view(torch.int16), "bf16") if X.dtype == torch.bfloat16 else (X, "f32")
 
 
-def project(X, V):
+def project(X, V, lib=None):
     """X V [E, K] for a table X [E, F] (float32 or bfloat16, read once, as float32) and V [F, K]."""
     (E, F), K = X.shape, V.shape[1]
     X, kind = _rows(X)
     Vt, out = V.float().t().contiguous(), torch.empty(E, K)                       # [K, F], [E, K]
-    getattr(kernel(), f"project_{kind}")(_ptr(X), _ptr(Vt), ctypes.c_int64(E), ctypes.c_int64(F),
+    getattr(lib or kernel(), f"project_{kind}")(_ptr(X), _ptr(Vt), ctypes.c_int64(E), ctypes.c_int64(F),
                                          ctypes.c_int64(K), ctypes.c_int(threads()), _ptr(out))
     return out
 
 
-def table_grad(X, G):
+def table_grad(X, G, lib=None):
     """X^T G [F, K] for a table X [E, F] (float32 or bfloat16, read once) and G [E, K]."""
     (E, F), K, n = X.shape, G.shape[1], threads()
     X, kind = _rows(X)
     G, scratch, out = G.float().contiguous(), torch.empty(n, K, F), torch.empty(F, K)
-    getattr(kernel(), f"table_grad_{kind}")(_ptr(X), _ptr(G), ctypes.c_int64(E), ctypes.c_int64(F),
+    getattr(lib or kernel(), f"table_grad_{kind}")(_ptr(X), _ptr(G), ctypes.c_int64(E), ctypes.c_int64(F),
                                             ctypes.c_int64(K), ctypes.c_int(n), _ptr(scratch), _ptr(out))
     return out
