@@ -158,18 +158,20 @@ INLINE void load_w(v8* wv, const float* w, int64_t v, int64_t K) {
    G [E, KP] += the gradient in T, dw [N, K] = the gradient in W. The pairs go in blocks of BLOCK,
    whatever their users (a user has ~50 pairs: per user, the loss would be a vector loop and a
    scalar tail): per block, the margins, then the loss and its gradient 8 pairs at a time, then the
-   scatter. KV a constant where inlined. */
+   scatter. A user's dW is one running sum over its pairs in order, carried across block
+   boundaries: the same numbers wherever the blocks start (a torchrun shard's pairs start at its
+   first user). KV a constant where inlined. */
 #define PAIR_LOSS_USERS(NAME, IDX)                                                                \
 INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict c,              \
                    const IDX* restrict r, const int64_t* restrict off, const float* restrict wt,  \
                    int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
                    float* restrict dw) {                                                          \
   double loss = 0.0;                                                                              \
-  v8 m[BLOCK];                                                                                    \
+  v8 m[BLOCK], dwh[8];                                                                            \
   float s[BLOCK], g[BLOCK], wb[BLOCK];                                                            \
   const int64_t end = off[u1];                                                                    \
-  memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);                                          \
-  int64_t u = u0;                                                                                 \
+  memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);      /* users without pairs */           \
+  int64_t u = u0, held = -1;         /* held: the user whose dW sum (dwh) a block boundary cut */ \
   for (int64_t b = off[u0]; b < end; b += BLOCK) {                                                \
     const int64_t e = end - b < BLOCK ? end : b + BLOCK;                                          \
     const int n = (int)(e - b), n8 = (n + 7) & ~7;                                                \
@@ -179,7 +181,8 @@ INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict
     for (int j = n; j < n8; ++j) wb[j] = 0.f;                 /* padding: no loss, no gradient */ \
     loss += bt_loss(s, wb, g, n8, inv_tau);                                                       \
     EACH_USER_OF_BLOCK(u, b, e,                               /* scatter, into the rows' lines */ \
-      v8 wv[8], dwv[8] = {{0}}; load_w(wv, w, v, K);                                              \
+      v8 wv[8], dwv[8]; load_w(wv, w, v, K);                                                      \
+      for (int i = 0; i < KV; ++i) dwv[i] = v == held ? dwh[i] : bcast(0.f);                      \
       for (int64_t p = p0; p < p1; ++p) {                                                         \
         v8* tc = tg + (int64_t)c[p] * 2 * KV;                                                     \
         v8* tr = tg + (int64_t)r[p] * 2 * KV;                                                     \
@@ -190,7 +193,11 @@ INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict
           tr[KV + i] -= gp * wv[i];                                                               \
         }                                                                                         \
       }                                                                                           \
-      for (int k = 0; k < K; ++k) dw[v * K + k] += dwv[k / 8][k % 8];)                            \
+      if (p1 < off[v + 1]) {                                  /* v goes on in the next block */   \
+        held = v;                                                                                 \
+        for (int i = 0; i < KV; ++i) dwh[i] = dwv[i];                                             \
+      } else                                                                                      \
+        for (int k = 0; k < K; ++k) dw[v * K + k] = dwv[k / 8][k % 8];)                           \
   }                                                                                               \
   return loss;                                                                                    \
 }
