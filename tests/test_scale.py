@@ -5,6 +5,7 @@ short fits (float rounding of sums taken in another order), FULL_RECIPE_TOLERANC
 accuracies over the full recipe's step count, where that rounding has grown (measured there)."""
 import json
 import os
+import shutil
 import socket
 import sys
 from dataclasses import replace
@@ -158,22 +159,26 @@ def test_offsets_are_computed_once_per_pairs():
     assert kept.offsets().tolist() == [0, 3, 3, 6, 9] and replace(pairs).offsets() is not offsets
 
 
-needs_kernel = pytest.mark.skipif(kernel() is None, reason="no C compiler: the fused kernel is not built")
+# skipped only where there is no compiler: a kernel that does not build is a failure (kernel() is None)
+needs_kernel = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 
 
 @needs_kernel
 @pytest.mark.parametrize("K, index", [(3, torch.int32), (8, torch.int32), (11, torch.int64)])
 def test_fused_kernels_equal_loop_reference(K, index):
+    assert kernel() is not None
     g = torch.Generator().manual_seed(K)
-    E, N, F_ = 9, 6, 13
-    counts = torch.tensor([3, 0, 5, 1, 4, 2])                                       # user 1 has no pairs
+    E, N, F_ = 9, 11, 13
+    # users 1 and 7 have no pairs; the kernel's blocks of 128 pairs hold several users, and users
+    # 6 and 8 span blocks (pairs 15..215 and 215..345)
+    counts = torch.tensor([3, 0, 5, 1, 4, 2, 200, 0, 130, 7, 1])
     user = torch.arange(N).repeat_interleave(counts)
     c = torch.randint(0, E, (len(user),), generator=g)
     r = (c + torch.randint(1, E, c.shape, generator=g)) % E
     T, W = 40 * torch.randn(E, K, generator=g), torch.rand(N, K, generator=g)
     weight = torch.rand(len(user), generator=g)
     offsets = user_offsets(user, N)
-    assert offsets.tolist() == [0, 3, 3, 8, 9, 13, 15]
+    assert offsets.tolist() == [0, 3, 3, 8, 9, 13, 15, 215, 215, 345, 352, 353]
     nll, G, dW = pair_loss(T, W, c.to(index), r.to(index), offsets, weight, 100.0)
     # the loop form: every pair by itself, in float64
     T64, W64 = T.double(), W.double()
@@ -197,6 +202,28 @@ def test_fused_kernels_equal_loop_reference(K, index):
         torch.testing.assert_close(project(rows, Vf), X.double() @ Vf.double(), check_dtype=False, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(table_grad(rows, T), X.double().t() @ T.double(), check_dtype=False, rtol=1e-5, atol=1e-3)
     assert user_offsets(torch.tensor([0, 2, 1]), 3) is None                         # users not sorted
+
+
+@needs_kernel
+def test_fused_loss_is_float32_accurate_for_any_margin():
+    """The kernel's own exp and log1p (lore.fused bt_loss): -log sigmoid(x) and its gradient
+    -sigmoid(-x) within 3e-7 relative of float64 for margins from -100 to 100 (and no overflow),
+    the tails beyond exp(-87) as 0 to 1e-37."""
+    x = torch.cat([torch.linspace(-100, 100, 4001), torch.logspace(-8, 2, 400), -torch.logspace(-8, 2, 400),
+                   torch.tensor([0.0])])                                           # [P] margins
+    P = len(x)
+    T = torch.cat([torch.zeros(1), x])[:, None]                                    # [P + 1, 1]: row 0 is 0
+    chosen, rejected = torch.arange(1, P + 1, dtype=torch.int32), torch.zeros(P, dtype=torch.int32)
+    # one pair per user, weight 1, w = 1, temperature 1: s_p = x_p, G[1 + p] = dW[p] / x_p = g_p
+    nll, G, dW = pair_loss(T, torch.ones(P, 1), chosen, rejected, torch.arange(P + 1), torch.ones(P), 1.0)
+    x64 = x.double()
+    loss_ref, g_ref = torch.logaddexp(torch.zeros_like(x64), -x64), -torch.sigmoid(-x64)
+    assert torch.all((G[1:, 0].double() - g_ref).abs() <= 3e-7 * g_ref.abs() + 1e-37)
+    assert abs(nll.item() - loss_ref.sum().item()) <= 3e-7 * loss_ref.sum().item()
+    for i in torch.linspace(0, P - 1, 97).long().tolist() + [P - 1]:                # each loss by itself
+        nll_i, _, _ = pair_loss(T, torch.ones(1, 1), chosen[i:i + 1], rejected[i:i + 1], torch.tensor([0, 1]),
+                                torch.ones(1), 1.0)
+        assert abs(nll_i.item() - loss_ref[i].item()) <= 3e-7 * loss_ref[i].item() + 1e-37, x[i]
 
 
 @needs_kernel
