@@ -125,7 +125,7 @@ def test_the_cap_of_a_minibatch_fit_grows_with_its_data():
     # the cap: `steps`, or CAP_PASSES passes where that is more (PAL, VPL under stop="early")
     assert stopping.CAP_PASSES == 20
     assert stopping.capped(20000, 875) == 20000                 # the size table's 1,000 users (VPL)
-    assert stopping.capped(20000, 2644) == 52880                # the default 1,000 users x 47 pairs
+    assert stopping.capped(20000, 2688) == 53760                # the default 1,000 users x 47 pairs
     assert stopping.capped(10, 2.5) == 50 and stopping.capped(10, 0.1) == 10
 
 
