@@ -120,8 +120,6 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
     folder = os.path.dirname(path)
     schema, _ = parquet_batches(path, ["set", "user", "chosen", "rejected"])      # the file and its columns
     batches = parquet_batches(path, ["set"], PAIR_BATCH, dictionary=["set"])[1]
-    if fewshot_pairs is not None and "draw" not in schema.names:
-        raise InputError(f"{folder}: pairs.parquet has no draw column, so no first {fewshot_pairs} few-shot pairs")
     known = pa.array(SETS)
     counts, start = np.zeros(len(SETS), np.int64), 0
     for batch in batches:                       # pass 1: the sets, checked, and their sizes
@@ -173,7 +171,7 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
             user = position[group][take]
             if (user < 0).any():   # checked before any user without pairs: the files do not belong together
                 unlisted[name].update(batch.column("user").take(take[user < 0]).to_pylist())
-            if name == "unseen_fewshot" and fewshot_pairs is not None:
+            if name == "unseen_fewshot" and fewshot_pairs is not None and "draw" in columns:
                 keep = batch.column("draw").to_numpy(zero_copy_only=False)[take] < fewshot_pairs
                 take, user = take[keep], user[keep]
             part, n = out[name], out[name]["n"]
@@ -191,6 +189,8 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
                              f"{groups[name]} user ({len(extra)} such users): the files do not belong together")
     sets = {}
     for name in SETS:
+        if name == "unseen_fewshot" and fewshot_pairs is not None and "draw" not in columns:
+            raise InputError(f"{folder}: pairs.parquet has no draw column, so no first {fewshot_pairs} few-shot pairs")
         part, ids = out[name], users[groups[name]]
         n = part["n"]
         user, chosen, rejected = part["user"][:n], part["chosen"][:n], part["rejected"][:n]
