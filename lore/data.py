@@ -112,7 +112,7 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
     users["seen"] / users["unseen"], each user's pairs in the file's order), checked: known sets,
     integer rows inside the table, every pair's user listed (info_path: where the lists come from,
     for the error), every listed user with pairs. Read PAIR_BATCH rows at a time, column by column:
-    sets and users as dictionary codes mapped to positions (pyarrow's hash lookup), rows into
+    sets and users as dictionary codes mapped to positions (id_index: one hash table), rows into
     preallocated [P] arrays; no Python object per pair or per user. fewshot_pairs: keep the unseen
     users' first n drawn few-shot pairs (the draw column). The errors name the row of the file (0-based)
     or the user."""
@@ -120,7 +120,7 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
     folder = os.path.dirname(path)
     schema, _ = parquet_batches(path, ["set", "user", "chosen", "rejected"])      # the file and its columns
     batches = parquet_batches(path, ["set"], PAIR_BATCH, dictionary=["set"])[1]
-    known = pa.array(SETS)
+    known = id_index(SETS)
     counts, start = np.zeros(len(SETS), np.int64), 0
     for batch in batches:                       # pass 1: the sets, checked, and their sizes
         code = id_positions(batch.column(0), known)                                # [b]
@@ -138,7 +138,7 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
             raise InputError(f"{path}: row {i}: {column} must hold integer rows of the embedding table, got "
                              f"{values[i].as_py()!r} ({kind})")
     groups = {name: "unseen" if name.startswith("unseen") else "seen" for name in SETS}
-    listed = {group: id_array(users[group], info_path, group) for group in ("seen", "unseen")}
+    listed = {group: id_index(users[group]) for group in ("seen", "unseen")}
     rows = np.int32 if index_dtype(len(table)) == torch.int32 else np.int64   # half the bytes of every pass
     out = {name: {"user": np.empty(n, np.int64), "chosen": np.empty(n, rows), "rejected": np.empty(n, rows),
                   "group": [], "n": 0} for name, n in zip(SETS, counts.tolist())}
@@ -214,31 +214,25 @@ def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
     return sets
 
 
-def id_array(ids, path="data.json", group="seen"):
-    """A list of user ids (data.json's) as a pyarrow array: strings or integers, not both."""
-    import pyarrow as pa
-    try:
-        return pa.array(ids)
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        raise InputError(f"{path}: users[{group!r}] mixes string and integer ids") from None
+def id_index(ids):
+    """A list of distinct user ids (data.json's) as a pandas Index: its hash table is built once, on
+    the first lookup, and serves every batch after (pyarrow's index_in would hash all 10^7 ids again
+    at every call: 3 s each)."""
+    import pandas as pd
+    return pd.Index(ids)
 
 
 def id_positions(values, listed):
-    """The position in `listed` (a pyarrow array of distinct ids) of every value of `values` (a
-    pyarrow array, dictionary-encoded or not) -> [n] int64, -1 where it is null or not listed. A string
-    never equals an integer. A dictionary's distinct values are looked up once, then its codes index them."""
+    """The position in `listed` (an id_index) of every value of `values` (a pyarrow array, dictionary-
+    encoded or not) -> [n] int64, -1 where it is null or not listed. A string never equals an integer.
+    A dictionary's distinct values are looked up once, then its codes index them."""
     import pyarrow as pa
     import pyarrow.compute as pc
     if pa.types.is_dictionary(values.type):
         found = np.append(id_positions(values.dictionary, listed), -1)            # [distinct + 1]
         codes = pc.fill_null(values.indices, len(values.dictionary)).to_numpy()    # [n], null -> the -1
         return found[codes]
-    kind = lambda t: "int" if pa.types.is_integer(t) else "str" if (pa.types.is_string(t) or pa.types.is_large_string(t)) else t
-    if kind(values.type) != kind(listed.type) or len(listed) == 0:
-        return np.full(len(values), -1, np.int64)
-    if listed.type != values.type:
-        listed = listed.cast(values.type)
-    return pc.fill_null(pc.index_in(values, value_set=listed), -1).to_numpy().astype(np.int64)
+    return listed.get_indexer(np.asarray(values.to_numpy(zero_copy_only=False))).astype(np.int64)
 
 
 def pair_tables(folder, pairs, users):
@@ -247,8 +241,8 @@ def pair_tables(folder, pairs, users):
     (prepare.py's chunks of users) checked as each comes. -> (tables, counts {set: pairs})."""
     import pandas as pd
     import pyarrow as pa
-    known, counts = pa.array(SETS), dict.fromkeys(SETS, 0)
-    listed = {group: id_array(users[group], "users", group) for group in ("seen", "unseen")}
+    known, counts = id_index(SETS), dict.fromkeys(SETS, 0)
+    listed = {group: id_index(users[group]) for group in ("seen", "unseen")}
 
     def checked(tables):
         for part in tables:
