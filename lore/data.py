@@ -250,7 +250,7 @@ def pair_tables(folder, pairs, users):
             bad = np.flatnonzero(code < 0)
             if len(bad):
                 raise InputError(f"{folder}: pair set {part.column('set')[int(bad[0])].as_py()!r} is not one of {SETS}")
-            user = part.column("user").combine_chunks()
+            user = part.column("user").combine_chunks().dictionary_encode()       # each distinct id looked up once
             for k, name in enumerate(SETS):
                 group = "unseen" if name.startswith("unseen") else "seen"
                 take = np.flatnonzero(code == k)
