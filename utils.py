@@ -29,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from lore import distributed, io, pca, steps, stopping
-from lore.active import active_shots, check_active, check_select
+from lore import active, distributed, io, pca, steps, stopping
 from lore.basis import basis_report
 from lore.checks import (InputError, check_alpha, check_matrix, check_model, check_v_ref, int_list, is_int,
                          resolve_device, seed_fit, short_repr)
 from lore.data import data_identity
+from lore.draws import choice_without_replacement
 from lore.methods import (CONVERGED_FALL, METHODS, TEMPERATURE, LinearBasis, accuracy, check_fitted, checked_fit,
                           checked_fit_users, checkpoint_name, converged, featurize, get_method,
                           last_tenth_fall, per_user_accuracy, save_method, simplex, user_margins)
@@ -467,7 +467,7 @@ def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen
     over trials of the users' mean accuracy, and their `_std` over trials."""
     _check_trials(trials)
     shots = int_list(shots, "shots", least=1)
-    select = check_select(select)
+    select = active.check_select(select)
     sets = distributed.shard_seen(_check_sets(dict(seen_train=seen_train, unseen_fewshot=unseen_fewshot,
                                         unseen_test=unseen_test), device))
     pool = sets["unseen_fewshot"]
@@ -477,7 +477,7 @@ def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen
     settings = _settings(methods, K_list, alpha_list, v_ref, hparams, sets["seen_train"])
     if "active" in select:
         for method in settings:   # refused before any fit
-            check_active(method)
+            active.check_active(method)
     records = []
     for method in settings:
         if seed is not None:   # a setting's start depends on its name alone
@@ -499,7 +499,7 @@ def sweep_shots(*, K_list=None, shots=None, trials=None, seen_train=None, unseen
                         measure(n, chosen, checked_fit_users(method, pool.select(chosen)), t)
             else:   # one run of max(shots) rounds per trial: its selections are nested
                 for t in tqdm(range(trials), desc=f"{method} active", leave=False, disable=None):
-                    for n, chosen, U_new in active_shots(method, pool, max(shots)):
+                    for n, chosen, U_new in active.active_shots(method, pool, max(shots)):
                         if n in shots:
                             measure(n, chosen, U_new, t)
             for n_shots, (few, held), fit in zip(shots, acc, fits):
@@ -796,7 +796,7 @@ def simulate_choices(reward_tensor, W, idx=None):
     rewards = torch.as_tensor(np.asarray(reward_tensor), dtype=torch.float64)      # [S, R, M]
     W = torch.as_tensor(np.asarray(W), dtype=torch.float64)                        # [N, M]
     best, worst = [], []
-    chunk = 64 if idx is None else max(1, (1 << 16) // max(1, idx.shape[1]))
+    chunk = 64 if idx is None else max(1, (1 << 10) // max(1, idx.shape[1]))   # [n, m, R, M] in cache: 3x faster
     for start in range(0, len(W), chunk):
         w = W[start:start + chunk]                                                 # [n, M]
         if idx is None:
@@ -813,10 +813,7 @@ def _sample_prompts(N, S, sample_percentage, per_user=None):
     if m < 1 or m > S:
         raise InputError(f"sample_percentage={sample_percentage} of {S} prompts is 0 prompts per user" if per_user is None
                          else f"{per_user} prompts per user, but there are {S} prompts")
-    idx = np.empty((N, m), dtype=np.int64)                                         # [N, m]
-    for i in range(N):   # copied row by row: choice(replace=False) returns a view of an [S] permutation
-        idx[i] = np.random.choice(S, m, replace=False)
-    return idx
+    return choice_without_replacement(N, S, m)   # np.random.choice(S, m, replace=False) N times, compiled
 
 
 def generate_popupulation(alpha, N):

@@ -364,10 +364,16 @@ def keep_synthetic_embeddings(out):
                          f"prepare would overwrite them; pick another --out")
 
 
+CHUNK_PAIRS = 1 << 22   # pairs simulated and written at a time: 10^7 users' pairs are never whole in memory
+
+
 def population(args, scores):
     """The simulated users (seen first, then unseen, from NumPy's seeded generator) and their pairs.
-    -> (users {"seen": ids, "unseen": ids}, W {"W_seen": [N, 10], "W_unseen": [N', 10]}, pairs DataFrame)."""
-    import pandas as pd
+    -> (users {"seen": ids, "unseen": ids}, W {"W_seen": [N, 10], "W_unseen": [N', 10]}, pairs: an
+    iterator of pyarrow Tables, the four sets in order, each in chunks of about CHUNK_PAIRS pairs of
+    consecutive users). The pairs are drawn as the iterator is consumed, chunk after chunk, from the
+    same generator in the same order as all at once: the same pairs for any chunk size."""
+    import pyarrow as pa
     M = len(REWARD_MODELS)
     W = {"W_seen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_users),
          "W_unseen": utils.generate_popupulation(args.dirichlet * np.ones(M), args.n_unseen)}
@@ -382,28 +388,38 @@ def population(args, scores):
             raise InputError(f"the {split} split's scores overflow (not finite): lower --noise ({args.noise:g})")
     users = {"seen": [f"seen_{i}" for i in range(args.n_users)], "unseen": [f"unseen_{i}" for i in range(args.n_unseen)]}
     offsets = {"train": 0, "test": RESPONSES * len(scores["train"])}
-    frames = []
-    for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
-                              ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
-        group = "unseen" if name.startswith("unseen") else "seen"
-        per_user = args.seen_test_prompts if name == "seen_test" else None
-        if per_user is not None:
-            flag = "seen_test_prompts"
-        try:
-            sim = utils.simulate_pairs(scores[split].numpy(), W[f"W_{group}"], getattr(args, flag), per_user)
-        except InputError as e:
-            raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
-        ties = (sim["chosen"] == sim["rejected"]).numpy()
-        if ties.any():   # every response scored alike: a pair that states no preference
-            i = int(np.flatnonzero(ties)[0])
-            raise InputError(f"{name}: {int(ties.sum())} of {len(ties)} pairs are ties (user "
-                             f"{users[group][int(sim['user'][i])]}, {split} prompt {int(sim['prompt'][i])}: every "
-                             f"response scores the same); check --dirichlet and --noise")
-        frames.append(pd.DataFrame({
-            "set": name, "user": np.array(users[group])[sim["user"].numpy()], "split": split,
-            "prompt": sim["prompt"].numpy(), "chosen": offsets[split] + sim["chosen"].numpy(),
-            "rejected": offsets[split] + sim["rejected"].numpy(), "draw": sim["draw"].numpy()}))
-    return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pd.concat(frames, ignore_index=True)
+
+    def pairs():
+        ids = {group: pa.array(users[group]) for group in users}                   # each pair's user: a code
+        for name, split, flag in (("seen_train", "train", "train_frac"), ("seen_test", "test", "test_frac"),
+                                  ("unseen_fewshot", "train", "pool_frac"), ("unseen_test", "test", "test_frac")):
+            group = "unseen" if name.startswith("unseen") else "seen"
+            per_user = args.seen_test_prompts if name == "seen_test" else None
+            if per_user is not None:
+                flag = "seen_test_prompts"
+            w = W[f"W_{group}"]
+            chunk = max(1, CHUNK_PAIRS // max(1, per_user or int(getattr(args, flag) * len(scores[split]))))
+            for start in range(0, len(w), chunk):
+                try:
+                    sim = utils.simulate_pairs(scores[split].numpy(), w[start:start + chunk], getattr(args, flag),
+                                               per_user)
+                except InputError as e:
+                    raise InputError(f"{name} ({split} split, --{flag.replace('_', '-')}): {e}") from None
+                ties = (sim["chosen"] == sim["rejected"]).numpy()
+                if ties.any():   # every response scored alike: a pair that states no preference
+                    i = int(np.flatnonzero(ties)[0])
+                    raise InputError(f"{name}: {int(ties.sum())} of {len(ties)} pairs are ties (user "
+                                     f"{users[group][start + int(sim['user'][i])]}, {split} prompt "
+                                     f"{int(sim['prompt'][i])}: every response scores the same); check "
+                                     f"--dirichlet and --noise")
+                n = len(ties)
+                yield pa.table({
+                    "set": pa.array([name]).take(np.zeros(n, np.int32)),
+                    "user": ids[group].take(sim["user"].numpy() + start),
+                    "split": pa.array([split]).take(np.zeros(n, np.int32)), "prompt": sim["prompt"].numpy(),
+                    "chosen": offsets[split] + sim["chosen"].numpy(),
+                    "rejected": offsets[split] + sim["rejected"].numpy(), "draw": sim["draw"].numpy()})
+    return users, {k: torch.tensor(v, dtype=torch.float32) for k, v in W.items()}, pairs()
 
 
 def write(out, args, table, scores, conversations, v_ref, truth, users, W, pairs, population=None, ties=None):

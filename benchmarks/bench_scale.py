@@ -6,7 +6,9 @@ train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen 
         --steps 2 --out benchmarks/results/bench_scale_fused_cpu.json   # docs/scale.md's measurement
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
     python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
-    python tools/tables.py --write      # docs/scale.md's tables, from benchmarks/results/bench_scale_fused_cpu.json
+    OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --users "" --whole 1000000:4096 --whole-steps 20 \
+        --out benchmarks/results/bench_scale_whole_1e6_cpu.json   # a whole run alone (--users "": no step sizes)
+    python tools/tables.py --write      # docs/scale.md's tables, from benchmarks/results/bench_scale_*.json
 
 Two measurements, each size in a child process of its own (so that its peak RSS is its own):
   - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with

@@ -22,29 +22,13 @@ import numpy as np
 import torch
 
 from lore.checks import InputError, check_v_ref, short_repr, check_count, resolve_device
-from lore.io import load_tensors, read_json, read_metadata, read_table, save_tensors, write_json, write_table
+from lore.io import (load_tensors, parquet_batches, read_json, read_metadata, save_tensors, write_json, write_parquet,
+                     write_table)
 from lore.methods import per_user_accuracy
 from lore.pairs import SETS, Pairs, first_nonfinite_row, index_dtype
 
-def table_pairs(df, table, users, name="pairs", group=None):
-    """Pairs of `users` (user index = position in that list) from a table df with columns user,
-    chosen, rejected (rows of the embedding table [E, F]); `group`: a column of df whose pairs are
-    sampled together (PRISM's dialogs). Every listed user must have at least one pair."""
-    index = {u: i for i, u in enumerate(users)}
-    df = df[df["user"].isin(index)]
-    missing = sorted(set(index) - set(df["user"]), key=str)
-    if missing:
-        raise InputError(f"{name}: user {missing[0]!r} has no pairs ({len(missing)} users without pairs)")
-    df = df.assign(_u=df["user"].map(index)).sort_values("_u", kind="stable")
-    ids = lambda col, dtype=torch.long: torch.tensor(df[col].to_numpy(), dtype=dtype)
-    groups = None if group is None else torch.tensor(
-        df.groupby(["_u", group], sort=False).ngroup().to_numpy(), dtype=torch.long)
-    rows = index_dtype(len(table))   # int32: half the bytes of every pass over the pairs' rows
-    return Pairs(ids("_u"), len(users), table=table, chosen=ids("chosen", rows), rejected=ids("rejected", rows),
-                 group=groups)
-
-
 DATA_FILES = ("pairs.parquet", "conversations.parquet", "v_ref.safetensors")
+PAIR_BATCH = 1 << 20   # rows of pairs.parquet read at a time: its columns are never whole in memory
 
 
 @dataclass
@@ -110,22 +94,10 @@ def load_data(folder, device=None, fewshot_pairs=None):
         raise InputError(f"{v_ref_path}: {e}") from None
     if v_ref.shape[0] != table.shape[1]:
         raise InputError(f"{v_ref_path}: v_ref has {v_ref.shape[0]} features, the embeddings F={table.shape[1]}")
-    path = os.path.join(folder, "pairs.parquet")
-    df = read_table(path, ["set", "user", "chosen", "rejected"])
-    _check_pairs_table(df, path, len(table))
-    _check_users(df, users, path, info_path)
     table = table.to(device)
-    sets = {}
-    for name in SETS:
-        part = df[df["set"] == name]
-        if name == "unseen_fewshot" and fewshot_pairs is not None:
-            if "draw" not in part.columns:
-                raise InputError(f"{folder}: pairs.parquet has no draw column, so no first {fewshot_pairs} few-shot pairs")
-            part = part[part["draw"] < fewshot_pairs]
-        group = "group" if "group" in part.columns and part["group"].notna().all() else None
-        pairs = table_pairs(part, table, users["unseen" if name.startswith("unseen") else "seen"],
-                            f"{folder}: {name}", group).to(device)
-        sets[name] = replace(pairs, checked=True)   # the table and the indices were checked above
+    sets = {name: replace(pairs.to(device), checked=True)   # the table and the indices were checked here
+            for name, pairs in read_pairs(os.path.join(folder, "pairs.parquet"), users, table, info_path,
+                                          fewshot_pairs).items()}
     print(f"{folder}: {info['dataset']}, {len(users['seen'])} seen and {len(users['unseen'])} unseen users; "
           + ", ".join(f"{name} {len(p)} pairs" for name, p in sets.items()))
     identity = _file_digest(info_path)
@@ -133,6 +105,163 @@ def load_data(folder, device=None, fewshot_pairs=None):
         del _IDENTITIES[key]
     _IDENTITIES[id(table)] = (weakref.ref(table), identity)
     return Data(table, v_ref, sets, users, info, folder, identity)
+
+
+def read_pairs(path, users, table, info_path="data.json", fewshot_pairs=None):
+    """pairs.parquet -> {set: Pairs} (table form, on table's device, users in the order of
+    users["seen"] / users["unseen"], each user's pairs in the file's order), checked: known sets,
+    integer rows inside the table, every pair's user listed (info_path: where the lists come from,
+    for the error), every listed user with pairs. Read PAIR_BATCH rows at a time, column by column:
+    sets and users as dictionary codes mapped to positions (id_index: one hash table), rows into
+    preallocated [P] arrays; no Python object per pair or per user. fewshot_pairs: keep the unseen
+    users' first n drawn few-shot pairs (the draw column). The errors name the row of the file (0-based)
+    or the user."""
+    import pyarrow as pa
+    folder = os.path.dirname(path)
+    schema, _ = parquet_batches(path, ["set", "user", "chosen", "rejected"])      # the file and its columns
+    batches = parquet_batches(path, ["set"], PAIR_BATCH, dictionary=["set"])[1]
+    known = id_index(SETS)
+    counts, start = np.zeros(len(SETS), np.int64), 0
+    for batch in batches:                       # pass 1: the sets, checked, and their sizes
+        code = id_positions(batch.column(0), known)                                # [b]
+        bad = np.flatnonzero(code < 0)
+        if len(bad):
+            raise InputError(f"{path}: row {start + bad[0]}: set {batch.column(0)[int(bad[0])].as_py()!r} is not "
+                             f"one of {', '.join(SETS)}")
+        counts += np.bincount(code, minlength=len(SETS))
+        start += batch.num_rows
+    for column in ("chosen", "rejected"):
+        kind = schema.field(column).type
+        if not pa.types.is_integer(kind):
+            values = pa.concat_arrays([b.column(0) for b in parquet_batches(path, [column])[1]])
+            i = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) if values.null_count else 0
+            raise InputError(f"{path}: row {i}: {column} must hold integer rows of the embedding table, got "
+                             f"{values[i].as_py()!r} ({kind})")
+    groups = {name: "unseen" if name.startswith("unseen") else "seen" for name in SETS}
+    listed = {group: id_index(users[group]) for group in ("seen", "unseen")}
+    rows = np.int32 if index_dtype(len(table)) == torch.int32 else np.int64   # half the bytes of every pass
+    out = {name: {"user": np.empty(n, np.int64), "chosen": np.empty(n, rows), "rejected": np.empty(n, rows),
+                  "group": [], "n": 0} for name, n in zip(SETS, counts.tolist())}
+    unlisted = {name: set() for name in SETS}
+    columns = ["set", "user", "chosen", "rejected"] + [c for c in ("draw", "group") if c in schema.names]
+    start = 0
+    for batch in parquet_batches(path, columns, PAIR_BATCH, dictionary=["set", "user"])[1]:   # pass 2
+        code = id_positions(batch.column("set"), known)                            # [b]
+        sides = {}
+        for column in ("chosen", "rejected"):
+            values = batch.column(column)
+            if values.null_count:
+                i = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+                raise InputError(f"{path}: row {start + i}: {column} must hold integer rows of the embedding table, "
+                                 f"got None ({values.type})")
+            sides[column] = values.to_numpy()                                      # [b]
+            outside = np.flatnonzero((sides[column] < 0) | (sides[column] >= len(table)))
+            if len(outside):
+                i = int(outside[0])
+                raise InputError(f"{path}: row {start + i}: {column} {sides[column][i]} is outside the {len(table)} "
+                                 f"rows of embeddings.safetensors")
+        position = {}
+        for k, name in enumerate(SETS):
+            take = np.flatnonzero(code == k)                                       # [b_s] this set's rows
+            if not len(take):
+                continue
+            group = groups[name]
+            if group not in position:
+                position[group] = id_positions(batch.column("user"), listed[group])  # [b]
+            user = position[group][take]
+            if (user < 0).any():   # checked before any user without pairs: the files do not belong together
+                unlisted[name].update(batch.column("user").take(take[user < 0]).to_pylist())
+            if name == "unseen_fewshot" and fewshot_pairs is not None and "draw" in columns:
+                keep = batch.column("draw").to_numpy(zero_copy_only=False)[take] < fewshot_pairs
+                take, user = take[keep], user[keep]
+            part, n = out[name], out[name]["n"]
+            part["user"][n:n + len(take)] = user
+            for column in ("chosen", "rejected"):
+                part[column][n:n + len(take)] = sides[column][take]
+            if "group" in columns:
+                part["group"].append(batch.column("group").take(take))
+            part["n"] = n + len(take)
+        start += batch.num_rows
+    for name in SETS:
+        if unlisted[name]:
+            extra = sorted(unlisted[name], key=str)
+            raise InputError(f"{path}: {name} has pairs of user {extra[0]!r}, which {info_path} does not list as a "
+                             f"{groups[name]} user ({len(extra)} such users): the files do not belong together")
+    sets = {}
+    for name in SETS:
+        if name == "unseen_fewshot" and fewshot_pairs is not None and "draw" not in columns:
+            raise InputError(f"{folder}: pairs.parquet has no draw column, so no first {fewshot_pairs} few-shot pairs")
+        part, ids = out[name], users[groups[name]]
+        n = part["n"]
+        user, chosen, rejected = part["user"][:n], part["chosen"][:n], part["rejected"][:n]
+        missing = np.flatnonzero(np.bincount(user, minlength=len(ids)) == 0)
+        if len(missing):
+            first = min((ids[i] for i in missing), key=str)
+            raise InputError(f"{folder}: {name}: user {first!r} has no pairs ({len(missing)} users without pairs)")
+        order = None if n < 2 or (user[1:] >= user[:-1]).all() else np.argsort(user, kind="stable")
+        if order is not None:   # a user's pairs together, in the file's order
+            user, chosen, rejected = user[order], chosen[order], rejected[order]
+        group = None
+        if part["group"]:
+            values = pa.concat_arrays(part["group"]) if n else pa.array([], schema.field("group").type)
+            if values.null_count == 0:   # pairs drawn together, numbered by (user, group) in order of appearance
+                import pandas as pd
+                values = values.to_pandas() if order is None else values.to_pandas().iloc[order]
+                group = torch.tensor(pd.DataFrame({"u": user, "g": values.to_numpy()}).groupby(
+                    ["u", "g"], sort=False).ngroup().to_numpy(), dtype=torch.long)
+        sets[name] = Pairs(torch.from_numpy(user), len(ids), table=table, chosen=torch.from_numpy(chosen),
+                           rejected=torch.from_numpy(rejected), group=group)
+    return sets
+
+
+def id_index(ids):
+    """A list of distinct user ids (data.json's) as a pandas Index: its hash table is built once, on
+    the first lookup, and serves every batch after (pyarrow's index_in would hash all 10^7 ids again
+    at every call: 3 s each)."""
+    import pandas as pd
+    return pd.Index(ids)
+
+
+def id_positions(values, listed):
+    """The position in `listed` (an id_index) of every value of `values` (a pyarrow array, dictionary-
+    encoded or not) -> [n] int64, -1 where it is null or not listed. A string never equals an integer.
+    A dictionary's distinct values are looked up once, then its codes index them."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    if pa.types.is_dictionary(values.type):
+        found = np.append(id_positions(values.dictionary, listed), -1)            # [distinct + 1]
+        codes = pc.fill_null(values.indices, len(values.dictionary)).to_numpy()    # [n], null -> the -1
+        return found[codes]
+    return listed.get_indexer(np.asarray(values.to_numpy(zero_copy_only=False))).astype(np.int64)
+
+
+def pair_tables(folder, pairs, users):
+    """pairs.parquet's content as checked pyarrow Tables, counted per set into the dict returned
+    beside them: a DataFrame as one table, checked before anything is written; an iterable of tables
+    (prepare.py's chunks of users) checked as each comes. -> (tables, counts {set: pairs})."""
+    import pandas as pd
+    import pyarrow as pa
+    known, counts = id_index(SETS), dict.fromkeys(SETS, 0)
+    listed = {group: id_index(users[group]) for group in ("seen", "unseen")}
+
+    def checked(tables):
+        for part in tables:
+            code = id_positions(part.column("set").combine_chunks(), known)        # [b]
+            bad = np.flatnonzero(code < 0)
+            if len(bad):
+                raise InputError(f"{folder}: pair set {part.column('set')[int(bad[0])].as_py()!r} is not one of {SETS}")
+            user = part.column("user").combine_chunks().dictionary_encode()       # each distinct id looked up once
+            for k, name in enumerate(SETS):
+                group = "unseen" if name.startswith("unseen") else "seen"
+                take = np.flatnonzero(code == k)
+                if len(take) and (id_positions(user.take(take), listed[group]) < 0).any():
+                    raise InputError(f"{folder}: {name} has pairs of users that are not {group} users")
+                counts[name] += len(take)
+            yield part
+
+    if isinstance(pairs, pd.DataFrame):
+        return list(checked([pa.Table.from_pandas(pairs, preserve_index=False)])), counts
+    return checked(pairs), counts
 
 
 def read_data_info(folder):
@@ -151,27 +280,23 @@ def read_data_info(folder):
 
 def write_data_folder(folder, *, dataset, users, pairs, conversations, v_ref, config, files=(), **extra):
     """Write a prepared data folder (see DATA_FILES) beside its embeddings.safetensors, data.json
-    last. pairs: a DataFrame with the columns set, user, chosen, rejected (+ group, draw, ...);
+    last. pairs: a DataFrame with the columns set, user, chosen, rejected (+ group, draw, ...), or an
+    iterable of pyarrow Tables with those columns, written as they come (row groups; prepare.py's
+    chunks of users);
     conversations: a DataFrame with row and messages; files: the dataset's own files already
     written in the folder, hashed like DATA_FILES; extra: more items for data.json."""
     import pandas as pd
-    bad = ~pairs["set"].isin(SETS)
-    if bad.any():
-        raise InputError(f"{folder}: pair set {pairs['set'][bad].iloc[0]!r} is not one of {SETS}")
-    for name in SETS:
-        group = "unseen" if name.startswith("unseen") else "seen"
-        if not set(pairs.loc[pairs["set"] == name, "user"]) <= set(users[group]):
-            raise InputError(f"{folder}: {name} has pairs of users that are not {group} users")
+    tables, counts = pair_tables(folder, pairs, users)
     save_tensors(os.path.join(folder, "v_ref.safetensors"), {"v_ref": check_v_ref(v_ref)})
-    write_table(os.path.join(folder, "pairs.parquet"), pairs)
+    write_parquet(os.path.join(folder, "pairs.parquet"), tables)
     write_table(os.path.join(folder, "conversations.parquet"), pd.DataFrame(conversations))
     write_json(os.path.join(folder, "data.json"), {
         "dataset": dataset, "users": users,
-        "pairs": {name: int((pairs["set"] == name).sum()) for name in SETS},
+        "pairs": counts,
         "embeddings": _embeddings_identity(os.path.join(folder, "embeddings.safetensors")),
         "files": {name: _file_digest(os.path.join(folder, name)) for name in (*DATA_FILES, *files)},
         "config": config, **extra}, canonical=True)   # the same data, the same bytes: its hash is the identity
-    print(f"{folder}: " + ", ".join(f"{name} {int((pairs['set'] == name).sum())} pairs" for name in SETS)
+    print(f"{folder}: " + ", ".join(f"{name} {counts[name]} pairs" for name in SETS)
           + f" of {len(users['seen'])} seen and {len(users['unseen'])} unseen users")
 
 
@@ -187,25 +312,6 @@ def oracle_accuracies(data):
     W = load_tensors(os.path.join(data.folder, "users.safetensors"), ["W_seen", "W_unseen"])
     return {name: float(per_user_accuracy(pairs, U, W["W_unseen" if name.startswith("unseen") else "W_seen"]
                                           .float()).mean()) for name, pairs in data.sets.items()}
-
-
-def _check_pairs_table(df, path, n_rows):
-    """The rows of pairs.parquet: known sets, integer rows inside the table; errors name the row."""
-    bad = ~df["set"].isin(SETS)
-    if bad.any():
-        i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise InputError(f"{path}: row {i}: set {df['set'].iloc[i]!r} is not one of {', '.join(SETS)}")
-    for column in ("chosen", "rejected"):
-        values = df[column]
-        if not _is_integer_column(values):
-            i = int(np.flatnonzero(values.isna().to_numpy())[0]) if values.isna().any() else 0
-            raise InputError(f"{path}: row {i}: {column} must hold integer rows of the embedding table, got "
-                             f"{values.iloc[i]!r} ({values.dtype})")
-        outside = ((values < 0) | (values >= n_rows)).to_numpy()
-        if outside.any():
-            i = int(np.flatnonzero(outside)[0])
-            raise InputError(f"{path}: row {i}: {column} {values.iloc[i]} is outside the {n_rows} rows of "
-                             f"embeddings.safetensors")
 
 
 def _check_info(info, path):
@@ -234,24 +340,6 @@ def _check_info(info, path):
     if not all(isinstance(v, str) for v in info["files"].values()):
         raise InputError(f"{path}: 'files' must map file names to sha256 digests (rerun prepare.py)")
     return users
-
-
-def _check_users(df, users, path, info_path):
-    """data.json's user lists against pairs.parquet: each set's users are exactly its group's users
-    (a user left out of data.json would silently lose its pairs; one added would have none)."""
-    for name in SETS:
-        group = "unseen" if name.startswith("unseen") else "seen"
-        found = set(df.loc[df["set"] == name, "user"])
-        listed = set(users[group])
-        extra = sorted(found - listed, key=str)
-        if extra:
-            raise InputError(f"{path}: {name} has pairs of user {extra[0]!r}, which {info_path} does not list as "
-                             f"a {group} user ({len(extra)} such users): the files do not belong together")
-
-
-def _is_integer_column(series):
-    import pandas as pd
-    return pd.api.types.is_integer_dtype(series) and not series.isna().any()
 
 
 def _file_digest(path):

@@ -158,6 +158,56 @@ def write_table(path, records):
         df.to_parquet(tmp, index=False) if path.endswith(".parquet") else df.to_csv(tmp, index=False)
 
 
+def write_parquet(path, tables):
+    """An iterable of pyarrow Tables of one schema as one Parquet file, a row group (or more) per
+    table as it comes, atomically: a table built in chunks (10^7 users' pairs) is never whole in
+    memory. Strings are dictionary-encoded on disk (Parquet's default), read back as strings. -> rows."""
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    rows, writer = 0, None
+    with _atomic(path) as tmp:
+        try:
+            for table in tables:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+                rows += table.num_rows
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise InputError(f"{path}: no rows to write")
+    return rows
+
+
+def parquet_batches(path, columns, batch_rows=1 << 20, dictionary=()):
+    """Parquet -> (its schema, an iterator of pyarrow RecordBatches of `columns`, batch_rows rows at
+    most), read column by column without pandas: the string columns named in `dictionary` come as
+    DictionaryArrays (integer codes into their distinct values, no Python string per row).
+    InputError naming the file when it is missing or unreadable, or a column is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    try:
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing}")
+        strings = [c for c in dictionary if pa.types.is_string(schema.field(c).type)
+                   or pa.types.is_large_string(schema.field(c).type)]
+        file = pq.ParquetFile(path, read_dictionary=strings)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+
+    def batches():
+        try:
+            yield from file.iter_batches(batch_size=batch_rows, columns=list(columns))
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+    return schema, batches()
+
+
 def read_table(path, columns=()):
     """Parquet -> pandas DataFrame; InputError naming the file when it is missing or unreadable, or a
     column is missing. A file of zero rows is read: whether that is an error is the caller's to say."""

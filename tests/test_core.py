@@ -14,6 +14,7 @@ import utils  # noqa: E402
 
 from lore.checks import InputError, set_seed  # noqa: E402
 from lore.data import load_data  # noqa: E402
+from lore.draws import choice_without_replacement  # noqa: E402
 from lore.methods import check_fitted  # noqa: E402
 from lore.io import load_tensors  # noqa: E402
 from lore.pairs import pack, Pairs  # noqa: E402
@@ -592,3 +593,18 @@ def test_a_missing_keyword_of_the_sweeps_is_an_input_error_naming_it():
         utils.sweep(seen_train=X, seen_test=X, unseen_fewshot=X, unseen_test=X)
     with pytest.raises(InputError, match=r"trials must be an integer >= 1, got None"):
         utils.sweep_shots(K_list=[0], shots=[1], seen_train=X, unseen_fewshot=X, unseen_test=X)
+
+
+@pytest.mark.parametrize("S, m, n", [(9402, 47, 40), (1000, 20, 60), (5, 5, 30), (2, 1, 20), (1, 1, 3), (70000, 3, 5)])
+def test_compiled_draws_are_numpys_legacy_choice(S, m, n):
+    """choice_without_replacement == n calls of np.random.choice(S, m, replace=False) on the global
+    generator, and leaves the generator where those calls leave it (the next draws agree)."""
+    np.random.seed(3)
+    np.random.random(7)   # a state in the middle of a block of 624 words
+    loop = np.stack([np.random.choice(S, m, replace=False) for _ in range(n)])
+    after = np.random.random(5)
+    np.random.seed(3)
+    np.random.random(7)
+    drawn = choice_without_replacement(n, S, m)
+    assert drawn.shape == (n, m) and drawn.dtype == np.int64
+    assert np.array_equal(drawn, loop) and np.array_equal(np.random.random(5), after)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, load_script
 from lore import cli, data as lore_data, extract
 from lore.io import read_metadata
+from lore.pairs import SETS
 
 prepare = load_script(os.path.join(REPO, "PersonalLLM", "prepare.py"), "data_personalllm_prepare")
 TINY = ["--synthetic", "--prompts-train", "60", "--prompts-test", "20", "--features", "8", "--n-users", "10",
@@ -75,3 +76,81 @@ def test_an_edited_cache_is_computed_again(tiny_model_dir, tmp_path, capsys):
     again = extract.embed_conversations(conversations, path, tiny_model_dir, device="cpu")
     assert "edited since" in capsys.readouterr().out
     assert torch.equal(again, first) and torch.equal(load_file(path)["embeddings"], first)
+
+
+def test_pairs_in_chunks_are_the_pairs_at_once(tmp_path, monkeypatch):
+    """prepare.py draws and writes the pairs in chunks of users (CHUNK_PAIRS), load_data reads them
+    in batches of rows (PAIR_BATCH): 7-pair chunks and 5-row batches give the same pairs.parquet
+    content and the same Pairs as one chunk and one batch, against a loop-form reading of the file."""
+    import pandas as pd
+    argv = [*TINY, "--seen-test-prompts", "3"]
+    prepare.main(prepare.parse_args([*argv, "--out", str(tmp_path / "whole")]))
+    monkeypatch.setattr(prepare, "CHUNK_PAIRS", 7)
+    prepare.main(prepare.parse_args([*argv, "--out", str(tmp_path / "chunks")]))
+    whole = pd.read_parquet(tmp_path / "whole" / "pairs.parquet")
+    chunks = pd.read_parquet(tmp_path / "chunks" / "pairs.parquet")
+    assert len(whole) == 10 * 12 + 10 * 3 + 6 * 12 + 6 * 20 and whole.equals(chunks)
+    import pyarrow.parquet as pq
+    assert pq.ParquetFile(tmp_path / "chunks" / "pairs.parquet").metadata.num_row_groups > 4
+    one = lore_data.load_data(str(tmp_path / "whole"), "cpu", fewshot_pairs=2)
+    monkeypatch.setattr(lore_data, "PAIR_BATCH", 5)
+    batched = lore_data.load_data(str(tmp_path / "chunks"), "cpu", fewshot_pairs=2)
+    for name in SETS:
+        group = "unseen" if name.startswith("unseen") else "seen"
+        part = whole[(whole["set"] == name) & ((whole["draw"] < 2) | (name != "unseen_fewshot"))]
+        users = one.users[group]
+        # the reference: each user's pairs in the file's order, users in data.json's order
+        rows = [(i, c, r) for i, u in enumerate(users) for c, r, v in
+                zip(part["chosen"], part["rejected"], part["user"]) if v == u]
+        for pairs in (one.sets[name], batched.sets[name]):
+            assert pairs.n_users == len(users) and pairs.chosen.dtype == torch.int32 and pairs.checked
+            assert [(int(u), int(c), int(r)) for u, c, r in zip(pairs.user, pairs.chosen, pairs.rejected)] == rows
+    assert len(one.sets["unseen_fewshot"]) == 6 * 2
+
+
+def test_pairs_file_faults_name_the_row_or_user(tmp_path, monkeypatch):
+    """A pairs.parquet edited by hand, read in batches of 4 rows: the error names the row of the file
+    (counted across batches), or the user and the set, as the whole-file checks did."""
+    import pandas as pd
+    from lore.data import read_pairs
+    from lore.checks import InputError
+    monkeypatch.setattr(lore_data, "PAIR_BATCH", 4)
+    table = torch.zeros(6, 2)
+    users = {"seen": ["a", "b"], "unseen": ["c"]}
+    good = pd.DataFrame({"set": ["seen_train"] * 3 + ["seen_test"] * 2 + ["unseen_fewshot", "unseen_test"],
+                         "user": ["b", "a", "b", "a", "b", "c", "c"], "chosen": [0, 2, 4, 0, 2, 1, 3],
+                         "rejected": [1, 3, 5, 1, 3, 2, 4]})
+    path = str(tmp_path / "pairs.parquet")
+
+    def read(df):
+        df.to_parquet(path, index=False)
+        return read_pairs(path, users, table, "data.json")
+
+    sets = read(good)   # users sorted stably: a's pair first, then b's two in the file's order
+    assert sets["seen_train"].user.tolist() == [0, 1, 1] and sets["seen_train"].chosen.tolist() == [2, 0, 4]
+    for edit, message in [
+            (lambda d: d.assign(set=d["set"].where(d.index != 5, "seen_dev")), "row 5: set 'seen_dev' is not one of"),
+            (lambda d: d.assign(rejected=d["rejected"].where(d.index != 6, 6)),
+             "row 6: rejected 6 is outside the 6 rows"),
+            (lambda d: d.assign(chosen=d["chosen"].where(d.index != 4, -1)), "row 4: chosen -1 is outside"),
+            (lambda d: d.assign(chosen=d["chosen"].astype(float).where(d.index != 5)),
+             "row 5: chosen must hold integer rows"),
+            (lambda d: d.assign(user=d["user"].where(d.index != 4, "z")),
+             "seen_test has pairs of user 'z', which data.json does not list as a seen user \\(1 such users\\)"),
+            (lambda d: d.assign(user=d["user"].where(d.index != 6, "a")), "unseen_test has pairs of user 'a'"),
+            (lambda d: d[d.index != 4], "seen_test: user 'b' has no pairs \\(1 users without pairs\\)")]:
+        with pytest.raises(InputError, match=message):
+            read(edit(good.copy()))
+    with pytest.raises(InputError, match="missing column"):
+        read(good.drop(columns="rejected"))
+    # integer ids: listed integers match, a string never equals an integer
+    assert read_pairs_with({"seen": [7, 8], "unseen": [9]}, good, path, table)["seen_test"].user.tolist() == [0, 1]
+    with pytest.raises(InputError, match="seen_train has pairs of user 7, which"):
+        read_pairs(path, {"seen": ["7", "8"], "unseen": ["9"]}, table, "data.json")
+
+
+def read_pairs_with(users, df, path, table):
+    from lore.data import read_pairs
+    codes = {"a": 7, "b": 8, "c": 9}
+    df.assign(user=df["user"].map(codes)).to_parquet(path, index=False)
+    return read_pairs(path, users, table, "data.json")
