@@ -20,7 +20,7 @@ real one):
     methods      the Method interface, the registry METHODS, evaluation    -> checks, fused, io, pairs
     pairs        Pairs: every user's pairs packed, checked once            -> checks
     fused        the pair work of a step and scoring in one pass (CPU, C)  -> (none)
-    draws        NumPy's legacy draws without replacement, compiled (C)    -> (none)
+    draws        NumPy's legacy draws without replacement, compiled (C)    -> fused
     io           safetensors, JSON, Parquet files; hub splits              -> checks
     stopping     the one stopping rule: held-out slice, patience           -> checks
     checks       InputError, devices, seeds, validators                    -> (none)

@@ -13,12 +13,10 @@ the calls would have left it. Where no compiler is found it is the loop of NumPy
 tests/test_core.py checks it against `np.random.choice` (the draws and the generator's state after).
 """
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
 
 import numpy as np
+
+from lore.fused import build
 
 SOURCE = r"""
 #include <stdint.h>
@@ -90,29 +88,15 @@ void choice_without_replacement(uint32_t *key, int32_t *pos, int64_t n, int64_t 
   *pos = s.pos;
 }
 """
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-fPIC"]
 _LIBRARY = []   # [ctypes library or None], built on first use
 
 
 def library():
-    """The compiled draws (built once into ~/.cache/lore, keyed by source and flags), or None where
-    no compiler is found."""
+    """The compiled draws (lore.fused.build: once into ~/.cache/lore, keyed by source and flags), or
+    None where no compiler is found."""
     if not _LIBRARY:
-        key = hashlib.sha256((SOURCE + " ".join(FLAGS)).encode()).hexdigest()[:16]
-        path = os.path.join(os.path.expanduser("~"), ".cache", "lore", f"draws_{key}.so")
-        try:
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with tempfile.TemporaryDirectory() as tmp:
-                    c_file, so_file = os.path.join(tmp, "draws.c"), os.path.join(tmp, "draws.so")
-                    with open(c_file, "w") as f:
-                        f.write(SOURCE)
-                    subprocess.run([os.environ.get("CC", "cc"), *FLAGS, c_file, "-o", so_file], check=True,
-                                   capture_output=True)
-                    os.replace(so_file, path)   # atomic: a concurrent build never loads half a file
-            _LIBRARY.append(ctypes.CDLL(path))
-        except (OSError, subprocess.CalledProcessError):
-            _LIBRARY.append(None)
+        _LIBRARY.append(build(SOURCE, FLAGS))
     return _LIBRARY[0]
 
 
