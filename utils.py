@@ -331,8 +331,9 @@ class LoReMethod(LinearBasis):
     model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
-        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
-        "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3), "fewshot_stop": ["early"]}
+        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [stopping.FULL_BATCH_CAP], "stop": ["early"],
+        "lr": ("log", 0.1, 1.0), "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3),
+        "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         if self.K == 0:
