@@ -122,7 +122,7 @@ class LowRankModel(FitModule):
         """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
         oriented, scaled to a root-mean-square margin of TEMPERATURE) and W the logits of every
         user's least-squares simplex weights on them (margins fitted to TEMPERATURE): a function of
-        the data alone, so every seed starts (and, full batch, ends) at the same basis.
+        the data alone, so every seed starts (and, full batch with stop="fixed", ends) at the same basis.
         init="random": the draws of __init__, untouched."""
         if self.init == "random":
             return

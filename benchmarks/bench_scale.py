@@ -22,7 +22,7 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
-    --seen-test-prompts 20) and then train_basis.py --k-list 5 --iters --whole-steps --fewshot-iters
+    --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps --fewshot-iters
     --whole-steps, each timed as a whole with its peak RSS.
 Every record states the machine's load (`uptime`'s load averages at its start and end) and
 OMP_NUM_THREADS: on a shared machine the bandwidth, and so every ratio, is the load's as much as the code's.
@@ -171,7 +171,7 @@ def whole_runs(args):
             prep = [sys.executable, os.path.join(REPO, "PersonalLLM", "prepare.py"), "--synthetic", "--out", data,
                     "--features", str(F), "--n-users", str(n), "--seen-test-prompts", "20", "--seed", str(args.seed)]
             train = [sys.executable, os.path.join(REPO, "PersonalLLM", "train_basis.py"), "--data", data, "--out", res,
-                     "--k-list", "5", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
+                     "--k-list", "5", "--stop", "fixed", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
                      "--device", "cpu", "--seed", str(args.seed)]
             for name, cmd in (("prepare", prep), ("train_basis", train)):
                 wall, rss, code = timed_child(cmd)
