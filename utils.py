@@ -149,7 +149,7 @@ class LoRe(LowRankModel):
                  learning_rate, device=None, init="random", stop="fixed"):
         check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe")
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn, stop)
-        self.alpha = check_alpha(alpha, "LoRe")
+        self.alpha, self.learning_rate = check_alpha(alpha, "LoRe"), learning_rate
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
@@ -170,7 +170,10 @@ class LoRe(LowRankModel):
         pairs, stop = self.early_stop(self.packed(X), user_mean_weights)
         self.start(pairs)
         X, user = steps.training_rows(pairs, self.form), pairs.user                # rows, [P]
-        weight = user_mean_weights(pairs, by_user=steps.fuses(X, self.V))         # [N] fused, else [P]
+        fused = steps.fuses(X, self.V)
+        if fused:   # and its Adam: torch's fused CPU kernel (one pass over W and V, not ~10)
+            self.optimizer = steps.adam(self.parameters(), self.learning_rate, self.device, fused=True)
+        weight = user_mean_weights(pairs, by_user=fused)                           # [N] fused, else [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 

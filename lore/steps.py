@@ -162,13 +162,15 @@ def data_loss(X, nll):
     return sum_over_shards(nll.detach(), getattr(X, "shard", False))
 
 
-def adam(params, learning_rate, device):
-    """Adam, capturable on CUDA (its step count stays on the GPU, as a CUDA graph needs); on the CPU
-    torch's fused kernel (one pass over each parameter and its two moments instead of ~10 [N, K]
-    passes: at 10^6 users, K = 5, ~25 ms a step instead of ~100; the same update to float32
-    round-off, tests/test_scale.py)."""
-    cuda = device.type == "cuda"
-    return optim.Adam(params, lr=learning_rate, capturable=cuda, fused=None if cuda else True)
+def adam(params, learning_rate, device, fused=False):
+    """Adam, capturable on CUDA (its step count stays on the GPU, as a CUDA graph needs). fused (CPU):
+    torch's fused kernel, one pass over each parameter and its two moments instead of ~10: at 10^6
+    users, K = 5, ~25 ms a step instead of ~100 (the fused step's Adam, utils.LoRe.fit). It rounds
+    differently (1e-6 a step; tests/test_scale.py), so the torch-op steps keep the single-tensor
+    Adam and their numbers."""
+    if fused and device.type != "cpu":
+        raise ValueError(f"adam(fused=True) is the CPU's fused kernel, not {device}'s")
+    return optim.Adam(params, lr=learning_rate, capturable=device.type == "cuda", fused=fused or None)
 
 
 GRAPH_WARMUP = 3   # eager steps on a side stream before a CUDA graph is captured

@@ -258,6 +258,30 @@ def test_fused_step_equals_torch_ops_step(monkeypatch):
     assert not torch.allclose(V_f, fit(utils.LoRe, "table", pairs, *args[:-3], 1, 1e-9, CPU)[1])  # the fit moved V
 
 
+def test_fused_adam_equals_the_textbook_update():
+    """lore.steps.adam(fused=True), the fused step's: torch's fused CPU Adam, 30 steps equal Adam's
+    update written out in float64 (betas 0.9, 0.999, eps 1e-8) to 1e-5, and the single-tensor Adam
+    that the torch-op steps keep to 1e-5."""
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(50, 5, generator=g), [torch.randn(50, 5, generator=g) for _ in range(30)]
+    fitted = {}
+    for fused in (True, False):
+        w = torch.nn.Parameter(start.clone())
+        opt = lore.steps.adam([w], 0.5, CPU, fused=fused)
+        assert opt.defaults["fused"] is (True if fused else None)
+        for grad in grads:
+            w.grad = grad.clone()
+            opt.step()
+        fitted[fused] = w.detach()
+    w, m, v = start.double(), torch.zeros(50, 5, dtype=torch.float64), torch.zeros(50, 5, dtype=torch.float64)
+    for t, grad in enumerate(grads, 1):
+        m, v = 0.9 * m + 0.1 * grad.double(), 0.999 * v + 0.001 * grad.double() ** 2
+        w = w - 0.5 * (m / (1 - 0.9 ** t)) / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8)
+    torch.testing.assert_close(fitted[True].double(), w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fitted[True], fitted[False], rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fitted[True], start)
+
+
 def test_shard_users_splits_users_into_blocks():
     pairs = shared_table_pairs(n_users=7, per_user=3)
     shards = [shard_users(pairs, r, 3) for r in range(3)]
