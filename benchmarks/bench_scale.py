@@ -15,10 +15,12 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     replacement) with two distinct random responses each, as table-form Pairs. One LoRe model (K = 5)
     as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
     use fewer rows than there are pairs), seconds per Adam step (median of --steps after one warm-up),
-    seconds to score every pair (per_user_accuracy with the fitted weights, detached), the child's
-    peak RSS.
-  - floor: what a step must read over the read bandwidth, the best of 5 sums of a 0.8 GB float32
-    tensor in the same child: the table rows the pairs use as float32 forward (X V) and backward
+    seconds to score every pair (per_user_accuracy with the fitted weights softmax(W), as LoRe.fit
+    returns them, taken before the timing and timed apart: simplex_s), the child's peak RSS (without
+    the bandwidth measurement's tensor).
+  - floor: what a step must read over the read bandwidth, the best of 10 sums of a 0.8 GB float32
+    tensor in the same child, measured right before the steps and again right after the scoring
+    (both recorded; the floors use the higher bandwidth, the record says so): the table rows the pairs use as float32 forward (X V) and backward
     (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
@@ -72,6 +74,13 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KB
 
 
+def reset_peak_rss():
+    """Peak RSS from now on only (Linux: clear_refs 5 resets the high-water mark to the current RSS),
+    so that the bandwidth measurement's 0.8 GB tensor, freed, is not counted in a step's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 SUMS = 10   # sums of the bandwidth tensor, each time it is measured
 
 
@@ -123,7 +132,9 @@ def step_child(args):
     fused = steps.fuses(rows, model.V)
     weight = utils.user_mean_weights(pairs, by_user=fused)                         # [N] fused, else [P]
     setup_s = time.perf_counter() - t
+    setup_peak = peak_rss_gb()            # the data and the training rows
     bandwidth_before = read_bandwidth()   # right before the steps: the same child, the same minute
+    reset_peak_rss()
     times = []
     for _ in range(args.steps + 1):
         t = time.perf_counter()
@@ -136,6 +147,7 @@ def step_child(args):
     t = time.perf_counter()
     acc = per_user_accuracy(pairs, model.V.detach(), W)   # as an evaluation scores the fitted weights
     score_s = time.perf_counter() - t
+    peak = max(setup_peak, peak_rss_gb())   # the data, the rows, the model, the steps and the scoring
     bandwidth_after = read_bandwidth()
     bandwidth = max(bandwidth_before, bandwidth_after)
     step_s = float(np.median(times[1:]))
@@ -150,7 +162,7 @@ def step_child(args):
                       "step_ratio": step_s / step_floor_s, "score_all_pairs_s": score_s,
                       "score_floor_s": step_floor_s / 2, "score_ratio": score_s / (step_floor_s / 2),
                       "simplex_s": simplex_s,
-                      "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak_rss_gb(),
+                      "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak,
                       "load_start": load_start, "load_end": load()}))
 
 
