@@ -290,6 +290,34 @@ def test_shard_users_splits_users_into_blocks():
     assert torch.equal(torch.cat([s.chosen for s in shards]), pairs.chosen)
 
 
+@needs_kernel
+def test_fused_step_of_shards_sums_to_one_process():
+    """torchrun's split on the fused path: each rank's pairs (a block of users, their own used rows
+    and per-user weights) give a loss and gradients that sum to one process's, to 1e-5; V's
+    gradient is what the ranks' all_reduce sums, the logits' rows are each rank's own users'."""
+    pairs = shared_table_pairs(n_users=50, per_user=9, rows=40, n_features=12, seed=3)
+    g = torch.Generator().manual_seed(3)
+    V0, L0 = torch.randn(12, 4, generator=g), torch.randn(50, 4, generator=g)        # [F, K], [N, K]
+
+    def fused_step(p):
+        rows, V, L = replace(training_rows(p, "table"), shard=False), V0.clone().requires_grad_(), L0.clone().requires_grad_()
+        assert lore.steps.fuses(rows, V)
+        nll = lore.steps.fused_nll(rows, V, L, utils.user_mean_weights(p, by_user=True))
+        nll.backward()
+        return nll.detach(), V.grad, L.grad
+
+    whole = fused_step(pairs)
+    parts = [fused_step(shard_users(pairs, r, 3)) for r in range(3)]
+    torch.testing.assert_close(sum(p[0] for p in parts), whole[0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(sum(p[1] for p in parts), whole[1], rtol=1e-5, atol=1e-7)
+    for r, part in enumerate(parts):
+        mine = torch.arange(50 * r // 3, 50 * (r + 1) // 3)
+        torch.testing.assert_close(part[2][mine], whole[2][mine], rtol=1e-5, atol=1e-8)
+        others = torch.ones(50, dtype=torch.bool)
+        others[mine] = False
+        assert part[2][others].abs().max() == 0                                    # other ranks' users: no gradient
+
+
 # ---- two processes ----------------------------------------------------------------------------
 
 PLLM = os.path.join(REPO, "PersonalLLM")
