@@ -60,12 +60,14 @@ def test_links_resolve(page):
 
 
 def markdown_tables(text):
-    """-> [(first line index, [the table's lines])] of a page."""
+    """-> [(first line index, [the table's lines])] of a page, indented ones (in a list item) too:
+    tools/tables.py generates only unindented tables, so a measured one must not hide in a list."""
     lines, found, i = text.split("\n"), [], 0
+    row = lambda line: line.lstrip().startswith("|")
     while i < len(lines):
-        if lines[i].startswith("|"):
+        if row(lines[i]):
             j = i
-            while j < len(lines) and lines[j].startswith("|"):
+            while j < len(lines) and row(lines[j]):
                 j += 1
             found.append((i, lines[i:j]))
             i = j
