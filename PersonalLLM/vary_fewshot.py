@@ -4,7 +4,8 @@
     python PersonalLLM/vary_fewshot.py --method lore,pal,vpl --k-list 3,5 --shots 1,5,20 --trials 5
     python PersonalLLM/vary_fewshot.py --method lore,pca --select random,active --candidates all
 
-Each method is fitted on the seen users (lore: 500 steps, lr 0.5); each unseen user has the pool of
+Each method is fitted on the seen users (lore: lr 0.5, stopped by the stopping rule, 5000 steps the
+cap; --stop fixed --iters 500 is the original script's 500 steps); each unseen user has the pool of
 few-shot pairs prepare.py drew (1% of the train prompts: 94 of 9402), and for every shot count,
 --trials times, `shots` pairs are drawn from the pool, the user's weights fitted with the shared part
 fixed, and the user tested on every test prompt. --select active asks the shots actively instead
