@@ -171,8 +171,10 @@ class LoRe(LowRankModel):
         self.start(pairs)
         X, user = steps.training_rows(pairs, self.form), pairs.user                # rows, [P]
         fused = steps.fuses(X, self.V)
-        if fused:   # and its Adam: torch's fused CPU kernel (one pass over W and V, not ~10)
+        if fused and not self.optimizer.defaults["fused"]:   # and its Adam: torch's fused CPU kernel
+            moments = self.optimizer.state   # (one pass over W and V, not ~10), with the moments so far:
             self.optimizer = steps.adam(self.parameters(), self.learning_rate, self.device, fused=True)
+            self.optimizer.state.update(moments)   # a second train() goes on from them, as on the torch path
         weight = user_mean_weights(pairs, by_user=fused)                           # [N] fused, else [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()

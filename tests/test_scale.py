@@ -258,6 +258,24 @@ def test_fused_step_equals_torch_ops_step(monkeypatch):
     assert not torch.allclose(V_f, fit(utils.LoRe, "table", pairs, *args[:-3], 1, 1e-9, CPU)[1])  # the fit moved V
 
 
+def test_fused_fit_resumes_its_adam_on_a_second_train():
+    """Two train() calls of 20 steps on the fused path go on as one of 40 (the fused Adam keeps its
+    moments, as the torch path's Adam does), to float32 round-off."""
+    pairs = shared_table_pairs(n_users=40, per_user=9, rows=24, n_features=20, seed=5)
+    assert lore.steps.fuses(training_rows(pairs), training_rows(pairs).X)
+    fits = []
+    for calls, iters in ((1, 40), (2, 20)):
+        torch.manual_seed(0)
+        model = utils.LoRe(torch.randn(20, 1), 0.3, 40, 20, 5, iters, 0.1, CPU)
+        model.form = "table"
+        for _ in range(calls):
+            W, V = model.train(pairs)
+        assert model.optimizer.defaults["fused"] is True
+        fits.append((W, V))
+    torch.testing.assert_close(fits[0][0], fits[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fits[0][1], fits[1][1], rtol=1e-5, atol=1e-5)
+
+
 def test_fused_adam_equals_the_textbook_update():
     """lore.steps.adam(fused=True), the fused step's: torch's fused CPU Adam, 30 steps equal Adam's
     update written out in float64 (betas 0.9, 0.999, eps 1e-8) to 1e-5, and the single-tensor Adam
