@@ -52,7 +52,7 @@ class Pairs:
     `shard`: the pairs of one torchrun rank's users, n_users still all N (the users of the other
     ranks have no pairs here): training sums V's gradient across the ranks.
     """
-    user: torch.Tensor                     # [P] long, pairs of a user are contiguous
+    user: torch.Tensor                     # [P] int32 (index_dtype(N)) or long, pairs of a user are contiguous
     n_users: int
     X: torch.Tensor = None                 # [P, F] float32
     table: torch.Tensor = None             # [E, F] any float dtype (bfloat16 on disk)
@@ -90,8 +90,9 @@ class Pairs:
         the pair itself -> (gid [P], owner [G]): the unit of every pair, numbered by (user, group),
         and the user of every unit."""
         group = self.group if self.group is not None else torch.arange(len(self), device=self.device)
-        _, gid = torch.unique(torch.stack([self.user, group]), dim=1, return_inverse=True)  # [P]
-        owner = torch.zeros(int(gid.max()) + 1, dtype=torch.long, device=self.device).scatter_(0, gid, self.user)
+        user = self.user.long()                                                    # [P] like group
+        _, gid = torch.unique(torch.stack([user, group]), dim=1, return_inverse=True)  # [P]
+        owner = torch.zeros(int(gid.max()) + 1, dtype=torch.long, device=self.device).scatter_(0, gid, user)
         return gid, owner                                                          # [P], [G]
 
     def rows(self):
@@ -166,7 +167,8 @@ def pack(features, name="features", device=None):
                                  f"float [pairs, F] with the same F (user 0 has F={n_features})")
         X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
         counts = torch.tensor([len(x) for x in features], device=device)
-        user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
+        user = torch.repeat_interleave(torch.arange(len(features), device=device, dtype=index_dtype(len(features))),
+                                       counts)                                     # [P]
         pairs = Pairs(user, len(features), X=X)
     _check_pairs(pairs, name)
     return replace(pairs, checked=True)
@@ -181,8 +183,9 @@ def _check_pairs(pairs, name):
     if pairs.X is not None and pairs.X.dtype != torch.float32:
         raise InputError(f"{name}: X must be float32 (difference rows are trained in float32), got {pairs.X.dtype}: "
                          f"pass X.float()")
-    if pairs.user.dim() != 1 or pairs.user.dtype != torch.long:
-        raise InputError(f"{name}: user must be [P] long, got {tuple(pairs.user.shape)} {pairs.user.dtype}")
+    if pairs.user.dim() != 1 or pairs.user.dtype not in (torch.int32, torch.long):
+        raise InputError(f"{name}: user must be [P] user indices (int32 or long), got {tuple(pairs.user.shape)} "
+                         f"{pairs.user.dtype}")
     if pairs.group is not None and (pairs.group.shape != pairs.user.shape or pairs.group.dtype != torch.long):
         raise InputError(f"{name}: group must be [P] long like user ({tuple(pairs.user.shape)}), got "
                          f"{tuple(pairs.group.shape)} {pairs.group.dtype}")
