@@ -116,13 +116,18 @@ class Pairs:
         [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P).
         Where the used rows are the table's first E' (PersonalLLM's train split, used whole by many
         users), the positions are the rows themselves: chosen and rejected as they are, no [P] copies."""
-        E = len(self.table)   # bincount reads int32 rows as they are (mask[rows] = True copies them to int64)
-        mask = (torch.bincount(self.chosen, minlength=E) + torch.bincount(self.rejected, minlength=E)) > 0  # [E]
+        mask = self.used_mask()                                                    # [E]
         used = torch.nonzero(mask).squeeze(1)                                      # [E']
         if len(used) == 0 or int(used[-1]) == len(used) - 1:
             return used, self.chosen, self.rejected
         position = (torch.cumsum(mask, 0) - 1).to(index_dtype(len(used)))          # [E] row -> position in used
         return used, position.index_select(0, self.chosen), position.index_select(0, self.rejected)
+
+    def used_mask(self):
+        """Table form: [E] bool, the table rows some pair uses. bincount reads int32 rows as they are
+        (mask[rows] = True would copy them to int64)."""
+        E = len(self.table)
+        return (torch.bincount(self.chosen, minlength=E) + torch.bincount(self.rejected, minlength=E)) > 0  # [E]
 
     def select(self, idx):
         """The pairs idx (a bool mask or sorted indices), for the same N users."""
