@@ -112,14 +112,18 @@ class Pairs:
         return T.index_select(0, chosen) - T.index_select(0, rejected)            # [P, K]
 
     def used_rows(self):
-        """Table form: -> (used [E'] the sorted table rows some pair uses, chosen [P] and rejected
-        [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P).
-        Where the used rows are the table's first E' (PersonalLLM's train split, used whole by many
-        users), the positions are the rows themselves: chosen and rejected as they are, no [P] copies."""
+        """Table form: -> (used [E'] sorted table rows, every row some pair uses among them, chosen
+        [P] and rejected [P] as positions in used). A mask over the table rather than a sort of 2P
+        indices: O(E + P). Where the rows up to the last used one are fewer than the pairs (PersonalLLM's
+        train split under many users: a response no user ranks best or worst is a row no pair uses,
+        anywhere in the split), used is all of them, 0 .. E' - 1, and the positions are the rows
+        themselves: chosen and rejected as they are, no [P] copies (3.8 GB at 10^7 users)."""
         mask = self.used_mask()                                                    # [E]
         used = torch.nonzero(mask).squeeze(1)                                      # [E']
         if len(used) == 0 or int(used[-1]) == len(used) - 1:
             return used, self.chosen, self.rejected
+        if int(used[-1]) + 1 < len(self):   # the rows no pair uses below the last cost less than a remap
+            return torch.arange(int(used[-1]) + 1, device=used.device), self.chosen, self.rejected
         position = (torch.cumsum(mask, 0) - 1).to(index_dtype(len(used)))          # [E] row -> position in used
         return used, position.index_select(0, self.chosen), position.index_select(0, self.rejected)
 
