@@ -53,17 +53,19 @@ def bt_nll(s, weight):
     return -(F.logsigmoid(s / TEMPERATURE) * weight).sum()
 
 
-def user_mean_weights(pairs):
-    """Each pair weighs 1 / (its user's pairs): every user weighs the same (LoRe's loss)."""
-    return (1.0 / pairs.counts().float())[pairs.user]                              # [N] -> [P]: no [P] int64 temporary
+def user_mean_weights(pairs, by_user=False):
+    """Each pair weighs 1 / (its user's pairs): every user weighs the same (LoRe's loss). -> [P];
+    by_user: [N], the weight of each of user u's pairs (what the fused step reads: no [P] tensor)."""
+    w = 1.0 / pairs.counts().float()                                               # [N]
+    return w if by_user else w[pairs.user]                                         # [N] -> [P]: no [P] int64 temporary
 
 
-def pair_mean_weights(pairs):
+def pair_mean_weights(pairs, by_user=False):
     """Each pair weighs 1 / (all pairs, every rank's for a shard): every pair weighs the same
-    (LoRe_regularized's loss)."""
+    (LoRe_regularized's loss). -> [P]; by_user: [N], the same weight for every user."""
     n = distributed.sum_over_shards(torch.tensor(float(len(pairs)), dtype=torch.float64, device=pairs.device),
                                     pairs.shard)
-    return torch.full((len(pairs),), 1.0 / n.item(), device=pairs.device)                      # [P]
+    return torch.full((pairs.n_users if by_user else len(pairs),), 1.0 / n.item(), device=pairs.device)  # [N] or [P]
 
 
 class FitModule(nn.Module):
@@ -122,7 +124,7 @@ class LowRankModel(FitModule):
         """init="svd": V the top-K principal directions of the seen rows (lore.pca.principal_basis:
         oriented, scaled to a root-mean-square margin of TEMPERATURE) and W the logits of every
         user's least-squares simplex weights on them (margins fitted to TEMPERATURE): a function of
-        the data alone, so every seed starts (and, full batch, ends) at the same basis.
+        the data alone, so every seed starts (and, full batch with stop="fixed", ends) at the same basis.
         init="random": the draws of __init__, untouched."""
         if self.init == "random":
             return
@@ -147,7 +149,7 @@ class LoRe(LowRankModel):
                  learning_rate, device=None, init="random", stop="fixed"):
         check_model(num_classes, num_features, num_basis_vectors, num_iterations, learning_rate, "LoRe")
         super().__init__(num_classes, num_features, num_basis_vectors, num_iterations, device, init, torch.randn, stop)
-        self.alpha = check_alpha(alpha, "LoRe")
+        self.alpha, self.learning_rate = check_alpha(alpha, "LoRe"), learning_rate
         self.v_ref = None if V_sft is None else self.column(V_sft)                # [F, 1]
         if self.v_ref is None and check_alpha(alpha, "LoRe"):
             raise InputError(f"LoRe with alpha = {alpha:g} pulls V towards V_sft: V_sft (v_ref) is needed")
@@ -167,16 +169,23 @@ class LoRe(LowRankModel):
     def fit(self, X):
         pairs, stop = self.early_stop(self.packed(X), user_mean_weights)
         self.start(pairs)
-        X, user, weight = steps.training_rows(pairs, self.form), pairs.user, user_mean_weights(pairs)   # rows, [P], [P]
+        X, user = steps.training_rows(pairs, self.form), pairs.user                # rows, [P]
+        fused = steps.fuses(X, self.V)
+        if fused:   # and its Adam: torch's fused CPU kernel (one pass over W and V, not ~10)
+            self.optimizer = steps.adam(self.parameters(), self.learning_rate, self.device, fused=True)
+        weight = user_mean_weights(pairs, by_user=fused)                           # [N] fused, else [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()
 
     def step(self, X, user, weight):
-        """One Adam step on packed pairs: X [P, F] or TrainingRows, user [P], weight [P]."""
+        """One Adam step on packed pairs: X [P, F] or TrainingRows, user [P]; weight [N] per user
+        where the step is fused (CPU, table form: one pass that also takes the logits' softmax),
+        else [P] per pair."""
         self.optimizer.zero_grad(set_to_none=True)
-        W = simplex(self.W)                                                        # [N, K]
-        nll = (steps.fused_nll(X, self.V, W, weight) if steps.fuses(X, self.V)    # CPU, table form: one pass
-               else bt_nll(steps.user_scores(X, self.V, W, user), weight))
+        if steps.fuses(X, self.V):
+            nll = steps.fused_nll(X, self.V, self.W, weight)
+        else:
+            nll = bt_nll(steps.user_scores(X, self.V, simplex(self.W), user), weight)
         reg = self.regularizer()
         (nll + reg).backward()
         self.optimizer.step()
@@ -331,8 +340,9 @@ class LoReMethod(LinearBasis):
     model, fewshot_model = LoRe, PersonalizeBatch
     # what lore.compare searches (K = 0 and 1 are the comparison's fixed rows reference and bt)
     search, search_space = "random", {
-        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [500, 1000], "lr": ("log", 0.1, 1.0),
-        "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3), "fewshot_stop": ["early"]}
+        "K": [2, 3, 4, 5, 6, 8], "alpha": [0.0, 1e-3, 1e-1], "iters": [stopping.FULL_BATCH_CAP], "stop": ["early"],
+        "lr": ("log", 0.1, 1.0), "fewshot_iters": [stopping.FEWSHOT_CAP], "fewshot_lr": ("log", 0.03, 0.3),
+        "fewshot_stop": ["early"]}
 
     def fit(self, pairs):
         if self.K == 0:

@@ -1,12 +1,16 @@
 """PersonalLLM, step 2: fit each method for K = 0..5 on the seen users; accuracy of seen and unseen users.
 
-    python PersonalLLM/train_basis.py                      # the paper's recipe on PersonalLLM/data
-    python PersonalLLM/train_basis.py --method lore,pal,vpl --k-list 0,1,3 --iters 200 --device cuda
+    python PersonalLLM/train_basis.py                      # the recipe on PersonalLLM/data
+    python PersonalLLM/train_basis.py --stop fixed --iters 1000          # the paper's fixed 1,000 steps
+    python PersonalLLM/train_basis.py --method lore,pal,vpl --k-list 0,1,3 --device cuda
 
 The users and their pairs were drawn by prepare.py (see its --help): seen users fit the basis on
 their 47 train pairs (0.5% of the train prompts) and are tested on every test prompt; unseen users
 fit their weights with the basis fixed on the first 9 pairs of their few-shot pool (0.1%) and are
-tested on every test prompt. lore: run()'s recipe, 1000 steps at lr 0.5, few-shot 500 at lr 0.1.
+tested on every test prompt. lore: run()'s rates (lr 0.5, few-shot 500 steps at lr 0.1), the basis
+fit stopped by the stopping rule (lore/stopping.py: a held-out tenth of each seen user's train pairs,
+--iters 5000 the cap), not the paper's 1,000 fixed steps, after which its loss still falls
+(PersonalLLM/recipe.json says why); PAL and VPL stop by the same rule.
 
 Reads what prepare.py wrote (--data). Writes to --out (default PersonalLLM/results/train_basis/), as
 a whole when the run ends:

@@ -7,13 +7,15 @@ features, 47 pairs per user of two distinct responses of a random train prompt, 
         --repeats 5 --out /tmp/bench_fused.json    # docs/scale.md's before/after of the pair pass
 
 For each version (--against's lore/fused.py, compiled with its own flags, and this checkout's) and
-each kernel: X V (project), the pair pass (pair_loss), X^T G (table_grad), scoring's pass
-(pair_hits), the median and the best of --repeats wall-clock seconds after one warm-up, and the
+each kernel: X V (project), the pair pass (pair_loss; for a version whose pass takes the users'
+weights rather than their logits, with the torch softmax and its backward the step took around it),
+X^T G (table_grad), scoring's pass (pair_hits), the median and the best of --repeats wall-clock seconds after one warm-up, and the
 step's kernels (X V + pair pass + X^T G, per repeat). It checks that both versions give the same
 loss, gradients and hits to float32 round-off. Reads nothing but git; writes the JSON to --out
 (default: stdout only). States the machine's load and OMP_NUM_THREADS.
 """
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -43,12 +45,24 @@ def parse_args(argv=None):
 
 
 def baseline(revision):
-    """The kernel library of lore/fused.py at a git revision, built with that revision's flags."""
+    """lore/fused.py at a git revision, as a namespace, and its kernel library built with that
+    revision's flags."""
     text = subprocess.run(["git", "-C", REPO, "show", f"{revision}:lore/fused.py"], check=True,
                           capture_output=True, text=True).stdout
     namespace = {}
     exec(compile(text, f"{revision}:lore/fused.py", "exec"), namespace)
-    return fused.build(namespace["SOURCE"], namespace["FLAGS"])
+    return namespace, fused.build(namespace["SOURCE"], namespace["FLAGS"])
+
+
+def pair_loss_step(module, lib, T, L, chosen, rejected, offsets, user_weight, weight):
+    """The step's pair work with a version's pair_loss -> (nll, G, dL/dlogits). A version whose
+    pass takes the logits (and [N] weights) does it all; before it, the pass took softmax(L) and
+    [P] weights, and the step took the softmax and its backward in torch: timed with it."""
+    if "logits" in inspect.signature(module["pair_loss"]).parameters:
+        return module["pair_loss"](T, L, chosen, rejected, offsets, user_weight, 1.0, lib=lib)
+    W = torch.softmax(L, -1)                                                       # [N, K]
+    nll, G, dW = module["pair_loss"](T, W, chosen, rejected, offsets, weight, 1.0, lib=lib)
+    return nll, G, torch._softmax_backward_data(dW, W, -1, W.dtype)
 
 
 def data(args):
@@ -62,8 +76,9 @@ def data(args):
     rejected += prompt
     offsets = torch.arange(0, P + 1, PAIRS)                                        # [N + 1]
     V = torch.randn(args.features, args.rank, generator=g) / args.features ** 0.5  # [F, K]
-    W = torch.softmax(torch.randn(args.users, args.rank, generator=g), -1)        # [N, K]
-    return X, chosen, rejected, offsets, torch.full((P,), 1.0 / P), V, W
+    L = torch.randn(args.users, args.rank, generator=g)                            # [N, K] logits
+    user_weight = torch.full((args.users,), 1.0 / P)                               # [N]
+    return X, chosen, rejected, offsets, user_weight, user_weight.repeat_interleave(PAIRS), V, L
 
 
 def load():
@@ -73,20 +88,20 @@ def load():
 
 
 def main(args):
-    libs = {"before": baseline(args.against), "after": fused.kernel()}
-    X, chosen, rejected, offsets, weight, V, W = data(args)
-    T = fused.project(X, V)                                                        # [E', K]
+    libs = {"before": baseline(args.against), "after": (vars(fused), fused.kernel())}   # (module, library)
+    X, chosen, rejected, offsets, user_weight, weight, V, L = data(args)
+    T, W = fused.project(X, V), torch.softmax(L, -1)                               # [E', K], [N, K]
     G = torch.randn(ROWS, args.rank)                                               # [E', K]
-    kernels = {"project": lambda lib: fused.project(X, V, lib=lib),
-               "pair_loss": lambda lib: fused.pair_loss(T, W, chosen, rejected, offsets, weight, 1.0, lib=lib),
-               "table_grad": lambda lib: fused.table_grad(X, G, lib=lib),
-               "pair_hits": lambda lib: fused.pair_hits(T, W, chosen, rejected, offsets, lib=lib)}
+    kernels = {"project": lambda m, lib: m["project"](X, V, lib=lib),
+               "pair_loss": lambda m, lib: pair_loss_step(m, lib, T, L, chosen, rejected, offsets, user_weight, weight),
+               "table_grad": lambda m, lib: m["table_grad"](X, G, lib=lib),
+               "pair_hits": lambda m, lib: m["pair_hits"](T, W, chosen, rejected, offsets, lib=lib)}
     start, times, outputs = load(), {v: {k: [] for k in kernels} for v in libs}, {}
     for turn in range(args.repeats + 1):
         for version, lib in libs.items():
             for name, run in kernels.items():
                 t = time.perf_counter()
-                outputs[version, name] = run(lib)
+                outputs[version, name] = run(*lib)
                 if turn:                                                           # turn 0: the warm-up
                     times[version][name].append(time.perf_counter() - t)
     for name in kernels:   # the same numbers: float32 round-off between the versions

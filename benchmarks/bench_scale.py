@@ -15,16 +15,18 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     replacement) with two distinct random responses each, as table-form Pairs. One LoRe model (K = 5)
     as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
     use fewer rows than there are pairs), seconds per Adam step (median of --steps after one warm-up),
-    seconds to score every pair (per_user_accuracy with the fitted weights, detached), the child's
-    peak RSS.
-  - floor: what a step must read over the read bandwidth, the best of 5 sums of a 0.8 GB float32
-    tensor in the same child: the table rows the pairs use as float32 forward (X V) and backward
+    seconds to score every pair (per_user_accuracy with the fitted weights softmax(W), as LoRe.fit
+    returns them, taken before the timing and timed apart: simplex_s), the child's peak RSS (without
+    the bandwidth measurement's tensor).
+  - floor: what a step must read over the read bandwidth, the best of 10 sums of a 0.8 GB float32
+    tensor in the same child, measured right before the steps and again right after the scoring
+    (both recorded; the floors use the higher bandwidth, the record says so): the table rows the pairs use as float32 forward (X V) and backward
     (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
-    --seen-test-prompts 20) and then train_basis.py --k-list 5 --iters --whole-steps --fewshot-iters
-    --whole-steps, each timed as a whole with its peak RSS, its RSS sampled every 30 s (where the
-    peak is: loading, the fit or the evaluation) and the least memory the machine had available.
+    --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps
+    --fewshot-iters --whole-steps, each timed as a whole with its peak RSS, its RSS sampled every 30 s
+    (where the peak is: loading, the fit or the evaluation) and the least memory the machine had available.
 Every record states the machine's load (`uptime`'s load averages at its start and end) and
 OMP_NUM_THREADS: on a shared machine the bandwidth, and so every ratio, is the load's as much as the code's.
 The growth exponent is the least-squares slope of log(step seconds) against log(users), from 10^4 up
@@ -73,14 +75,30 @@ def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # Linux: KB
 
 
-def read_bandwidth():
-    """Bytes per second: the best of 5 sums of a 0.8 GB float32 tensor."""
+def reset_peak_rss():
+    """Peak RSS from now on only (Linux: clear_refs 5 resets the high-water mark to the current RSS),
+    so that the bandwidth measurement's 0.8 GB tensor, freed, is not counted in a step's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+SUMS = 10   # sums of the bandwidth tensor, each time it is measured
+
+
+def read_bandwidth(sums=SUMS):
+    """Bytes per second: the best of `sums` sums of a 0.8 GB float32 tensor (the issue's measure,
+    with more tries: on a shared machine one try in five may not get the memory to itself)."""
     x, best = torch.ones(200_000_000), float("inf")
-    for _ in range(5):
+    for _ in range(sums):
         t = time.perf_counter()
         x.sum()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
+
+
+BANDWIDTH_METHOD = (f"the best of {SUMS} sums of a 0.8 GB float32 tensor (torch.sum, the process's threads), "
+                    "measured in the step's child right before the first step and again right after the "
+                    "scoring; the floors use the higher of the two")
 
 
 def load():
@@ -93,7 +111,7 @@ def load():
 def step_child(args):
     """One size of the step measurement, in this (child) process: prints a JSON record."""
     torch.manual_seed(args.seed)
-    load_start, bandwidth = load(), read_bandwidth()
+    load_start = load()
     N, F = args.child, args.features
     t = time.perf_counter()
     table = torch.randn(RESPONSES * (PROMPTS_TRAIN + PROMPTS_TEST), F, dtype=torch.bfloat16)  # [E, F]
@@ -110,30 +128,42 @@ def step_child(args):
     model = utils.LoRe(None, 0.0, N, F, args.rank, 1, 0.5, "cpu")
     t = time.perf_counter()
     rows = steps.training_rows(pairs, model.form)
-    weight = utils.user_mean_weights(pairs)                                        # [P]
-    setup_s = time.perf_counter() - t
     if args.torch_ops:
         rows.offsets = None   # without its users' offsets, a step is user_scores' torch ops
     fused = steps.fuses(rows, model.V)
+    weight = utils.user_mean_weights(pairs, by_user=fused)                         # [N] fused, else [P]
+    setup_s = time.perf_counter() - t
+    setup_peak = peak_rss_gb()            # the data and the training rows
+    bandwidth_before = read_bandwidth()   # right before the steps: the same child, the same minute
+    reset_peak_rss()
     times = []
     for _ in range(args.steps + 1):
         t = time.perf_counter()
         model.step(rows, pairs.user, weight)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    with torch.no_grad():   # the fitted weights, as an evaluation reads them: no autograd graph
-        acc = per_user_accuracy(pairs, model.V, simplex(model.W))
+    with torch.no_grad():   # the fitted weights, as LoRe.fit returns them: no autograd graph
+        W = simplex(model.W)                                                       # [N, K]
+    simplex_s = time.perf_counter() - t
+    t = time.perf_counter()
+    acc = per_user_accuracy(pairs, model.V.detach(), W)   # as an evaluation scores the fitted weights
     score_s = time.perf_counter() - t
+    peak = max(setup_peak, peak_rss_gb())   # the data, the rows, the model, the steps and the scoring
+    bandwidth_after = read_bandwidth()
+    bandwidth = max(bandwidth_before, bandwidth_after)
     step_s = float(np.median(times[1:]))
     rows_read = len(rows.X)
     step_floor_s = (2 * rows_read * F * 4 + 2 * len(pairs) * 2 * 4) / bandwidth
     print(json.dumps({"users": N, "pairs": len(pairs), "features": F, "K": args.rank,
                       "form": "table" if rows.chosen is not None else "pairs", "rows_read": rows_read,
                       "fused": fused, "data_s": data_s, "setup_s": setup_s, "step_s": step_s,
-                      "read_gb_per_s": bandwidth / 1e9, "step_floor_s": step_floor_s,
+                      "read_gb_per_s": bandwidth / 1e9, "read_gb_per_s_before": bandwidth_before / 1e9,
+                      "read_gb_per_s_after": bandwidth_after / 1e9, "bandwidth_method": BANDWIDTH_METHOD,
+                      "step_floor_s": step_floor_s, "step_times_s": times[1:],
                       "step_ratio": step_s / step_floor_s, "score_all_pairs_s": score_s,
                       "score_floor_s": step_floor_s / 2, "score_ratio": score_s / (step_floor_s / 2),
-                      "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak_rss_gb(),
+                      "simplex_s": simplex_s,
+                      "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak,
                       "load_start": load_start, "load_end": load()}))
 
 
@@ -192,7 +222,7 @@ def whole_runs(args):
             prep = [sys.executable, os.path.join(REPO, "PersonalLLM", "prepare.py"), "--synthetic", "--out", data,
                     "--features", str(F), "--n-users", str(n), "--seen-test-prompts", "20", "--seed", str(args.seed)]
             train = [sys.executable, os.path.join(REPO, "PersonalLLM", "train_basis.py"), "--data", data, "--out", res,
-                     "--k-list", "5", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
+                     "--k-list", "5", "--stop", "fixed", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
                      "--device", "cpu", "--seed", str(args.seed)]
             for name, cmd in (("prepare", prep), ("train_basis", train)):
                 wall, rss, code, samples, least = timed_child(cmd)

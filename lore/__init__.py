@@ -12,7 +12,7 @@ real one):
     data         the prepared data folder: write it, load it               -> checks, io, methods, pairs
     compare      validation users, equal-budget search, CIs                -> checks, methods
     cli          flags, exit codes, run folders                            -> active, checks, distributed, extract, io, methods, recipes, stopping
-    recipes      each dataset's recipe ({dataset}/recipe.json)             -> checks, io
+    recipes      each dataset's recipe ({dataset}/recipe.json)             -> checks, io, stopping
     extract      reward-model embeddings: batched, resumable               -> checks, distributed, io
     distributed  torchrun: process group, shards of users, collectives     -> (none)
     basis        a basis' health report and interpretation                 -> checks
@@ -22,7 +22,7 @@ real one):
     fused        the pair work of a step and scoring in one pass (CPU, C)  -> (none)
     draws        NumPy's legacy draws without replacement, compiled (C)    -> fused
     io           safetensors, JSON, Parquet files; hub splits              -> checks
-    stopping     the one stopping rule: held-out slice, patience           -> checks
+    stopping     the one stopping rule: held-out slice, patience           -> checks, distributed
     checks       InputError, devices, seeds, validators                    -> (none)
 """
 import os

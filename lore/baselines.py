@@ -20,7 +20,7 @@ import torch.optim as optim
 from lore.checks import InputError, is_int
 from lore.methods import Method, pair_features, simplex
 from lore.steps import training_loop
-from lore.stopping import STOPS, EarlyStop, capped, checked_every, fewshot_holdout, holdout
+from lore.stopping import FEWSHOT_CAP, STOPS, EarlyStop, capped, checked_every, fewshot_holdout, holdout
 
 PAL_LOGIT_SCALE_INIT = math.log(1 / 0.07)   # pal_rm_b/learner.py:54 (CLIP's initial temperature)
 PAL_MAX_SCALE = 100.0                       # exp(logit_scale) is clamped here: pal_rm_b/learner.py:141-142
@@ -135,7 +135,7 @@ class PAL(Method):
     search, search_space = "random", {
         "K": [2, 3, 4, 5, 6, 8], "dim": [64, 128], "batch_size": [16, 32, 64],
         "lr": ("log", 1e-4, 3e-3), "proto_lr": ("log", 1e-3, 5e-2), "w_lr": ("log", 5e-3, 0.2),
-        "fewshot_epochs": [20, 50, 200], "fewshot_lr": ("log", 5e-3, 0.2),
+        "fewshot_epochs": [FEWSHOT_CAP], "fewshot_lr": ("log", 5e-3, 0.2),   # fewshot_stop early: the cap
         "weight_decay": ("log", 1e-2, 10.0),   # the L2 on f: 3 beats 0.01 on 15 pairs a user (PersonalLLM/recipe.json)
         "stop": ["early"], "fewshot_stop": ["early"]}   # the fits' lengths: the stopping rule's (lore.stopping)
 

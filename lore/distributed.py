@@ -79,6 +79,17 @@ def sum_over_shards(value, shard):
     return value
 
 
+def shard_span(n, shard):
+    """-> (offset, total): where a rank's n pairs start among every rank's, and how many there are
+    in all (ranks hold contiguous blocks of the users in rank order); (0, n) for one process."""
+    if not shard:
+        return 0, n
+    counts = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    counts[dist.get_rank()] = n
+    dist.all_reduce(counts)
+    return int(counts[:dist.get_rank()].sum()), int(counts.sum())
+
+
 def gather_users(W, pairs):
     """Rows [N, ...] (a tensor or numpy) of which a shard has only its own users' (the others kept
     their start, or are 0/0): every rank gets every user's row, from the rank that holds its pairs."""

@@ -7,11 +7,13 @@ dozen passes over [P, K] temporaries (gathers, the margin, the loss, its gradien
 each a read and a write of ~1 GB. Here it is one pass: for every user (pairs of a user are
 contiguous, so a user is an offset range, not a [P] index), for every pair p of it,
 
+    w_u  = softmax(logits_u)                                           at u's first pair
     s_p = (T[chosen_p] - T[rejected_p]) . w_u                          margin
-    nll += weight_p * -log sigmoid(s_p / tau)                          loss
-    g_p  = -weight_p * sigmoid(-s_p / tau) / tau                       d nll / d s_p
+    nll += weight_u * -log sigmoid(s_p / tau)                          loss
+    g_p  = -weight_u * sigmoid(-s_p / tau) / tau                       d nll / d s_p
     G[chosen_p] += g_p w_u,  G[rejected_p] -= g_p w_u                  -> dV = X^T G
-    dW[u] += g_p (T[chosen_p] - T[rejected_p])                         -> dW
+    dw_u += g_p (T[chosen_p] - T[rejected_p])                         -> dL/dw_u
+    dlogits_u = w_u * (dw_u - w_u . dw_u)                              at u's last pair
 
 reading each pair's two row indices once. The pairs go in blocks of 128 whatever their users: a
 block's margins are summed 8 at a time (sum8), its loss and gradient are one vector loop (bt_loss:
@@ -122,9 +124,25 @@ INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* 
   return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
-INLINE void load_w(v8* wv, const float* w, int64_t v, int64_t K) {
-  for (int i = 0; i < 8; ++i) wv[i] = bcast(0.f);
-  for (int k = 0; k < K; ++k) wv[k / 8][k % 8] = w[v * K + k];
+/* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
+   max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum. Computed where a block's pairs
+   first need the user: no [N, K] softmax is taken outside the pass. */
+INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int64_t K, const int KV) {
+  const float* x = lw + v * K;
+  float mx = x[0], total = 0.f;
+  for (int k = 1; k < K; ++k) mx = x[k] > mx ? x[k] : mx;
+  for (int i = 0; i < KV; ++i) wv[i] = bcast(0.f);
+  for (int k = 0; k < K; ++k) wv[k / 8][k % 8] = x[k] - mx;
+  for (int i = 0; i < KV; ++i) wv[i] = exp_neg(wv[i]);
+  for (int k = K; k < 8 * KV; ++k) wv[k / 8][k % 8] = 0.f;
+  for (int k = 0; k < K; ++k) total += wv[k / 8][k % 8];
+  for (int i = 0; i < KV; ++i) wv[i] = wv[i] / total;
+}
+/* the softmax's backward at a user's last pair: d [K] = dL/dw -> out [K] = dL/dx = w (d - w . d) */
+INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* restrict d, int64_t K) {
+  float dot = 0.f;
+  for (int k = 0; k < K; ++k) dot += wv[k / 8][k % 8] * d[k / 8][k % 8];
+  for (int k = 0; k < K; ++k) out[k] = wv[k / 8][k % 8] * (d[k / 8][k % 8] - dot);
 }
 
 /* for every user v with pairs in [b, e) (the block's first user u on): the statements ... with
@@ -136,10 +154,14 @@ INLINE void load_w(v8* wv, const float* w, int64_t v, int64_t K) {
   }
 
 /* the products (T[c_p] - T[r_p]) * w_v of the block's pairs (summed over their KV v8s) into
-   m [BLOCK], the lines AHEAD pairs on prefetched; then their lane sums, the margins, into s */
+   m [BLOCK], the lines AHEAD pairs on prefetched; then their lane sums, the margins, into s. Each
+   user with pairs in the block: its weights (softmax_w) into wc, its loss weight uw[v] into wb. */
 #define MARGINS(tg, STRIDE, RW)                                                                   \
+  int nu = 0;                                                                                     \
   EACH_USER_OF_BLOCK(u, b, e,                                                                     \
-    v8 wv[8]; load_w(wv, w, v, K);                                                                \
+    if (p0 == p1) continue;                                   /* no pairs (here) */               \
+    v8* wv = wc + nu++ * KV; softmax_w(wv, lw, v, K, KV);                                         \
+    const float uwv = uw[v];                                                                      \
     for (int64_t p = p0; p < p1; ++p) {                                                           \
       if (p + AHEAD < end) {                                                                      \
         __builtin_prefetch(tg + (int64_t)c[p + AHEAD] * STRIDE, RW, 3);                           \
@@ -150,38 +172,42 @@ INLINE void load_w(v8* wv, const float* w, int64_t v, int64_t K) {
       v8 mp = (tc[0] - tr[0]) * wv[0];                                                            \
       for (int i = 1; i < KV; ++i) mp += (tc[i] - tr[i]) * wv[i];                                 \
       m[p - b] = mp;                                                                              \
+      wb[p - b] = uwv;                                                                            \
     })                                                                                            \
   for (int j = n; j < n8; ++j) m[j] = bcast(0.f);                                                 \
   for (int j = 0; j < n8; j += 8) store8(s + j, sum8(m + j));
 
-/* Users [u0, u1) of pairs sorted by user (user u: pairs off[u] .. off[u+1]): the summed loss,
-   G [E, KP] += the gradient in T, dw [N, K] = the gradient in W. The pairs go in blocks of BLOCK,
-   whatever their users (a user has ~50 pairs: per user, the loss would be a vector loop and a
-   scalar tail): per block, the margins, then the loss and its gradient 8 pairs at a time, then the
-   scatter. A user's dW is one running sum over its pairs in order, carried across block
-   boundaries: the same numbers wherever the blocks start (a torchrun shard's pairs start at its
-   first user). KV a constant where inlined. */
+/* Users [u0, u1) of pairs sorted by user (user u: pairs off[u] .. off[u+1]), lw [N, K] their
+   logits, uw [N] the loss weight of each of a user's pairs: the summed loss, G [E, KP] += the
+   gradient in T, dw [N, K] = the gradient in the logits. The pairs go in blocks of BLOCK, whatever
+   their users (a user has ~50 pairs: per user, the loss would be a vector loop and a scalar tail):
+   per block, the margins, then the loss and its gradient 8 pairs at a time, then the scatter. A
+   user's dL/dw is one running sum over its pairs in order, carried across block boundaries (the
+   same numbers wherever the blocks start: a torchrun shard's pairs start at its first user), and
+   turned into dL/dlogits at its last pair (softmax_back). KV a constant where inlined. */
 #define PAIR_LOSS_USERS(NAME, IDX)                                                                \
-INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict c,              \
-                   const IDX* restrict r, const int64_t* restrict off, const float* restrict wt,  \
+INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restrict c,             \
+                   const IDX* restrict r, const int64_t* restrict off, const float* restrict uw, \
                    int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
                    float* restrict dw) {                                                          \
   double loss = 0.0;                                                                              \
-  v8 m[BLOCK], dwh[8];                                                                            \
+  v8 m[BLOCK], dwh[8], wc[BLOCK * 8];         /* wc: the weights of the block's users, KV each */ \
   float s[BLOCK], g[BLOCK], wb[BLOCK];                                                            \
   const int64_t end = off[u1];                                                                    \
   memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);      /* users without pairs */           \
-  int64_t u = u0, held = -1;         /* held: the user whose dW sum (dwh) a block boundary cut */ \
+  int64_t u = u0, held = -1;         /* held: the user whose dL/dw sum (dwh) a block boundary cut */ \
   for (int64_t b = off[u0]; b < end; b += BLOCK) {                                                \
     const int64_t e = end - b < BLOCK ? end : b + BLOCK;                                          \
     const int n = (int)(e - b), n8 = (n + 7) & ~7;                                                \
     while (off[u + 1] <= b) ++u;                              /* the block's first user */       \
     MARGINS(tg, 2 * KV, 1)                                                                        \
-    for (int j = 0; j < n; ++j) wb[j] = wt[b + j];                                                \
     for (int j = n; j < n8; ++j) wb[j] = 0.f;                 /* padding: no loss, no gradient */ \
     loss += bt_loss(s, wb, g, n8, inv_tau);                                                       \
+    nu = 0;                                                                                       \
     EACH_USER_OF_BLOCK(u, b, e,                               /* scatter, into the rows' lines */ \
-      v8 wv[8], dwv[8]; load_w(wv, w, v, K);                                                      \
+      if (p0 == p1) continue;                                                                     \
+      const v8* wv = wc + nu++ * KV;                                                              \
+      v8 dwv[8];                                                                                  \
       for (int i = 0; i < KV; ++i) dwv[i] = v == held ? dwh[i] : bcast(0.f);                      \
       for (int64_t p = p0; p < p1; ++p) {                                                         \
         v8* tc = tg + (int64_t)c[p] * 2 * KV;                                                     \
@@ -197,21 +223,22 @@ INLINE double NAME(v8* restrict tg, const float* restrict w, const IDX* restrict
         held = v;                                                                                 \
         for (int i = 0; i < KV; ++i) dwh[i] = dwv[i];                                             \
       } else                                                                                      \
-        for (int k = 0; k < K; ++k) dw[v * K + k] = dwv[k / 8][k % 8];)                           \
+        softmax_back(dw + v * K, wv, dwv, K);)                                                    \
   }                                                                                               \
   return loss;                                                                                    \
 }
 
-/* The pass over users [0, N): t [E, KP], w [N, K], wt [P] float32; c, r [P] int32 or int64. Writes
-   the summed loss to part (one per thread), the gradient in T to g_out [E, KP], in W to dw [N, K].
+/* The pass over users [0, N): t [E, KP], lw [N, K] logits, uw [N] float32; c, r [P] int32 or int64.
+   Writes the summed loss to part (one per thread), the gradient in T to g_out [E, KP], in the
+   logits to dw [N, K].
    Each of the nthreads threads takes one block of users and its own copy of T with G beside it
    (scratch [nthreads, E, 2 KP]: row e's T and G in one 64-byte line for K <= 8, so that a pair's
    scatter writes the lines its gather read), the G summed in thread order at the end: the same
    threads give the same numbers. */
 #define PAIR_LOSS(NAME, IDX)                                                                      \
 PAIR_LOSS_USERS(NAME##_users, IDX)                                                                \
-void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,       \
-          const float* wt, int64_t E, int64_t K, int64_t KP, int64_t N, float inv_tau,           \
+void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int64_t* off,      \
+          const float* uw, int64_t E, int64_t K, int64_t KP, int64_t N, float inv_tau,           \
           int nthreads, float* scratch, double* part, float* g_out, float* dw) {                \
   _Pragma("omp parallel num_threads(nthreads)")                                                  \
   {                                                                                              \
@@ -222,8 +249,8 @@ void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int6
       memset(tg + e * 2 * KP + KP, 0, sizeof(float) * KP);                                       \
     }                                                                                            \
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
-    part[tid] = KP == 8 ? NAME##_users((v8*)tg, w, c, r, off, wt, K, 1, u0, u1, inv_tau, dw)     \
-                        : NAME##_users((v8*)tg, w, c, r, off, wt, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
+    part[tid] = KP == 8 ? NAME##_users((v8*)tg, lw, c, r, off, uw, K, 1, u0, u1, inv_tau, dw)    \
+                        : NAME##_users((v8*)tg, lw, c, r, off, uw, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
     _Pragma("omp barrier")                                                                       \
     _Pragma("omp for schedule(static)")                         /* G: the threads' sum */        \
     for (int64_t e = 0; e < E; ++e)                                                              \
@@ -458,18 +485,22 @@ def threads():
     return min(torch.get_num_threads(), 1024)
 
 
-def pair_loss(T, W, chosen, rejected, offsets, weight, temperature, lib=None):
-    """-> (nll [] float64, G [E', K], dW [N, K]) of sum_p weight_p * -log sigmoid(s_p / temperature),
-    s_p = (T[chosen_p] - T[rejected_p]) . W[user_p], user u's pairs offsets[u]:offsets[u+1]: the
-    loss and its gradients in T and W, in one pass over the pairs. lib: a build() of another source
-    (default kernel(); benchmarks/bench_fused.py compares two)."""
-    Tp, W, KP, kind = _checked(T, W, chosen, rejected, offsets)
+def pair_loss(T, logits, chosen, rejected, offsets, user_weight, temperature, lib=None):
+    """-> (nll [] float64, G [E', K], dlogits [N, K]) of sum_p weight_p * -log sigmoid(s_p / temperature),
+    s_p = (T[chosen_p] - T[rejected_p]) . softmax(logits[user_p]), user u's pairs
+    offsets[u]:offsets[u+1], each of them weighing user_weight[u] ([N]: no [P] weights): the loss
+    and its gradients in T and in the logits, in one pass over the pairs (each user's softmax and
+    its backward inside it). lib: a build() of another source (default kernel();
+    benchmarks/bench_fused.py compares two)."""
+    Tp, W, KP, kind = _checked(T, logits, chosen, rejected, offsets)
     (E, K), N, n = T.shape, len(W), threads()
+    if user_weight.shape != (N,):
+        raise ValueError(f"user_weight {tuple(user_weight.shape)}: one weight per user, [{N}]")
     scratch = torch.empty(n, E, 2 * KP)                                           # each thread's T and G
     part, G, dW = torch.zeros(n, dtype=torch.float64), torch.empty(E, KP), torch.empty(N, K)
     getattr(lib or kernel(), f"pair_loss_{kind}")(
         _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
-        _ptr(weight.float().contiguous()), ctypes.c_int64(E), ctypes.c_int64(K), ctypes.c_int64(KP),
+        _ptr(user_weight.float().contiguous()), ctypes.c_int64(E), ctypes.c_int64(K), ctypes.c_int64(KP),
         ctypes.c_int64(N), ctypes.c_float(1.0 / temperature), ctypes.c_int(n), _ptr(scratch), _ptr(part),
         _ptr(G), _ptr(dW))
     return part.sum(), G[:, :K], dW

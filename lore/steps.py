@@ -131,27 +131,29 @@ def fuses(X, V):
     return isinstance(X, TrainingRows) and X.offsets is not None and fused.usable(X.X, V)
 
 
-def fused_nll(X, V, W, weight):
-    """sum_p weight_p * -log sigmoid(s_p / TEMPERATURE), s_p = user_margins(X V, W, user) (utils.bt_nll
-    of user_scores), differentiable in V and W: X V once forward (the table rows), the pair work in
-    one fused pass that also yields the gradients of T = X V and W, X^T G once backward."""
-    return _FusedNLL.apply(X, V, W, weight)
+def fused_nll(X, V, logits, user_weight):
+    """sum_p weight_user(p) * -log sigmoid(s_p / TEMPERATURE), s_p = user_margins(X V, simplex(logits),
+    user) (utils.bt_nll of user_scores), differentiable in V and in the logits [N, K]: X V once
+    forward (the table rows), the pair work in one fused pass that also takes each user's softmax
+    and yields the gradients of T = X V and of the logits, X^T G once backward. user_weight [N]:
+    the weight of each of a user's pairs (no [P] weights)."""
+    return _FusedNLL.apply(X, V, logits, user_weight)
 
 
 class _FusedNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows, V, W, weight):
+    def forward(ctx, rows, V, logits, user_weight):
         T = project_table(rows.X, V)                                               # [E', K]
-        nll, G, dW = fused.pair_loss(T, W, rows.chosen, rows.rejected, rows.offsets, weight, TEMPERATURE)
+        nll, G, dL = fused.pair_loss(T, logits, rows.chosen, rows.rejected, rows.offsets, user_weight, TEMPERATURE)
         ctx.rows = rows
-        ctx.save_for_backward(G, dW)                                               # [E', K], [N, K]
+        ctx.save_for_backward(G, dL)                                               # [E', K], [N, K]
         return nll.float()
 
     @staticmethod
     def backward(ctx, g):                                                          # g []
-        G, dW = ctx.saved_tensors
+        G, dL = ctx.saved_tensors
         dV = sum_over_shards(table_grad(ctx.rows.X, G * g), ctx.rows.shard) if ctx.needs_input_grad[1] else None
-        return None, dV, dW * g if ctx.needs_input_grad[2] else None, None
+        return None, dV, dL * g if ctx.needs_input_grad[2] else None, None
 
 
 def data_loss(X, nll):
@@ -160,9 +162,15 @@ def data_loss(X, nll):
     return sum_over_shards(nll.detach(), getattr(X, "shard", False))
 
 
-def adam(params, learning_rate, device):
-    """Adam, capturable on CUDA (its step count stays on the GPU, as a CUDA graph needs)."""
-    return optim.Adam(params, lr=learning_rate, capturable=device.type == "cuda")
+def adam(params, learning_rate, device, fused=False):
+    """Adam, capturable on CUDA (its step count stays on the GPU, as a CUDA graph needs). fused (CPU):
+    torch's fused kernel, one pass over each parameter and its two moments instead of ~10: at 10^6
+    users, K = 5, ~25 ms a step instead of ~100 (the fused step's Adam, utils.LoRe.fit). It rounds
+    differently (1e-6 a step; tests/test_scale.py), so the torch-op steps keep the single-tensor
+    Adam and their numbers."""
+    if fused and device.type != "cpu":
+        raise ValueError(f"adam(fused=True) is the CPU's fused kernel, not {device}'s")
+    return optim.Adam(params, lr=learning_rate, capturable=device.type == "cuda", fused=fused or None)
 
 
 GRAPH_WARMUP = 3   # eager steps on a side stream before a CUDA graph is captured

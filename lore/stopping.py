@@ -6,6 +6,7 @@ import math
 import torch
 
 from lore.checks import InputError
+from lore.distributed import shard_span
 
 # The one stopping rule (stop="early", every method's fit): a random HOLDOUT of every seen user's
 # own training pairs is held out; every `every` steps the loss on it is measured; the fit stops
@@ -29,24 +30,37 @@ STOPS = ("fixed", "early")   # the paper's fixed number of steps, or the rule ab
 # its held-out loss still falling). 20 passes is below 20,000 steps on every population of the size
 # table (VPL's 1,000 users there: 17,500 steps), so none of its fits changes.
 CAP_PASSES = 20
+# The cap of a full-batch fit under the rule (LoRe's iters: lore.compare searches with it, and
+# PersonalLLM's recipe sets it): on the synthetic PersonalLLM its fits stop at 300-1,600 steps
+FULL_BATCH_CAP = 5000
 # The few-shot fits (new users' weights, the shared part fixed; fewshot_stop="early") run the same
 # rule on the new users' own few-shot pairs. A user needs 1 / HOLDOUT = 10 pairs to hold one out;
 # when no new user has that many (the recipes' 9 shots, a 1-5 shot trial), nothing is held out and
 # the fit's own full-batch training loss stands in for the held-out one: a loss-change tolerance
-# (it stops when that loss has fallen by less than MIN_IMPROVEMENT, relative, from one check to
-# the next, PATIENCE checks in a row; a training loss on a few separable pairs falls for ever, so
-# the fall is measured from the previous check, not from the best).
+# (it stops when that loss has not fallen by MIN_IMPROVEMENT, relative, below the lowest check so
+# far, PATIENCE checks in a row; a training loss on a few separable pairs falls for ever, ever more
+# slowly, so the reference is the running lowest, not the best by the tolerance as for held_out,
+# whose small falls would add up to an improvement; for a falling loss it is the previous check,
+# and a noisy one, PAL's one pair a user a step at a high rate, stops when it sets no new low).
 RULES = ("held_out", "train_loss")   # what an early-stopped fit watched
-# The few-shot fits' cap under the rule (fewshot_iters; lore.compare searches with it): on the
-# synthetic PersonalLLM (K = 3) a 9-pair fit stops at ~1,250 steps, 20 pairs at ~375, 50 at ~900
+# The few-shot fits' cap under the rule, in passes over their pairs (lore.compare searches with it:
+# LoRe's fewshot_iters, full-batch steps; PAL's fewshot_epochs): on the synthetic PersonalLLM
+# (K = 3) LoRe's 9-pair fit stops at ~1,250 steps, 20 pairs at ~375, 50 at ~900; PAL's 9-pair fit
+# (200 users, K = 6, fewshot_lr 0.022) at ~520 epochs
 FEWSHOT_CAP = 2000
 
 
 def holdout(pairs, fraction=HOLDOUT):
     """-> (train, held): every user's pairs split at random (torch's generator), floor(fraction *
-    its pairs) held out; both keep all N users, so that every user's parameters still train."""
+    its pairs) held out; both keep all N users, so that every user's parameters still train. A
+    torchrun shard draws the one process's permutation of every rank's pairs and keeps its own
+    block of it, so that its users hold out the same pairs as in one process."""
     counts = pairs.counts()                                                        # [N]
-    order = torch.randperm(len(pairs)).to(pairs.device)                            # [P] a random key
+    offset, total = shard_span(len(pairs), pairs.shard)
+    order = torch.randperm(total)                                                  # [P] a random key
+    if pairs.shard:   # this rank's pairs, in the order the permutation visits them
+        order = order[(order >= offset) & (order < offset + len(pairs))] - offset
+    order = order.to(pairs.device)
     order = order[torch.argsort(pairs.user[order], stable=True)]                   # by user, random within
     start = torch.cumsum(counts, 0) - counts                                       # [N]
     rank = torch.empty_like(order)
@@ -101,14 +115,13 @@ class EarlyStop:
         for `patience` checks in a row and for `patience_passes` passes (i * per_step) since the
         last one. held_out: an improvement is a fall below the best check by MIN_IMPROVEMENT
         (relative), and only then are the parameters kept. train_loss (a tolerance on the change):
-        an improvement is such a fall below the previous check; the parameters of the lowest check
-        are kept."""
+        an improvement is such a fall below the lowest check so far; the parameters of the lowest
+        check are kept."""
         with torch.no_grad():
             value = float(self.loss())
-        previous = self.losses[-1] if self.losses else math.inf
         self.steps.append(i)
         self.losses.append(value)
-        ref = self.best if self.rule == "held_out" else previous
+        ref = self.best   # held_out: the best by the tolerance; train_loss: the lowest check so far
         improved = not math.isfinite(ref) or value < ref - MIN_IMPROVEMENT * abs(ref)
         if improved if self.rule == "held_out" else value < self.best:
             self.best, self.best_step = value, i

@@ -248,12 +248,12 @@ def loop_fewshot_stop(train, held, V, lr, cap, every, patience):
     every `every` steps the loss of `held` (the held-out pairs: stop after `patience` checks
     without a relative fall of MIN_IMPROVEMENT below the best, the best kept; or held None: the
     training pairs themselves, stop after `patience` checks that each fell by less than that
-    from the previous one, the lowest kept). -> (steps, best step, softmax(w) at the best check)."""
+    below the lowest check so far, the lowest kept). -> (steps, best step, softmax(w) at the best check)."""
     w = torch.nn.Parameter(torch.randn(len(train), V.shape[1]))
     opt = torch.optim.Adam([w], lr=lr)
     nll = lambda rows: sum(-torch.nn.functional.logsigmoid(x @ V @ torch.softmax(w[i], 0) / 100).mean()
                            for i, x in enumerate(rows) if len(x))
-    best, best_step, best_w, waited, previous = float("inf"), 0, None, 0, float("inf")
+    best, best_step, best_w, waited = float("inf"), 0, None, 0
     for i in range(1, cap + 1):
         opt.zero_grad()
         nll(train).backward()
@@ -261,11 +261,9 @@ def loop_fewshot_stop(train, held, V, lr, cap, every, patience):
         if i % every == 0:
             with torch.no_grad():
                 value = float(nll(train if held is None else held))
-            ref = best if held is not None else previous
-            improved = ref == float("inf") or value < ref - stopping.MIN_IMPROVEMENT * abs(ref)
+            improved = best == float("inf") or value < best - stopping.MIN_IMPROVEMENT * abs(best)
             if (improved if held is not None else value < best):
                 best, best_step, best_w = value, i, torch.softmax(w.detach(), 1)
-            previous = value
             waited = 0 if improved else waited + 1
             if waited == patience:
                 return i, best_step, best_w
@@ -299,11 +297,31 @@ def test_fewshot_rule_stops_where_the_loop_form_reference_stops(n_pairs, rule, m
     assert curve["stopped"] == "early" and curve["steps"] == ref_steps and curve["best_step"] == ref_best
     if rule == "held_out":
         assert curve["steps"] - curve["best_step"] == 3 * 5             # patience: 3 checks of 5 steps
-    else:   # the falls between the last 4 checks are all under the tolerance, the one before is not
+    else:   # the falls below the lowest check of the last 4 checks are all under the tolerance, the one before is not
         loss = curve["held_out"]["loss"]
-        falls = [(a - b) / a for a, b in zip(loss[:-1], loss[1:])]
+        falls = [(min(loss[:j]) - loss[j]) / min(loss[:j]) for j in range(1, len(loss))]
         assert all(f < stopping.MIN_IMPROVEMENT for f in falls[-3:]) and falls[-4] >= stopping.MIN_IMPROVEMENT
     torch.testing.assert_close(W, ref_W, rtol=1e-5, atol=1e-6)          # the best check's weights
+
+
+def test_the_training_loss_rule_stops_a_noisy_loss_that_sets_no_new_low():
+    """A loss that falls, then goes up and down between two values (PAL's few-shot fit: one pair a
+    user a step at a high rate): every other check is below the one before it, so a tolerance on
+    the change from the previous check never stops; from the lowest check so far, the fit stops
+    `patience` checks after its last new low, and keeps that check's parameters."""
+    w = torch.zeros(1)
+    losses = iter([1.0, 0.5, 0.4] + [0.45, 0.41] * 10)
+    stop = stopping.EarlyStop(lambda: torch.tensor(next(losses)), [w], every=1, patience=4, rule="train_loss",
+                              patience_passes=0)
+    ends = []
+    for i in range(1, 24):
+        w.fill_(i)
+        if stop.check(i):
+            ends.append(i)
+            break
+    assert ends == [3 + 4] and stop.best_step == 3 and stop.best == pytest.approx(0.4)
+    stop.restore()
+    assert w.item() == 3.0
 
 
 def test_fewshot_rule_reaches_its_cap_and_fixed_is_the_default():
