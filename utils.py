@@ -843,7 +843,7 @@ def every_pair(pool, block, row_scores, W):
     if pool.X is not None:
         raise InputError("every_pair needs the table form of the pool (rows of the embedding table)")
     n_blocks = len(pool.table) // block + 1
-    keys = torch.unique(pool.user * n_blocks + pool.chosen // block)               # (user, prompt), sorted
+    keys = torch.unique(pool.user.long() * n_blocks + pool.chosen // block)        # (user, prompt), sorted
     user, prompt = keys // n_blocks, keys % n_blocks
     a, b = torch.triu_indices(block, block, 1, device=pool.device)                 # [C]: the C pairs of a block
     user = user.repeat_interleave(len(a))                                          # [Q]

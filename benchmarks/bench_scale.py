@@ -24,8 +24,9 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
-    --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps --fewshot-iters
-    --whole-steps, each timed as a whole with its peak RSS.
+    --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps
+    --fewshot-iters --whole-steps, each timed as a whole with its peak RSS, its RSS sampled every 30 s
+    (where the peak is: loading, the fit or the evaluation) and the least memory the machine had available.
 Every record states the machine's load (`uptime`'s load averages at its start and end) and
 OMP_NUM_THREADS: on a shared machine the bandwidth, and so every ratio, is the load's as much as the code's.
 The growth exponent is the least-squares slope of log(step seconds) against log(users), from 10^4 up
@@ -166,12 +167,32 @@ def step_child(args):
                       "load_start": load_start, "load_end": load()}))
 
 
-def timed_child(cmd):
-    """Run cmd; -> (wall seconds, its peak RSS in GB, return code). The output goes to stderr."""
+def timed_child(cmd, every=30):
+    """Run cmd; -> (wall seconds, its peak RSS in GB, return code, its RSS [[s, GB], ...] sampled every
+    `every` seconds, the least memory the machine had available meanwhile in GB, checked each second).
+    The output goes to stderr."""
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=sys.stderr)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - t, usage.ru_maxrss * 1024 / 1e9, os.waitstatus_to_exitcode(status)
+    samples, least = [], float("inf")
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        now, least = time.perf_counter() - t, min(least, proc_gb("/proc/meminfo", "MemAvailable"))
+        if not samples or now - samples[-1][0] >= every:
+            samples.append([round(now), proc_gb(f"/proc/{proc.pid}/status", "VmRSS")])
+        time.sleep(1)
+    return (time.perf_counter() - t, usage.ru_maxrss * 1024 / 1e9, os.waitstatus_to_exitcode(status), samples,
+            None if least == float("inf") else least)
+
+
+def proc_gb(path, key):
+    """A kB field of a /proc file (VmRSS of /proc/PID/status, MemAvailable of /proc/meminfo) in GB; None if gone."""
+    try:
+        with open(path) as f:
+            return next(int(line.split()[1]) * 1024 / 1e9 for line in f if line.startswith(key + ":"))
+    except (OSError, StopIteration):
+        return None
 
 
 def step_sizes(args):
@@ -204,8 +225,9 @@ def whole_runs(args):
                      "--k-list", "5", "--stop", "fixed", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
                      "--device", "cpu", "--seed", str(args.seed)]
             for name, cmd in (("prepare", prep), ("train_basis", train)):
-                wall, rss, code = timed_child(cmd)
-                record.update({f"{name}_s": wall, f"{name}_peak_rss_gb": rss, f"{name}_exit": code})
+                wall, rss, code, samples, least = timed_child(cmd)
+                record.update({f"{name}_s": wall, f"{name}_peak_rss_gb": rss, f"{name}_exit": code,
+                               f"{name}_rss_gb_samples": samples, f"{name}_least_available_gb": least})
                 if code != 0:
                     break
             record["load_end"] = load()

@@ -89,7 +89,7 @@ def information(lam, g, user, H, gid=None, n_groups=None):
         return torch.log1p(lam.double() * quad).float()
     outer = (lam[:, None, None] * g[:, :, None] * g[:, None, :]).double()          # [P, D, D]
     A = torch.zeros(n_groups, *H.shape[1:], dtype=torch.float64, device=g.device).index_add_(0, gid, outer)
-    owner = torch.zeros(n_groups, dtype=torch.long, device=g.device).scatter_(0, gid, user)
+    owner = torch.zeros(n_groups, dtype=torch.long, device=g.device).scatter_(0, gid, user.long())
     return (torch.logdet(H[owner] + A) - torch.logdet(H)[owner]).float()           # [G]
 
 

@@ -182,7 +182,7 @@ class PAL(Method):
         loss.backward()
         self.optimizer.step()
         active = torch.zeros(pairs.n_users, dtype=torch.bool, device=self.device)
-        self.w_adam.step(active.index_fill_(0, pairs.user[idx], True))
+        self.w_adam.step(active.index_fill_(0, pairs.user[idx].long(), True))   # index_fill_ wants int64
         return loss.detach()
 
     def start(self, pairs):

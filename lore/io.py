@@ -196,7 +196,9 @@ def parquet_batches(path, columns, batch_rows=1 << 20, dictionary=()):
             raise InputError(f"{path}: missing column(s) {missing}")
         strings = [c for c in dictionary if pa.types.is_string(schema.field(c).type)
                    or pa.types.is_large_string(schema.field(c).type)]
-        file = pq.ParquetFile(path, read_dictionary=strings)
+        # pre_buffer=False: with it on, iter_batches keeps every row group's buffers it has read until the
+        # iterator ends (arrow's allocated bytes grew to 0.36 GB over 10^6 users' pairs.parquet, 67 MB without)
+        file = pq.ParquetFile(path, read_dictionary=strings, pre_buffer=False)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
 

@@ -349,8 +349,7 @@ def per_user_accuracy(pairs, V, W):
             # every table row projected, read once as it is stored (no remap of 2P indices to the used rows)
             T, chosen, rejected = fused.project(pairs.table, V), pairs.chosen, pairs.rejected  # [E, K], [P], [P]
         else:
-            used, chosen, rejected = pairs.used_rows()                             # [E'], [P], [P]
-            T = chunked(lambda rows: project_rows(rows.float(), V), pairs.table, used)  # [E', K]
+            T, chosen, rejected = row_values(lambda rows: project_rows(rows.float(), V), pairs, every_row=True)
         if offsets is not None:
             hits = fused.pair_hits(T, W, chosen, rejected, offsets)                # [N]
             return (hits.double() / (offsets[1:] - offsets[:-1]).double()).numpy()
@@ -366,11 +365,14 @@ def per_user_accuracy(pairs, V, W):
 CHUNK = 1 << 16   # pairs scored at once: bounded [CHUNK, D] temporaries however many pairs there are
 
 
-def featurize(method, pairs):
+def featurize(method, pairs, every_row=False):
     """The pairs with their rows replaced by the method's item features, computed once (project
     once where the shared part is fixed): the table form keeps the rows its pairs use, as [E', D]
     with the indices remapped; the difference form (linear methods only) becomes [P, D]. Fitting
-    new users and evaluating then run in the method's small feature space."""
+    new users and evaluating then run in the method's small feature space.
+    every_row (scoring): where the table has no more rows than there are pairs, the features stay
+    [E, D] (the same values at the used rows, zeros at the others, never read) so that the pairs
+    keep their own indices: no [P] remap (1.6 GB at 10^7 users' seen-test pairs)."""
     if pairs.featurized is method:
         return pairs
     if pairs.featurized is not None:
@@ -380,9 +382,21 @@ def featurize(method, pairs):
             if not method.linear:
                 raise InputError(f"method {method.name} needs both embeddings of every pair (the table form of Pairs)")
             return replace(pairs, X=chunked(method.item_features, pairs.X), featurized=method)     # [P, D]
-        used, chosen, rejected = pairs.used_rows()                                 # [E'], [P], [P]
-        Z = chunked(method.item_features, pairs.table, used)                      # [E', D]
+        Z, chosen, rejected = row_values(method.item_features, pairs, every_row)  # [E' or E, D], [P], [P]
         return replace(pairs, table=Z, chosen=chosen, rejected=rejected, featurized=method)
+
+
+def row_values(fn, pairs, every_row=False):
+    """fn of the table rows table-form pairs use, in chunks -> (T [E', D], chosen [P], rejected [P]
+    as positions in T). every_row, where the table has no more rows than there are pairs: T [E, D]
+    holds the same values at the used rows and zeros at the others (never read), and chosen and
+    rejected are the pairs' own (no [P] remap)."""
+    if every_row and len(pairs.table) <= len(pairs):
+        used = torch.nonzero(pairs.used_mask()).squeeze(1)                         # [E']
+        T = chunked(fn, pairs.table, used)                                        # [E', D]
+        return T.new_zeros(len(pairs.table), T.shape[1]).index_copy_(0, used, T), pairs.chosen, pairs.rejected
+    used, chosen, rejected = pairs.used_rows()                                     # [E'], [P], [P]
+    return chunked(fn, pairs.table, used), chosen, rejected
 
 
 def pair_features(method, pairs):
@@ -410,7 +424,7 @@ def accuracy(method, pairs, U):
 
 def _margin_chunks(method, pairs, U):
     """-> (slice, margins [chunk]) over the pairs, CHUNK at a time, item features computed once."""
-    pairs = featurize(method, pairs)
+    pairs = featurize(method, pairs, every_row=True)
     U = U.to(pairs.device, torch.float32)
     with torch.no_grad():
         for start in range(0, len(pairs), CHUNK):

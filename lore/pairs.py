@@ -52,7 +52,7 @@ class Pairs:
     `shard`: the pairs of one torchrun rank's users, n_users still all N (the users of the other
     ranks have no pairs here): training sums V's gradient across the ranks.
     """
-    user: torch.Tensor                     # [P] long, pairs of a user are contiguous
+    user: torch.Tensor                     # [P] int32 (index_dtype(N)) or long, pairs of a user are contiguous
     n_users: int
     X: torch.Tensor = None                 # [P, F] float32
     table: torch.Tensor = None             # [E, F] any float dtype (bfloat16 on disk)
@@ -90,8 +90,9 @@ class Pairs:
         the pair itself -> (gid [P], owner [G]): the unit of every pair, numbered by (user, group),
         and the user of every unit."""
         group = self.group if self.group is not None else torch.arange(len(self), device=self.device)
-        _, gid = torch.unique(torch.stack([self.user, group]), dim=1, return_inverse=True)  # [P]
-        owner = torch.zeros(int(gid.max()) + 1, dtype=torch.long, device=self.device).scatter_(0, gid, self.user)
+        user = self.user.long()                                                    # [P] like group
+        _, gid = torch.unique(torch.stack([user, group]), dim=1, return_inverse=True)  # [P]
+        owner = torch.zeros(int(gid.max()) + 1, dtype=torch.long, device=self.device).scatter_(0, gid, user)
         return gid, owner                                                          # [P], [G]
 
     def rows(self):
@@ -111,17 +112,26 @@ class Pairs:
         return T.index_select(0, chosen) - T.index_select(0, rejected)            # [P, K]
 
     def used_rows(self):
-        """Table form: -> (used [E'] the sorted table rows some pair uses, chosen [P] and rejected
-        [P] as positions in used). A mask over the table rather than a sort of 2P indices: O(E + P).
-        Where the used rows are the table's first E' (PersonalLLM's train split, used whole by many
-        users), the positions are the rows themselves: chosen and rejected as they are, no [P] copies."""
-        E = len(self.table)   # bincount reads int32 rows as they are (mask[rows] = True copies them to int64)
-        mask = (torch.bincount(self.chosen, minlength=E) + torch.bincount(self.rejected, minlength=E)) > 0  # [E]
+        """Table form: -> (used [E'] sorted table rows, every row some pair uses among them, chosen
+        [P] and rejected [P] as positions in used). A mask over the table rather than a sort of 2P
+        indices: O(E + P). Where the rows up to the last used one are fewer than the pairs (PersonalLLM's
+        train split under many users: a response no user ranks best or worst is a row no pair uses,
+        anywhere in the split), used is all of them, 0 .. E' - 1, and the positions are the rows
+        themselves: chosen and rejected as they are, no [P] copies (3.8 GB at 10^7 users)."""
+        mask = self.used_mask()                                                    # [E]
         used = torch.nonzero(mask).squeeze(1)                                      # [E']
         if len(used) == 0 or int(used[-1]) == len(used) - 1:
             return used, self.chosen, self.rejected
+        if int(used[-1]) + 1 < len(self):   # the rows no pair uses below the last cost less than a remap
+            return torch.arange(int(used[-1]) + 1, device=used.device), self.chosen, self.rejected
         position = (torch.cumsum(mask, 0) - 1).to(index_dtype(len(used)))          # [E] row -> position in used
         return used, position.index_select(0, self.chosen), position.index_select(0, self.rejected)
+
+    def used_mask(self):
+        """Table form: [E] bool, the table rows some pair uses. bincount reads int32 rows as they are
+        (mask[rows] = True would copy them to int64)."""
+        E = len(self.table)
+        return (torch.bincount(self.chosen, minlength=E) + torch.bincount(self.rejected, minlength=E)) > 0  # [E]
 
     def select(self, idx):
         """The pairs idx (a bool mask or sorted indices), for the same N users."""
@@ -166,7 +176,8 @@ def pack(features, name="features", device=None):
                                  f"float [pairs, F] with the same F (user 0 has F={n_features})")
         X = torch.cat([x.to(device, torch.float32) for x in features])              # [P, F]
         counts = torch.tensor([len(x) for x in features], device=device)
-        user = torch.repeat_interleave(torch.arange(len(features), device=device), counts)
+        user = torch.repeat_interleave(torch.arange(len(features), device=device, dtype=index_dtype(len(features))),
+                                       counts)                                     # [P]
         pairs = Pairs(user, len(features), X=X)
     _check_pairs(pairs, name)
     return replace(pairs, checked=True)
@@ -181,8 +192,9 @@ def _check_pairs(pairs, name):
     if pairs.X is not None and pairs.X.dtype != torch.float32:
         raise InputError(f"{name}: X must be float32 (difference rows are trained in float32), got {pairs.X.dtype}: "
                          f"pass X.float()")
-    if pairs.user.dim() != 1 or pairs.user.dtype != torch.long:
-        raise InputError(f"{name}: user must be [P] long, got {tuple(pairs.user.shape)} {pairs.user.dtype}")
+    if pairs.user.dim() != 1 or pairs.user.dtype not in (torch.int32, torch.long):
+        raise InputError(f"{name}: user must be [P] user indices (int32 or long), got {tuple(pairs.user.shape)} "
+                         f"{pairs.user.dtype}")
     if pairs.group is not None and (pairs.group.shape != pairs.user.shape or pairs.group.dtype != torch.long):
         raise InputError(f"{name}: group must be [P] long like user ({tuple(pairs.user.shape)}), got "
                          f"{tuple(pairs.group.shape)} {pairs.group.dtype}")

@@ -135,10 +135,15 @@ def test_int32_rows_give_the_numbers_of_int64_rows():
         assert torch.equal(a.long(), b.long())
     used, chosen, _ = narrow.used_rows()
     assert torch.equal(used, torch.arange(16)) and chosen is narrow.chosen      # every row used: no copy
-    sparse = replace(narrow, table=torch.cat([torch.zeros(3, 10), narrow.table]), chosen=narrow.chosen + 3,
-                     rejected=narrow.rejected + 3)
-    used, chosen, rejected = sparse.used_rows()                                 # rows 3..18: remapped
-    assert torch.equal(used, torch.arange(3, 19)) and chosen.dtype == torch.int32
+    gap = replace(narrow, table=torch.cat([torch.zeros(3, 10), narrow.table]), chosen=narrow.chosen + 3,
+                  rejected=narrow.rejected + 3)
+    used, chosen, _ = gap.used_rows()                         # rows 3..18 of 19, fewer than the pairs: no copy
+    assert len(narrow) > 19 and torch.equal(used, torch.arange(19)) and chosen is gap.chosen
+    P = len(narrow)
+    sparse = replace(narrow, table=torch.cat([torch.zeros(P, 10), narrow.table]), chosen=narrow.chosen + P,
+                     rejected=narrow.rejected + P)
+    used, chosen, rejected = sparse.used_rows()                                 # rows P..P+15: remapped
+    assert torch.equal(used, torch.arange(P, P + 16)) and chosen.dtype == torch.int32
     assert torch.equal(chosen.long(), wide.chosen) and torch.equal(rejected.long(), wide.rejected)
     args = (torch.randn(10, 1), 0.3, 30, 10, 3, 30, 0.1, CPU)
     for form in ("table", "pairs"):
