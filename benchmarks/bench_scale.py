@@ -20,13 +20,15 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     the bandwidth measurement's tensor).
   - floor: what a step must read over the read bandwidth, the best of 10 sums of a 0.8 GB float32
     tensor in the same child, measured right before the steps and again right after the scoring
-    (both recorded; the floors use the higher bandwidth, the record says so): the table rows the pairs use as float32 forward (X V) and backward
-    (X^T G), 2 * E' * F * 4 bytes, and each pair's two int32 row indices each way, 2 * P * 2 * 4;
+    (both recorded; the floors use the higher bandwidth, the record says so): the table rows the
+    pairs use as float32 forward (X V) and backward (X^T G), 2 * E' * F * 4 bytes, and each pair's
+    two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
     --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps
     --fewshot-iters --whole-steps, each timed as a whole with its peak RSS, its RSS sampled every 30 s
-    (where the peak is: loading, the fit or the evaluation) and the least memory the machine had available.
+    (where the peak is: loading, the fit or the evaluation) and the least memory the machine had
+    available.
 Every record states the machine's load (`uptime`'s load averages at its start and end) and
 OMP_NUM_THREADS: on a shared machine the bandwidth, and so every ratio, is the load's as much as the code's.
 The growth exponent is the least-squares slope of log(step seconds) against log(users), from 10^4 up
@@ -222,8 +224,8 @@ def whole_runs(args):
             prep = [sys.executable, os.path.join(REPO, "PersonalLLM", "prepare.py"), "--synthetic", "--out", data,
                     "--features", str(F), "--n-users", str(n), "--seen-test-prompts", "20", "--seed", str(args.seed)]
             train = [sys.executable, os.path.join(REPO, "PersonalLLM", "train_basis.py"), "--data", data, "--out", res,
-                     "--k-list", "5", "--stop", "fixed", "--iters", str(args.whole_steps), "--fewshot-iters", str(args.whole_steps),
-                     "--device", "cpu", "--seed", str(args.seed)]
+                     "--k-list", "5", "--stop", "fixed", "--iters", str(args.whole_steps),
+                     "--fewshot-iters", str(args.whole_steps), "--device", "cpu", "--seed", str(args.seed)]
             for name, cmd in (("prepare", prep), ("train_basis", train)):
                 wall, rss, code, samples, least = timed_child(cmd)
                 record.update({f"{name}_s": wall, f"{name}_peak_rss_gb": rss, f"{name}_exit": code,
