@@ -166,15 +166,21 @@ class LoRe(LowRankModel):
         s = user_margins(pairs.project(self.V), simplex(self.W), pairs.user)       # [P]
         return bt_nll(s, user_mean_weights(pairs)), self.regularizer()
 
+    def fuse_adam(self):
+        """The fused step's Adam: torch's fused CPU kernel (one pass over W and V, not ~10), with the
+        moments so far, so that a second train() goes on from them as on the torch path."""
+        if not self.optimizer.defaults["fused"]:
+            moments = self.optimizer.state
+            self.optimizer = steps.adam(self.parameters(), self.learning_rate, self.device, fused=True)
+            self.optimizer.state.update(moments)
+
     def fit(self, X):
         pairs, stop = self.early_stop(self.packed(X), user_mean_weights)
         self.start(pairs)
         X, user = steps.training_rows(pairs, self.form), pairs.user                # rows, [P]
         fused = steps.fuses(X, self.V)
-        if fused and not self.optimizer.defaults["fused"]:   # and its Adam: torch's fused CPU kernel
-            moments = self.optimizer.state   # (one pass over W and V, not ~10), with the moments so far:
-            self.optimizer = steps.adam(self.parameters(), self.learning_rate, self.device, fused=True)
-            self.optimizer.state.update(moments)   # a second train() goes on from them, as on the torch path
+        if fused:
+            self.fuse_adam()
         weight = user_mean_weights(pairs, by_user=fused)                           # [N] fused, else [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)
         return distributed.gather_users(simplex(self.W).detach(), pairs), self.V.detach()

@@ -133,6 +133,8 @@ def step_child(args):
     if args.torch_ops:
         rows.offsets = None   # without its users' offsets, a step is user_scores' torch ops
     fused = steps.fuses(rows, model.V)
+    if fused:
+        model.fuse_adam()   # the step as LoRe.fit takes it: with the fused Adam
     weight = utils.user_mean_weights(pairs, by_user=fused)                         # [N] fused, else [P]
     setup_s = time.perf_counter() - t
     setup_peak = peak_rss_gb()            # the data and the training rows

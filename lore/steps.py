@@ -152,8 +152,10 @@ class _FusedNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):                                                          # g []
         G, dL = ctx.saved_tensors
-        dV = sum_over_shards(table_grad(ctx.rows.X, G * g), ctx.rows.shard) if ctx.needs_input_grad[1] else None
-        return None, dV, dL * g if ctx.needs_input_grad[2] else None, None
+        if float(g) != 1.0:   # (a CPU scalar) the loss as a step takes it needs no [N, K] product
+            G, dL = G * g, dL * g
+        dV = sum_over_shards(table_grad(ctx.rows.X, G), ctx.rows.shard) if ctx.needs_input_grad[1] else None
+        return None, dV, dL if ctx.needs_input_grad[2] else None, None
 
 
 def data_loss(X, nll):

@@ -223,6 +223,26 @@ def test_fused_kernels_equal_loop_reference(K, index):
 
 
 @needs_kernel
+def test_fused_nll_gradients_scale_with_the_loss():
+    """_FusedNLL's backward skips the [N, K] product by an upstream gradient of 1 (a step's loss):
+    2.5 * nll gives 2.5 times nll's gradients in V and in the logits."""
+    pairs = shared_table_pairs(n_users=20, per_user=5, rows=16, n_features=6, seed=4)
+    rows, weight = training_rows(pairs, "table"), utils.user_mean_weights(pairs, by_user=True)
+    g = torch.Generator().manual_seed(4)
+    V0, L0 = torch.randn(6, 3, generator=g), torch.randn(20, 3, generator=g)         # [F, K], [N, K]
+
+    def grads(scale):
+        V, L = V0.clone().requires_grad_(), L0.clone().requires_grad_()
+        (scale * lore.steps.fused_nll(rows, V, L, weight)).backward()
+        return V.grad, L.grad
+
+    (dV, dL), (dV2, dL2) = grads(1.0), grads(2.5)
+    assert dV.abs().max() > 0 and dL.abs().max() > 0
+    torch.testing.assert_close(dV2, 2.5 * dV, rtol=1e-5, atol=1e-6 * float(dV.abs().max()))
+    torch.testing.assert_close(dL2, 2.5 * dL, rtol=1e-5, atol=1e-6 * float(dL.abs().max()))
+
+
+@needs_kernel
 def test_fused_loss_is_float32_accurate_for_any_margin():
     """The kernel's own exp and log1p (lore.fused bt_loss): -log sigmoid(x) and its gradient
     -sigmoid(-x) within 3e-7 relative of float64 for margins from -100 to 100 (and no overflow),
