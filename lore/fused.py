@@ -278,6 +278,35 @@ void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int
   }                                                                                              \
 }
 
+/* m = the lanes of pair q's (T[c_q] - T[r_q]) * wu, summed over its KV v8s, the rows AHEAD pairs on
+   prefetched */
+#define MARGIN_AT(q, m)                                                                           \
+  {                                                                                               \
+    if ((q) + AHEAD < off[u1]) {                                                                  \
+      __builtin_prefetch(t + (int64_t)c[(q) + AHEAD] * KV, 0, 3);                                 \
+      __builtin_prefetch(t + (int64_t)r[(q) + AHEAD] * KV, 0, 3);                                 \
+    }                                                                                             \
+    const v8* tc = t + (int64_t)c[q] * KV;                                                        \
+    const v8* tr = t + (int64_t)r[q] * KV;                                                        \
+    m = (tc[0] - tr[0]) * wu[0];                                                                  \
+    for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                    \
+  }
+
+/* the hsums of a[0..8), all 8 in one vector (in the lane order a0 a2 a4 a6 a1 a3 a5 a7), each
+   added in hsum's order, so that they are hsum's values to the bit: 3 levels of 2 shuffles and an
+   add for 8 sums (8 hsums are 8 dependent chains of 3 shuffles and 3 adds) */
+INLINE v8 hsum8(const v8* a) {
+  v8 h[4], q[2];
+  for (int j = 0; j < 4; ++j)      /* a_i + a_(i+4), the 4 lanes of a[2j] and of a[2j+1] */
+    h[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(a[2 * j], a[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int k = 0; k < 2; ++k)      /* (h0 + h1), (h2 + h3) of each */
+    q[k] = __builtin_shufflevector(h[2 * k], h[2 * k + 1], 0, 2, 8, 10, 4, 6, 12, 14)
+         + __builtin_shufflevector(h[2 * k], h[2 * k + 1], 1, 3, 9, 11, 5, 7, 13, 15);
+  return __builtin_shufflevector(q[0], q[1], 0, 2, 8, 10, 4, 6, 12, 14)    /* their sum */
+       + __builtin_shufflevector(q[0], q[1], 1, 3, 9, 11, 5, 7, 13, 15);
+}
+
 /* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u] */
 #define PAIR_HITS(NAME, IDX)                                                                      \
 INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const IDX* restrict c,  \
@@ -288,18 +317,18 @@ INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const ID
     v8 wu[8] = {{0}};                 /* one load where K <= 8 (as softmax_w: no stalled load) */ \
     if (KV == 1 && (u + 1) * K + 8 - K <= N * K) wu[0] = sel(live, load8(w + u * K), bcast(0.f)); \
     else for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                            \
-    int64_t n = 0;                                                                               \
-    for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
-      if (p + AHEAD < off[u1]) {                                                                 \
-        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * KV, 0, 3);                                \
-        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * KV, 0, 3);                                \
-      }                                                                                          \
-      const v8* tc = t + (int64_t)c[p] * KV;                                                     \
-      const v8* tr = t + (int64_t)r[p] * KV;                                                     \
-      v8 m = (tc[0] - tr[0]) * wu[0];                                                            \
-      for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                 \
+    int64_t p = off[u], n = 0;                                                                   \
+    v8i below = {0};                  /* -1 in a lane for each of 8 pairs at a time that hit */ \
+    for (; p + 8 <= off[u + 1]; p += 8) {                                                        \
+      v8 m[8];                                                                                   \
+      for (int j = 0; j < 8; ++j) MARGIN_AT(p + j, m[j])                                         \
+      below += hsum8(m) > 0.f;                                                                   \
+    }                                                                                            \
+    for (; p < off[u + 1]; ++p) {                                                                \
+      v8 m; MARGIN_AT(p, m)                                                                      \
       n += hsum(m) > 0.f;                                                                        \
     }                                                                                            \
+    for (int j = 0; j < 8; ++j) n -= below[j];                                                   \
     hits[u] = n;                                                                                 \
   }                                                                                              \
 }                                                                                                \
