@@ -3,7 +3,7 @@ train + 1000 test prompts, an embedding table of 83,216 rows; 47 pairs per seen 
 10^7 seen users, against the memory-read floor measured in the same process.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --users 100000,1000000,10000000 --whole 100000:4096 \
-        --steps 2 --out benchmarks/results/bench_scale_fused_cpu.json   # docs/scale.md's measurement
+        --steps 5 --repeats 3 --out benchmarks/results/bench_scale_fused_cpu.json   # docs/scale.md's measurement
     python benchmarks/bench_scale.py --users 1000,10000 --whole 1000:4096 --steps 2   # a quick look
     python benchmarks/bench_scale.py --users 100000 --whole "" --torch-ops             # the unfused step
     OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --users "" --whole 1000000:4096 --whole-steps 20 \
@@ -24,6 +24,8 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     pairs use as float32 forward (X V) and backward (X^T G), 2 * E' * F * 4 bytes, and each pair's
     two int32 row indices each way, 2 * P * 2 * 4;
     scoring's floor is one read of both (half). The ratios are the measured time over its floor.
+    --repeats R runs every size's child R times (all sizes, then again): "spread" holds each size's
+    median, least and greatest ratio over its children.
   - whole (--whole USERS:F,...): prepare.py --synthetic with that many seen users (500 unseen,
     --seen-test-prompts 20) and then train_basis.py --k-list 5 --stop fixed --iters --whole-steps
     --fewshot-iters --whole-steps, each timed as a whole with its peak RSS, its RSS sampled every 30 s
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--features", type=int, default=4096, help="F of the step measurement")
     p.add_argument("--rank", type=int, default=5, help="K")
     p.add_argument("--steps", type=int, default=3, help="timed LoRe steps per size (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="children per size (every size once, then again): the spread of the ratios on a shared machine")
     p.add_argument("--whole", default="1000:4096,10000:4096,100000:2048",
                    help="USERS:F of the whole prepare + train_basis runs ('' for none)")
     p.add_argument("--whole-steps", type=int, default=20, help="--iters and --fewshot-iters of train_basis")
@@ -201,17 +205,18 @@ def proc_gb(path, key):
 
 def step_sizes(args):
     out = []
-    for n in [int(u) for u in args.users.split(",") if u]:
+    for repeat, n in ((r, int(u)) for r in range(args.repeats) for u in args.users.split(",") if u):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(n), "--features", str(args.features),
                "--rank", str(args.rank), "--steps", str(args.steps), "--seed", str(args.seed),
                *(["--torch-ops"] if args.torch_ops else [])]
         t = time.perf_counter()
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode != 0:
-            out.append({"users": n, "error": f"exit code {proc.returncode}", "wall_s": time.perf_counter() - t})
+            out.append({"users": n, "repeat": repeat, "error": f"exit code {proc.returncode}",
+                        "wall_s": time.perf_counter() - t})
             print(f"step: {n} users failed ({proc.returncode})", flush=True)
             continue
-        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        out.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "repeat": repeat})
         print("step: " + json.dumps(out[-1]), flush=True)
     return out
 
@@ -251,13 +256,26 @@ def growth_exponent(sizes, least=10_000):
     return float(np.polyfit(x, y, 1)[0])
 
 
+def spread(sizes):
+    """Per size, the median, least and greatest step and scoring ratios over its children (--repeats)."""
+    out = []
+    for n in sorted({r["users"] for r in sizes if "step_s" in r}):
+        runs = [r for r in sizes if r["users"] == n and "step_s" in r]
+        row = {"users": n, "children": len(runs)}
+        for key in ("step_s", "step_ratio", "score_all_pairs_s", "score_ratio", "read_gb_per_s"):
+            values = [r[key] for r in runs]
+            row.update({f"{key}_median": float(np.median(values)), f"{key}_min": min(values), f"{key}_max": max(values)})
+        out.append(row)
+    return out
+
+
 def table(sizes):
     """The step measurement as a printed table."""
-    lines = ["| seen users | pairs | s / step | floor s | ratio | s to score | floor s | ratio | peak RSS GB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seen users | run | pairs | s / step | floor s | ratio | s to score | floor s | ratio | peak RSS GB | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sizes:
         if "step_s" in r:
-            lines.append(f"| {r['users']:,} | {r['pairs']:,} | {r['step_s']:.3f} | {r['step_floor_s']:.3f} | "
+            lines.append(f"| {r['users']:,} | {r['repeat'] + 1} | {r['pairs']:,} | {r['step_s']:.3f} | {r['step_floor_s']:.3f} | "
                          f"{r['step_ratio']:.1f} | {r['score_all_pairs_s']:.3f} | {r['score_floor_s']:.3f} | "
                          f"{r['score_ratio']:.1f} | {r['peak_rss_gb']:.2f} | {r['load_start']['load_1min']:.1f} |")
     return "\n".join(lines)
@@ -273,10 +291,14 @@ def main(args):
         return step_child(args)
     sizes = step_sizes(args)
     result = {"machine": machine(), "torch_threads": torch.get_num_threads(), "load": load(), "config": vars(args),
-              "step": sizes, "step_growth_exponent_from_1e4": growth_exponent(sizes),
+              "step": sizes, "spread": spread(sizes), "step_growth_exponent_from_1e4": growth_exponent(sizes),
               "step_growth_exponent_all": growth_exponent(sizes, 0), "whole": whole_runs(args)}
     print(json.dumps({k: v for k, v in result.items() if k != "whole"}, indent=1))
     print(table(sizes))
+    for row in result["spread"]:
+        print(f"{row['users']:,} users, {row['children']} children: step {row['step_ratio_median']:.2f}x its floor "
+              f"({row['step_ratio_min']:.2f}-{row['step_ratio_max']:.2f}), scoring {row['score_ratio_median']:.2f}x "
+              f"({row['score_ratio_min']:.2f}-{row['score_ratio_max']:.2f})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -118,34 +118,18 @@ INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* 
     const v8 e = exp_neg(sel(pos, -x, x));                                      /* e^-|x| in (0, 1] */
     const v8 l = w * (log1p01(e) + sel(pos, bcast(0.f), -x));
     store8(g + j, (w * -inv_tau) * sel(pos, e, bcast(1.f)) / (1.f + e));
-    const v4 lo = __builtin_shufflevector(l, l, 0, 1, 2, 3), hi = __builtin_shufflevector(l, l, 4, 5, 6, 7);
+    const v4 lo = {l[0], l[1], l[2], l[3]}, hi = {l[4], l[5], l[6], l[7]};
     acc += __builtin_convertvector(lo, v4d) + __builtin_convertvector(hi, v4d);
   }
   return (acc[0] + acc[2]) + (acc[1] + acc[3]);
 }
 
 /* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
-   max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum (summed in k's order). Computed where
-   a block's pairs first need the user: no [N, K] softmax is taken outside the pass. For K <= 8 the
-   logits are one load into a register (lanes past K masked; the 8 floats read lie inside lw [N, K]
-   but for the last users): scalars stored one by one and read back as a vector would stall the
-   load (no store forwarding), ~1/5 of the pass. */
-INLINE v8 vmax(v8 a, v8 b) { return sel(a > b, a, b); }
-INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int64_t K, const int KV, int64_t N) {
+   max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum. Computed where a block's pairs
+   first need the user: no [N, K] softmax is taken outside the pass. */
+INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int64_t K, const int KV) {
   const float* x = lw + v * K;
-  float total = 0.f;
-  if (KV == 1 && (v + 1) * K + 8 - K <= N * K) {
-    const v8i live = (v8i){0, 1, 2, 3, 4, 5, 6, 7} < (int)K;
-    const v8 a = sel(live, load8(x), bcast(-INFINITY));
-    v8 mx = vmax(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3));
-    mx = vmax(mx, __builtin_shufflevector(mx, mx, 2, 3, 0, 1, 6, 7, 4, 5));
-    mx = vmax(mx, __builtin_shufflevector(mx, mx, 1, 0, 3, 2, 5, 4, 7, 6));
-    const v8 e = sel(live, exp_neg(sel(live, a - mx, bcast(0.f))), bcast(0.f));
-    for (int k = 0; k < K; ++k) total += e[k];
-    wv[0] = e / total;
-    return;
-  }
-  float mx = x[0];
+  float mx = x[0], total = 0.f;
   for (int k = 1; k < K; ++k) mx = x[k] > mx ? x[k] : mx;
   for (int i = 0; i < KV; ++i) wv[i] = bcast(0.f);
   for (int k = 0; k < K; ++k) wv[k / 8][k % 8] = x[k] - mx;
@@ -176,7 +160,7 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
   int nu = 0;                                                                                     \
   EACH_USER_OF_BLOCK(u, b, e,                                                                     \
     if (p0 == p1) continue;                                   /* no pairs (here) */               \
-    v8* wv = wc + nu++ * KV; softmax_w(wv, lw, v, K, KV, N);                                         \
+    v8* wv = wc + nu++ * KV; softmax_w(wv, lw, v, K, KV);                                         \
     const float uwv = uw[v];                                                                      \
     for (int64_t p = p0; p < p1; ++p) {                                                           \
       if (p + AHEAD < end) {                                                                      \
@@ -204,7 +188,7 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
 #define PAIR_LOSS_USERS(NAME, IDX)                                                                \
 INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restrict c,             \
                    const IDX* restrict r, const int64_t* restrict off, const float* restrict uw, \
-                   int64_t K, const int KV, int64_t u0, int64_t u1, int64_t N, float inv_tau,     \
+                   int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
                    float* restrict dw) {                                                          \
   double loss = 0.0;                                                                              \
   v8 m[BLOCK], dwh[8], wc[BLOCK * 8];         /* wc: the weights of the block's users, KV each */ \
@@ -265,8 +249,8 @@ void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int
       memset(tg + e * 2 * KP + KP, 0, sizeof(float) * KP);                                       \
     }                                                                                            \
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
-    part[tid] = KP == 8 ? NAME##_users((v8*)tg, lw, c, r, off, uw, K, 1, u0, u1, N, inv_tau, dw) \
-                        : NAME##_users((v8*)tg, lw, c, r, off, uw, K, (int)(KP / 8), u0, u1, N, inv_tau, dw); \
+    part[tid] = KP == 8 ? NAME##_users((v8*)tg, lw, c, r, off, uw, K, 1, u0, u1, inv_tau, dw)    \
+                        : NAME##_users((v8*)tg, lw, c, r, off, uw, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
     _Pragma("omp barrier")                                                                       \
     _Pragma("omp for schedule(static)")                         /* G: the threads' sum */        \
     for (int64_t e = 0; e < E; ++e)                                                              \
@@ -278,57 +262,26 @@ void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int
   }                                                                                              \
 }
 
-/* m = the lanes of pair q's (T[c_q] - T[r_q]) * wu, summed over its KV v8s, the rows AHEAD pairs on
-   prefetched */
-#define MARGIN_AT(q, m)                                                                           \
-  {                                                                                               \
-    if ((q) + AHEAD < off[u1]) {                                                                  \
-      __builtin_prefetch(t + (int64_t)c[(q) + AHEAD] * KV, 0, 3);                                 \
-      __builtin_prefetch(t + (int64_t)r[(q) + AHEAD] * KV, 0, 3);                                 \
-    }                                                                                             \
-    const v8* tc = t + (int64_t)c[q] * KV;                                                        \
-    const v8* tr = t + (int64_t)r[q] * KV;                                                        \
-    m = (tc[0] - tr[0]) * wu[0];                                                                  \
-    for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                    \
-  }
-
-/* the hsums of a[0..8), all 8 in one vector (in the lane order a0 a2 a4 a6 a1 a3 a5 a7), each
-   added in hsum's order, so that they are hsum's values to the bit: 3 levels of 2 shuffles and an
-   add for 8 sums (8 hsums are 8 dependent chains of 3 shuffles and 3 adds) */
-INLINE v8 hsum8(const v8* a) {
-  v8 h[4], q[2];
-  for (int j = 0; j < 4; ++j)      /* a_i + a_(i+4), the 4 lanes of a[2j] and of a[2j+1] */
-    h[j] = __builtin_shufflevector(a[2 * j], a[2 * j + 1], 0, 1, 2, 3, 8, 9, 10, 11)
-         + __builtin_shufflevector(a[2 * j], a[2 * j + 1], 4, 5, 6, 7, 12, 13, 14, 15);
-  for (int k = 0; k < 2; ++k)      /* (h0 + h1), (h2 + h3) of each */
-    q[k] = __builtin_shufflevector(h[2 * k], h[2 * k + 1], 0, 2, 8, 10, 4, 6, 12, 14)
-         + __builtin_shufflevector(h[2 * k], h[2 * k + 1], 1, 3, 9, 11, 5, 7, 13, 15);
-  return __builtin_shufflevector(q[0], q[1], 0, 2, 8, 10, 4, 6, 12, 14)    /* their sum */
-       + __builtin_shufflevector(q[0], q[1], 1, 3, 9, 11, 5, 7, 13, 15);
-}
-
 /* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u] */
 #define PAIR_HITS(NAME, IDX)                                                                      \
 INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const IDX* restrict c,  \
                          const IDX* restrict r, const int64_t* restrict off, int64_t K, const int KV, \
-                         int64_t u0, int64_t u1, int64_t N, int64_t* restrict hits) {            \
-  const v8i live = (v8i){0, 1, 2, 3, 4, 5, 6, 7} < (int)K;                                       \
+                         int64_t u0, int64_t u1, int64_t* restrict hits) {                       \
   for (int64_t u = u0; u < u1; ++u) {                                                            \
-    v8 wu[8] = {{0}};                 /* one load where K <= 8 (as softmax_w: no stalled load) */ \
-    if (KV == 1 && (u + 1) * K + 8 - K <= N * K) wu[0] = sel(live, load8(w + u * K), bcast(0.f)); \
-    else for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                            \
-    int64_t p = off[u], n = 0;                                                                   \
-    v8i below = {0};                  /* -1 in a lane for each of 8 pairs at a time that hit */ \
-    for (; p + 8 <= off[u + 1]; p += 8) {                                                        \
-      v8 m[8];                                                                                   \
-      for (int j = 0; j < 8; ++j) MARGIN_AT(p + j, m[j])                                         \
-      below += hsum8(m) > 0.f;                                                                   \
-    }                                                                                            \
-    for (; p < off[u + 1]; ++p) {                                                                \
-      v8 m; MARGIN_AT(p, m)                                                                      \
+    v8 wu[8] = {{0}};                                                                            \
+    for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                                 \
+    int64_t n = 0;                                                                               \
+    for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
+      if (p + AHEAD < off[u1]) {                                                                 \
+        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * KV, 0, 3);                                \
+        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * KV, 0, 3);                                \
+      }                                                                                          \
+      const v8* tc = t + (int64_t)c[p] * KV;                                                     \
+      const v8* tr = t + (int64_t)r[p] * KV;                                                     \
+      v8 m = (tc[0] - tr[0]) * wu[0];                                                            \
+      for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                 \
       n += hsum(m) > 0.f;                                                                        \
     }                                                                                            \
-    for (int j = 0; j < 8; ++j) n -= below[j];                                                   \
     hits[u] = n;                                                                                 \
   }                                                                                              \
 }                                                                                                \
@@ -338,8 +291,8 @@ void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int6
   {                                                                                              \
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
-    if (KP == 8) NAME##_users((const v8*)t, w, c, r, off, K, 1, u0, u1, N, hits);                \
-    else NAME##_users((const v8*)t, w, c, r, off, K, (int)(KP / 8), u0, u1, N, hits);            \
+    if (KP == 8) NAME##_users((const v8*)t, w, c, r, off, K, 1, u0, u1, hits);                   \
+    else NAME##_users((const v8*)t, w, c, r, off, K, (int)(KP / 8), u0, u1, hits);               \
   }                                                                                              \
 }
 

@@ -530,3 +530,19 @@ def test_full_recipe_two_processes_agree_with_one(big, one_thread, tmp_path, fla
         assert 0 < a["steps"] < RECIPE["iters"] and 0 < b["steps"] < RECIPE["iters"]
     for s in SETS:
         assert abs(a[s] - b[s]) <= FULL_RECIPE_TOLERANCE[s], (s, a[s], b[s])
+
+
+def test_bench_scale_spread_is_each_sizes_median_and_range():
+    """bench_scale --repeats: a size's children give its median, least and greatest ratios; a
+    failed child (no step_s) is left out."""
+    from benchmarks.bench_scale import spread
+    runs = [{"users": 10, "step_s": s, "step_ratio": 2 * s, "score_all_pairs_s": s / 2, "score_ratio": s,
+             "read_gb_per_s": 20.0 + s} for s in (1.0, 3.0, 2.0)]
+    out = spread(runs + [{"users": 5, "error": "exit code 1"},
+                         {"users": 5, "step_s": 0.5, "step_ratio": 1.5, "score_all_pairs_s": 0.2, "score_ratio": 1.1,
+                          "read_gb_per_s": 25.0}])
+    assert [(r["users"], r["children"]) for r in out] == [(5, 1), (10, 3)]
+    ten = out[1]
+    assert (ten["step_ratio_median"], ten["step_ratio_min"], ten["step_ratio_max"]) == (4.0, 2.0, 6.0)
+    assert (ten["score_ratio_median"], ten["score_ratio_min"], ten["score_ratio_max"]) == (2.0, 1.0, 3.0)
+    assert ten["read_gb_per_s_median"] == 22.0 and out[0]["step_s_median"] == 0.5
