@@ -19,13 +19,16 @@ reading each pair's two row indices once. The pairs go in blocks of 128 whatever
 block's margins are summed 8 at a time (sum8), its loss and gradient are one vector loop (bt_loss:
 the kernel's own exp and log1p, to float32 round-off). Threads take blocks of users, each with its
 own G (summed at the end in thread order: the same threads give the same numbers); the loss is
-summed in float64. Scoring is the same pass without the loss: the hits of s_p > 0 per user.
+summed in float32 within a block (at most 16 terms a lane) and in float64 across blocks. Scoring is
+the same pass without the loss: the hits of s_p > 0 per user. X V and X^T G read the table's rows
+in the widest vectors the CPU has (16 floats with AVX-512, else 8), prefetching each row ahead.
 
 Without a C compiler (or on CUDA) `kernel()` is None and lore.steps / lore.methods use their
 torch-op forms, which give the same numbers to float32 round-off (tests/test_scale.py)."""
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 
@@ -36,6 +39,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 /* v8: 8 floats, one AVX register with -march=native (GCC's vector extension: the same code on any
    target). T, G rows are padded to KV v8s (KP = 8 KV floats, K columns then zeros). */
@@ -47,7 +53,8 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 #define BLOCK 128  /* pairs (of any users) whose margins, loss and gradient are one vector pass: their
                       rows' lines (2 x 64 B a pair) stay in L1 from the gather to the scatter */
-#define AHEAD 32   /* pairs ahead whose rows are prefetched: the rows are random lines of L3 */
+#define AHEAD 32   /* scoring: pairs ahead whose rows are prefetched (the rows are random lines of L3;
+                      in the loss's pass, whose blocks take longer, prefetching measured no gain) */
 #define INLINE static inline __attribute__((always_inline))
 
 /* ((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7)) in 3 vector adds (written as scalars, without
@@ -66,6 +73,43 @@ INLINE v8 load8_bf16(const uint16_t* p) {
 INLINE v8 load8_f32(const float* p) { return load8(p); }
 INLINE float load1_bf16(const uint16_t* p) { union { uint32_t u; float f; } b = { (uint32_t)*p << 16 }; return b.f; }
 INLINE float load1_f32(const float* p) { return *p; }
+
+/* vw: the widest vector the target has, for X V and X^T G (the table's F features in a row): 16
+   floats (one zmm) with AVX-512, else 8; NRMAX rows at once in X V (AVX-512's 32 registers hold
+   4 rows x 6 sums, AVX2's 16 hold 2 x 6) */
+#ifdef __AVX512F__
+#define VW 16
+#define NRMAX 4
+#else
+#define VW 8
+#define NRMAX 2
+#endif
+#define RB 8       /* rows at once in X^T G (16 measured no faster with AVX-512) */
+#define PF 1024    /* X V and X^T G prefetch each row's features PF ahead: the rows stream from memory,
+                      and the hardware's prefetcher alone left X V at a third of the read bandwidth */
+typedef float vw __attribute__((vector_size(4 * VW)));
+typedef uint16_t vwh __attribute__((vector_size(2 * VW)));
+typedef uint32_t vwu __attribute__((vector_size(4 * VW)));
+INLINE vw loadw_f32(const float* p) { vw v; memcpy(&v, p, sizeof v); return v; }
+#if VW == 16
+INLINE vw loadw_bf16(const uint16_t* p) {     /* one vpmovzxwd zmm (GCC's generic form takes two) */
+  return (vw)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16)); }
+#else
+INLINE vw loadw_bf16(const uint16_t* p) {
+  vwh h; memcpy(&h, p, sizeof h);
+  vwu u = __builtin_convertvector(h, vwu) << 16; vw f; memcpy(&f, &u, sizeof f); return f; }
+#endif
+INLINE void storew(float* p, vw v) { memcpy(p, &v, sizeof v); }
+INLINE vw bcastw(float a) { vw v; for (int i = 0; i < VW; ++i) v[i] = a; return v; }
+/* the sum of a vw's lanes: its two halves added, then hsum */
+INLINE float hsumw(vw a) {
+#if VW == 16
+  return hsum(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
+            + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  return hsum(a);
+#endif
+}
 
 /* a[0..8) -> the vector of their 8 lane sums: a transposed reduction, 14 shuffles and 7 adds for 8
    sums (a horizontal sum each would be 15 dependent scalar operations) */
@@ -108,20 +152,21 @@ INLINE v8 log1p01(v8 e) {
   return e * q;
 }
 /* margins s [n], weights wt [n] (n a multiple of 8) -> g [n] = d/ds of wt * -log sigmoid(s inv_tau);
-   returns the summed loss (float64). -log sigmoid(x) = log(1 + e^-|x|) + max(-x, 0) and
+   returns the summed loss (float32 within the block, <= 16 terms a lane, then as float64).
+   -log sigmoid(x) = log(1 + e^-|x|) + max(-x, 0) and
    sigmoid(-x) = (x >= 0 ? e^-|x| : 1) / (1 + e^-|x|): one exp, no overflow for any x. */
 INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* restrict g, int n, float inv_tau) {
-  v4d acc = {0};
+  v8 acc = bcast(0.f);           /* the block's (<= 16 terms a lane) in float32, then as float64 */
   for (int j = 0; j < n; j += 8) {
     const v8 x = load8(s + j) * inv_tau, w = load8(wt + j);
     const v8i pos = x >= 0.f;
     const v8 e = exp_neg(sel(pos, -x, x));                                      /* e^-|x| in (0, 1] */
-    const v8 l = w * (log1p01(e) + sel(pos, bcast(0.f), -x));
+    acc += w * (log1p01(e) + sel(pos, bcast(0.f), -x));
     store8(g + j, (w * -inv_tau) * sel(pos, e, bcast(1.f)) / (1.f + e));
-    const v4 lo = {l[0], l[1], l[2], l[3]}, hi = {l[4], l[5], l[6], l[7]};
-    acc += __builtin_convertvector(lo, v4d) + __builtin_convertvector(hi, v4d);
   }
-  return (acc[0] + acc[2]) + (acc[1] + acc[3]);
+  const v4 lo = {acc[0], acc[1], acc[2], acc[3]}, hi = {acc[4], acc[5], acc[6], acc[7]};
+  const v4d d = __builtin_convertvector(lo, v4d) + __builtin_convertvector(hi, v4d);
+  return (d[0] + d[2]) + (d[1] + d[3]);
 }
 
 /* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
@@ -154,19 +199,15 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
   }
 
 /* the products (T[c_p] - T[r_p]) * w_v of the block's pairs (summed over their KV v8s) into
-   m [BLOCK], the lines AHEAD pairs on prefetched; then their lane sums, the margins, into s. Each
+   m [BLOCK]; then their lane sums, the margins, into s. Each
    user with pairs in the block: its weights (softmax_w) into wc, its loss weight uw[v] into wb. */
-#define MARGINS(tg, STRIDE, RW)                                                                   \
+#define MARGINS(tg, STRIDE)                                                                       \
   int nu = 0;                                                                                     \
   EACH_USER_OF_BLOCK(u, b, e,                                                                     \
     if (p0 == p1) continue;                                   /* no pairs (here) */               \
     v8* wv = wc + nu++ * KV; softmax_w(wv, lw, v, K, KV);                                         \
     const float uwv = uw[v];                                                                      \
     for (int64_t p = p0; p < p1; ++p) {                                                           \
-      if (p + AHEAD < end) {                                                                      \
-        __builtin_prefetch(tg + (int64_t)c[p + AHEAD] * STRIDE, RW, 3);                           \
-        __builtin_prefetch(tg + (int64_t)r[p + AHEAD] * STRIDE, RW, 3);                           \
-      }                                                                                           \
       const v8* tc = tg + (int64_t)c[p] * STRIDE;                                                 \
       const v8* tr = tg + (int64_t)r[p] * STRIDE;                                                 \
       v8 mp = (tc[0] - tr[0]) * wv[0];                                                            \
@@ -177,21 +218,35 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
   for (int j = n; j < n8; ++j) m[j] = bcast(0.f);                                                 \
   for (int j = 0; j < n8; j += 8) store8(s + j, sum8(m + j));
 
+/* pair p's gradient g[p - b] into G[c_p], G[r_p] (the T row's line) and into the sum dwv */
+#define SCATTER(p, dwv)                                                                           \
+  {                                                                                               \
+    v8* tc = tg + (int64_t)c[p] * 2 * KV;                                                         \
+    v8* tr = tg + (int64_t)r[p] * 2 * KV;                                                         \
+    const float gp = g[(p) - b];                                                                  \
+    for (int i = 0; i < KV; ++i) {                                                                \
+      dwv[i] += gp * (tc[i] - tr[i]);                                                             \
+      tc[KV + i] += gp * wv[i];                                                                   \
+      tr[KV + i] -= gp * wv[i];                                                                   \
+    }                                                                                             \
+  }
+
 /* Users [u0, u1) of pairs sorted by user (user u: pairs off[u] .. off[u+1]), lw [N, K] their
    logits, uw [N] the loss weight of each of a user's pairs: the summed loss, G [E, KP] += the
    gradient in T, dw [N, K] = the gradient in the logits. The pairs go in blocks of BLOCK, whatever
    their users (a user has ~50 pairs: per user, the loss would be a vector loop and a scalar tail):
    per block, the margins, then the loss and its gradient 8 pairs at a time, then the scatter. A
-   user's dL/dw is one running sum over its pairs in order, carried across block boundaries (the
-   same numbers wherever the blocks start: a torchrun shard's pairs start at its first user), and
-   turned into dL/dlogits at its last pair (softmax_back). KV a constant where inlined. */
+   user's dL/dw is two running sums, over its pairs at even and at odd places from its first (two
+   chains of adds: half the FMA latency a pair), carried across block boundaries (the same numbers
+   wherever the blocks start: a torchrun shard's pairs start at its first user), added and turned
+   into dL/dlogits at its last pair (softmax_back). KV a constant where inlined. */
 #define PAIR_LOSS_USERS(NAME, IDX)                                                                \
 INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restrict c,             \
                    const IDX* restrict r, const int64_t* restrict off, const float* restrict uw, \
                    int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
                    float* restrict dw) {                                                          \
   double loss = 0.0;                                                                              \
-  v8 m[BLOCK], dwh[8], wc[BLOCK * 8];         /* wc: the weights of the block's users, KV each */ \
+  v8 m[BLOCK], dwh[2][8], wc[BLOCK * 8];         /* wc: the weights of the block's users, KV each */ \
   float s[BLOCK], g[BLOCK], wb[BLOCK];                                                            \
   const int64_t end = off[u1];                                                                    \
   memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);      /* users without pairs */           \
@@ -200,30 +255,29 @@ INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restric
     const int64_t e = end - b < BLOCK ? end : b + BLOCK;                                          \
     const int n = (int)(e - b), n8 = (n + 7) & ~7;                                                \
     while (off[u + 1] <= b) ++u;                              /* the block's first user */       \
-    MARGINS(tg, 2 * KV, 1)                                                                        \
+    MARGINS(tg, 2 * KV)                                                                           \
     for (int j = n; j < n8; ++j) wb[j] = 0.f;                 /* padding: no loss, no gradient */ \
     loss += bt_loss(s, wb, g, n8, inv_tau);                                                       \
     nu = 0;                                                                                       \
     EACH_USER_OF_BLOCK(u, b, e,                               /* scatter, into the rows' lines */ \
       if (p0 == p1) continue;                                                                     \
       const v8* wv = wc + nu++ * KV;                                                              \
-      v8 dwv[8];                                                                                  \
-      for (int i = 0; i < KV; ++i) dwv[i] = v == held ? dwh[i] : bcast(0.f);                      \
-      for (int64_t p = p0; p < p1; ++p) {                                                         \
-        v8* tc = tg + (int64_t)c[p] * 2 * KV;                                                     \
-        v8* tr = tg + (int64_t)r[p] * 2 * KV;                                                     \
-        const float gp = g[p - b];                                                                \
-        for (int i = 0; i < KV; ++i) {                                                            \
-          dwv[i] += gp * (tc[i] - tr[i]);                                                         \
-          tc[KV + i] += gp * wv[i];                                                               \
-          tr[KV + i] -= gp * wv[i];                                                               \
-        }                                                                                         \
+      v8 dwv[2][8];                   /* v's pairs at even and odd places: two chains of adds */  \
+      for (int i = 0; i < KV; ++i) {                                                              \
+        dwv[0][i] = v == held ? dwh[0][i] : bcast(0.f);                                           \
+        dwv[1][i] = v == held ? dwh[1][i] : bcast(0.f);                                           \
       }                                                                                           \
+      int64_t p = p0;                                                                             \
+      if ((p - off[v]) & 1) { SCATTER(p, dwv[1]); ++p; }                                          \
+      for (; p + 1 < p1; p += 2) { SCATTER(p, dwv[0]); SCATTER(p + 1, dwv[1]); }                  \
+      if (p < p1) SCATTER(p, dwv[0]);                                                             \
       if (p1 < off[v + 1]) {                                  /* v goes on in the next block */   \
         held = v;                                                                                 \
-        for (int i = 0; i < KV; ++i) dwh[i] = dwv[i];                                             \
-      } else                                                                                      \
-        softmax_back(dw + v * K, wv, dwv, K);)                                                    \
+        for (int i = 0; i < KV; ++i) { dwh[0][i] = dwv[0][i]; dwh[1][i] = dwv[1][i]; }            \
+      } else {                                                                                    \
+        for (int i = 0; i < KV; ++i) dwv[0][i] += dwv[1][i];                                      \
+        softmax_back(dw + v * K, wv, dwv[0], K);                                                  \
+      })                                                                                          \
   }                                                                                               \
   return loss;                                                                                    \
 }
@@ -308,45 +362,48 @@ PAIR_HITS(pair_hits_i64, int64_t)
 #define PROJECT_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                    \
 INLINE void NAME(const TYPE* restrict row, const float* restrict vt, int64_t F, const int KG,   \
                  const int NR, float* restrict out, int64_t K) {                                 \
-  v8 acc[2][8] = {{{0}}};                                                                        \
+  vw acc[NRMAX][8] = {{{0}}};                                                                    \
   int64_t f0 = 0;                                                                                \
-  for (; f0 + 8 <= F; f0 += 8) {                                                                 \
-    v8 x[2];                                                                                     \
-    for (int i = 0; i < NR; ++i) x[i] = LOAD8(row + i * F + f0);                                 \
+  for (; f0 + VW <= F; f0 += VW) {                                                               \
+    vw x[NRMAX];                                                                                 \
+    for (int i = 0; i < NR; ++i) {                                                               \
+      __builtin_prefetch(row + i * F + f0 + PF, 0, 0);                                           \
+      x[i] = LOAD8(row + i * F + f0);                                                            \
+    }                                                                                            \
     for (int k = 0; k < KG; ++k) {                                                               \
-      const v8 v = load8(vt + k * F + f0);                                                       \
+      const vw v = loadw_f32(vt + k * F + f0);                                                   \
       for (int i = 0; i < NR; ++i) acc[i][k] += x[i] * v;                                        \
     }                                                                                            \
   }                                                                                              \
   for (int i = 0; i < NR; ++i)                                                                   \
     for (int k = 0; k < KG; ++k) {                                                               \
-      float total = hsum(acc[i][k]);                                                             \
+      float total = hsumw(acc[i][k]);                                                            \
       for (int64_t f = f0; f < F; ++f) total += LOAD1(row + i * F + f) * vt[k * F + f];          \
       out[i * K + k] = total;                                                                    \
     }                                                                                            \
 }
 
 #define PROJECT(NAME, TYPE, KIND)                                                                 \
-PROJECT_ROWS(NAME##_rows, TYPE, load8_##KIND, load1_##KIND)                                       \
+PROJECT_ROWS(NAME##_rows, TYPE, loadw_##KIND, load1_##KIND)                                       \
 void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int nthreads,        \
           float* out) {                                                                          \
   _Pragma("omp parallel for num_threads(nthreads) schedule(static)")                            \
-  for (int64_t e = 0; e < E; e += 2)                           /* rows e, e + 1 */               \
+  for (int64_t e = 0; e < E; e += NRMAX)                       /* rows e .. e + NRMAX - 1 */     \
     for (int64_t k0 = 0; k0 < K; k0 += 8) {                    /* K in groups of 8 columns */    \
       const TYPE* row = x + e * F; const float* v = vt + k0 * F; float* o = out + e * K + k0;    \
       const int kg = (int)(K - k0 < 8 ? K - k0 : 8);                                             \
-      if (e + 1 < E && kg <= 6) {                                                                \
+      if (e + NRMAX <= E && kg <= 6) {                                                           \
         switch (kg) {                                                                            \
-          case 1: NAME##_rows(row, v, F, 1, 2, o, K); break;                                     \
-          case 2: NAME##_rows(row, v, F, 2, 2, o, K); break;                                     \
-          case 3: NAME##_rows(row, v, F, 3, 2, o, K); break;                                     \
-          case 4: NAME##_rows(row, v, F, 4, 2, o, K); break;                                     \
-          case 5: NAME##_rows(row, v, F, 5, 2, o, K); break;                                     \
-          default: NAME##_rows(row, v, F, 6, 2, o, K); break;                                    \
+          case 1: NAME##_rows(row, v, F, 1, NRMAX, o, K); break;                                 \
+          case 2: NAME##_rows(row, v, F, 2, NRMAX, o, K); break;                                 \
+          case 3: NAME##_rows(row, v, F, 3, NRMAX, o, K); break;                                 \
+          case 4: NAME##_rows(row, v, F, 4, NRMAX, o, K); break;                                 \
+          case 5: NAME##_rows(row, v, F, 5, NRMAX, o, K); break;                                 \
+          default: NAME##_rows(row, v, F, 6, NRMAX, o, K); break;                                \
         }                                                                                        \
         continue;                                                                                \
       }                                                                                          \
-      for (int64_t i = e; i < e + 2 && i < E; ++i, row += F, o += K)                             \
+      for (int64_t i = e; i < e + NRMAX && i < E; ++i, row += F, o += K)                         \
         switch (kg) {                                                                            \
           case 1: NAME##_rows(row, v, F, 1, 1, o, K); break;                                     \
           case 2: NAME##_rows(row, v, F, 2, 1, o, K); break;                                     \
@@ -363,22 +420,24 @@ void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int n
 /* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per 8 features, the RB rows'
    values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows;
    even and odd rows in two sums (two FMA chains: ~15% less time) */
-#define RB 8
 #define GRAD_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                       \
 INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int64_t K,         \
                  const int nr, float* restrict acc) {                                            \
   int64_t f0 = 0;                                                                                \
-  for (; f0 + 8 <= F; f0 += 8) {                                                                 \
-    v8 xs[RB];                                                                                   \
-    for (int i = 0; i < nr; ++i) xs[i] = LOAD8(x + i * F + f0);                                  \
+  for (; f0 + VW <= F; f0 += VW) {                                                               \
+    vw xs[RB];                                                                                   \
+    for (int i = 0; i < nr; ++i) {                                                               \
+      __builtin_prefetch(x + i * F + f0 + PF, 0, 0);                                             \
+      xs[i] = LOAD8(x + i * F + f0);                                                             \
+    }                                                                                            \
     for (int64_t k = 0; k < K; ++k) {                         /* two chains: half the latency */ \
-      v8 a = load8(acc + k * F + f0), b = bcast(0.f);                                            \
+      vw a = loadw_f32(acc + k * F + f0), b = bcastw(0.f);                                       \
       for (int i = 0; i + 1 < nr; i += 2) {                                                      \
         a += g[i * K + k] * xs[i];                                                               \
         b += g[(i + 1) * K + k] * xs[i + 1];                                                     \
       }                                                                                          \
       if (nr & 1) a += g[(nr - 1) * K + k] * xs[nr - 1];                                         \
-      store8(acc + k * F + f0, a + b);                                                           \
+      storew(acc + k * F + f0, a + b);                                                           \
     }                                                                                            \
   }                                                                                              \
   for (; f0 < F; ++f0)                                                                           \
@@ -389,7 +448,7 @@ INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int
 /* out [F, K] = X^T G for G [E, K]: threads take blocks of rows, each adding into its own
    G^T X [K, F] (scratch [nthreads, K, F]), summed in thread order */
 #define TABLE_GRAD(NAME, TYPE, KIND)                                                              \
-GRAD_ROWS(NAME##_rows, TYPE, load8_##KIND, load1_##KIND)                                          \
+GRAD_ROWS(NAME##_rows, TYPE, loadw_##KIND, load1_##KIND)                                          \
 void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nthreads,         \
           float* scratch, float* out) {                                                          \
   _Pragma("omp parallel num_threads(nthreads)")                                                  \
@@ -424,10 +483,23 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 _KERNEL = []   # [ctypes library or None], built on first use
 
 
+def cpu():
+    """The machine's processor as a compiler's -march=native sees it: its architecture and, on
+    Linux, the instruction sets /proc/cpuinfo lists (a build for one CPU can crash on another)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+
+
 def build(source, flags):
     """A ctypes library of C source compiled with flags, built once into ~/.cache/lore keyed by
-    both (~1 s of gcc), or None where it cannot be built (no compiler)."""
-    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    both, the compiler and the CPU (~1 s of gcc; a home folder shared by machines of different
+    CPUs keeps a build for each), or None where it cannot be built (no compiler)."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\n".join([source, " ".join(flags), cc, cpu()]).encode()).hexdigest()[:16]
     path = os.path.join(os.path.expanduser("~"), ".cache", "lore", f"fused_{key}.so")
     try:
         if not os.path.exists(path):
@@ -436,7 +508,6 @@ def build(source, flags):
                 c_file, o_file, so_file = (os.path.join(tmp, f"fused.{e}") for e in ("c", "o", "so"))
                 with open(c_file, "w") as f:
                     f.write(source)
-                cc = os.environ.get("CC", "cc")
                 subprocess.run([cc, *flags, "-c", c_file, "-o", o_file], check=True, capture_output=True)
                 subprocess.run([cc, "-shared", "-fopenmp", o_file, "-o", so_file, "-lm"], check=True,
                                capture_output=True)

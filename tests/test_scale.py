@@ -5,6 +5,7 @@ short fits (float rounding of sums taken in another order), FULL_RECIPE_TOLERANC
 accuracies over the full recipe's step count, where that rounding has grown (measured there)."""
 import json
 import os
+import platform
 import shutil
 import socket
 import sys
@@ -25,7 +26,7 @@ import utils  # noqa: E402
 
 from lore.checks import InputError  # noqa: E402
 from lore.distributed import shard_users  # noqa: E402
-from lore.fused import kernel, pair_hits, pair_loss, project, table_grad  # noqa: E402
+from lore.fused import SOURCE, build, kernel, pair_hits, pair_loss, project, table_grad  # noqa: E402
 from lore.methods import accuracy, get_method, pair_margins, per_user_accuracy, user_margins  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.pairs import SETS, pack, Pairs, user_offsets  # noqa: E402
@@ -173,7 +174,7 @@ needs_kernel = pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is No
 def test_fused_kernels_equal_loop_reference(K, index):
     assert kernel() is not None
     g = torch.Generator().manual_seed(K)
-    E, N, F_ = 9, 11, 13
+    E, N = 9, 11
     # users 1 and 7 have no pairs; the kernel's blocks of 128 pairs hold several users, and users
     # 6 and 8 span blocks (pairs 15..215 and 215..345)
     counts = torch.tensor([3, 0, 5, 1, 4, 2, 200, 0, 130, 7, 1])
@@ -214,12 +215,42 @@ def test_fused_kernels_equal_loop_reference(K, index):
         pair_loss(T, L, c, r, offsets, user_weight[user], 100.0)                    # [P] weights
     W = W.detach()
     assert pair_hits(T, W, c.to(index), r.to(index), offsets).tolist() == ref_hits
-    X = torch.randn(E, F_, generator=g).bfloat16()                                  # F = 13: not a multiple of 8
-    for rows in (X, X.float()):
-        Vf = torch.randn(F_, K, generator=g)
-        torch.testing.assert_close(project(rows, Vf), X.double() @ Vf.double(), check_dtype=False, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(table_grad(rows, T), X.double().t() @ T.double(), check_dtype=False, rtol=1e-5, atol=1e-3)
+    # F = 13 and 37: a tail past the 8- or 16-float vectors (37 = 2 * 16 + 5 = 4 * 8 + 5); E = 9 rows: a
+    # tail past the 2 or 4 rows X V takes at once
+    for F_ in (13, 37):
+        X = torch.randn(E, F_, generator=g).bfloat16()
+        for rows in (X, X.float()):
+            Vf = torch.randn(F_, K, generator=g)
+            torch.testing.assert_close(project(rows, Vf), X.double() @ Vf.double(), check_dtype=False, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(table_grad(rows, T), X.double().t() @ T.double(), check_dtype=False, rtol=1e-5, atol=1e-3)
     assert user_offsets(torch.tensor([0, 2, 1]), 3) is None                         # users not sorted
+
+
+@needs_kernel
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_fused_kernels_built_for_other_cpus_agree(march):
+    """The kernel built for an AVX2 CPU (8-float vectors in X V and X^T G, AVX's masked loads) and
+    for any x86-64 (no AVX: GCC's generic vectors) gives this machine's numbers to float32
+    round-off: the code paths this machine's -march=native does not take still build and compute."""
+    lib = build(SOURCE, ["-O3", f"-march={march}", "-fopenmp", "-fPIC"])
+    assert lib is not None
+    g = torch.Generator().manual_seed(1)
+    E, N, K, F_ = 10, 7, 5, 37
+    counts = torch.tensor([3, 0, 150, 5, 1, 60, 2])
+    c = torch.randint(0, E, (int(counts.sum()),), generator=g)
+    r = (c + torch.randint(1, E, c.shape, generator=g)) % E
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    T, L, weight = 5 * torch.randn(E, K, generator=g), torch.randn(N, K, generator=g), torch.rand(N, generator=g)
+    X, V = torch.randn(E, F_, generator=g).bfloat16(), torch.randn(F_, K, generator=g)
+    for here, there in zip(pair_loss(T, L, c.int(), r.int(), offsets, weight, 2.0),
+                           pair_loss(T, L, c.int(), r.int(), offsets, weight, 2.0, lib=lib)):
+        torch.testing.assert_close(there, here, rtol=1e-5, atol=1e-6)
+    W = torch.softmax(L, -1)
+    assert pair_hits(T, W, c, r, offsets, lib=lib).tolist() == pair_hits(T, W, c, r, offsets).tolist()
+    for rows in (X, X.float()):
+        torch.testing.assert_close(project(rows, V, lib=lib), project(rows, V), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(table_grad(rows, T, lib=lib), table_grad(rows, T), rtol=1e-5, atol=1e-4)
 
 
 @needs_kernel
@@ -459,8 +490,10 @@ def test_simulated_pairs_of_drawn_prompts_equal_the_dense_choices():
 # pairs' signs. Measured on the population below (K = 3, seed 0): table - pairs seen_test -0.0014,
 # unseen_test -0.0003; two processes - one seen_test +0.0009, unseen_test -0.0016. The bound has
 # about twice that, as rounding also depends on the machine's kernels. The fitted pairs' sets
-# (seen_train 4,800 pairs, unseen_fewshot 1,080) are coarser: up to 0.0028 (3 pairs) measured.
-FULL_RECIPE_TOLERANCE = {"seen_test": 0.003, "unseen_test": 0.003, "seen_train": 0.005, "unseen_fewshot": 0.005}
+# (seen_train 4,800 pairs, unseen_fewshot 1,080) are coarser: rounding alone moves unseen_fewshot
+# over 0.9694..0.9769 (lore.fused built with 8- or 16-float vectors in X V, and the build before
+# it), and two processes - one was measured up to 0.0056 (6 pairs) there, seen_train 0.0037.
+FULL_RECIPE_TOLERANCE = {"seen_test": 0.003, "unseen_test": 0.003, "seen_train": 0.006, "unseen_fewshot": 0.008}
 RECIPE = load_recipe("PersonalLLM")["train_basis"]
 # the paper's fixed recipe (lore's defaults: 1,000 steps at 0.5, 500 few-shot steps at 0.1)
 FULL = {hp: get_method("lore").defaults[hp] for hp in ("iters", "lr", "fewshot_iters", "fewshot_lr", "stop")}
