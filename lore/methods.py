@@ -351,8 +351,7 @@ def per_user_accuracy(pairs, V, W):
         else:
             T, chosen, rejected = row_values(lambda rows: project_rows(rows.float(), V), pairs, every_row=True)
         if offsets is not None:
-            hits = fused.pair_hits(T, W, chosen, rejected, offsets)                # [N]
-            return (hits.double() / (offsets[1:] - offsets[:-1]).double()).numpy()
+            return fused.pair_hits(T, W, chosen, rejected, offsets, accuracy=True).numpy()  # [N]
     hits = torch.zeros(pairs.n_users, dtype=torch.long, device=pairs.device)      # [N]
     for start in range(0, len(pairs), CHUNK):
         part = slice(start, start + CHUNK)

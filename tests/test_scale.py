@@ -215,6 +215,10 @@ def test_fused_kernels_equal_loop_reference(K, index):
         pair_loss(T, L, c, r, offsets, user_weight[user], 100.0)                    # [P] weights
     W = W.detach()
     assert pair_hits(T, W, c.to(index), r.to(index), offsets).tolist() == ref_hits
+    share = pair_hits(T, W, c.to(index), r.to(index), offsets, accuracy=True)       # [N] float64
+    assert share.dtype == torch.float64 and torch.isnan(share[[1, 7]]).all()        # users without pairs
+    has = counts > 0
+    assert share[has].tolist() == (torch.tensor(ref_hits, dtype=torch.float64)[has] / counts[has].double()).tolist()
     # F = 13 and 37: a tail past the 8- or 16-float vectors (37 = 2 * 16 + 5 = 4 * 8 + 5); E = 9 rows: a
     # tail past the 2 or 4 rows X V takes at once
     for F_ in (13, 37):
