@@ -16,7 +16,8 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
     as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
     use fewer rows than there are pairs), seconds per Adam step (median of --steps after one warm-up),
     seconds to score every pair (per_user_accuracy with the fitted weights softmax(W), as LoRe.fit
-    returns them, taken before the timing and timed apart: simplex_s), the child's peak RSS (without
+    returns them, taken before the timing and timed apart: simplex_s; timed as the step, the median
+    of --steps calls after one, which is recorded as score_first_s), the child's peak RSS (without
     the bandwidth measurement's tensor).
   - floor: what a step must read over the read bandwidth, the best of 10 sums of a 0.8 GB float32
     tensor in the same child, measured right before the steps and again right after the scoring
@@ -53,6 +54,7 @@ REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, REPO)
 import utils  # noqa: E402
 from lore import steps  # noqa: E402
+from lore.fused import vector_floats  # noqa: E402
 from lore.methods import per_user_accuracy, simplex  # noqa: E402
 from lore.pairs import Pairs  # noqa: E402
 
@@ -153,9 +155,12 @@ def step_child(args):
     with torch.no_grad():   # the fitted weights, as LoRe.fit returns them: no autograd graph
         W = simplex(model.W)                                                       # [N, K]
     simplex_s = time.perf_counter() - t
-    t = time.perf_counter()
-    acc = per_user_accuracy(pairs, model.V.detach(), W)   # as an evaluation scores the fitted weights
-    score_s = time.perf_counter() - t
+    scores = []   # as an evaluation scores the fitted weights; timed as the step: the median after one
+    for _ in range(args.steps + 1):
+        t = time.perf_counter()
+        acc = per_user_accuracy(pairs, model.V.detach(), W)
+        scores.append(time.perf_counter() - t)
+    score_s = float(np.median(scores[1:]))
     peak = max(setup_peak, peak_rss_gb())   # the data, the rows, the model, the steps and the scoring
     bandwidth_after = read_bandwidth()
     bandwidth = max(bandwidth_before, bandwidth_after)
@@ -169,6 +174,7 @@ def step_child(args):
                       "read_gb_per_s_after": bandwidth_after / 1e9, "bandwidth_method": BANDWIDTH_METHOD,
                       "step_floor_s": step_floor_s, "step_times_s": times[1:],
                       "step_ratio": step_s / step_floor_s, "score_all_pairs_s": score_s,
+                      "score_first_s": scores[0], "score_times_s": scores[1:],
                       "score_floor_s": step_floor_s / 2, "score_ratio": score_s / (step_floor_s / 2),
                       "simplex_s": simplex_s,
                       "mean_accuracy": float(acc.mean()), "peak_rss_gb": peak,
@@ -282,8 +288,17 @@ def table(sizes):
 
 
 def machine():
+    """The machine in words: CPU model, the fused kernel's vector width, CPUs, memory, torch."""
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {mem:.0f} GiB, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    width = vector_floats()
+    kernel = f"lore.fused's X V in {width}-float vectors" if width else "no fused kernel"
+    return f"{model}, {kernel}, {os.cpu_count()} CPUs, {mem:.0f} GiB, torch {torch.__version__}"
 
 
 def main(args):

@@ -473,6 +473,8 @@ void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nt
   }                                                                                              \
 }
 
+int vector_floats(void) { return VW; }   /* the floats in X V's and X^T G's vectors */
+
 PROJECT(project_f32, float, f32)
 PROJECT(project_bf16, uint16_t, bf16)
 TABLE_GRAD(table_grad_f32, float, f32)
@@ -525,6 +527,13 @@ def kernel():
     if not _KERNEL:
         _KERNEL.append(build(SOURCE, FLAGS))
     return _KERNEL[0]
+
+
+def vector_floats():
+    """The floats in one vector of X V and X^T G as built for this CPU (16 with AVX-512, else 8), or
+    None without a kernel: what a benchmark's record says about the machine."""
+    lib = kernel()
+    return None if lib is None else int(lib.vector_floats())
 
 
 def usable(*tensors):
