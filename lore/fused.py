@@ -90,6 +90,7 @@ INLINE float load1_f32(const float* p) { return *p; }
 typedef float vw __attribute__((vector_size(4 * VW)));
 typedef uint16_t vwh __attribute__((vector_size(2 * VW)));
 typedef uint32_t vwu __attribute__((vector_size(4 * VW)));
+typedef int32_t vwi __attribute__((vector_size(4 * VW)));
 INLINE vw loadw_f32(const float* p) { vw v; memcpy(&v, p, sizeof v); return v; }
 #if VW == 16
 INLINE vw loadw_bf16(const uint16_t* p) {     /* one vpmovzxwd zmm (GCC's generic form takes two) */
@@ -125,48 +126,55 @@ INLINE v8 sum8(const v8* a) {
        + __builtin_shufflevector(c[0], c[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-INLINE v8 as_f(v8i a) { v8 f; memcpy(&f, &a, sizeof f); return f; }
-INLINE v8i as_i(v8 a) { v8i i; memcpy(&i, &a, sizeof i); return i; }
-INLINE v8 sel(v8i m, v8 a, v8 b) { return as_f((m & as_i(a)) | (~m & as_i(b))); }   /* m ? a : b */
 INLINE v8 bcast(float a) { return (v8){a, a, a, a, a, a, a, a}; }
-/* exp(y) for y <= 0, 8 at a time (y below -87 taken as -87: exp(-87) = 1.6e-38): y = r - k ln2
-   with |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) by its Taylor series to r^7
-   (truncation < 6e-9 relative), times 2^-k in the exponent bits. */
-INLINE v8 exp_neg(v8 y) {
-  y = sel(y > -87.f, y, bcast(-87.f));
-  const v8i k = __builtin_convertvector(y * -1.44269504f + 0.5f, v8i);     /* round(-y / ln2) >= 0 */
-  const v8 kf = __builtin_convertvector(k, v8);
-  const v8 r = (y + kf * 0.693359375f) + kf * -2.12194440e-4f;
-  v8 p = r * (1.f / 5040) + 1.f / 720;
-  p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f; p = p * r + 1.f;
-  p = p * r + 1.f;
-  return p * as_f((127 - k) << 23);
+/* For a vector type V of floats and VI of int32 of its width (v8; and vw, in which the loss takes
+   16 pairs at a time with AVX-512: the same operations lane by lane, so the same numbers):
+   sel: m ? a : b, lane by lane.
+   exp_neg: exp(y) for y <= 0 (y below -87 taken as -87: exp(-87) = 1.6e-38): y = r - k ln2 with
+   |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) by its Taylor series to r^7 (truncation
+   < 6e-9 relative), times 2^-k in the exponent bits.
+   log1p01: log(1 + e) for e in [0, 1]: e q(e), q a degree-8 Chebyshev fit of log1p(e) / e
+   (relative error at most 2e-7 in float32: tests/test_scale.py bounds the loss against float64). */
+#define VECTOR_MATH(S, V, VI)                                                                     \
+INLINE V as_f##S(VI a) { V f; memcpy(&f, &a, sizeof f); return f; }                               \
+INLINE VI as_i##S(V a) { VI i; memcpy(&i, &a, sizeof i); return i; }                              \
+INLINE V sel##S(VI m, V a, V b) { return as_f##S((m & as_i##S(a)) | (~m & as_i##S(b))); }         \
+INLINE V exp_neg##S(V y) {                                                                        \
+  y = sel##S(y > -87.f, y, (V){0} - 87.f);                                                        \
+  const VI k = __builtin_convertvector(y * -1.44269504f + 0.5f, VI);   /* round(-y / ln2) >= 0 */ \
+  const V kf = __builtin_convertvector(k, V);                                                     \
+  const V r = (y + kf * 0.693359375f) + kf * -2.12194440e-4f;                                     \
+  V p = r * (1.f / 5040) + 1.f / 720;                                                             \
+  p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f;             \
+  p = p * r + 1.f; p = p * r + 1.f;                                                               \
+  return p * as_f##S((127 - k) << 23);                                                            \
+}                                                                                                 \
+INLINE V log1p01##S(V e) {                                                                        \
+  V q = e * 0.005253457929939032f - 0.02958850748836994f;                                         \
+  q = q * e + 0.07836166769266129f; q = q * e - 0.13674770295619965f;                             \
+  q = q * e + 0.19111430644989014f; q = q * e - 0.24844369292259216f;                             \
+  q = q * e + 0.33319270610809326f; q = q * e - 0.49999502301216125f;                             \
+  q = q * e + 1.f;                                                                                \
+  return e * q;                                                                                   \
 }
-/* log(1 + e) for e in [0, 1], 8 at a time: e q(e), q a degree-8 Chebyshev fit of log1p(e) / e
-   (relative error at most 2e-7 in float32: tests/test_scale.py bounds the loss against float64) */
-INLINE v8 log1p01(v8 e) {
-  v8 q = e * 0.005253457929939032f - 0.02958850748836994f;
-  q = q * e + 0.07836166769266129f; q = q * e - 0.13674770295619965f; q = q * e + 0.19111430644989014f;
-  q = q * e - 0.24844369292259216f; q = q * e + 0.33319270610809326f; q = q * e - 0.49999502301216125f;
-  q = q * e + 1.f;
-  return e * q;
-}
-/* margins s [n], weights wt [n] (n a multiple of 8) -> g [n] = d/ds of wt * -log sigmoid(s inv_tau);
+VECTOR_MATH(, v8, v8i)
+VECTOR_MATH(w, vw, vwi)
+/* margins s [n], weights wt [n] (n a multiple of VW) -> g [n] = d/ds of wt * -log sigmoid(s inv_tau);
    returns the summed loss (float32 within the block, <= 16 terms a lane, then as float64).
    -log sigmoid(x) = log(1 + e^-|x|) + max(-x, 0) and
    sigmoid(-x) = (x >= 0 ? e^-|x| : 1) / (1 + e^-|x|): one exp, no overflow for any x. */
 INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* restrict g, int n, float inv_tau) {
-  v8 acc = bcast(0.f);           /* the block's (<= 16 terms a lane) in float32, then as float64 */
-  for (int j = 0; j < n; j += 8) {
-    const v8 x = load8(s + j) * inv_tau, w = load8(wt + j);
-    const v8i pos = x >= 0.f;
-    const v8 e = exp_neg(sel(pos, -x, x));                                      /* e^-|x| in (0, 1] */
-    acc += w * (log1p01(e) + sel(pos, bcast(0.f), -x));
-    store8(g + j, (w * -inv_tau) * sel(pos, e, bcast(1.f)) / (1.f + e));
+  vw acc = {0};                  /* the block's (<= 16 terms a lane) in float32, then as float64 */
+  for (int j = 0; j < n; j += VW) {
+    const vw x = loadw_f32(s + j) * inv_tau, w = loadw_f32(wt + j);
+    const vwi pos = x >= 0.f;
+    const vw e = exp_negw(selw(pos, -x, x));                                    /* e^-|x| in (0, 1] */
+    acc += w * (log1p01w(e) + selw(pos, (vw){0}, -x));
+    storew(g + j, (w * -inv_tau) * selw(pos, e, (vw){0} + 1.f) / (1.f + e));
   }
-  const v4 lo = {acc[0], acc[1], acc[2], acc[3]}, hi = {acc[4], acc[5], acc[6], acc[7]};
-  const v4d d = __builtin_convertvector(lo, v4d) + __builtin_convertvector(hi, v4d);
-  return (d[0] + d[2]) + (d[1] + d[3]);
+  double total = 0.0;
+  for (int i = 0; i < VW; ++i) total += acc[i];
+  return total;
 }
 
 /* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
@@ -256,8 +264,10 @@ INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restric
     const int n = (int)(e - b), n8 = (n + 7) & ~7;                                                \
     while (off[u + 1] <= b) ++u;                              /* the block's first user */       \
     MARGINS(tg, 2 * KV)                                                                           \
-    for (int j = n; j < n8; ++j) wb[j] = 0.f;                 /* padding: no loss, no gradient */ \
-    loss += bt_loss(s, wb, g, n8, inv_tau);                                                       \
+    const int nw = (n + VW - 1) / VW * VW;                    /* the loss's vectors: VW pairs */  \
+    for (int j = n; j < nw; ++j) wb[j] = 0.f;                 /* padding: no loss, no gradient */ \
+    for (int j = n8; j < nw; ++j) s[j] = 0.f;                                                     \
+    loss += bt_loss(s, wb, g, nw, inv_tau);                                                       \
     nu = 0;                                                                                       \
     EACH_USER_OF_BLOCK(u, b, e,                               /* scatter, into the rows' lines */ \
       if (p0 == p1) continue;                                                                     \
