@@ -133,8 +133,9 @@ INLINE v8 bcast(float a) { return (v8){a, a, a, a, a, a, a, a}; }
    exp_neg: exp(y) for y <= 0 (y below -87 taken as -87: exp(-87) = 1.6e-38): y = r - k ln2 with
    |r| <= ln2 / 2 (ln2 in two parts, Cody-Waite), exp(r) by its Taylor series to r^7 (truncation
    < 6e-9 relative), times 2^-k in the exponent bits.
-   log1p01: log(1 + e) for e in [0, 1]: e q(e), q a degree-8 Chebyshev fit of log1p(e) / e
-   (relative error at most 2e-7 in float32: tests/test_scale.py bounds the loss against float64). */
+   log1p01w (the loss's only): log(1 + e) for e in [0, 1]: e q(e), q a degree-8 Chebyshev fit of
+   log1p(e) / e (relative error at most 2e-7 in float32: tests/test_scale.py bounds the loss
+   against float64). */
 #define VECTOR_MATH(S, V, VI)                                                                     \
 INLINE V as_f##S(VI a) { V f; memcpy(&f, &a, sizeof f); return f; }                               \
 INLINE VI as_i##S(V a) { VI i; memcpy(&i, &a, sizeof i); return i; }                              \
@@ -148,17 +149,16 @@ INLINE V exp_neg##S(V y) {                                                      
   p = p * r + 1.f / 120; p = p * r + 1.f / 24; p = p * r + 1.f / 6; p = p * r + 0.5f;             \
   p = p * r + 1.f; p = p * r + 1.f;                                                               \
   return p * as_f##S((127 - k) << 23);                                                            \
-}                                                                                                 \
-INLINE V log1p01##S(V e) {                                                                        \
-  V q = e * 0.005253457929939032f - 0.02958850748836994f;                                         \
-  q = q * e + 0.07836166769266129f; q = q * e - 0.13674770295619965f;                             \
-  q = q * e + 0.19111430644989014f; q = q * e - 0.24844369292259216f;                             \
-  q = q * e + 0.33319270610809326f; q = q * e - 0.49999502301216125f;                             \
-  q = q * e + 1.f;                                                                                \
-  return e * q;                                                                                   \
 }
-VECTOR_MATH(, v8, v8i)
-VECTOR_MATH(w, vw, vwi)
+VECTOR_MATH(, v8, v8i)      /* the users' softmax */
+VECTOR_MATH(w, vw, vwi)     /* the loss */
+INLINE vw log1p01w(vw e) {
+  vw q = e * 0.005253457929939032f - 0.02958850748836994f;
+  q = q * e + 0.07836166769266129f; q = q * e - 0.13674770295619965f; q = q * e + 0.19111430644989014f;
+  q = q * e - 0.24844369292259216f; q = q * e + 0.33319270610809326f; q = q * e - 0.49999502301216125f;
+  q = q * e + 1.f;
+  return e * q;
+}
 /* margins s [n], weights wt [n] (n a multiple of VW) -> g [n] = d/ds of wt * -log sigmoid(s inv_tau);
    returns the summed loss (float32 within the block, <= 16 terms a lane, then as float64).
    -log sigmoid(x) = log(1 + e^-|x|) + max(-x, 0) and
