@@ -367,21 +367,26 @@ PAIR_LOSS(pair_loss_i64, int64_t)
 PAIR_HITS(pair_hits_i32, int32_t)
 PAIR_HITS(pair_hits_i64, int64_t)
 
+/* dst[i] = features f0 .. f0 + VW of rows src + i F, i < n, each row's features PF ahead prefetched
+   (X V's and X^T G's reads of the table) */
+#define STREAM_ROWS(dst, src, n, LOADW)                                                           \
+  for (int i = 0; i < (n); ++i) {                                                                \
+    __builtin_prefetch(src + i * F + f0 + PF, 0, 0);                                             \
+    dst[i] = LOADW(src + i * F + f0);                                                            \
+  }
+
 /* out [E, K] = X V for a table X [E, F] (float32 or bfloat16), vt = V^T [K, F]: each row read once,
-   8 features at a time into KG <= 8 sums held in registers, NR = 2 rows at once where KG <= 6 (each
-   V load serves both rows, and twice the independent sums hide the FMA latency: ~20% less time;
-   KG, NR constants where inlined) */
-#define PROJECT_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                    \
+   VW features at a time into KG <= 8 sums held in registers, NR = NRMAX rows at once where KG <= 6
+   (each V load serves them all, and the independent sums hide the FMA latency; KG, NR constants
+   where inlined) */
+#define PROJECT_ROWS(NAME, TYPE, LOADW, LOAD1)                                                    \
 INLINE void NAME(const TYPE* restrict row, const float* restrict vt, int64_t F, const int KG,   \
                  const int NR, float* restrict out, int64_t K) {                                 \
   vw acc[NRMAX][8] = {{{0}}};                                                                    \
   int64_t f0 = 0;                                                                                \
   for (; f0 + VW <= F; f0 += VW) {                                                               \
     vw x[NRMAX];                                                                                 \
-    for (int i = 0; i < NR; ++i) {                                                               \
-      __builtin_prefetch(row + i * F + f0 + PF, 0, 0);                                           \
-      x[i] = LOAD8(row + i * F + f0);                                                            \
-    }                                                                                            \
+    STREAM_ROWS(x, row, NR, LOADW)                                                               \
     for (int k = 0; k < KG; ++k) {                                                               \
       const vw v = loadw_f32(vt + k * F + f0);                                                   \
       for (int i = 0; i < NR; ++i) acc[i][k] += x[i] * v;                                        \
@@ -429,19 +434,16 @@ void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int n
     }                                                                                            \
 }
 
-/* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per 8 features, the RB rows'
+/* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per VW features, the RB rows'
    values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows;
    even and odd rows in two sums (two FMA chains: ~15% less time) */
-#define GRAD_ROWS(NAME, TYPE, LOAD8, LOAD1)                                                       \
+#define GRAD_ROWS(NAME, TYPE, LOADW, LOAD1)                                                       \
 INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int64_t K,         \
                  const int nr, float* restrict acc) {                                            \
   int64_t f0 = 0;                                                                                \
   for (; f0 + VW <= F; f0 += VW) {                                                               \
     vw xs[RB];                                                                                   \
-    for (int i = 0; i < nr; ++i) {                                                               \
-      __builtin_prefetch(x + i * F + f0 + PF, 0, 0);                                             \
-      xs[i] = LOAD8(x + i * F + f0);                                                             \
-    }                                                                                            \
+    STREAM_ROWS(xs, x, nr, LOADW)                                                                \
     for (int64_t k = 0; k < K; ++k) {                         /* two chains: half the latency */ \
       vw a = loadw_f32(acc + k * F + f0), b = bcastw(0.f);                                       \
       for (int i = 0; i + 1 < nr; i += 2) {                                                      \

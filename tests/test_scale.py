@@ -234,7 +234,7 @@ def test_fused_kernels_equal_loop_reference(K, index):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
 @pytest.mark.parametrize("target", [["-mavx2", "-mfma"], ["-march=x86-64"]], ids=["avx2", "x86-64"])
 def test_fused_kernels_built_for_other_cpus_agree(target):
-    """The kernel built for an AVX2 CPU (8-float vectors in X V and X^T G, AVX's masked loads) and
+    """The kernel built for an AVX2 CPU (8-float vectors in X V, X^T G and the loss) and
     for any x86-64 (no AVX: GCC's generic vectors) gives this machine's numbers to float32
     round-off: the code paths this machine's -march=native does not take still build and compute."""
     lib = build(SOURCE, ["-O3", *target, "-fopenmp", "-fPIC"])
