@@ -39,7 +39,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <omp.h>
-#ifdef __AVX512F__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -85,8 +85,10 @@ INLINE float load1_f32(const float* p) { return *p; }
 #define NRMAX 2
 #endif
 #define RB 8       /* rows at once in X^T G (16 measured no faster with AVX-512) */
-#define PF 1024    /* X V and X^T G prefetch each row's features PF ahead: the rows stream from memory,
-                      and the hardware's prefetcher alone left X V at a third of the read bandwidth */
+#define PF 256     /* X V and X^T G prefetch each row's features PF ahead into every cache level: the rows
+                      stream from memory, and the hardware's prefetcher alone left X V at a third of the
+                      read bandwidth on an AMD EPYC; there a non-temporal prefetch 1,024 ahead was best,
+                      on an Intel Xeon it halved X V's speed and a third of X^T G's */
 typedef float vw __attribute__((vector_size(4 * VW)));
 typedef uint16_t vwh __attribute__((vector_size(2 * VW)));
 typedef uint32_t vwu __attribute__((vector_size(4 * VW)));
@@ -127,6 +129,24 @@ INLINE v8 sum8(const v8* a) {
 }
 
 INLINE v8 bcast(float a) { return (v8){a, a, a, a, a, a, a, a}; }
+/* n (1..8) floats at p as a v8, the other lanes 0 (nothing past p + n read); a v8's first n lanes
+   to p: a user's K <= 8 logits and gradient, the rows of T at stride K in scoring */
+#if defined(__AVX512VL__)
+typedef __mmask8 tailmask;
+INLINE tailmask tail_mask(int n) { return (tailmask)((1u << n) - 1); }
+INLINE v8 load8_tail(const float* p, tailmask m) { return (v8)_mm256_maskz_loadu_ps(m, p); }
+INLINE void store8_tail(float* p, tailmask m, v8 v) { _mm256_mask_storeu_ps(p, m, (__m256)v); }
+#elif defined(__AVX2__)
+typedef __m256i tailmask;
+INLINE tailmask tail_mask(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+INLINE v8 load8_tail(const float* p, tailmask m) { return (v8)_mm256_maskload_ps(p, m); }
+INLINE void store8_tail(float* p, tailmask m, v8 v) { _mm256_maskstore_ps(p, m, (__m256)v); }
+#else
+typedef int tailmask;
+INLINE tailmask tail_mask(int n) { return n; }
+INLINE v8 load8_tail(const float* p, tailmask n) { v8 v = {0}; memcpy(&v, p, sizeof(float) * n); return v; }
+INLINE void store8_tail(float* p, tailmask n, v8 v) { memcpy(p, &v, sizeof(float) * n); }
+#endif
 /* For a vector type V of floats and VI of int32 of its width (v8; and vw, in which the loss takes
    16 pairs at a time with AVX-512: the same operations lane by lane, so the same numbers):
    sel: m ? a : b, lane by lane.
@@ -179,8 +199,21 @@ INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* 
 
 /* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
    max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum. Computed where a block's pairs
-   first need the user: no [N, K] softmax is taken outside the pass. */
+   first need the user: no [N, K] softmax is taken outside the pass. For K <= 8, in one v8 (the max
+   and the sum as shuffles): as scalars, lane by lane, it was ~25 ns a user on an Intel Xeon. */
+INLINE v8 max8(v8 a, v8 b) { return sel(a > b, a, b); }
 INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int64_t K, const int KV) {
+  if (KV == 1) {
+    const v8i valid = (v8i){0, 1, 2, 3, 4, 5, 6, 7} < (int)K;
+    v8 x = load8_tail(lw + v * K, tail_mask((int)K));
+    x = sel(valid, x, bcast(x[0]));                                       /* the max of K lanes */
+    v8 m = max8(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));
+    m = max8(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));
+    m = max8(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));
+    const v8 e = sel(valid, exp_neg(x - m), bcast(0.f));
+    wv[0] = e / hsum(e);
+    return;
+  }
   const float* x = lw + v * K;
   float mx = x[0], total = 0.f;
   for (int k = 1; k < K; ++k) mx = x[k] > mx ? x[k] : mx;
@@ -193,6 +226,10 @@ INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int6
 }
 /* the softmax's backward at a user's last pair: d [K] = dL/dw -> out [K] = dL/dx = w (d - w . d) */
 INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* restrict d, int64_t K) {
+  if (K <= 8) {
+    store8_tail(out, tail_mask((int)K), wv[0] * (d[0] - hsum(wv[0] * d[0])));
+    return;
+  }
   float dot = 0.f;
   for (int k = 0; k < K; ++k) dot += wv[k / 8][k % 8] * d[k / 8][k % 8];
   for (int k = 0; k < K; ++k) out[k] = wv[k / 8][k % 8] * (d[k / 8][k % 8] - dot);
@@ -327,24 +364,29 @@ void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int
 }
 
 /* hits[u]: the pairs of user u with a positive margin (T[c] - T[r]) . W[u]; acc[u]: their share of
-   u's pairs (either may be NULL) */
+   u's pairs (either may be NULL). T [E, K] unpadded, its rows read as KV v8s (the last one K's tail
+   lanes by a masked load): at K = 5, 20 bytes a row rather than 32, and a table of 83,216 rows fits
+   a 2 MB L2 (scoring took 1.4x as long with the rows padded, on an Intel Xeon). */
 #define PAIR_HITS(NAME, IDX)                                                                      \
-INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const IDX* restrict c,  \
+INLINE void NAME##_users(const float* restrict t, const float* restrict w, const IDX* restrict c,  \
                          const IDX* restrict r, const int64_t* restrict off, int64_t K, const int KV, \
                          int64_t u0, int64_t u1, int64_t* restrict hits, double* restrict acc) {  \
+  const tailmask tm = tail_mask((int)(K - 8 * (KV - 1)));                                        \
+  const int64_t last = 8 * (KV - 1);                               /* the tail vector's lanes */  \
   for (int64_t u = u0; u < u1; ++u) {                                                            \
-    v8 wu[8] = {{0}};                                                                            \
-    for (int k = 0; k < K; ++k) wu[k / 8][k % 8] = w[u * K + k];                                 \
+    v8 wu[8];                                                                                    \
+    for (int i = 0; i + 1 < KV; ++i) wu[i] = load8(w + u * K + 8 * i);                           \
+    wu[KV - 1] = load8_tail(w + u * K + last, tm);                                               \
     int64_t n = 0;                                                                               \
     for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
       if (p + AHEAD < off[u1]) {                                                                 \
-        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * KV, 0, 3);                                \
-        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * KV, 0, 3);                                \
+        __builtin_prefetch(t + (int64_t)c[p + AHEAD] * K, 0, 3);                                 \
+        __builtin_prefetch(t + (int64_t)r[p + AHEAD] * K, 0, 3);                                 \
       }                                                                                          \
-      const v8* tc = t + (int64_t)c[p] * KV;                                                     \
-      const v8* tr = t + (int64_t)r[p] * KV;                                                     \
-      v8 m = (tc[0] - tr[0]) * wu[0];                                                            \
-      for (int i = 1; i < KV; ++i) m += (tc[i] - tr[i]) * wu[i];                                 \
+      const float* tc = t + (int64_t)c[p] * K;                                                   \
+      const float* tr = t + (int64_t)r[p] * K;                                                   \
+      v8 m = (load8_tail(tc + last, tm) - load8_tail(tr + last, tm)) * wu[KV - 1];               \
+      for (int i = 0; i + 1 < KV; ++i) m += (load8(tc + 8 * i) - load8(tr + 8 * i)) * wu[i];     \
       n += hsum(m) > 0.f;                                                                        \
     }                                                                                            \
     if (hits) hits[u] = n;                                                                       \
@@ -352,13 +394,13 @@ INLINE void NAME##_users(const v8* restrict t, const float* restrict w, const ID
   }                                                                                              \
 }                                                                                                \
 void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int64_t* off,       \
-          int64_t K, int64_t KP, int64_t N, int nthreads, int64_t* hits, double* acc) {          \
+          int64_t K, int64_t N, int nthreads, int64_t* hits, double* acc) {                      \
   _Pragma("omp parallel num_threads(nthreads)")                                                  \
   {                                                                                              \
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
-    if (KP == 8) NAME##_users((const v8*)t, w, c, r, off, K, 1, u0, u1, hits, acc);              \
-    else NAME##_users((const v8*)t, w, c, r, off, K, (int)(KP / 8), u0, u1, hits, acc);          \
+    if (K <= 8) NAME##_users(t, w, c, r, off, K, 1, u0, u1, hits, acc);                          \
+    else NAME##_users(t, w, c, r, off, K, (int)((K + 7) / 8), u0, u1, hits, acc);                \
   }                                                                                              \
 }
 
@@ -371,7 +413,7 @@ PAIR_HITS(pair_hits_i64, int64_t)
    (X V's and X^T G's reads of the table) */
 #define STREAM_ROWS(dst, src, n, LOADW)                                                           \
   for (int i = 0; i < (n); ++i) {                                                                \
-    __builtin_prefetch(src + i * F + f0 + PF, 0, 0);                                             \
+    __builtin_prefetch(src + i * F + f0 + PF, 0, 3);                                             \
     dst[i] = LOADW(src + i * F + f0);                                                            \
   }
 
@@ -434,9 +476,13 @@ void NAME(const TYPE* x, const float* vt, int64_t E, int64_t F, int64_t K, int n
     }                                                                                            \
 }
 
-/* acc [K, F] += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per VW features, the RB rows'
-   values (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows;
-   even and odd rows in two sums (two FMA chains: ~15% less time) */
+/* acc += G[e0:e0+RB]^T X[e0:e0+RB] for RB consecutive rows: per VW features, the RB rows' values
+   (from L1/L2) into each of the K sums, so that acc is read and written once per RB rows; even and
+   odd rows in two sums (two FMA chains: ~15% less time). acc holds G^T X [K, F] as VW features at
+   a time of each k in turn (ACC_AT: the K sums of VW features are K x VW contiguous floats; as
+   [K, F], 16 KB apart, X^T G took 1.7x as long on an Intel Xeon), K x FR floats, FR = F rounded up
+   to VW. */
+#define ACC_AT(f, k) (((f) / VW) * VW * K + (k) * VW + (f) % VW)
 #define GRAD_ROWS(NAME, TYPE, LOADW, LOAD1)                                                       \
 INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int64_t K,         \
                  const int nr, float* restrict acc) {                                            \
@@ -445,22 +491,22 @@ INLINE void NAME(const TYPE* restrict x, const float* restrict g, int64_t F, int
     vw xs[RB];                                                                                   \
     STREAM_ROWS(xs, x, nr, LOADW)                                                                \
     for (int64_t k = 0; k < K; ++k) {                         /* two chains: half the latency */ \
-      vw a = loadw_f32(acc + k * F + f0), b = bcastw(0.f);                                       \
+      vw a = loadw_f32(acc + ACC_AT(f0, k)), b = bcastw(0.f);                                       \
       for (int i = 0; i + 1 < nr; i += 2) {                                                      \
         a += g[i * K + k] * xs[i];                                                               \
         b += g[(i + 1) * K + k] * xs[i + 1];                                                     \
       }                                                                                          \
       if (nr & 1) a += g[(nr - 1) * K + k] * xs[nr - 1];                                         \
-      storew(acc + k * F + f0, a + b);                                                           \
+      storew(acc + ACC_AT(f0, k), a + b);                                                           \
     }                                                                                            \
   }                                                                                              \
   for (; f0 < F; ++f0)                                                                           \
     for (int64_t k = 0; k < K; ++k)                                                              \
-      for (int i = 0; i < nr; ++i) acc[k * F + f0] += g[i * K + k] * LOAD1(x + i * F + f0);      \
+      for (int i = 0; i < nr; ++i) acc[ACC_AT(f0, k)] += g[i * K + k] * LOAD1(x + i * F + f0);      \
 }
 
 /* out [F, K] = X^T G for G [E, K]: threads take blocks of rows, each adding into its own
-   G^T X [K, F] (scratch [nthreads, K, F]), summed in thread order */
+   G^T X (scratch [nthreads, K FR], GRAD_ROWS' order), summed in thread order */
 #define TABLE_GRAD(NAME, TYPE, KIND)                                                              \
 GRAD_ROWS(NAME##_rows, TYPE, loadw_##KIND, load1_##KIND)                                          \
 void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nthreads,         \
@@ -468,8 +514,9 @@ void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nt
   _Pragma("omp parallel num_threads(nthreads)")                                                  \
   {                                                                                              \
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
-    float* acc = scratch + (int64_t)tid * K * F;                                                 \
-    memset(acc, 0, sizeof(float) * K * F);                                                       \
+    const int64_t size = K * ((F + VW - 1) / VW * VW);                                           \
+    float* acc = scratch + (int64_t)tid * size;                                                  \
+    memset(acc, 0, sizeof(float) * size);                                                        \
     const int64_t e1 = E * (tid + 1) / nt;                                                       \
     for (int64_t e = E * tid / nt; e < e1; e += RB) {                                            \
       if (e + RB <= e1) NAME##_rows(x + e * F, g + e * K, F, K, RB, acc);                        \
@@ -479,7 +526,7 @@ void NAME(const TYPE* x, const float* g, int64_t E, int64_t F, int64_t K, int nt
     _Pragma("omp for schedule(static)")                                                          \
     for (int64_t j = 0; j < F * K; ++j) {                                                        \
       float total = 0.f;                                                                         \
-      for (int i = 0; i < nt; ++i) total += scratch[(int64_t)i * K * F + (j % K) * F + j / K];   \
+      for (int i = 0; i < nt; ++i) total += scratch[(int64_t)i * size + ACC_AT(j / K, j % K)];   \
       out[j] = total;                                                                            \
     }                                                                                            \
   }                                                                                              \
@@ -563,16 +610,13 @@ def _ptr(t):
 
 
 def _checked(T, W, chosen, rejected, offsets):
-    """-> (T padded to [E, KP], W contiguous, KP, the index kind)."""
-    (E, K), W = T.shape, W.float().contiguous()
+    """-> (W contiguous float32, the index kind)."""
+    K, W = T.shape[1], W.float().contiguous()
     if W.shape[1] != K or K > 64 or len(offsets) != len(W) + 1:
         raise ValueError(f"T {tuple(T.shape)}, W {tuple(W.shape)}, offsets {len(offsets)}: K <= 64 and N + 1 offsets")
     if chosen.dtype != rejected.dtype or chosen.dtype not in (torch.int32, torch.int64):
         raise ValueError("chosen and rejected: both int32 or both int64")
-    KP = -(-K // 8) * 8
-    Tp = torch.zeros(E, KP)
-    Tp[:, :K] = T
-    return Tp, W, KP, "i32" if chosen.dtype == torch.int32 else "i64"
+    return W, "i32" if chosen.dtype == torch.int32 else "i64"
 
 
 def threads():
@@ -586,8 +630,11 @@ def pair_loss(T, logits, chosen, rejected, offsets, user_weight, temperature, li
     and its gradients in T and in the logits, in one pass over the pairs (each user's softmax and
     its backward inside it). lib: a build() of another source (default kernel();
     benchmarks/bench_fused.py compares two)."""
-    Tp, W, KP, kind = _checked(T, logits, chosen, rejected, offsets)
+    W, kind = _checked(T, logits, chosen, rejected, offsets)
     (E, K), N, n = T.shape, len(W), threads()
+    KP = -(-K // 8) * 8
+    Tp = torch.zeros(E, KP)                                                       # [E, KP]: rows of KV v8s
+    Tp[:, :K] = T
     if user_weight.shape != (N,):
         raise ValueError(f"user_weight {tuple(user_weight.shape)}: one weight per user, [{N}]")
     scratch = torch.empty(n, E, 2 * KP)                                           # each thread's T and G
@@ -604,12 +651,13 @@ def pair_hits(T, W, chosen, rejected, offsets, accuracy=False, lib=None):
     """-> hits [N] int64: every user's pairs with (T[chosen_p] - T[rejected_p]) . W[user_p] > 0.
     accuracy=True: their share of the user's pairs instead ([N] float64, NaN for a user without
     pairs), divided in the pass: no [N] temporaries (each is 80 MB of fresh pages at 10^7 users)."""
-    Tp, W, KP, kind = _checked(T, W, chosen, rejected, offsets)
+    W, kind = _checked(T, W, chosen, rejected, offsets)
+    T = T.float().contiguous()                                                     # [E, K], unpadded
     out = torch.empty(len(W), dtype=torch.float64 if accuracy else torch.int64)
     hits, acc = (ctypes.c_void_p(None), _ptr(out)) if accuracy else (_ptr(out), ctypes.c_void_p(None))
     getattr(lib or kernel(), f"pair_hits_{kind}")(
-        _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
-        ctypes.c_int64(T.shape[1]), ctypes.c_int64(KP), ctypes.c_int64(len(W)), ctypes.c_int(threads()), hits, acc)
+        _ptr(T), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
+        ctypes.c_int64(T.shape[1]), ctypes.c_int64(len(W)), ctypes.c_int(threads()), hits, acc)
     return out
 
 
@@ -633,7 +681,8 @@ def table_grad(X, G, lib=None):
     """X^T G [F, K] for a table X [E, F] (float32 or bfloat16, read once) and G [E, K]."""
     (E, F), K, n = X.shape, G.shape[1], threads()
     X, kind = _rows(X)
-    G, scratch, out = G.float().contiguous(), torch.empty(n, K, F), torch.empty(F, K)
+    vw = (lib or kernel()).vector_floats()
+    G, scratch, out = G.float().contiguous(), torch.empty(n, K * -(-F // vw) * vw), torch.empty(F, K)
     getattr(lib or kernel(), f"table_grad_{kind}")(_ptr(X), _ptr(G), ctypes.c_int64(E), ctypes.c_int64(F),
                                             ctypes.c_int64(K), ctypes.c_int(n), _ptr(scratch), _ptr(out))
     return out
