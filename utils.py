@@ -180,6 +180,7 @@ class LoRe(LowRankModel):
         X, user = steps.training_rows(pairs, self.form), pairs.user                # rows, [P]
         fused = steps.fuses(X, self.V)
         if fused:
+            X = steps.banded(X, self.K)   # the pairs band by band of table rows, where the rows outgrow a cache
             self.fuse_adam()
         weight = user_mean_weights(pairs, by_user=fused)                           # [N] fused, else [P]
         steps.training_loop(self.iters, lambda: self.step(X, user, weight), self.device, f"LoRe K={self.K}", stop=stop)

@@ -7,7 +7,7 @@ dozen passes over [P, K] temporaries (gathers, the margin, the loss, its gradien
 each a read and a write of ~1 GB. Here it is one pass: for every user (pairs of a user are
 contiguous, so a user is an offset range, not a [P] index), for every pair p of it,
 
-    w_u  = softmax(logits_u)                                           at u's first pair
+    w_u  = softmax(logits_u)                                           before the pass
     s_p = (T[chosen_p] - T[rejected_p]) . w_u                          margin
     nll += weight_u * -log sigmoid(s_p / tau)                          loss
     g_p  = -weight_u * sigmoid(-s_p / tau) / tau                       d nll / d s_p
@@ -19,9 +19,12 @@ reading each pair's two row indices once. The pairs go in blocks of 128 whatever
 block's margins are summed 8 at a time (sum8), its loss and gradient are one vector loop (bt_loss:
 the kernel's own exp and log1p, to float32 round-off). Threads take blocks of users, each with its
 own G (summed at the end in thread order: the same threads give the same numbers); the loss is
-summed in float32 within a block (at most 16 terms a lane) and in float64 across blocks. Scoring is
-the same pass without the loss: the hits of s_p > 0 per user. X V and X^T G read the table's rows
-in the widest vectors the CPU has (16 floats with AVX-512, else 8), prefetching each row ahead.
+summed in float32 within a block (at most 16 terms a lane) and in float64 across blocks. Where the
+rows' T and G outgrow a core's cache (PersonalLLM's 75,216 rows: 4.8 MB), the pairs are first put
+in bands of rows (band_pairs, once per fit) and the pass takes the bands in turn, each user's
+dL/dw summed across them. Scoring is the same pass without the loss: the hits of s_p > 0 per user.
+X V and X^T G read the table's rows in the widest vectors the CPU has (16 floats with AVX-512,
+else 8), prefetching each row ahead.
 
 Without a C compiler (or on CUDA) `kernel()` is None and lore.steps / lore.methods use their
 torch-op forms, which give the same numbers to float32 round-off (tests/test_scale.py)."""
@@ -198,8 +201,7 @@ INLINE double bt_loss(const float* restrict s, const float* restrict wt, float* 
 }
 
 /* a user's weights w = softmax(x) of its K logits x (lw + v K), into KV v8s (padding lanes 0): their
-   max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum. Computed where a block's pairs
-   first need the user: no [N, K] softmax is taken outside the pass. For K <= 8, in one v8 (the max
+   max m, exp(x - m) by exp_neg (x - m <= 0), each over their sum. For K <= 8, in one v8 (the max
    and the sum as shuffles): as scalars, lane by lane, it was ~25 ns a user on an Intel Xeon. */
 INLINE v8 max8(v8 a, v8 b) { return sel(a > b, a, b); }
 INLINE void softmax_w(v8* restrict wv, const float* restrict lw, int64_t v, int64_t K, const int KV) {
@@ -244,13 +246,13 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
   }
 
 /* the products (T[c_p] - T[r_p]) * w_v of the block's pairs (summed over their KV v8s) into
-   m [BLOCK]; then their lane sums, the margins, into s. Each
-   user with pairs in the block: its weights (softmax_w) into wc, its loss weight uw[v] into wb. */
+   m [BLOCK]; then their lane sums, the margins, into s. Each user with pairs in the block: its
+   weights (ws + v K) into wc, its loss weight uw[v] into wb. */
 #define MARGINS(tg, STRIDE)                                                                       \
   int nu = 0;                                                                                     \
   EACH_USER_OF_BLOCK(u, b, e,                                                                     \
     if (p0 == p1) continue;                                   /* no pairs (here) */               \
-    v8* wv = wc + nu++ * KV; softmax_w(wv, lw, v, K, KV);                                         \
+    v8* wv = wc + nu++ * KV; load_k(wv, ws + v * K, K, KV);                                       \
     const float uwv = uw[v];                                                                      \
     for (int64_t p = p0; p < p1; ++p) {                                                           \
       const v8* tc = tg + (int64_t)c[p] * STRIDE;                                                 \
@@ -262,6 +264,16 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
     })                                                                                            \
   for (int j = n; j < n8; ++j) m[j] = bcast(0.f);                                                 \
   for (int j = 0; j < n8; j += 8) store8(s + j, sum8(m + j));
+
+/* K floats at p (a user's weights or dL/dw) as KV v8s, padding lanes 0; and back */
+INLINE void load_k(v8* restrict d, const float* restrict p, int64_t K, const int KV) {
+  for (int i = 0; i + 1 < KV; ++i) d[i] = load8(p + 8 * i);
+  d[KV - 1] = load8_tail(p + 8 * (KV - 1), tail_mask((int)(K - 8 * (KV - 1))));
+}
+INLINE void store_k(float* restrict p, const v8* restrict d, int64_t K, const int KV) {
+  for (int i = 0; i + 1 < KV; ++i) store8(p + 8 * i, d[i]);
+  store8_tail(p + 8 * (KV - 1), tail_mask((int)(K - 8 * (KV - 1))), d[KV - 1]);
+}
 
 /* pair p's gradient g[p - b] into G[c_p], G[r_p] (the T row's line) and into the sum dwv */
 #define SCATTER(p, dwv)                                                                           \
@@ -276,25 +288,25 @@ INLINE void softmax_back(float* restrict out, const v8* restrict wv, const v8* r
     }                                                                                             \
   }
 
-/* Users [u0, u1) of pairs sorted by user (user u: pairs off[u] .. off[u+1]), lw [N, K] their
-   logits, uw [N] the loss weight of each of a user's pairs: the summed loss, G [E, KP] += the
-   gradient in T, dw [N, K] = the gradient in the logits. The pairs go in blocks of BLOCK, whatever
-   their users (a user has ~50 pairs: per user, the loss would be a vector loop and a scalar tail):
-   per block, the margins, then the loss and its gradient 8 pairs at a time, then the scatter. A
-   user's dL/dw is two running sums, over its pairs at even and at odd places from its first (two
-   chains of adds: half the FMA latency a pair), carried across block boundaries (the same numbers
-   wherever the blocks start: a torchrun shard's pairs start at its first user), added and turned
-   into dL/dlogits at its last pair (softmax_back). KV a constant where inlined. */
+/* Band `band` of users [u0, u1): their pairs sorted by user (user u: pairs off[u] .. off[u+1]), ws
+   [N, K] their weights, uw [N] the loss weight of each of a user's pairs: the summed loss,
+   G [E, KP] += the gradient in T, dw [N, K] += the gradient in the logits. The pairs go in blocks
+   of BLOCK, whatever their users (a user has ~50 pairs: per user, the loss would be a vector loop
+   and a scalar tail): per block, the margins, then the loss and its gradient 8 pairs at a time,
+   then the scatter. A user's dL/dw is two running sums, over its pairs at even and at odd places
+   from its first in the band (two chains of adds: half the FMA latency a pair), carried across
+   block boundaries (the same numbers wherever the blocks start: a torchrun shard's pairs start at
+   its first user), added to the earlier bands' sum in dw and, in its last band (last[v]; all in
+   band 0 without bands), turned into dL/dlogits (softmax_back). KV a constant where inlined. */
 #define PAIR_LOSS_USERS(NAME, IDX)                                                                \
-INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restrict c,             \
-                   const IDX* restrict r, const int64_t* restrict off, const float* restrict uw, \
-                   int64_t K, const int KV, int64_t u0, int64_t u1, float inv_tau,                \
-                   float* restrict dw) {                                                          \
+INLINE double NAME(v8* restrict tg, const float* restrict ws, const IDX* restrict c,             \
+                   const IDX* restrict r, const int64_t* restrict off, int band,                  \
+                   const uint8_t* restrict last, const float* restrict uw, int64_t K, const int KV, \
+                   int64_t u0, int64_t u1, float inv_tau, float* restrict dw) {                   \
   double loss = 0.0;                                                                              \
   v8 m[BLOCK], dwh[2][8], wc[BLOCK * 8];         /* wc: the weights of the block's users, KV each */ \
   float s[BLOCK], g[BLOCK], wb[BLOCK];                                                            \
   const int64_t end = off[u1];                                                                    \
-  memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);      /* users without pairs */           \
   int64_t u = u0, held = -1;         /* held: the user whose dL/dw sum (dwh) a block boundary cut */ \
   for (int64_t b = off[u0]; b < end; b += BLOCK) {                                                \
     const int64_t e = end - b < BLOCK ? end : b + BLOCK;                                          \
@@ -323,15 +335,22 @@ INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restric
         for (int i = 0; i < KV; ++i) { dwh[0][i] = dwv[0][i]; dwh[1][i] = dwv[1][i]; }            \
       } else {                                                                                    \
         for (int i = 0; i < KV; ++i) dwv[0][i] += dwv[1][i];                                      \
-        softmax_back(dw + v * K, wv, dwv[0], K);                                                  \
+        if (band > 0) {                                       /* v's sum in the bands before */   \
+          v8 d[8]; load_k(d, dw + v * K, K, KV);                                                  \
+          for (int i = 0; i < KV; ++i) dwv[0][i] += d[i];                                         \
+        }                                                                                         \
+        if (last == NULL || last[v] == band) softmax_back(dw + v * K, wv, dwv[0], K);              \
+        else store_k(dw + v * K, dwv[0], K, KV);                                                  \
       })                                                                                          \
   }                                                                                               \
   return loss;                                                                                    \
 }
 
-/* The pass over users [0, N): t [E, KP], lw [N, K] logits, uw [N] float32; c, r [P] int32 or int64.
-   Writes the summed loss to part (one per thread), the gradient in T to g_out [E, KP], in the
-   logits to dw [N, K].
+/* The pass over users [0, N): t [E, KP], lw [N, K] logits, uw [N] float32; c, r [P] int32 or int64,
+   user u's pairs off[u] .. off[u + 1], or in B bands (band_pairs): band b's at off[b (N + 1) + u]
+   .., each user's last band last[u] (NULL for B = 1). Writes the summed loss to part (one per
+   thread), the gradient in T to g_out [E, KP], in the logits to dw [N, K]; ws [N, K]: the users'
+   weights (softmax of lw, each user's once, before the bands).
    Each of the nthreads threads takes one block of users and its own copy of T with G beside it
    (scratch [nthreads, E, 2 KP]: row e's T and G in one 64-byte line for K <= 8, so that a pair's
    scatter writes the lines its gather read), the G summed in thread order at the end: the same
@@ -339,8 +358,9 @@ INLINE double NAME(v8* restrict tg, const float* restrict lw, const IDX* restric
 #define PAIR_LOSS(NAME, IDX)                                                                      \
 PAIR_LOSS_USERS(NAME##_users, IDX)                                                                \
 void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int64_t* off,      \
-          const float* uw, int64_t E, int64_t K, int64_t KP, int64_t N, float inv_tau,           \
-          int nthreads, float* scratch, double* part, float* g_out, float* dw) {                \
+          int B, const uint8_t* last, const float* uw, int64_t E, int64_t K, int64_t KP,         \
+          int64_t N, float inv_tau, int nthreads, float* scratch, double* part, float* g_out,    \
+          float* dw, float* ws) {                                                                \
   _Pragma("omp parallel num_threads(nthreads)")                                                  \
   {                                                                                              \
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
@@ -350,8 +370,19 @@ void NAME(const float* t, const float* lw, const IDX* c, const IDX* r, const int
       memset(tg + e * 2 * KP + KP, 0, sizeof(float) * KP);                                       \
     }                                                                                            \
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
-    part[tid] = KP == 8 ? NAME##_users((v8*)tg, lw, c, r, off, uw, K, 1, u0, u1, inv_tau, dw)    \
-                        : NAME##_users((v8*)tg, lw, c, r, off, uw, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
+    memset(dw + u0 * K, 0, sizeof(float) * (u1 - u0) * K);    /* users without pairs */           \
+    for (int64_t u = u0; u < u1; ++u) {                        /* the users' weights, into ws */  \
+      v8 w[8];                                                                                   \
+      if (KP == 8) { softmax_w(w, lw, u, K, 1); store_k(ws + u * K, w, K, 1); }                  \
+      else { softmax_w(w, lw, u, K, (int)(KP / 8)); store_k(ws + u * K, w, K, (int)(KP / 8)); }  \
+    }                                                                                            \
+    double loss = 0.0;                                                                           \
+    for (int b = 0; b < B; ++b) {                                                              \
+      const int64_t* ob = off + b * (N + 1);                                                     \
+      loss += KP == 8 ? NAME##_users((v8*)tg, ws, c, r, ob, b, last, uw, K, 1, u0, u1, inv_tau, dw) \
+                      : NAME##_users((v8*)tg, ws, c, r, ob, b, last, uw, K, (int)(KP / 8), u0, u1, inv_tau, dw); \
+    }                                                                                            \
+    part[tid] = loss;                                                                            \
     _Pragma("omp barrier")                                                                       \
     _Pragma("omp for schedule(static)")                         /* G: the threads' sum */        \
     for (int64_t e = 0; e < E; ++e)                                                              \
@@ -406,8 +437,52 @@ void NAME(const float* t, const float* w, const IDX* c, const IDX* r, const int6
 
 PAIR_LOSS(pair_loss_i32, int32_t)
 PAIR_LOSS(pair_loss_i64, int64_t)
+
+/* The pairs (c, r [P], users' offsets off [N + 1]) in band-major order into cb, rb: band b's pairs,
+   those whose chosen row is in c / per = b (the last band takes the rest), of user 0, 1, ... in
+   their order, band after band; boff [B, N + 1]: band b's pairs of user u are boff[b (N + 1) + u]
+   .. boff[b (N + 1) + u + 1]; last [N]: each user's last band with pairs (0 without pairs).
+   Threads take blocks of users: counts, then (one thread) their running sums, then the copy. */
+#define BAND_PAIRS(NAME, IDX)                                                                     \
+void NAME(const IDX* c, const IDX* r, const int64_t* off, int64_t N, int64_t per, int B,        \
+          int nthreads, IDX* cb, IDX* rb, int64_t* boff, uint8_t* last) {                        \
+  _Pragma("omp parallel num_threads(nthreads)")                                                  \
+  {                                                                                              \
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();                            \
+    const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
+    for (int64_t u = u0; u < u1; ++u) {                        /* counts into boff[.., u + 1] */ \
+      int64_t n[64] = {0};                                                                       \
+      for (int64_t p = off[u]; p < off[u + 1]; ++p) ++n[c[p] / per < B - 1 ? c[p] / per : B - 1]; \
+      last[u] = 0;                                                                               \
+      for (int b = 0; b < B; ++b) {                                                              \
+        boff[b * (N + 1) + u + 1] = n[b];                                                        \
+        if (n[b]) last[u] = (uint8_t)b;                                                          \
+      }                                                                                          \
+    }                                                                                            \
+    _Pragma("omp barrier")                                                                       \
+    _Pragma("omp single")                                                                        \
+    {                                                                                            \
+      int64_t total = 0;                                                                         \
+      for (int b = 0; b < B; ++b) {                                                              \
+        boff[b * (N + 1)] = total;                                                               \
+        for (int64_t u = 0; u < N; ++u) total = boff[b * (N + 1) + u + 1] += total;              \
+      }                                                                                          \
+    }                                                                                            \
+    for (int64_t u = u0; u < u1; ++u) {                        /* the copy */                    \
+      int64_t at[64];                                                                            \
+      for (int b = 0; b < B; ++b) at[b] = boff[b * (N + 1) + u];                                 \
+      for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                            \
+        const int64_t b = c[p] / per < B - 1 ? c[p] / per : B - 1;                               \
+        cb[at[b]] = c[p]; rb[at[b]] = r[p]; ++at[b];                                             \
+      }                                                                                          \
+    }                                                                                            \
+  }                                                                                              \
+}
+
 PAIR_HITS(pair_hits_i32, int32_t)
 PAIR_HITS(pair_hits_i64, int64_t)
+BAND_PAIRS(band_pairs_i32, int32_t)
+BAND_PAIRS(band_pairs_i64, int64_t)
 
 /* dst[i] = features f0 .. f0 + VW of rows src + i F, i < n, each row's features PF ahead prefetched
    (X V's and X^T G's reads of the table) */
@@ -612,23 +687,60 @@ def _ptr(t):
 def _checked(T, W, chosen, rejected, offsets):
     """-> (W contiguous float32, the index kind)."""
     K, W = T.shape[1], W.float().contiguous()
-    if W.shape[1] != K or K > 64 or len(offsets) != len(W) + 1:
+    if W.shape[1] != K or K > 64 or offsets.shape[-1] != len(W) + 1:
         raise ValueError(f"T {tuple(T.shape)}, W {tuple(W.shape)}, offsets {len(offsets)}: K <= 64 and N + 1 offsets")
+    return W, _kind(chosen, rejected)
+
+
+def _kind(chosen, rejected):
+    """The kernels' suffix for the row indices' dtype."""
     if chosen.dtype != rejected.dtype or chosen.dtype not in (torch.int32, torch.int64):
         raise ValueError("chosen and rejected: both int32 or both int64")
-    return W, "i32" if chosen.dtype == torch.int32 else "i64"
+    return "i32" if chosen.dtype == torch.int32 else "i64"
 
 
 def threads():
     return min(torch.get_num_threads(), 1024)
 
 
-def pair_loss(T, logits, chosen, rejected, offsets, user_weight, temperature, lib=None):
+# a band's rows of T and G in the pair pass at most: 1.25 MB (PersonalLLM's 75,216 rows at K <= 8 in
+# 4 bands; on an Intel Xeon with a 2 MB L2, 4 bands took 0.142 s a pass at 10^6 users, 1 band 0.210,
+# 8 bands 0.189: each band costs each user its own dL/dw sum)
+BAND_BYTES = 5 << 18
+
+
+def bands(E, K):
+    """How many bands the pair pass splits a table of E rows into, for K columns: as few as keep a
+    band's rows of T and G (2 x 8 ceil(K / 8) floats a row) within BAND_BYTES, at most 64. 1: none."""
+    row_bytes = 2 * 4 * -(-K // 8) * 8
+    return max(1, min(64, -(-E * row_bytes // BAND_BYTES)))
+
+
+def band_pairs(chosen, rejected, offsets, E, B, lib=None):
+    """The pairs (chosen, rejected [P] of users' offsets [N + 1]) in band-major order, band b those
+    whose chosen row is in b * ceil(E / B) .. (b + 1) * ceil(E / B) (pair_loss takes the bands in
+    turn: a band's rows stay in cache) -> (chosen, rejected [P], offsets [B, N + 1]: band b's pairs
+    of user u at offsets[b, u]:offsets[b, u + 1], last [N] uint8: each user's last band with pairs).
+    New tensors; within a band, the pairs of a user keep their order."""
+    kind, N = _kind(chosen, rejected), len(offsets) - 1
+    if not (1 < B <= 64) or offsets.dim() != 1:
+        raise ValueError(f"B = {B}, offsets {tuple(offsets.shape)}: 2 .. 64 bands of [N + 1] offsets")
+    c, r, off = chosen.contiguous(), rejected.contiguous(), offsets.contiguous()   # held: the kernel reads them
+    cb, rb = torch.empty_like(c), torch.empty_like(r)
+    boff, last = torch.empty(B, N + 1, dtype=torch.int64), torch.empty(N, dtype=torch.uint8)
+    getattr(lib or kernel(), f"band_pairs_{kind}")(
+        _ptr(c), _ptr(r), _ptr(off), ctypes.c_int64(N), ctypes.c_int64(-(-E // B)), ctypes.c_int(B),
+        ctypes.c_int(threads()), _ptr(cb), _ptr(rb), _ptr(boff), _ptr(last))
+    return cb, rb, boff, last
+
+
+def pair_loss(T, logits, chosen, rejected, offsets, user_weight, temperature, last=None, lib=None):
     """-> (nll [] float64, G [E', K], dlogits [N, K]) of sum_p weight_p * -log sigmoid(s_p / temperature),
     s_p = (T[chosen_p] - T[rejected_p]) . softmax(logits[user_p]), user u's pairs
     offsets[u]:offsets[u+1], each of them weighing user_weight[u] ([N]: no [P] weights): the loss
     and its gradients in T and in the logits, in one pass over the pairs (each user's softmax and
-    its backward inside it). lib: a build() of another source (default kernel();
+    its backward inside it). Or band_pairs' pairs: offsets [B, N + 1] and last [N] (the pass takes
+    the bands in turn). lib: a build() of another source (default kernel();
     benchmarks/bench_fused.py compares two)."""
     W, kind = _checked(T, logits, chosen, rejected, offsets)
     (E, K), N, n = T.shape, len(W), threads()
@@ -637,13 +749,21 @@ def pair_loss(T, logits, chosen, rejected, offsets, user_weight, temperature, li
     Tp[:, :K] = T
     if user_weight.shape != (N,):
         raise ValueError(f"user_weight {tuple(user_weight.shape)}: one weight per user, [{N}]")
+    B = 1 if offsets.dim() == 1 else len(offsets)
+    if B > 1 and (last is None or last.shape != (N,) or last.dtype != torch.uint8):
+        raise ValueError(f"offsets of {B} bands: band_pairs' last [{N}] uint8 goes with them")
+    # every tensor the kernel reads held in a name until it returns (a temporary's memory is freed
+    # as soon as its pointer is taken)
+    c, r, off, uw = chosen.contiguous(), rejected.contiguous(), offsets.contiguous(), user_weight.float().contiguous()
+    lst = None if B == 1 else last.contiguous()
     scratch = torch.empty(n, E, 2 * KP)                                           # each thread's T and G
     part, G, dW = torch.zeros(n, dtype=torch.float64), torch.empty(E, KP), torch.empty(N, K)
+    weights = torch.empty(N, K)                                                   # the users' softmax
     getattr(lib or kernel(), f"pair_loss_{kind}")(
-        _ptr(Tp), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
-        _ptr(user_weight.float().contiguous()), ctypes.c_int64(E), ctypes.c_int64(K), ctypes.c_int64(KP),
-        ctypes.c_int64(N), ctypes.c_float(1.0 / temperature), ctypes.c_int(n), _ptr(scratch), _ptr(part),
-        _ptr(G), _ptr(dW))
+        _ptr(Tp), _ptr(W), _ptr(c), _ptr(r), _ptr(off), ctypes.c_int(B),
+        ctypes.c_void_p(None) if lst is None else _ptr(lst), _ptr(uw), ctypes.c_int64(E),
+        ctypes.c_int64(K), ctypes.c_int64(KP), ctypes.c_int64(N), ctypes.c_float(1.0 / temperature),
+        ctypes.c_int(n), _ptr(scratch), _ptr(part), _ptr(G), _ptr(dW), _ptr(weights))
     return part.sum(), G[:, :K], dW
 
 
@@ -655,8 +775,9 @@ def pair_hits(T, W, chosen, rejected, offsets, accuracy=False, lib=None):
     T = T.float().contiguous()                                                     # [E, K], unpadded
     out = torch.empty(len(W), dtype=torch.float64 if accuracy else torch.int64)
     hits, acc = (ctypes.c_void_p(None), _ptr(out)) if accuracy else (_ptr(out), ctypes.c_void_p(None))
+    c, r, off = chosen.contiguous(), rejected.contiguous(), offsets.contiguous()  # held while the kernel reads them
     getattr(lib or kernel(), f"pair_hits_{kind}")(
-        _ptr(T), _ptr(W), _ptr(chosen.contiguous()), _ptr(rejected.contiguous()), _ptr(offsets),
+        _ptr(T), _ptr(W), _ptr(c), _ptr(r), _ptr(off),
         ctypes.c_int64(T.shape[1]), ctypes.c_int64(len(W)), ctypes.c_int(threads()), hits, acc)
     return out
 

@@ -9,7 +9,7 @@ rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a 
 instead of P, which is what makes many users rating the same responses cheap. On the CPU, a
 table-form LoRe step's pair work (gather, margin, loss, gradient, scatter) is one fused pass
 (lore.fused, fused_nll): pairs sorted by user keep their users as offsets and their rows as int32."""
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.optim as optim
@@ -31,10 +31,18 @@ class TrainingRows:
     chosen: torch.Tensor = None            # [P] int32 rows of X (table form only)
     rejected: torch.Tensor = None          # [P]
     shard: bool = False                    # one torchrun rank's pairs: V's data gradient is summed across ranks
-    offsets: torch.Tensor = None           # [N + 1] user u's pairs offsets[u]:offsets[u+1] (table form, sorted users)
+    offsets: torch.Tensor = None           # [N + 1] user u's pairs offsets[u]:offsets[u+1] (table form, sorted users),
+                                           # or [B, N + 1]: banded (fused_nll's alone, banded())
+    last_band: torch.Tensor = None         # [N] uint8 each user's last band with pairs (banded rows)
+
+    @property
+    def banded(self):
+        return self.offsets is not None and self.offsets.dim() == 2
 
     def project(self, V):
         """-> x_p^T V [P, K]."""
+        if self.banded:
+            raise ValueError("banded rows are in band order, not the users': fused_nll's only")
         if self.chosen is None:
             return project_rows(self.X, V)                                         # [P, K]
         Z = project_table(self.X, V)                                               # [E', K]
@@ -46,6 +54,8 @@ class TrainingRows:
         return sum_over_shards(self._grad_V(g, W, user), self.shard)
 
     def _grad_V(self, g, W, user):
+        if self.banded:
+            raise ValueError("banded rows are in band order, not the users': fused_nll's only")
         if self.chosen is not None:
             # dV = X^T G with G [E', K] the per-row sums of the pairs' g_p w_user(p): + on the
             # chosen row, - on the rejected one (index_add, no loop)
@@ -100,6 +110,18 @@ def training_rows(pairs, form=None):
     return TrainingRows(X, chosen.to(small), rejected.to(small), shard=pairs.shard, offsets=pairs.offsets())
 
 
+def banded(rows, K):
+    """Table-form rows with sorted users, for fused_nll at rank K: their pairs in the bands of table
+    rows that lore.fused.bands finds for E' rows (a band's T = X V and its gradient G fit a core's
+    cache), band after band, as lore.fused.band_pairs orders them (new index tensors, 2 x 4 bytes a
+    pair; at 10^6 users, ~0.7 s once); the rows as they are where one band holds them all."""
+    B = fused.bands(len(rows.X), K)
+    if B == 1:
+        return rows
+    chosen, rejected, offsets, last = fused.band_pairs(rows.chosen, rows.rejected, rows.offsets, len(rows.X), B)
+    return replace(rows, chosen=chosen, rejected=rejected, offsets=offsets, last_band=last)
+
+
 def user_scores(X, V, W, user, Z=None):
     """user_margins(X V, W, user) -> [P], differentiable in V and W, reading X once forward and
     once backward. X: the pair rows [P, F] or TrainingRows (either form). Z: X V when it is already
@@ -144,7 +166,8 @@ class _FusedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, V, logits, user_weight):
         T = project_table(rows.X, V)                                               # [E', K]
-        nll, G, dL = fused.pair_loss(T, logits, rows.chosen, rows.rejected, rows.offsets, user_weight, TEMPERATURE)
+        nll, G, dL = fused.pair_loss(T, logits, rows.chosen, rows.rejected, rows.offsets, user_weight, TEMPERATURE,
+                                     last=rows.last_band)
         ctx.rows = rows
         ctx.save_for_backward(G, dL)                                               # [E', K], [N, K]
         return nll.float()

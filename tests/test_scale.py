@@ -26,7 +26,7 @@ import utils  # noqa: E402
 
 from lore.checks import InputError  # noqa: E402
 from lore.distributed import shard_users  # noqa: E402
-from lore.fused import SOURCE, build, kernel, pair_hits, pair_loss, project, table_grad  # noqa: E402
+from lore.fused import SOURCE, band_pairs, bands, build, kernel, pair_hits, pair_loss, project, table_grad  # noqa: E402
 from lore.methods import accuracy, get_method, pair_margins, per_user_accuracy, user_margins  # noqa: E402
 from lore.data import load_data  # noqa: E402
 from lore.pairs import SETS, pack, Pairs, user_offsets  # noqa: E402
@@ -205,6 +205,15 @@ def test_fused_kernels_equal_loop_reference(K, index):
     torch.testing.assert_close(G.double(), ref_G, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(dL.double(), ref_dL, rtol=1e-5, atol=1e-6)
     assert dL[1].abs().max() == 0 and dL[7].abs().max() == 0                       # users without pairs
+    # the same pass over the pairs in bands of rows (band_pairs): 2 bands, and 4 of 3, 3, 3, 0 rows
+    # (an empty one); users 6 and 8 span blocks within a band
+    for B in (2, 4):
+        cb, rb, boff, last = band_pairs(c.to(index), r.to(index), offsets, E, B)
+        nll_b, G_b, dL_b = pair_loss(T, L, cb, rb, boff, user_weight, 100.0, last=last)
+        assert abs(nll_b.item() - ref_nll) < 1e-5 * abs(ref_nll)
+        torch.testing.assert_close(G_b.double(), ref_G, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dL_b.double(), ref_dL, rtol=1e-5, atol=1e-6)
+        assert dL_b[1].abs().max() == 0 and dL_b[7].abs().max() == 0
     # against torch's softmax and autograd (the torch-op path's simplex) on the same pass
     Lg, Tg = L.clone().requires_grad_(), T.clone().requires_grad_()
     W = lore.methods.simplex(Lg)                                                   # [N, K]
@@ -231,6 +240,39 @@ def test_fused_kernels_equal_loop_reference(K, index):
 
 
 @needs_kernel
+@pytest.mark.parametrize("index", [torch.int32, torch.int64])
+def test_band_pairs_orders_each_band_by_user_as_a_loop_does(index):
+    """band_pairs: band b holds the pairs whose chosen row is in b * ceil(E / B) .. (the last band the
+    rest), user after user, each user's in its order; offsets [B, N + 1] and each user's last band
+    with pairs (0 for one without), against a loop over the pairs; the inputs are not changed."""
+    g = torch.Generator().manual_seed(4)
+    E, B = 23, 3                                                                    # bands of rows 0-7, 8-15, 16-22
+    counts = torch.tensor([4, 0, 9, 1, 300, 2])
+    user = torch.arange(len(counts)).repeat_interleave(counts)
+    c = torch.randint(0, E, (len(user),), generator=g).to(index)
+    r = (c + torch.randint(1, E, c.shape, generator=g).to(index)) % E
+    c[counts[:2].sum():counts[:3].sum()] = 20                                      # user 2: band 2 alone
+    c0, r0, offsets = c.clone(), r.clone(), user_offsets(user, len(counts))
+    cb, rb, boff, last = band_pairs(c, r, offsets, E, B)
+    assert torch.equal(c, c0) and torch.equal(r, r0) and cb.dtype == index and boff.shape == (B, len(counts) + 1)
+    order, starts = [], []
+    for b in range(B):
+        for u in range(len(counts)):
+            starts.append(len(order))
+            order += [p for p in range(int(offsets[u]), int(offsets[u + 1])) if min(int(c[p]) // 8, B - 1) == b]
+        starts.append(len(order))
+    assert cb.tolist() == c[order].tolist() and rb.tolist() == r[order].tolist()
+    assert [int(boff[b, u]) for b in range(B) for u in range(len(counts) + 1)] == starts
+    assert last.tolist() == [max([min(int(x) // 8, B - 1) for x in c[int(offsets[u]):int(offsets[u + 1])]], default=0)
+                             for u in range(len(counts))] and last[2] == 2 and last[1] == 0
+    with pytest.raises(ValueError, match="2 .. 64 bands"):
+        band_pairs(c, r, offsets, E, 1)
+    with pytest.raises(ValueError, match="last"):
+        pair_loss(torch.randn(E, 3), torch.randn(len(counts), 3), cb, rb, boff, torch.rand(len(counts)), 1.0)
+    assert bands(75216, 5) == 4 and bands(75216, 9) == 8 and bands(10000, 5) == 1   # PersonalLLM's table: 4.8 MB
+
+
+@needs_kernel
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 targets")
 @pytest.mark.parametrize("target", [["-mavx2", "-mfma"], ["-march=x86-64"]], ids=["avx2", "x86-64"])
 def test_fused_kernels_built_for_other_cpus_agree(target):
@@ -249,6 +291,10 @@ def test_fused_kernels_built_for_other_cpus_agree(target):
     X, V = torch.randn(E, F_, generator=g).bfloat16(), torch.randn(F_, K, generator=g)
     for here, there in zip(pair_loss(T, L, c.int(), r.int(), offsets, weight, 2.0),
                            pair_loss(T, L, c.int(), r.int(), offsets, weight, 2.0, lib=lib)):
+        torch.testing.assert_close(there, here, rtol=1e-5, atol=1e-6)
+    cb, rb, boff, last = band_pairs(c.int(), r.int(), offsets, E, 3, lib=lib)
+    for here, there in zip(pair_loss(T, L, c.int(), r.int(), offsets, weight, 2.0),
+                           pair_loss(T, L, cb, rb, boff, weight, 2.0, last=last, lib=lib)):
         torch.testing.assert_close(there, here, rtol=1e-5, atol=1e-6)
     W = torch.softmax(L, -1)
     assert pair_hits(T, W, c, r, offsets, lib=lib).tolist() == pair_hits(T, W, c, r, offsets).tolist()
@@ -316,6 +362,24 @@ def test_fused_step_equals_torch_ops_step(monkeypatch):
     torch.testing.assert_close(W_f, W_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(V_f, V_t, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(V_f, fit(utils.LoRe, "table", pairs, *args[:-3], 1, 1e-9, CPU)[1])  # the fit moved V
+
+
+def test_fused_fit_in_bands_equals_one_band(monkeypatch):
+    """LoRe.fit's fused step with its pairs in bands of rows (lore.steps.banded; here 3 bands of 8 of
+    the 24 rows, as 75,216 rows take 4) gives the fit of one band, to float32 round-off; banded rows
+    are the fused pass's only (in band order, not the users')."""
+    pairs = shared_table_pairs(n_users=40, per_user=9, rows=24, n_features=20, seed=5)
+    args = (torch.randn(20, 1), 0.3, 40, 20, 5, 40, 0.1, CPU)
+    W_1, V_1 = fit(utils.LoRe, "table", pairs, *args)
+    monkeypatch.setattr("lore.fused.BAND_BYTES", 8 * 64)                            # 8 rows of T and G a band
+    rows = lore.steps.banded(training_rows(pairs), 5)
+    assert rows.banded and rows.offsets.shape == (3, 41) and lore.steps.fuses(rows, rows.X)
+    W_3, V_3 = fit(utils.LoRe, "table", pairs, *args)
+    torch.testing.assert_close(W_3, W_1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(V_3, V_1, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(V_3, V_1)                                               # another order of sums
+    with pytest.raises(ValueError, match="fused_nll's only"):
+        rows.project(V_1)
 
 
 def test_fused_fit_resumes_its_adam_on_a_second_train():
