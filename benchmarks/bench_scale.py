@@ -14,7 +14,8 @@ Two measurements, each size in a child process of its own (so that its peak RSS 
   - step: a random bf16 table [83216, F] and, per user, 47 random train prompts (drawn with
     replacement) with two distinct random responses each, as table-form Pairs. One LoRe model (K = 5)
     as LoRe.train builds it: seconds to set up its rows (training_rows: the table form when the pairs
-    use fewer rows than there are pairs; on the fused path, their pairs in bands of rows: banded), seconds per Adam step (median of --steps after one warm-up),
+    use fewer rows than there are pairs; on the fused path, their pairs in bands of rows: banded;
+    the record's bands), seconds per Adam step (median of --steps after one warm-up),
     seconds to score every pair (per_user_accuracy with the fitted weights softmax(W), as LoRe.fit
     returns them, taken before the timing and timed apart: simplex_s; timed as the step, the median
     of --steps calls after one, which is recorded as score_first_s), the child's peak RSS (without
@@ -170,7 +171,8 @@ def step_child(args):
     step_floor_s = (2 * rows_read * F * 4 + 2 * len(pairs) * 2 * 4) / bandwidth
     print(json.dumps({"users": N, "pairs": len(pairs), "features": F, "K": args.rank,
                       "form": "table" if rows.chosen is not None else "pairs", "rows_read": rows_read,
-                      "fused": fused, "bands": len(rows.offsets) if fused and rows.banded else 1, "data_s": data_s, "setup_s": setup_s, "step_s": step_s,
+                      "fused": fused, "bands": len(rows.offsets) if fused and rows.banded else 1,
+                      "data_s": data_s, "setup_s": setup_s, "step_s": step_s,
                       "read_gb_per_s": bandwidth / 1e9, "read_gb_per_s_before": bandwidth_before / 1e9,
                       "read_gb_per_s_after": bandwidth_after / 1e9, "bandwidth_method": BANDWIDTH_METHOD,
                       "step_floor_s": step_floor_s, "step_times_s": times[1:],
