@@ -406,8 +406,7 @@ INLINE void NAME##_users(const float* restrict t, const float* restrict w, const
   const int64_t last = 8 * (KV - 1);                               /* the tail vector's lanes */  \
   for (int64_t u = u0; u < u1; ++u) {                                                            \
     v8 wu[8];                                                                                    \
-    for (int i = 0; i + 1 < KV; ++i) wu[i] = load8(w + u * K + 8 * i);                           \
-    wu[KV - 1] = load8_tail(w + u * K + last, tm);                                               \
+    load_k(wu, w + u * K, K, KV);                                                                \
     int64_t n = 0;                                                                               \
     for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                              \
       if (p + AHEAD < off[u1]) {                                                                 \
@@ -443,6 +442,8 @@ PAIR_LOSS(pair_loss_i64, int64_t)
    their order, band after band; boff [B, N + 1]: band b's pairs of user u are boff[b (N + 1) + u]
    .. boff[b (N + 1) + u + 1]; last [N]: each user's last band with pairs (0 without pairs).
    Threads take blocks of users: counts, then (one thread) their running sums, then the copy. */
+/* the band of a row: per rows a band, the last one the rest */
+INLINE int band_of(int64_t row, int64_t per, int B) { return row / per < B - 1 ? (int)(row / per) : B - 1; }
 #define BAND_PAIRS(NAME, IDX)                                                                     \
 void NAME(const IDX* c, const IDX* r, const int64_t* off, int64_t N, int64_t per, int B,        \
           int nthreads, IDX* cb, IDX* rb, int64_t* boff, uint8_t* last) {                        \
@@ -452,7 +453,7 @@ void NAME(const IDX* c, const IDX* r, const int64_t* off, int64_t N, int64_t per
     const int64_t u0 = N * tid / nt, u1 = N * (tid + 1) / nt;                                    \
     for (int64_t u = u0; u < u1; ++u) {                        /* counts into boff[.., u + 1] */ \
       int64_t n[64] = {0};                                                                       \
-      for (int64_t p = off[u]; p < off[u + 1]; ++p) ++n[c[p] / per < B - 1 ? c[p] / per : B - 1]; \
+      for (int64_t p = off[u]; p < off[u + 1]; ++p) ++n[band_of(c[p], per, B)];                 \
       last[u] = 0;                                                                               \
       for (int b = 0; b < B; ++b) {                                                              \
         boff[b * (N + 1) + u + 1] = n[b];                                                        \
@@ -472,7 +473,7 @@ void NAME(const IDX* c, const IDX* r, const int64_t* off, int64_t N, int64_t per
       int64_t at[64];                                                                            \
       for (int b = 0; b < B; ++b) at[b] = boff[b * (N + 1) + u];                                 \
       for (int64_t p = off[u]; p < off[u + 1]; ++p) {                                            \
-        const int64_t b = c[p] / per < B - 1 ? c[p] / per : B - 1;                               \
+        const int b = band_of(c[p], per, B);                                                     \
         cb[at[b]] = c[p]; rb[at[b]] = r[p]; ++at[b];                                             \
       }                                                                                          \
     }                                                                                            \
@@ -688,7 +689,7 @@ def _checked(T, W, chosen, rejected, offsets):
     """-> (W contiguous float32, the index kind)."""
     K, W = T.shape[1], W.float().contiguous()
     if W.shape[1] != K or K > 64 or offsets.shape[-1] != len(W) + 1:
-        raise ValueError(f"T {tuple(T.shape)}, W {tuple(W.shape)}, offsets {len(offsets)}: K <= 64 and N + 1 offsets")
+        raise ValueError(f"T {tuple(T.shape)}, W {tuple(W.shape)}, offsets {tuple(offsets.shape)}: K <= 64 and N + 1 offsets")
     return W, _kind(chosen, rejected)
 
 

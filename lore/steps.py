@@ -8,7 +8,8 @@ form: X [E', F], the rows of the embedding table that the pairs use, and each pa
 rejected row in it, so that x_p = X[chosen_p] - X[rejected_p] is never built: a step reads E' rows
 instead of P, which is what makes many users rating the same responses cheap. On the CPU, a
 table-form LoRe step's pair work (gather, margin, loss, gradient, scatter) is one fused pass
-(lore.fused, fused_nll): pairs sorted by user keep their users as offsets and their rows as int32."""
+(lore.fused, fused_nll): pairs sorted by user keep their users as offsets and their rows as int32,
+and LoRe.fit takes them in bands of table rows where the rows outgrow a core's cache (banded)."""
 from dataclasses import dataclass, replace
 
 import torch
